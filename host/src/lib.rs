@@ -1,0 +1,15 @@
+//! regcache: a service-registry cache in front of etcd, steered by a sandboxed WebAssembly policy.
+//!
+//! The library is the product; the `regcache` binary is a thin layer over it. Start with
+//! `ARCHITECTURE.md` at the repository root for the map. In short:
+//!
+//! - [`model`]: go-micro's service model and its JSON codec.
+//! - [`registry`]: the registry interface, and the only code that speaks etcd.
+//! - [`decision`]: what a policy is asked and answers, free of wasm detail.
+//! - [`policy`]: the only code that speaks wasmtime: loading, validating, hot-swapping policies.
+#![deny(missing_docs)]
+
+pub mod decision;
+pub mod model;
+pub mod policy;
+pub mod registry;

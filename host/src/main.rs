@@ -1,0 +1,2 @@
+//! The `regcache` binary (being built).
+fn main() {}

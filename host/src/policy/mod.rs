@@ -1,0 +1,1 @@
+//! The wasm policy engine (being built).

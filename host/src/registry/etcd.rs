@@ -1,0 +1,1 @@
+//! The etcd registry (placeholder; built in the etcd issue).

@@ -1,0 +1,146 @@
+//! The registry interface: what the cache and the HTTP layer may ask of a service registry.
+//!
+//! It is go-micro's `Registry` in Rust: register, deregister, get a service (all versions), list
+//! services, watch the prefix. [`etcd::EtcdRegistry`] is the production implementation and the
+//! only code in regcache that speaks etcd; [`memory::MemoryRegistry`] serves the cache's unit
+//! tests and the host's embedded default.
+//!
+//! Implementations own their failure handling: a registration stays registered across outages
+//! (re-put by the lease logic), and a watch stream resumes by itself after any loss, announcing
+//! gaps with [`WatchEvent::Resync`]. Callers never reconnect anything.
+
+pub mod etcd;
+pub mod memory;
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::model::Service;
+
+/// What kind of failure a registry call met; the policy sees it as the last error's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The registry did not answer in time.
+    Timeout,
+    /// The registry could not be reached or refused service.
+    Unavailable,
+    /// Credentials were refused.
+    Unauthenticated,
+    /// The service does not exist.
+    NotFound,
+    /// The request itself was invalid (bad name, too large).
+    InvalidInput,
+}
+
+impl ErrorKind {
+    /// A stable lowercase name, used in metrics labels and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::InvalidInput => "invalid_input",
+        }
+    }
+}
+
+/// A failed registry call: its kind, the operation, and the registry's own words.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("registry {op} failed ({}): {message}", kind.as_str())]
+pub struct RegistryError {
+    /// The kind of failure.
+    pub kind: ErrorKind,
+    /// The operation, e.g. `get_service`.
+    pub op: &'static str,
+    /// Details from the registry or the transport.
+    pub message: String,
+}
+
+impl RegistryError {
+    /// Builds an error of `kind` for `op`.
+    pub fn new(kind: ErrorKind, op: &'static str, message: impl Into<String>) -> Self {
+        RegistryError {
+            kind,
+            op,
+            message: message.into(),
+        }
+    }
+}
+
+/// A change seen on the registry's watch of the whole prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent {
+    /// A node was created or updated; `service` carries exactly that node.
+    Put {
+        /// The service with the one node that changed.
+        service: Service,
+        /// The etcd revision of the change (0 for registries without revisions).
+        revision: i64,
+    },
+    /// A node was deleted (deregistration or lease expiry).
+    Delete {
+        /// The service name.
+        service: String,
+        /// The node id.
+        node_id: String,
+        /// The etcd revision of the change.
+        revision: i64,
+    },
+    /// The watch could not resume where it stopped (e.g. the revision was compacted): this is
+    /// the full current content of the registry, to replace whatever the watcher had.
+    Resync {
+        /// Every service, grouped by version as [`Registry::get_service`] returns them.
+        services: Vec<Service>,
+        /// The revision the snapshot was read at.
+        revision: i64,
+    },
+}
+
+/// How the registry is doing, as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// The watch stream is connected and current.
+    pub watch_connected: bool,
+    /// When the registry last answered any request, if ever.
+    pub last_contact: Option<Instant>,
+}
+
+impl Health {
+    /// Time since the registry last answered, if it ever did.
+    pub fn since_last_contact(&self, now: Instant) -> Option<Duration> {
+        self.last_contact.map(|t| now.saturating_duration_since(t))
+    }
+}
+
+/// A service registry in the spirit of go-micro's.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Registers every node of `service` under this host's lease and keeps them registered
+    /// (across lease loss and outages) until [`Registry::deregister`] or shutdown.
+    async fn register(&self, service: &Service) -> Result<(), RegistryError>;
+
+    /// Removes one node registered by this host.
+    async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError>;
+
+    /// Reads every version of a service; `NotFound` when it has no node.
+    async fn get_service(&self, name: &str) -> Result<Vec<Service>, RegistryError>;
+
+    /// Lists the names of all registered services, sorted.
+    async fn list_services(&self) -> Result<Vec<String>, RegistryError>;
+
+    /// Starts a watch of the whole prefix. The stream resumes by itself after any loss and
+    /// ends only when the registry is shut down or the receiver is dropped.
+    fn watch(&self) -> mpsc::Receiver<WatchEvent>;
+
+    /// The registry's current health.
+    fn health(&self) -> Health;
+
+    /// The services this host registered and keeps alive, one node each.
+    fn registrations(&self) -> Vec<Service>;
+
+    /// Graceful shutdown: stop keeping registrations alive and remove them at once.
+    async fn shutdown(&self);
+}
