@@ -163,6 +163,8 @@ pub struct Settings {
     pub eviction_window: Duration,
     /// Longest suspect hold.
     pub max_suspect_hold: Duration,
+    /// Removals of one service within this span are judged together.
+    pub eviction_batch: Duration,
 }
 
 /// Which policy decided, and with what settings.
@@ -205,6 +207,10 @@ pub trait Decide: Send + Sync + 'static {
 impl fmt::Display for PolicyInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let short = self.digest.get(..12).unwrap_or(&self.digest);
-        write!(f, "generation {} ({short}, {})", self.generation, self.source)
+        write!(
+            f,
+            "generation {} ({short}, {})",
+            self.generation, self.source
+        )
     }
 }

@@ -110,11 +110,11 @@ impl Service {
         }
         let nodes = list_field(obj, "nodes")?
             .iter()
-            .map(|n| decode_node(n))
+            .map(decode_node)
             .collect::<Result<Vec<_>, _>>()?;
         let endpoints = list_field(obj, "endpoints")?
             .iter()
-            .map(|e| decode_endpoint(e))
+            .map(decode_endpoint)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Service {
             name,
@@ -193,7 +193,11 @@ fn decode_endpoint(json: &Json) -> Result<Endpoint, DecodeError> {
     })
 }
 
-fn value_field(obj: &Map<String, Json>, name: &str, depth: usize) -> Result<Option<Value>, DecodeError> {
+fn value_field(
+    obj: &Map<String, Json>,
+    name: &str,
+    depth: usize,
+) -> Result<Option<Value>, DecodeError> {
     match field(obj, name) {
         None => Ok(None),
         Some(json) => decode_value(json, depth).map(Some),
@@ -339,16 +343,29 @@ mod tests {
             (b"[]", "should be an object"),
             (br#"{"nodes":[]}"#, "`name` is missing"),
             (br#"{"name":7}"#, "`name` should be a string"),
-            (br#"{"name":"a","nodes":{"id":"x"}}"#, "`nodes` should be a list"),
-            (br#"{"name":"a","nodes":[{"address":"x"}]}"#, "`nodes[].id` is missing"),
+            (
+                br#"{"name":"a","nodes":{"id":"x"}}"#,
+                "`nodes` should be a list",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"address":"x"}]}"#,
+                "`nodes[].id` is missing",
+            ),
             (br#"{"name":"a","metadata":{"k":1}}"#, "map of strings"),
         ];
         for (raw, want) in cases {
             let err = Service::decode(raw).unwrap_err().to_string();
-            assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(raw));
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(raw)
+            );
         }
         let huge = vec![b' '; MAX_VALUE_BYTES + 1];
-        assert!(matches!(Service::decode(&huge), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(
+            Service::decode(&huge),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 
     #[test]

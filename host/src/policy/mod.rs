@@ -1,1 +1,468 @@
-//! The wasm policy engine (being built).
+//! The wasm policy engine: the only code in regcache that speaks wasmtime.
+//!
+//! A [`PolicyEngine`] holds one active policy *generation* and answers the cache's questions
+//! through [`Decide`]. Loading a policy, at start or as a hot swap, always walks the same path,
+//! and the active generation changes only if every step passes:
+//!
+//! 1. read the bytes; refuse empty files, non-wasm and core modules with a clear reason;
+//! 2. compile (or reuse a precompiled artifact, see `artifacts`);
+//! 3. refuse imports other than `regcache:policy/host` and WASI (which gets a deny-all
+//!    implementation), then type-check against the `policy` world;
+//! 4. instantiate and `configure` with the operator's key/value configuration, and validate the
+//!    returned settings;
+//! 5. run the conformance battery under the production deadline, on two fresh instances that
+//!    must agree (policies are pure).
+//!
+//! Then the swap is one atomic pointer store ([`arc_swap`]): lookups in flight finish on the
+//! old generation, each worker thread moves to the new one on its next lookup, and no lookup
+//! waits for a swap. A decision that traps or overruns its deadline gets the fail-safe answer
+//! documented on [`PolicyEngine`], and the event is counted and logged with the policy's digest.
+//!
+//! The shape leaves room for what comes next: a generation is a self-contained value, so a
+//! candidate can be evaluated beside the active one (shadowing), contexts can be recorded and
+//! replayed against any generation (purity), and the previous generation can be kept for
+//! rollback.
+
+mod artifacts;
+mod bindings;
+mod conformance;
+mod instance;
+pub mod reload;
+mod sandbox;
+mod settings;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use wasmtime::Engine;
+use wasmtime::component::Linker;
+
+pub use artifacts::Origin;
+pub use conformance::ConformanceFailure;
+pub use instance::CallFailure;
+pub use sandbox::Limits;
+pub use settings::InvalidSetting;
+
+use crate::decision::{
+    Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
+    Settings,
+};
+use bindings::PolicyPre;
+use instance::Instance;
+use sandbox::InstanceState;
+
+/// The default policy (`policy/default`), built from source by the host's build script.
+pub const DEFAULT_POLICY_WASM: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/default_policy.wasm"));
+
+/// The `source` of the embedded default policy.
+pub const EMBEDDED_SOURCE: &str = "embedded:default";
+
+/// The WIT contract, for tools that scaffold new policies.
+pub const WIT: &str = include_str!("../../../wit/policy.wit");
+
+/// A policy to load: its bytes, where they came from, and the operator's configuration.
+#[derive(Debug, Clone)]
+pub struct PolicySpec {
+    /// The component's bytes.
+    pub wasm: Arc<[u8]>,
+    /// Where it came from: [`EMBEDDED_SOURCE`], a file path, `api`.
+    pub source: String,
+    /// Key/value configuration passed to the policy's `configure`.
+    pub config: Vec<(String, String)>,
+}
+
+impl PolicySpec {
+    /// The embedded default policy with `config`.
+    pub fn embedded_default(config: Vec<(String, String)>) -> Self {
+        PolicySpec {
+            wasm: Arc::from(DEFAULT_POLICY_WASM),
+            source: EMBEDDED_SOURCE.into(),
+            config,
+        }
+    }
+
+    /// The policy in the file at `path`, with `config`.
+    pub fn from_file(path: &Path, config: Vec<(String, String)>) -> Result<Self, PolicyError> {
+        let wasm = std::fs::read(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        })?;
+        Ok(PolicySpec {
+            wasm: wasm.into(),
+            source: path.display().to_string(),
+            config,
+        })
+    }
+}
+
+/// Why a policy was refused. The active policy, if any, stays active.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: Arc<std::io::Error>,
+    },
+    /// Zero bytes.
+    #[error("the policy is empty (0 bytes)")]
+    Empty,
+    /// Not WebAssembly at all.
+    #[error("not WebAssembly: the bytes do not start with the \\0asm magic number")]
+    NotWasm,
+    /// A core module where a component is needed.
+    #[error(
+        "this is a core WebAssembly module, not a component: build the policy for wasm32-wasip2 \
+         (`regcache policy build`), or wrap the module with `wasm-tools component new`"
+    )]
+    CoreModule,
+    /// Cranelift refused the bytes.
+    #[error("invalid component: {0}")]
+    Compile(String),
+    /// An import regcache does not offer.
+    #[error(
+        "the policy imports `{0}`, which regcache does not offer (only regcache:policy/host and \
+         a deny-all WASI are offered)"
+    )]
+    UnofferedImport(String),
+    /// Exports missing or of the wrong type.
+    #[error("the component does not implement the world regcache:policy/policy@0.1.0: {0}")]
+    WrongWorld(String),
+    /// Instantiating or configuring failed.
+    #[error("configure {0}")]
+    Configure(CallFailure),
+    /// Settings out of range.
+    #[error("invalid settings: {0}")]
+    Settings(#[from] InvalidSetting),
+    /// A conformance case failed.
+    #[error(transparent)]
+    Conformance(#[from] ConformanceFailure),
+    /// Two instances disagreed.
+    #[error("the policy is not pure: two instances with the same configuration {0}")]
+    Impure(&'static str),
+}
+
+/// Options of the engine, shared by every policy it loads.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Sandbox limits (deadlines, memory, instances). Default: [`Limits::default`].
+    pub limits: Limits,
+    /// Where to keep precompiled policies across restarts. Default: none (memory only).
+    pub artifact_dir: Option<PathBuf>,
+}
+
+/// Counters of the engine's rare events (never touched on a successful decision, so that worker
+/// threads share no cache line on the hot path).
+#[derive(Debug, Default)]
+struct Stats {
+    traps: AtomicU64,
+    deadline_hits: AtomicU64,
+    invalid_answers: AtomicU64,
+    instantiations: AtomicU64,
+    swaps_applied: AtomicU64,
+    swaps_rejected: AtomicU64,
+}
+
+impl Stats {
+    fn count_instantiation(&self) {
+        self.instantiations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_failure(&self, failure: &CallFailure) {
+        let counter = match failure {
+            CallFailure::Deadline(_) => &self.deadline_hits,
+            CallFailure::InvalidAnswer(_) => &self.invalid_answers,
+            _ => &self.traps,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyStats {
+    /// Decisions that trapped (or could not instantiate).
+    pub traps: u64,
+    /// Decisions stopped by their deadline.
+    pub deadline_hits: u64,
+    /// Decisions refused for an invalid answer (e.g. an oversized reason).
+    pub invalid_answers: u64,
+    /// Instances created, at load and on worker threads.
+    pub instantiations: u64,
+    /// Swaps that made a new generation active.
+    pub swaps_applied: u64,
+    /// Swaps refused by validation.
+    pub swaps_rejected: u64,
+}
+
+/// One loaded policy: the unit a swap replaces.
+pub(crate) struct Generation {
+    info: Arc<PolicyInfo>,
+    pre: PolicyPre<InstanceState>,
+    config: Vec<(String, String)>,
+    short_digest: Arc<str>,
+}
+
+impl Generation {
+    fn instantiate(
+        &self,
+        limits: &Limits,
+    ) -> Result<(Instance, bindings::RawSettings), CallFailure> {
+        Instance::new(&self.pre, &self.config, limits, self.short_digest.clone())
+    }
+}
+
+pub(crate) struct Shared {
+    /// Distinguishes engines in the per-thread instance table.
+    id: u64,
+    engine: Engine,
+    linker: Linker<InstanceState>,
+    limits: Limits,
+    artifacts: artifacts::ArtifactCache,
+    active: ArcSwap<Generation>,
+    /// Serialises loads: two swaps racing must not both win with the same generation number.
+    load_lock: Mutex<u64>,
+    stats: Stats,
+}
+
+/// The policy engine. Cheap to clone; every clone shares the active policy.
+///
+/// Fail-safe decisions, used when the policy traps, overruns its deadline or answers invalidly:
+/// a lookup with something cached is served stale with a background refresh; a lookup with
+/// nothing cached refreshes and waits up to the settings' `max-wait`, falling back to stale;
+/// an eviction keeps the nodes as suspect for the settings' `max-suspect-hold` (losing no data
+/// is safer than emptying the cache on a broken policy's behalf). The host's rate limit and
+/// budget apply to fail-safe refreshes as to any other.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    shared: Arc<Shared>,
+}
+
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Which validated bytes and settings a load produced.
+struct Validated {
+    pre: PolicyPre<InstanceState>,
+    digest: String,
+    settings: Settings,
+}
+
+impl PolicyEngine {
+    /// Builds an engine whose first active policy (generation 1) is `initial`.
+    pub fn new(options: EngineOptions, initial: PolicySpec) -> Result<Self, PolicyError> {
+        let internal = |e: wasmtime::Error| PolicyError::Compile(format!("engine setup: {e:#}"));
+        let engine = sandbox::engine(&options.limits).map_err(internal)?;
+        let linker = sandbox::linker(&engine).map_err(internal)?;
+        let artifacts = artifacts::ArtifactCache::new(&engine, options.artifact_dir)
+            .map_err(|e| internal(wasmtime::Error::from(e)))?;
+        let validated = validate(&engine, &linker, &artifacts, &options.limits, &initial)?;
+        let generation = make_generation(validated, initial, 1);
+        let shared = Arc::new(Shared {
+            id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
+            engine: engine.clone(),
+            linker,
+            limits: options.limits,
+            artifacts,
+            active: ArcSwap::from_pointee(generation),
+            load_lock: Mutex::new(1),
+            stats: Stats::default(),
+        });
+        sandbox::start_ticker(engine, Arc::downgrade(&shared));
+        Ok(PolicyEngine { shared })
+    }
+
+    /// Validates `spec` as a swap would, without activating it; returns its settings.
+    pub fn check(&self, spec: &PolicySpec) -> Result<Settings, PolicyError> {
+        let shared = &self.shared;
+        validate(
+            &shared.engine,
+            &shared.linker,
+            &shared.artifacts,
+            &shared.limits,
+            spec,
+        )
+        .map(|v| v.settings)
+    }
+
+    /// Validates `spec` and, if it passes, makes it the active policy. On failure the active
+    /// policy stays, and the refusal is counted.
+    pub fn swap(&self, spec: PolicySpec) -> Result<Arc<PolicyInfo>, PolicyError> {
+        let shared = &self.shared;
+        let mut last_generation = shared.load_lock.lock().unwrap();
+        let validated = validate(
+            &shared.engine,
+            &shared.linker,
+            &shared.artifacts,
+            &shared.limits,
+            &spec,
+        );
+        let validated = match validated {
+            Ok(validated) => validated,
+            Err(err) => {
+                shared.stats.swaps_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source = %spec.source, "policy refused, keeping the active one: {err}");
+                return Err(err);
+            }
+        };
+        *last_generation += 1;
+        let generation = make_generation(validated, spec, *last_generation);
+        let info = generation.info.clone();
+        shared.active.store(Arc::new(generation));
+        shared.stats.swaps_applied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(policy = %info, "policy swapped in");
+        Ok(info)
+    }
+
+    /// The active policy's operator configuration (a reload keeps it).
+    pub fn active_config(&self) -> Vec<(String, String)> {
+        self.shared.active.load().config.clone()
+    }
+
+    /// A snapshot of the engine's counters.
+    pub fn stats(&self) -> PolicyStats {
+        let s = &self.shared.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PolicyStats {
+            traps: get(&s.traps),
+            deadline_hits: get(&s.deadline_hits),
+            invalid_answers: get(&s.invalid_answers),
+            instantiations: get(&s.instantiations),
+            swaps_applied: get(&s.swaps_applied),
+            swaps_rejected: get(&s.swaps_rejected),
+        }
+    }
+
+    /// Runs `call` on this thread's instance of the active generation; on failure, counts and
+    /// logs it and returns `fail_safe`'s answer.
+    fn decide<D>(
+        &self,
+        call: impl FnOnce(&mut Instance) -> Result<D, CallFailure>,
+        fail_safe: impl FnOnce(&Settings) -> D,
+    ) -> Decided<D> {
+        let generation = self.shared.active.load();
+        match instance::with_thread_instance(&self.shared, &generation, call) {
+            Ok((decision, policy)) => Decided { decision, policy },
+            Err(failure) => {
+                self.shared.stats.count_failure(&failure);
+                tracing::warn!(policy = %generation.info, "policy call failed ({failure}); using the fail-safe decision");
+                Decided {
+                    decision: fail_safe(&generation.info.settings),
+                    policy: generation.info.clone(),
+                }
+            }
+        }
+    }
+}
+
+impl Decide for PolicyEngine {
+    fn decide_lookup(&self, context: &LookupContext<'_>) -> Decided<LookupDecision> {
+        self.decide(
+            |instance| instance.decide_lookup(context),
+            |settings| {
+                if context.cached {
+                    LookupDecision::ServeStale { refresh: true }
+                } else {
+                    LookupDecision::RefreshAndWait {
+                        max_wait_ms: u32::try_from(settings.max_wait.as_millis())
+                            .unwrap_or(u32::MAX),
+                        fallback_to_stale: true,
+                    }
+                }
+            },
+        )
+    }
+
+    fn guard_eviction(&self, context: &EvictionContext<'_>) -> Decided<EvictionDecision> {
+        self.decide(
+            |instance| instance.guard_eviction(context),
+            |settings| EvictionDecision::KeepSuspect {
+                hold_ms: settings.max_suspect_hold.as_millis() as u64,
+            },
+        )
+    }
+
+    fn active(&self) -> Arc<PolicyInfo> {
+        self.shared.active.load().info.clone()
+    }
+}
+
+fn make_generation(validated: Validated, spec: PolicySpec, number: u64) -> Generation {
+    let short_digest: Arc<str> = Arc::from(&validated.digest[..12]);
+    Generation {
+        info: Arc::new(PolicyInfo {
+            generation: number,
+            digest: validated.digest,
+            source: spec.source,
+            loaded_at: SystemTime::now(),
+            settings: validated.settings,
+        }),
+        pre: validated.pre,
+        config: spec.config,
+        short_digest,
+    }
+}
+
+/// Magic number and the two version/layer words wasm binaries start with.
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+
+/// The whole load path (steps 1–5 of the module doc), with no side effect on the active policy.
+fn validate(
+    engine: &Engine,
+    linker: &Linker<InstanceState>,
+    artifacts: &artifacts::ArtifactCache,
+    limits: &Limits,
+    spec: &PolicySpec,
+) -> Result<Validated, PolicyError> {
+    let bytes = &spec.wasm[..];
+    if bytes.is_empty() {
+        return Err(PolicyError::Empty);
+    }
+    if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+        return Err(PolicyError::NotWasm);
+    }
+    if bytes[4..8] == CORE_MODULE_VERSION {
+        return Err(PolicyError::CoreModule);
+    }
+    let digest = artifacts::hex_sha256(bytes);
+    let (component, _origin) = artifacts
+        .component(engine, bytes, &digest)
+        .map_err(|e| PolicyError::Compile(format!("{e:#}")))?;
+    let component_type = component.component_type();
+    if let Some((name, _)) = component_type
+        .imports(engine)
+        .find(|(name, _)| !sandbox::is_offered_import(name))
+    {
+        return Err(PolicyError::UnofferedImport(name.to_string()));
+    }
+    let pre =
+        instance::pre(linker, &component).map_err(|e| PolicyError::WrongWorld(format!("{e:#}")))?;
+    let short_digest: Arc<str> = Arc::from(&digest[..12]);
+
+    let (mut first, raw) = Instance::new(&pre, &spec.config, limits, short_digest.clone())
+        .map_err(PolicyError::Configure)?;
+    settings::validate(&raw)?;
+    let answers = conformance::run(&mut first)?;
+
+    let (mut second, raw_again) =
+        Instance::new(&pre, &spec.config, limits, short_digest).map_err(PolicyError::Configure)?;
+    if raw_again != raw {
+        return Err(PolicyError::Impure("returned different settings"));
+    }
+    if conformance::run(&mut second)? != answers {
+        return Err(PolicyError::Impure(
+            "decided the conformance battery differently",
+        ));
+    }
+    Ok(Validated {
+        pre,
+        digest,
+        settings: raw.into_settings(),
+    })
+}

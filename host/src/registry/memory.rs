@@ -229,7 +229,10 @@ mod tests {
         assert!(matches!(watch.recv().await, Some(WatchEvent::Put { .. })));
         registry.deregister("a", "n1").await.unwrap();
         assert_eq!(registry.get_service("a").await.unwrap().len(), 1);
-        assert_eq!(registry.list_services().await.unwrap(), vec!["a".to_string()]);
+        assert_eq!(
+            registry.list_services().await.unwrap(),
+            vec!["a".to_string()]
+        );
         let err = registry.get_service("nope").await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotFound);
         assert_eq!(registry.get_service_calls(), 3);

@@ -1,0 +1,205 @@
+//! Policy instances: creating one (instantiate + configure), calling it under a deadline, and
+//! keeping one per worker thread so that lookups on different threads never share a lock.
+//!
+//! Each thread keeps, per engine, one instance of the generation it last used. A lookup that
+//! finds the active generation newer than its instance rebuilds the instance first (a few
+//! microseconds, once per thread per swap), so workers move to a new policy lazily and a lookup
+//! in flight finishes on the generation it started with. An instance whose call trapped or ran
+//! out of time is dropped: its memory may be corrupt, and the next call gets a fresh one.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap};
+
+use super::Generation;
+use super::bindings::{self, Policy, PolicyPre, RawSettings};
+use super::sandbox::{self, InstanceState, Limits};
+use crate::decision::{
+    EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
+};
+
+/// Why a call into a policy did not produce a decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    /// The call overran its deadline (an endless loop, or far too much work).
+    #[error("deadline of {0:?} exceeded")]
+    Deadline(Duration),
+    /// The guest trapped (a panic, an out-of-bounds access, memory exhausted).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The guest returned something the host refuses (e.g. an oversized string).
+    #[error("invalid answer: {0}")]
+    InvalidAnswer(String),
+    /// The instance could not be created.
+    #[error("cannot instantiate: {0}")]
+    Instantiate(String),
+    /// `configure` refused the operator's configuration.
+    #[error("refused its configuration: {0}")]
+    Refused(String),
+}
+
+impl CallFailure {
+    fn from_error(err: wasmtime::Error, deadline: Duration) -> Self {
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallFailure::Deadline(deadline),
+            _ => CallFailure::Trap(format!("{err:#}")),
+        }
+    }
+}
+
+/// One live instance of one generation.
+pub(crate) struct Instance {
+    store: Store<InstanceState>,
+    policy: Policy,
+    /// Reused for the service name of every lookup context, so a lookup does not allocate.
+    service: String,
+    limits: Limits,
+}
+
+impl Instance {
+    /// Instantiates `pre` and configures it; returns the instance and the settings it gave.
+    pub(crate) fn new(
+        component_pre: &PolicyPre<InstanceState>,
+        config: &[(String, String)],
+        limits: &Limits,
+        digest: Arc<str>,
+    ) -> Result<(Instance, RawSettings), CallFailure> {
+        let engine = component_pre.engine();
+        let mut store = Store::new(engine, InstanceState::new(limits, digest));
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(sandbox::ticks(limits.configure_deadline));
+        let deadline = limits.configure_deadline;
+        let policy = component_pre.instantiate(&mut store).map_err(|e| {
+            match CallFailure::from_error(e, deadline) {
+                CallFailure::Trap(msg) => CallFailure::Instantiate(msg),
+                other => other,
+            }
+        })?;
+        let settings = policy
+            .call_configure(&mut store, config)
+            .map_err(|e| CallFailure::from_error(e, deadline))?
+            .map_err(|reason| CallFailure::Refused(truncate(reason)))?;
+        let instance = Instance {
+            store,
+            policy,
+            service: String::new(),
+            limits: *limits,
+        };
+        Ok((instance, bindings::raw_settings(&settings)))
+    }
+
+    pub(crate) fn decide_lookup(
+        &mut self,
+        ctx: &LookupContext<'_>,
+    ) -> Result<LookupDecision, CallFailure> {
+        let deadline = self.limits.decision_deadline;
+        self.store.set_epoch_deadline(sandbox::ticks(deadline));
+        let mut service = std::mem::take(&mut self.service);
+        service.clear();
+        service.push_str(ctx.service);
+        let lowered = bindings::lookup_context(ctx, service);
+        let result = self.policy.call_decide_lookup(&mut self.store, &lowered);
+        self.service = lowered.service;
+        let decision = result.map_err(|e| CallFailure::from_error(e, deadline))?;
+        bindings::lookup_decision(decision).map_err(|e| CallFailure::InvalidAnswer(e.to_string()))
+    }
+
+    pub(crate) fn guard_eviction(
+        &mut self,
+        ctx: &EvictionContext<'_>,
+    ) -> Result<EvictionDecision, CallFailure> {
+        let deadline = self.limits.decision_deadline;
+        self.store.set_epoch_deadline(sandbox::ticks(deadline));
+        let decision = self
+            .policy
+            .call_guard_eviction(&mut self.store, &bindings::eviction_context(ctx))
+            .map_err(|e| CallFailure::from_error(e, deadline))?;
+        Ok(bindings::eviction_decision(decision))
+    }
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > bindings::MAX_REASON_BYTES {
+        let mut end = bindings::MAX_REASON_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Type-checks a compiled component against the world: every export present with the right
+/// type, every import offered by the linker.
+pub(crate) fn pre(
+    linker: &wasmtime::component::Linker<InstanceState>,
+    component: &Component,
+) -> wasmtime::Result<PolicyPre<InstanceState>> {
+    PolicyPre::new(linker.instantiate_pre(component)?)
+}
+
+/// A thread's instance of one engine's policy.
+struct Worker {
+    /// The engine this instance belongs to; dead engines' workers are swept.
+    owner: Weak<super::Shared>,
+    owner_id: u64,
+    generation: Arc<Generation>,
+    /// This thread's own copy of the generation's info: handing it out with every decision
+    /// bumps a reference count no other thread touches.
+    info: Arc<PolicyInfo>,
+    instance: Instance,
+}
+
+thread_local! {
+    static WORKERS: RefCell<Vec<Worker>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `call` on this thread's instance of `generation`, creating or replacing it as needed.
+/// A failed call drops the instance.
+pub(crate) fn with_thread_instance<R>(
+    shared: &Arc<super::Shared>,
+    generation: &Arc<Generation>,
+    call: impl FnOnce(&mut Instance) -> Result<R, CallFailure>,
+) -> Result<(R, Arc<PolicyInfo>), CallFailure> {
+    WORKERS.with(|workers| {
+        let mut workers = workers.borrow_mut();
+        let slot = workers.iter().position(|w| w.owner_id == shared.id);
+        let slot = match slot {
+            Some(i) if Arc::ptr_eq(&workers[i].generation, generation) => i,
+            found => {
+                let (instance, _) = generation.instantiate(&shared.limits)?;
+                shared.stats.count_instantiation();
+                let worker = Worker {
+                    owner: Arc::downgrade(shared),
+                    owner_id: shared.id,
+                    generation: generation.clone(),
+                    info: Arc::new(PolicyInfo::clone(&generation.info)),
+                    instance,
+                };
+                match found {
+                    Some(i) => {
+                        workers[i] = worker;
+                        i
+                    }
+                    None => {
+                        workers.retain(|w| w.owner.strong_count() > 0);
+                        workers.push(worker);
+                        workers.len() - 1
+                    }
+                }
+            }
+        };
+        let worker = &mut workers[slot];
+        match call(&mut worker.instance) {
+            Ok(answer) => Ok((answer, worker.info.clone())),
+            Err(failure) => {
+                workers.swap_remove(slot);
+                Err(failure)
+            }
+        }
+    })
+}

@@ -1,0 +1,212 @@
+//! The sandbox every policy runs in: one wasmtime `Engine` configured for the features regcache
+//! uses, the per-instance state (a deny-all WASI, resource limits, the log import), and the
+//! epoch ticker that enforces call deadlines.
+//!
+//! This is the one place that decides pooling, epochs and limits (the "thin engine layer" of
+//! wasmtime and Spin): change a limit here, nowhere else.
+
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{self, Host, LogLevel};
+
+/// Limits applied to every policy instance. Defaults suit policies of a few hundred KiB.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Deadline of one decision (`decide-lookup`, `guard-eviction`). Default 100 ms. A decision
+    /// takes well under a microsecond, but the deadline is wall-clock time, and on a loaded
+    /// 2-core machine a thread can be descheduled mid-call for tens of milliseconds; a tighter
+    /// deadline would turn that into spurious fail-safe answers. Endless loops are caught at
+    /// load by the conformance battery; this stops the ones that strike later.
+    pub decision_deadline: Duration,
+    /// Deadline of `configure` and of instantiation, which may build tables. Default 500 ms.
+    pub configure_deadline: Duration,
+    /// Linear memory per instance. Default 16 MiB.
+    pub memory_bytes: usize,
+    /// Policy instances alive at once, all generations and threads together. Default 256.
+    pub max_instances: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            decision_deadline: Duration::from_millis(100),
+            configure_deadline: Duration::from_millis(500),
+            memory_bytes: 16 << 20,
+            max_instances: 256,
+        }
+    }
+}
+
+/// How often the epoch advances. Deadlines are whole ticks, so a deadline of `d` fires between
+/// `d` and `d + TICK` after the call starts; a deadline of one tick could fire mid-call at once.
+pub(crate) const TICK: Duration = Duration::from_millis(1);
+
+pub(crate) fn ticks(deadline: Duration) -> u64 {
+    (deadline.as_micros() / TICK.as_micros()).max(2) as u64
+}
+
+/// Builds the engine. Features regcache does not use stay off: besides a smaller attack surface,
+/// `concurrency_support(false)` makes each typed component call about 3x cheaper.
+pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    // A wasip2 component instantiates a few core instances (the guest plus WASI shims).
+    pool.total_component_instances(limits.max_instances)
+        .total_core_instances(limits.max_instances * 8)
+        .total_memories(limits.max_instances * 2)
+        .total_tables(limits.max_instances * 4)
+        .max_memory_size(limits.memory_bytes);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .concurrency_support(false)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .max_wasm_stack(512 << 10);
+    Engine::new(&config)
+}
+
+/// Starts the thread that advances the engine's epoch every [`TICK`]. It ends by itself once the
+/// engine is gone (`owner` no longer upgrades).
+pub(crate) fn start_ticker<T: Send + Sync + 'static>(engine: Engine, owner: Weak<T>) {
+    std::thread::Builder::new()
+        .name("regcache-policy-epoch".into())
+        .spawn(move || {
+            while owner.strong_count() > 0 {
+                std::thread::sleep(TICK);
+                engine.increment_epoch();
+            }
+        })
+        .expect("spawn the policy epoch thread");
+}
+
+/// Builds the linker: the `host` interface regcache offers, and a deny-all WASI so that policies
+/// compiled by toolchains that always import WASI still load.
+pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<InstanceState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    bindings::regcache::policy::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// Whether the linker offers an import of this name (WASI, and the world's own `types` and
+/// `host` interfaces); anything else is refused at load.
+pub(crate) fn is_offered_import(name: &str) -> bool {
+    name.starts_with("wasi:") || name.starts_with("regcache:policy/")
+}
+
+/// Log lines a policy instance may write per second; more are dropped and counted.
+const LOG_LINES_PER_SECOND: u32 = 20;
+
+/// Per-instance state held in the `Store`.
+pub(crate) struct InstanceState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    digest: std::sync::Arc<str>,
+    log_window: Instant,
+    log_lines: u32,
+}
+
+impl InstanceState {
+    pub(crate) fn new(limits: &Limits, digest: std::sync::Arc<str>) -> Self {
+        let wasi = WasiCtx::builder()
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .secure_random(ZeroRandom)
+            .insecure_random(ZeroRandom)
+            .insecure_random_seed(0)
+            .build();
+        InstanceState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .instances(16)
+                .tables(16)
+                .table_elements(100_000)
+                .trap_on_grow_failure(true)
+                .build(),
+            digest,
+            log_window: Instant::now(),
+            log_lines: 0,
+        }
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl Host for InstanceState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        if self.log_window.elapsed() >= Duration::from_secs(1) {
+            self.log_window = Instant::now();
+            self.log_lines = 0;
+        }
+        self.log_lines += 1;
+        if self.log_lines > LOG_LINES_PER_SECOND {
+            return;
+        }
+        let mut end = message.len().min(bindings::MAX_REASON_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
+        let policy = &*self.digest;
+        match level {
+            LogLevel::Debug => tracing::debug!(policy, "{message}"),
+            LogLevel::Info => tracing::info!(policy, "{message}"),
+            LogLevel::Warn => tracing::warn!(policy, "{message}"),
+            LogLevel::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+}
+
+/// A clock stuck at the epoch: policies get time only through their contexts, which keeps them
+/// pure and replayable.
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// "Randomness" that is always zero, for the same reason.
+struct ZeroRandom;
+
+impl rand::TryRng for ZeroRandom {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(0)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(0)
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        dst.fill(0);
+        Ok(())
+    }
+}

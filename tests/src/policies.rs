@@ -1,0 +1,46 @@
+//! The policies under `policy/`, built once per test process and handed out as bytes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn built_dir() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = repo_root();
+        let target_dir = root.join("target").join("policy");
+        // Several test processes may build at once; cargo's own lock serialises them.
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--workspace",
+            ])
+            .arg("--manifest-path")
+            .arg(root.join("policy/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("run cargo to build the policies");
+        assert!(status.success(), "building the policies failed");
+        target_dir.join("wasm32-wasip2/release")
+    })
+}
+
+/// Path of the built policy `name` (`default`, `strict`, `always-stale`, `chaos`).
+pub fn policy_path(name: &str) -> PathBuf {
+    built_dir().join(format!("regcache_policy_{}.wasm", name.replace('-', "_")))
+}
+
+/// Bytes of the built policy `name`.
+pub fn policy_wasm(name: &str) -> Vec<u8> {
+    std::fs::read(policy_path(name)).unwrap_or_else(|e| panic!("read policy {name}: {e}"))
+}
