@@ -15,6 +15,7 @@ use std::sync::Mutex;
 /// The generated bindings. They live in a module of their own because `pub_export_macro`
 /// exports the macro at the crate root, where it would clash with the module-level copy.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",
