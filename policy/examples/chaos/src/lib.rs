@@ -108,10 +108,10 @@ impl Guest for ChaosPolicy {
 
     fn decide_lookup(context: LookupContext) -> LookupDecision {
         let tuning = TUNING.get();
-        if tuning.only_service == 0 || tuning.only_service == name_hash(&context.service) {
-            if let Some(decision) = strike(tuning.fault) {
-                return decision;
-            }
+        let targeted =
+            tuning.only_service == 0 || tuning.only_service == name_hash(&context.service);
+        if targeted && let Some(decision) = strike(tuning.fault) {
+            return decision;
         }
         match context.since_refresh_ms {
             Some(age) if context.cached && age < tuning.settings.ttl_ms => {
