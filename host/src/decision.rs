@@ -8,6 +8,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
+
 use crate::registry::ErrorKind;
 
 /// The registry's health as a policy sees it.
@@ -51,7 +53,8 @@ pub struct LookupContext<'a> {
 }
 
 /// Whether a rejection reads as "not found" or "unavailable".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RejectionKind {
     /// HTTP 404.
     NotFound,
@@ -60,7 +63,8 @@ pub enum RejectionKind {
 }
 
 /// What to do with a lookup (WIT `lookup-decision`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
 pub enum LookupDecision {
     /// Answer from the cache as fresh.
     ServeCached,
@@ -99,7 +103,8 @@ impl LookupDecision {
 }
 
 /// Why nodes would leave the cache (WIT `eviction-reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EvictionReason {
     /// A watch delete event.
     WatchDelete,
@@ -133,7 +138,8 @@ pub struct EvictionContext<'a> {
 }
 
 /// What to do with nodes about to leave (WIT `eviction-decision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
 pub enum EvictionDecision {
     /// Remove them.
     Evict,

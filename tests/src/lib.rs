@@ -1,4 +1,5 @@
 //! Shared harness of regcache's end-to-end tests: the policies under `policy/` built to wasm,
-//! and (in `etcd`) real etcd processes on loopback.
+//! the `regcache` binary, and (in `etcd`) real etcd processes on loopback.
 
+pub mod binary;
 pub mod policies;

@@ -87,9 +87,9 @@ impl PolicySpec {
 
     /// The policy in the file at `path`, with `config`.
     pub fn from_file(path: &Path, config: Vec<(String, String)>) -> Result<Self, PolicyError> {
-        let wasm = std::fs::read(path).map_err(|source| PolicyError::Read {
+        let wasm = std::fs::read(path).map_err(|error| PolicyError::Read {
             path: path.to_path_buf(),
-            source: Arc::new(source),
+            error: Arc::new(error),
         })?;
         Ok(PolicySpec {
             wasm: wasm.into(),
@@ -103,12 +103,12 @@ impl PolicySpec {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PolicyError {
     /// The file could not be read.
-    #[error("cannot read policy file {}: {source}", path.display())]
+    #[error("cannot read policy file {}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: Arc<std::io::Error>,
+        error: Arc<std::io::Error>,
     },
     /// Zero bytes.
     #[error("the policy is empty (0 bytes)")]

@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 use crate::model::Service;
 
 /// What kind of failure a registry call met; the policy sees it as the last error's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The registry did not answer in time.
     Timeout,

@@ -1,0 +1,294 @@
+//! `regcache policy ...`: the policy author's tools. `new` scaffolds a Rust policy crate bound to
+//! the WIT, `build` compiles it to a component, `check` validates a component exactly as a hot
+//! swap would, and `eval` shows the decision a policy makes for a context given as JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use regcache::decision::{Decide, EvictionContext, EvictionReason, HealthView, LookupContext};
+use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec, WIT};
+use regcache::registry::ErrorKind;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Create a new Rust policy crate in DIR that builds as is.
+    New {
+        /// Directory to create (must not exist or be empty).
+        dir: PathBuf,
+    },
+    /// Build the policy crate in DIR to a WebAssembly component; prints the .wasm path.
+    Build {
+        /// The policy crate.
+        dir: PathBuf,
+    },
+    /// Validate a policy exactly as a hot swap would; exits non-zero with the reason.
+    Check {
+        /// The policy component (.wasm).
+        file: PathBuf,
+        /// Operator configuration passed to the policy, `key=value` (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_pair)]
+        config: Vec<(String, String)>,
+    },
+    /// Print the decision a policy makes for one context given as JSON.
+    ///
+    /// Lookup fields (all optional): service, now_ms, cached, negative, versions, nodes,
+    /// suspect_nodes, since_refresh_ms, since_attempt_ms, consecutive_failures, last_error
+    /// (timeout|unavailable|unauthenticated|not_found|invalid_input), refresh_in_flight,
+    /// watch_connected, since_last_contact_ms. With --eviction: service, now_ms, nodes_before,
+    /// nodes_after, recent_deletions, window_ms, watch_connected, since_last_contact_ms, reason
+    /// (watch_delete|lease_expired|node_ttl|refresh).
+    Eval {
+        /// The policy component (.wasm).
+        file: PathBuf,
+        /// The context, as JSON.
+        #[arg(long)]
+        context: String,
+        /// Ask the eviction guard instead of the lookup decision.
+        #[arg(long)]
+        eviction: bool,
+        /// Operator configuration passed to the policy, `key=value` (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_pair)]
+        config: Vec<(String, String)>,
+    },
+}
+
+fn parse_pair(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got `{raw}`")),
+    }
+}
+
+pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::New { dir } => scaffold(&dir),
+        PolicyCommand::Build { dir } => {
+            println!("{}", build(&dir)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Check { file, config } => check(&file, config),
+        PolicyCommand::Eval {
+            file,
+            context,
+            eviction,
+            config,
+        } => eval(&file, &context, eviction, config),
+    }
+}
+
+const TEMPLATE_MANIFEST: &str = include_str!("../../templates/policy/Cargo.toml.tmpl");
+const TEMPLATE_LIB: &str = include_str!("../../templates/policy/src/lib.rs");
+
+fn scaffold(dir: &Path) -> anyhow::Result<ExitCode> {
+    if dir.exists() && dir.read_dir()?.next().is_some() {
+        bail!("{} exists and is not empty", dir.display());
+    }
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| {
+            n.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+                .to_lowercase()
+        })
+        .filter(|n| n.starts_with(|c: char| c.is_ascii_alphabetic()))
+        .unwrap_or_else(|| "my-policy".into());
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::create_dir_all(dir.join("wit"))?;
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        TEMPLATE_MANIFEST.replace("{{name}}", &name),
+    )?;
+    std::fs::write(dir.join("src/lib.rs"), TEMPLATE_LIB)?;
+    std::fs::write(dir.join("wit/policy.wit"), WIT)?;
+    std::fs::write(dir.join(".gitignore"), "/target\n")?;
+    println!("created policy crate `{name}` in {}", dir.display());
+    println!("next: regcache policy build {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds with cargo for wasm32-wasip2 and returns the component's path, as cargo reports it.
+fn build(dir: &Path) -> anyhow::Result<PathBuf> {
+    let manifest = dir.join("Cargo.toml");
+    if !manifest.exists() {
+        bail!(
+            "{} has no Cargo.toml (create one with `regcache policy new`)",
+            dir.display()
+        );
+    }
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--message-format=json-render-diagnostics",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run cargo (is the Rust toolchain installed?)")?;
+    if !output.status.success() {
+        bail!(
+            "cargo build failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
+        );
+    }
+    #[derive(Deserialize)]
+    struct Artifact {
+        reason: String,
+        #[serde(default)]
+        filenames: Vec<PathBuf>,
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Artifact>(line).ok())
+        .filter(|a| a.reason == "compiler-artifact")
+        .flat_map(|a| a.filenames)
+        .find(|f| f.extension().is_some_and(|e| e == "wasm"))
+        .context("cargo built no .wasm (is the crate a cdylib?)")
+}
+
+fn load(file: &Path, config: Vec<(String, String)>) -> anyhow::Result<PolicyEngine> {
+    let spec = PolicySpec::from_file(file, config)?;
+    Ok(PolicyEngine::new(EngineOptions::default(), spec)?)
+}
+
+fn check(file: &Path, config: Vec<(String, String)>) -> anyhow::Result<ExitCode> {
+    let engine = match load(file, config) {
+        Ok(engine) => engine,
+        Err(err) => {
+            eprintln!("{}: refused: {err:#}", file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let info = engine.active();
+    println!("{}: ok", file.display());
+    println!("digest: sha256:{}", info.digest);
+    println!("settings: {:?}", info.settings);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A lookup context in JSON; absent fields describe a cold lookup with a healthy registry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LookupJson {
+    service: String,
+    now_ms: u64,
+    cached: bool,
+    negative: bool,
+    versions: u32,
+    nodes: u32,
+    suspect_nodes: u32,
+    since_refresh_ms: Option<u64>,
+    since_attempt_ms: Option<u64>,
+    consecutive_failures: u32,
+    last_error: Option<ErrorKind>,
+    refresh_in_flight: bool,
+    watch_connected: bool,
+    since_last_contact_ms: Option<u64>,
+}
+
+impl Default for LookupJson {
+    fn default() -> Self {
+        LookupJson {
+            service: "example".into(),
+            now_ms: 0,
+            cached: false,
+            negative: false,
+            versions: 0,
+            nodes: 0,
+            suspect_nodes: 0,
+            since_refresh_ms: None,
+            since_attempt_ms: None,
+            consecutive_failures: 0,
+            last_error: None,
+            refresh_in_flight: false,
+            watch_connected: true,
+            since_last_contact_ms: Some(0),
+        }
+    }
+}
+
+/// An eviction context in JSON; absent fields describe one deregistration out of five.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EvictionJson {
+    service: String,
+    now_ms: u64,
+    nodes_before: u32,
+    nodes_after: u32,
+    recent_deletions: u32,
+    window_ms: u64,
+    watch_connected: bool,
+    since_last_contact_ms: Option<u64>,
+    reason: EvictionReason,
+}
+
+impl Default for EvictionJson {
+    fn default() -> Self {
+        EvictionJson {
+            service: "example".into(),
+            now_ms: 0,
+            nodes_before: 5,
+            nodes_after: 4,
+            recent_deletions: 1,
+            window_ms: 30_000,
+            watch_connected: true,
+            since_last_contact_ms: Some(0),
+            reason: EvictionReason::WatchDelete,
+        }
+    }
+}
+
+fn eval(
+    file: &Path,
+    context: &str,
+    eviction: bool,
+    config: Vec<(String, String)>,
+) -> anyhow::Result<ExitCode> {
+    let engine = load(file, config)?;
+    let decision = if eviction {
+        let json: EvictionJson =
+            serde_json::from_str(context).context("invalid eviction context")?;
+        let ctx = EvictionContext {
+            service: &json.service,
+            now_ms: json.now_ms,
+            nodes_before: json.nodes_before,
+            nodes_after: json.nodes_after,
+            recent_deletions: json.recent_deletions,
+            window_ms: json.window_ms,
+            health: HealthView {
+                watch_connected: json.watch_connected,
+                since_last_contact_ms: json.since_last_contact_ms,
+            },
+            reason: json.reason,
+        };
+        serde_json::to_value(engine.guard_eviction(&ctx).decision)?
+    } else {
+        let json: LookupJson = serde_json::from_str(context).context("invalid lookup context")?;
+        let ctx = LookupContext {
+            service: &json.service,
+            now_ms: json.now_ms,
+            cached: json.cached,
+            negative: json.negative,
+            versions: json.versions,
+            nodes: json.nodes,
+            suspect_nodes: json.suspect_nodes,
+            since_refresh_ms: json.since_refresh_ms,
+            since_attempt_ms: json.since_attempt_ms,
+            consecutive_failures: json.consecutive_failures,
+            last_error: json.last_error,
+            refresh_in_flight: json.refresh_in_flight,
+            health: HealthView {
+                watch_connected: json.watch_connected,
+                since_last_contact_ms: json.since_last_contact_ms,
+            },
+        };
+        serde_json::to_value(engine.decide_lookup(&ctx).decision)?
+    };
+    println!("{}", serde_json::to_string(&decision)?);
+    Ok(ExitCode::SUCCESS)
+}
