@@ -1,5 +1,14 @@
-//! Shared harness of regcache's end-to-end tests: the policies under `policy/` built to wasm,
-//! the `regcache` binary, and (in `etcd`) real etcd processes on loopback.
+//! Shared support for regcache's end-to-end tests (the tests themselves live in `tests/`).
+//!
+//! - [`etcd`]: start, freeze, kill and restart real etcd processes, enable auth, generate TLS
+//!   files, read their metrics. Every test that needs etcd uses it, so faults are injected the
+//!   same way everywhere.
+//! - [`registry`]: sample services, a fast registry configuration, and a watcher's view to
+//!   compare with etcd's.
+//! - [`policies`]: the policies under `policy/` built to wasm.
+//! - [`binary`]: the `regcache` binary.
 
 pub mod binary;
+pub mod etcd;
 pub mod policies;
+pub mod registry;

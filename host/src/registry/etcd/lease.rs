@@ -1,0 +1,195 @@
+//! The lease keeper: one lease per host, one long-lived LeaseKeepAlive stream, and the repair of
+//! every owned key after any loss.
+//!
+//! The lease is granted by the first registration (a host that registers nothing holds no
+//! lease). This task then renews it every keep-alive interval on a single stream: never a new
+//! stream or a one-shot call per heartbeat, which is what once caused an Authenticate storm at
+//! thousands of pods. Loss is detected three ways, and each leads back to the top of the loop:
+//!
+//! - an answer with TTL 0, or "lease not found" when (re)opening the stream: the lease is gone
+//!   (expired while etcd was frozen, revoked). Grant a new one and re-put every owned key.
+//! - the stream ending or failing (etcd killed or restarted, connection dropped): re-open it on
+//!   the same lease. etcd keeps leases across restarts with their full TTL, so usually nothing
+//!   was lost.
+//! - no answer for a whole TTL (etcd hung, and HTTP/2 pings have not yet ended the stream): the
+//!   lease has certainly expired by etcd's clock; re-open, which finds that out.
+//!
+//! Retries use jittered exponential backoff capped at `retry_backoff_max`, forever: giving up
+//! after a few tries (as Kratos does) leaves services unregistered until a restart.
+
+use std::sync::Arc;
+
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use super::stats::Stats;
+use super::{Backoff, Shared};
+
+/// Runs until shutdown.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut lease_rx = shared.lease_id.subscribe();
+    let mut backoff = Backoff::new(shared.config.retry_backoff_max);
+    let request_timeout = shared.config.request_timeout;
+    let ttl = shared.config.lease_ttl;
+    let interval = shared.config.effective_keep_alive_interval();
+    loop {
+        if shared.shutting_down() {
+            return;
+        }
+        let current = *lease_rx.borrow_and_update();
+        let Some(id) = current else {
+            if shared.owned.lock().unwrap().is_empty() {
+                // Nothing to keep alive until the first registration grants a lease.
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = lease_rx.changed() => {}
+                    _ = shared.repair_wake.notified() => {}
+                }
+                continue;
+            }
+            // Owned keys without a lease: a registration whose first write failed, or a lost
+            // lease whose re-grant failed. Grant and put everything.
+            if !reput_all(&shared, None).await {
+                pause(&shared, &mut backoff).await;
+            }
+            continue;
+        };
+
+        let opened = timeout(request_timeout, shared.client.lease_client().keep_alive(id)).await;
+        let (mut keeper, mut stream) = match opened {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) if e.to_string().contains("lease not found") => {
+                tracing::warn!(
+                    lease = id,
+                    "lease not found on reopening keep-alive; re-granting"
+                );
+                if !reput_all(&shared, Some(id)).await {
+                    pause(&shared, &mut backoff).await;
+                }
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(lease = id, error = %e, "cannot open keep-alive stream");
+                pause(&shared, &mut backoff).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(lease = id, "opening keep-alive stream timed out");
+                pause(&shared, &mut backoff).await;
+                continue;
+            }
+        };
+        Stats::bump(&shared.stats.keepalive_stream_starts);
+        shared.touch();
+        backoff.reset();
+        if !repair(&shared).await {
+            pause(&shared, &mut backoff).await;
+            continue;
+        }
+
+        let mut last_ack = Instant::now();
+        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                // Someone else replaced the lease (a registration found it gone): follow it.
+                _ = lease_rx.changed() => break,
+                _ = shared.repair_wake.notified() => {
+                    if !repair(&shared).await {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    if keeper.keep_alive().await.is_err() {
+                        tracing::warn!(lease = id, "keep-alive stream closed for sending");
+                        break;
+                    }
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(resp)) if resp.ttl() > 0 => {
+                        last_ack = Instant::now();
+                        shared.touch();
+                    }
+                    Ok(Some(_)) => {
+                        tracing::warn!(lease = id, "lease expired (keep-alive answered TTL 0); re-granting");
+                        shared.touch();
+                        reput_all(&shared, Some(id)).await;
+                        break;
+                    }
+                    Ok(None) => {
+                        tracing::warn!(lease = id, "keep-alive stream ended; reopening");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(lease = id, error = %e, "keep-alive stream failed; reopening");
+                        break;
+                    }
+                },
+                _ = sleep_until(last_ack + ttl) => {
+                    tracing::warn!(lease = id, "no keep-alive answer for a whole TTL; reopening");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn pause(shared: &Shared, backoff: &mut Backoff) {
+    let mut shutdown = shared.shutdown.subscribe();
+    tokio::select! {
+        _ = sleep(backoff.next_delay()) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// Replaces the lease `lost` (if it is still the current one; `None`: whatever is current is
+/// missing) with a new one and puts every owned key on it. Returns whether that succeeded.
+async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
+    let mut lease = shared.lease.lock().await;
+    if lost.is_none() && lease.is_some() {
+        return true; // a registration granted one while we waited, and put its keys on it
+    }
+    if lost.is_some() {
+        if *lease != lost {
+            return true; // another path already replaced it and put every key on the new one
+        }
+        *lease = None;
+        Stats::bump(&shared.stats.lease_regrants);
+    }
+    match shared.put_owned(&mut lease, None, "reput").await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "re-putting owned keys failed; will retry");
+            false
+        }
+    }
+}
+
+/// Puts back the owned keys the watch saw deleted (unless they are already back). Returns false
+/// if that failed; the keys stay queued.
+async fn repair(shared: &Shared) -> bool {
+    let keys: Vec<String> = std::mem::take(&mut *shared.repairs.lock().unwrap());
+    if keys.is_empty() {
+        return true;
+    }
+    let keys: Vec<String> = {
+        let hub = shared.hub.lock().unwrap();
+        keys.into_iter().filter(|k| !hub.contains(k)).collect()
+    };
+    if keys.is_empty() {
+        return true;
+    }
+    let mut lease = shared.lease.lock().await;
+    match shared
+        .put_owned(&mut lease, Some(keys.clone()), "reput")
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "re-putting deleted owned keys failed; will retry");
+            shared.repairs.lock().unwrap().extend(keys);
+            false
+        }
+    }
+}

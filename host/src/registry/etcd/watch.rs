@@ -1,0 +1,350 @@
+//! The prefix watch: one etcd watch per registry, mirrored in memory and fanned out to every
+//! [`Registry::watch`](crate::registry::Registry::watch) receiver.
+//!
+//! The watch starts right after the revision of the list that seeded the mirror and always
+//! resumes from the last revision it applied, so a kill and restart of etcd loses and
+//! duplicates nothing. When etcd cannot resume (the revision was compacted) the stream answers
+//! `canceled` with `compact_revision` set: the registry re-lists, replaces the mirror, and sends
+//! every receiver [`WatchEvent::Resync`]. A watch cancelled for an expired auth token is
+//! re-created after a cheap unary call lets the client re-authenticate (the client refreshes
+//! tokens for unary calls only). Streams to a hung etcd end through HTTP/2 pings.
+//!
+//! Each receiver gets a `Resync` of the mirror first, so that subscribing never races with
+//! changes. A receiver that falls behind by a whole queue is not dropped and does not block
+//! the others: it is marked lagged and gets a fresh `Resync` as soon as it has room.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout};
+
+use super::stats::Stats;
+use super::{Backoff, MAX_MESSAGE_BYTES, Shared};
+use crate::model::{Service, group_by_version};
+use crate::registry::WatchEvent;
+
+/// Capacity of each receiver's queue.
+const WATCH_QUEUE: usize = 4096;
+
+/// The mirror of the registry and the receivers of its changes.
+#[derive(Default)]
+pub(crate) struct Hub {
+    mirror: BTreeMap<String, Service>,
+    revision: i64,
+    subscribers: Vec<Subscriber>,
+    closed: bool,
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<WatchEvent>,
+    lagged: bool,
+}
+
+impl Hub {
+    /// Replaces the mirror (after a list) without telling anyone.
+    pub(crate) fn reset(&mut self, mirror: BTreeMap<String, Service>, revision: i64) {
+        self.mirror = mirror;
+        self.revision = revision;
+    }
+
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.mirror.contains_key(key)
+    }
+
+    fn snapshot(&self) -> WatchEvent {
+        snapshot(&self.mirror, self.revision)
+    }
+
+    /// A new receiver, primed with the mirror as a `Resync`. After shutdown the receiver ends
+    /// at once.
+    pub(crate) fn subscribe(&mut self) -> mpsc::Receiver<WatchEvent> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        if !self.closed {
+            let _ = tx.try_send(self.snapshot());
+            self.subscribers.push(Subscriber { tx, lagged: false });
+        }
+        rx
+    }
+
+    fn publish(&mut self, event: WatchEvent) {
+        let mut resync = None;
+        let mut i = 0;
+        while i < self.subscribers.len() {
+            let sub = &mut self.subscribers[i];
+            if sub.tx.is_closed() {
+                self.subscribers.swap_remove(i);
+                continue;
+            }
+            if sub.lagged {
+                // The snapshot already contains this event.
+                if sub.tx.capacity() > 0 {
+                    let snap = resync.get_or_insert_with(|| snapshot(&self.mirror, self.revision));
+                    if self.subscribers[i].tx.try_send(snap.clone()).is_ok() {
+                        self.subscribers[i].lagged = false;
+                    }
+                }
+            } else if sub.tx.try_send(event.clone()).is_err() {
+                tracing::warn!("a registry watcher fell behind; it will get a full resync");
+                sub.lagged = true;
+            }
+            i += 1;
+        }
+    }
+
+    /// Sends everyone a `Resync` of the (new) mirror.
+    fn resync_all(&mut self) {
+        let snapshot = self.snapshot();
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        for sub in &mut self.subscribers {
+            sub.lagged = sub.tx.try_send(snapshot.clone()).is_err();
+        }
+    }
+
+    /// Ends every receiver (shutdown).
+    pub(crate) fn close(&mut self) {
+        self.closed = true;
+        self.subscribers.clear();
+    }
+
+    /// Applies a put of `key`; `service` is `None` when the value is malformed, which removes
+    /// the node it may have replaced (it is no longer a valid node in etcd either).
+    fn put(&mut self, key: &str, service: Option<Service>, revision: i64) {
+        self.revision = revision;
+        match service {
+            Some(service) => {
+                self.mirror.insert(key.to_string(), service.clone());
+                for node in &service.nodes {
+                    self.publish(WatchEvent::Put {
+                        service: service.with_single_node(node),
+                        revision,
+                    });
+                }
+            }
+            None => self.delete(key, revision),
+        }
+    }
+
+    fn delete(&mut self, key: &str, revision: i64) {
+        self.revision = revision;
+        if let Some(old) = self.mirror.remove(key) {
+            for node in &old.nodes {
+                self.publish(WatchEvent::Delete {
+                    service: old.name.clone(),
+                    node_id: node.id.clone(),
+                    revision,
+                });
+            }
+        }
+    }
+}
+
+/// The whole mirror as a `Resync`, grouped by service and version.
+fn snapshot(mirror: &BTreeMap<String, Service>, revision: i64) -> WatchEvent {
+    let mut by_name: BTreeMap<&str, Vec<Service>> = BTreeMap::new();
+    for service in mirror.values() {
+        by_name
+            .entry(&service.name)
+            .or_default()
+            .push(service.clone());
+    }
+    WatchEvent::Resync {
+        services: by_name.into_values().flat_map(group_by_version).collect(),
+        revision,
+    }
+}
+
+/// Why a watch stream stopped.
+enum Stopped {
+    /// etcd compacted past our revision: re-list.
+    Compacted(i64),
+    /// etcd cancelled the watch for another reason (e.g. an invalid auth token).
+    Canceled(String),
+    /// The stream ended or failed (etcd killed, connection lost, pings unanswered).
+    Lost(String),
+}
+
+/// Runs until shutdown, starting after `revision`.
+pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut backoff = Backoff::new(shared.config.retry_backoff_max);
+    let request_timeout = shared.config.request_timeout;
+    let prefix = shared.config.key_prefix().to_string();
+    let mut started = false;
+    loop {
+        if shared.shutting_down() {
+            return;
+        }
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_progress_notify()
+            .with_start_revision(revision + 1);
+        let mut client = shared
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut stream =
+            match timeout(request_timeout, client.watch(prefix.clone(), Some(options))).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot create the registry watch");
+                    pause(&shared, &mut backoff).await;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("creating the registry watch timed out");
+                    pause(&shared, &mut backoff).await;
+                    continue;
+                }
+            };
+        Stats::bump(&shared.stats.watch_starts);
+        if started {
+            Stats::bump(&shared.stats.watch_restarts);
+        }
+        started = true;
+
+        let stopped = loop {
+            let msg = tokio::select! {
+                _ = shutdown.changed() => return,
+                msg = stream.message() => msg,
+            };
+            let resp = match msg {
+                Ok(Some(resp)) => resp,
+                Ok(None) => break Stopped::Lost("stream ended".into()),
+                Err(e) => break Stopped::Lost(e.to_string()),
+            };
+            shared.touch();
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    break Stopped::Compacted(resp.compact_revision());
+                }
+                break Stopped::Canceled(resp.cancel_reason().to_string());
+            }
+            if resp.created() {
+                shared.watch_connected.store(true, Ordering::Relaxed);
+                backoff.reset();
+                continue;
+            }
+            if resp.events().is_empty() {
+                // A progress notification: every event up to the header's revision was sent.
+                if let Some(header) = resp.header() {
+                    revision = revision.max(header.revision());
+                }
+                continue;
+            }
+            let mut deleted = Vec::new();
+            {
+                let mut hub = shared.hub.lock().unwrap();
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let rev = kv.mod_revision();
+                    match event.event_type() {
+                        EventType::Put => hub.put(&key, shared.decode(&key, kv.value()), rev),
+                        EventType::Delete => {
+                            hub.delete(&key, rev);
+                            deleted.push(key);
+                        }
+                    }
+                    revision = revision.max(rev);
+                }
+            }
+            request_repairs(&shared, deleted);
+        };
+        shared.watch_connected.store(false, Ordering::Relaxed);
+
+        match stopped {
+            Stopped::Compacted(compacted) => {
+                tracing::warn!(revision, compacted, "watch revision compacted; re-listing");
+                match relist(&shared).await {
+                    Some(listed) => revision = listed,
+                    None => pause(&shared, &mut backoff).await,
+                }
+            }
+            Stopped::Canceled(reason) => {
+                tracing::warn!(%reason, "etcd cancelled the registry watch; re-creating it");
+                if reason.contains("auth") || reason.contains("token") {
+                    // A unary call goes through the client's token refresh, so the next watch
+                    // carries a valid token. Concurrent calls share the one Authenticate.
+                    let probe = shared
+                        .call("token_refresh", |mut c| {
+                            let prefix = prefix.clone();
+                            async move {
+                                c.get(
+                                    prefix,
+                                    Some(GetOptions::new().with_prefix().with_count_only()),
+                                )
+                                .await
+                            }
+                        })
+                        .await;
+                    if probe.is_err() {
+                        pause(&shared, &mut backoff).await;
+                    }
+                } else {
+                    pause(&shared, &mut backoff).await;
+                }
+            }
+            Stopped::Lost(reason) => {
+                tracing::warn!(%reason, revision, "registry watch lost; resuming");
+                pause(&shared, &mut backoff).await;
+            }
+        }
+    }
+}
+
+/// Lists the prefix, replaces the mirror, and sends every receiver a `Resync`. Returns the
+/// list's revision, from which the watch continues.
+async fn relist(shared: &Shared) -> Option<i64> {
+    let (kvs, revision) = match shared.list_prefix("relist").await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(error = %e, "re-listing the registry failed; will retry");
+            return None;
+        }
+    };
+    let mirror = shared.decode_all(kvs);
+    let missing: Vec<String> = {
+        let owned = shared.owned.lock().unwrap();
+        owned
+            .keys()
+            .filter(|k| !mirror.contains_key(*k))
+            .cloned()
+            .collect()
+    };
+    {
+        let mut hub = shared.hub.lock().unwrap();
+        hub.reset(mirror, revision);
+        hub.resync_all();
+    }
+    Stats::bump(&shared.stats.resyncs);
+    request_repairs(shared, missing);
+    Some(revision)
+}
+
+/// Asks the lease task to put back those of `keys` this host still owns.
+fn request_repairs(shared: &Shared, keys: Vec<String>) {
+    if keys.is_empty() || shared.shutting_down() {
+        return;
+    }
+    let owned: Vec<String> = {
+        let owned = shared.owned.lock().unwrap();
+        keys.into_iter().filter(|k| owned.contains_key(k)).collect()
+    };
+    if !owned.is_empty() {
+        tracing::warn!(keys = ?owned, "owned keys deleted in etcd; putting them back");
+        shared.repairs.lock().unwrap().extend(owned);
+        shared.repair_wake.notify_one();
+    }
+}
+
+async fn pause(shared: &Shared, backoff: &mut Backoff) {
+    let mut shutdown = shared.shutdown.subscribe();
+    tokio::select! {
+        _ = sleep(backoff.next_delay()) => {}
+        _ = shutdown.changed() => {}
+    }
+}

@@ -1,0 +1,155 @@
+//! Helpers for tests of the registry against real etcd: sample services, a fast configuration,
+//! a watcher's view built from [`WatchEvent`]s, and etcd's own view to compare it with.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use regcache::model::{Node, Service};
+use regcache::registry::WatchEvent;
+use regcache::registry::etcd::EtcdConfig;
+use tokio::sync::mpsc;
+
+use crate::etcd::EtcdCluster;
+
+/// Logs to the test's output when `RUST_LOG` is set (e.g. `RUST_LOG=regcache=debug`).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A single-node service.
+pub fn service(name: &str, version: &str, node_id: &str) -> Service {
+    Service {
+        name: name.into(),
+        version: version.into(),
+        nodes: vec![Node {
+            id: node_id.into(),
+            address: "127.0.0.1:8080".into(),
+            metadata: [("zone".to_string(), "a".to_string())].into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// A configuration for tests: short lease (3 s, renewed every second), 2 s request timeout, and
+/// a 200 ms retry cap, so faults play out in seconds.
+pub fn fast_config(etcd: &EtcdCluster) -> EtcdConfig {
+    EtcdConfig::new(etcd.endpoints())
+        .lease_ttl(Duration::from_secs(3))
+        .request_timeout(Duration::from_secs(2))
+        .retry_backoff_max(Duration::from_millis(200))
+        .endpoint_probe_interval(Duration::from_millis(200))
+}
+
+/// What a watcher believes the registry holds, built only from watch events.
+#[derive(Debug, Default)]
+pub struct View {
+    /// Nodes by (service, node id).
+    pub nodes: BTreeMap<(String, String), Service>,
+    /// Every event applied, in order.
+    pub events: Vec<WatchEvent>,
+    /// How many `Resync` events were applied.
+    pub resyncs: usize,
+}
+
+impl View {
+    /// Applies one event.
+    pub fn apply(&mut self, event: WatchEvent) {
+        match &event {
+            WatchEvent::Put { service, .. } => {
+                for node in &service.nodes {
+                    self.nodes.insert(
+                        (service.name.clone(), node.id.clone()),
+                        service.with_single_node(node),
+                    );
+                }
+            }
+            WatchEvent::Delete {
+                service, node_id, ..
+            } => {
+                self.nodes.remove(&(service.clone(), node_id.clone()));
+            }
+            WatchEvent::Resync { services, .. } => {
+                self.resyncs += 1;
+                self.nodes.clear();
+                for service in services {
+                    for node in &service.nodes {
+                        self.nodes.insert(
+                            (service.name.clone(), node.id.clone()),
+                            service.with_single_node(node),
+                        );
+                    }
+                }
+            }
+        }
+        self.events.push(event);
+    }
+
+    /// Applies every event already queued on `rx`.
+    pub fn drain(&mut self, rx: &mut mpsc::Receiver<WatchEvent>) {
+        while let Ok(event) = rx.try_recv() {
+            self.apply(event);
+        }
+    }
+
+    /// Applies events from `rx` until `done(self)` holds or `timeout` passes; returns whether
+    /// it held.
+    pub async fn until(
+        &mut self,
+        rx: &mut mpsc::Receiver<WatchEvent>,
+        timeout: Duration,
+        done: impl Fn(&View) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.drain(rx);
+            if done(self) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(event)) => self.apply(event),
+                Ok(None) | Err(_) => {
+                    self.drain(rx);
+                    return done(self);
+                }
+            }
+        }
+    }
+}
+
+/// A plain etcd client for the test's own reads and writes (the "truth"), bypassing regcache.
+pub async fn raw_client(etcd: &EtcdCluster, user: Option<(&str, &str)>) -> etcd_client::Client {
+    let mut options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(5));
+    if let Some((u, p)) = user {
+        options = options.with_user(u, p);
+    }
+    etcd_client::Client::connect(etcd.endpoints(), Some(options))
+        .await
+        .expect("test client connects")
+}
+
+/// etcd's view of the valid nodes under `prefix`, decoded by the same rules as regcache, at
+/// the revision returned.
+pub async fn etcd_view(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+) -> (BTreeMap<(String, String), Service>, i64) {
+    let resp = client
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("test client reads");
+    let mut nodes = BTreeMap::new();
+    for kv in resp.kvs() {
+        if let Ok(service) = Service::decode(kv.value()) {
+            for node in &service.nodes {
+                nodes.insert(
+                    (service.name.clone(), node.id.clone()),
+                    service.with_single_node(node),
+                );
+            }
+        }
+    }
+    (nodes, resp.header().map_or(0, |h| h.revision()))
+}
