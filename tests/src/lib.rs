@@ -5,10 +5,12 @@
 //!   same way everywhere.
 //! - [`registry`]: sample services, a fast registry configuration, and a watcher's view to
 //!   compare with etcd's.
+//! - [`proxy`]: a TCP proxy a test can cut and heal, to isolate one client from etcd.
 //! - [`policies`]: the policies under `policy/` built to wasm.
 //! - [`binary`]: the `regcache` binary.
 
 pub mod binary;
 pub mod etcd;
 pub mod policies;
+pub mod proxy;
 pub mod registry;

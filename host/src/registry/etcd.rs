@@ -556,20 +556,27 @@ impl Registry for EtcdRegistry {
         }
         // The keys stay owned even if this first write fails: the lease task puts them as soon
         // as etcd answers, which is what "registered until deregistered" means during an outage.
+        // One bound for the whole registration: waiting for the lease lock, a grant and the
+        // puts are each bounded too, but their sum must not exceed what the caller configured.
         let bound = shared.config.request_timeout;
-        let mut lease = tokio::time::timeout(bound, shared.lease.lock())
-            .await
-            .map_err(|_| {
-                RegistryError::new(
+        let attempt = async {
+            let mut lease = shared.lease.lock().await;
+            shared
+                .put_owned(&mut lease, Some(keys.clone()), "register")
+                .await
+        };
+        let result = match tokio::time::timeout(bound, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                let e = RegistryError::new(
                     ErrorKind::Timeout,
                     "register",
-                    "lease busy (etcd unresponsive)",
-                )
-            })?;
-        let result = shared
-            .put_owned(&mut lease, Some(keys.clone()), "register")
-            .await;
-        drop(lease);
+                    format!("not registered within {bound:?}; retrying in the background"),
+                );
+                shared.stats.request("register", e.kind.as_str());
+                Err(e)
+            }
+        };
         if result.is_err() {
             shared.repairs.lock().unwrap().extend(keys);
             shared.repair_wake.notify_one();
@@ -626,7 +633,17 @@ impl Registry for EtcdRegistry {
     }
 
     async fn list_services(&self) -> Result<Vec<String>, RegistryError> {
-        let (kvs, _) = self.shared.list_prefix("list_services").await?;
+        // Pages are bounded one by one; the whole list gets the same single bound as any call.
+        let bound = self.shared.config.request_timeout;
+        let (kvs, _) = tokio::time::timeout(bound, self.shared.list_prefix("list_services"))
+            .await
+            .map_err(|_| {
+                RegistryError::new(
+                    ErrorKind::Timeout,
+                    "list_services",
+                    format!("no answer within {bound:?}"),
+                )
+            })??;
         let mut names: Vec<String> = self
             .shared
             .decode_all(kvs)

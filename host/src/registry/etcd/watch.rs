@@ -315,12 +315,12 @@ async fn relist(shared: &Shared) -> Option<i64> {
             .cloned()
             .collect()
     };
+    Stats::bump(&shared.stats.resyncs);
     {
         let mut hub = shared.hub.lock().unwrap();
         hub.reset(mirror, revision);
         hub.resync_all();
     }
-    Stats::bump(&shared.stats.resyncs);
     request_repairs(shared, missing);
     Some(revision)
 }
