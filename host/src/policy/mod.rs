@@ -338,6 +338,15 @@ impl PolicyEngine {
         }
     }
 
+    /// A private instance of the active policy, called directly: no per-thread table, no
+    /// generation check, no fail-safe. Benchmarks use it to measure the engine's overhead over
+    /// the bare component call.
+    pub fn direct_instance(&self) -> Result<DirectInstance, CallFailure> {
+        let generation = self.shared.active.load();
+        let (instance, _) = generation.instantiate(&self.shared.limits)?;
+        Ok(DirectInstance(instance))
+    }
+
     /// Runs `call` on this thread's instance of the active generation; on failure, counts and
     /// logs it and returns `fail_safe`'s answer.
     fn decide<D>(
@@ -357,6 +366,19 @@ impl PolicyEngine {
                 }
             }
         }
+    }
+}
+
+/// See [`PolicyEngine::direct_instance`].
+pub struct DirectInstance(Instance);
+
+impl DirectInstance {
+    /// Calls `decide-lookup` once.
+    pub fn decide_lookup(
+        &mut self,
+        context: &LookupContext<'_>,
+    ) -> Result<LookupDecision, CallFailure> {
+        self.0.decide_lookup(context)
     }
 }
 

@@ -1,0 +1,58 @@
+//! `regcache-bench`: runs the benchmark scenarios and writes `results/latest.{md,json}`.
+//!
+//! Every claim is a ratio against a baseline measured in the same run. `--quick` runs each
+//! scenario briefly, for CI's smoke check; its numbers are not claims.
+
+mod measure;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Benchmarks backing regcache's claims.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Measure briefly (smoke test; numbers are not claims).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write latest.md and latest.json.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let effort = measure::Effort::new(args.quick);
+    let sections = vec![scenarios::policy_cost::run(effort)?];
+    let report = report::Report {
+        date: std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default(),
+        machine: machine(),
+        quick: args.quick,
+        sections,
+    };
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    println!("written to {}", args.out.join("latest.md").display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
