@@ -25,7 +25,10 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let effort = measure::Effort::new(args.quick);
-    let sections = vec![scenarios::policy_cost::run(effort)?];
+    let sections = vec![
+        scenarios::policy_cost::run(effort)?,
+        scenarios::auth_load::run(args.quick)?,
+    ];
     let report = report::Report {
         date: std::process::Command::new("date")
             .arg("-u")
