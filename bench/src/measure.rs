@@ -57,12 +57,3 @@ pub fn ns_per_op(effort: Effort, mut op: impl FnMut()) -> f64 {
     black_box(&mut op);
     samples[samples.len() / 2]
 }
-
-/// Latency percentiles of a set of durations.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index]
-}

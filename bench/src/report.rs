@@ -33,13 +33,6 @@ impl Row {
         self.met = Some(self.value <= bound);
         self
     }
-
-    /// Marks the row as backing "value >= bound".
-    pub fn at_least(mut self, bound: f64) -> Self {
-        self.target = Some(format!(">= {bound}"));
-        self.met = Some(self.value >= bound);
-        self
-    }
 }
 
 /// One scenario's results.
