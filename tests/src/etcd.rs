@@ -524,10 +524,12 @@ impl EtcdCluster {
         }
         if let Some((files, client_cert_auth)) = &self.options.tls {
             cmd.arg(format!("--cert-file={}", s(&files.server_cert)))
-                .arg(format!("--key-file={}", s(&files.server_key)))
-                .arg(format!("--trusted-ca-file={}", s(&files.ca)));
+                .arg(format!("--key-file={}", s(&files.server_key)));
+            // etcd 3.4 demands a client certificate whenever it has a trusted CA file, whatever
+            // `--client-cert-auth` says: pass the CA only when client certificates are wanted.
             if *client_cert_auth {
-                cmd.arg("--client-cert-auth");
+                cmd.arg(format!("--trusted-ca-file={}", s(&files.ca)))
+                    .arg("--client-cert-auth");
             }
         }
         cmd.args(&self.options.extra_flags);

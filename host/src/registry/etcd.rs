@@ -254,9 +254,10 @@ pub(crate) fn error(op: &'static str, e: &etcd_client::Error) -> RegistryError {
     RegistryError::new(kind, op, message)
 }
 
-/// Whether trying again (the balancer picks again) may help.
+/// Whether trying again (the balancer picks again) may help. A certificate refused by TLS
+/// will be refused again: failing at once gives the operator the reason without the wait.
 fn retryable(e: &RegistryError) -> bool {
-    e.kind == ErrorKind::Unavailable
+    e.kind == ErrorKind::Unavailable && !e.message.contains("certificate")
 }
 
 /// Whether a put failed because its lease is gone (expired, revoked, or etcd lost it).
