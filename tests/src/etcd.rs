@@ -338,13 +338,46 @@ impl EtcdCluster {
     }
 
     /// Freezes member `i` with SIGSTOP: its sockets stay open and accept, nothing answers.
+    /// Returns once every thread of the process is stopped (the signal alone is asynchronous:
+    /// a request sent right after it could still be served).
     pub fn stop(&self, i: usize) -> Result<()> {
-        self.signal(i, "STOP")
+        self.signal(i, "STOP")?;
+        self.wait_threads(i, true)
     }
 
-    /// Resumes member `i` with SIGCONT.
+    /// Resumes member `i` with SIGCONT, once every thread runs again.
     pub fn cont(&self, i: usize) -> Result<()> {
-        self.signal(i, "CONT")
+        self.signal(i, "CONT")?;
+        self.wait_threads(i, false)
+    }
+
+    /// Waits until all threads of member `i` are (or are no longer) in state `T` (stopped).
+    fn wait_threads(&self, i: usize, stopped: bool) -> Result<()> {
+        let pid = self.pid(i).context("member is not running")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut all = true;
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+                let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next());
+                if (state == Some('T')) != stopped {
+                    all = false;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "member {i} did not {} in time",
+                    if stopped { "stop" } else { "resume" }
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn signal(&self, i: usize, sig: &str) -> Result<()> {
