@@ -6,9 +6,11 @@
 //! - [`model`]: go-micro's service model and its JSON codec.
 //! - [`registry`]: the registry interface, and the only code that speaks etcd.
 //! - [`decision`]: what a policy is asked and answers, free of wasm detail.
+//! - [`cache`]: the registry cache, decided by the policy on every lookup.
 //! - [`policy`]: the only code that speaks wasmtime: loading, validating, hot-swapping policies.
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod decision;
 pub mod model;
 pub mod policy;

@@ -1,0 +1,256 @@
+//! One service's cache entry: mutable state behind a per-entry lock for writers (refreshes,
+//! watch events, eviction guards), and an immutable [`View`] that lookups read lock-free.
+//!
+//! Writers change [`EntryState`] and then [`Entry::publish`] a new view with one atomic pointer
+//! store ([`arc_swap`]); a lookup loads the current view and shares it with its answer. The
+//! view is rebuilt only when the entry changes, never per lookup.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::decision::EvictionReason;
+use crate::model::{Node, Service};
+use crate::registry::{ErrorKind, RegistryError};
+
+/// What lookups see of an entry: immutable, shared by every answer given from it.
+#[derive(Debug, Default)]
+pub(crate) struct View {
+    /// Versions with their nodes (suspects included), sorted by version then node id.
+    pub services: Vec<Service>,
+    /// Suspect node ids, sorted.
+    pub suspects: Vec<String>,
+    pub versions: u32,
+    pub nodes: u32,
+    /// The registry said "not found" and no node is cached.
+    pub negative: bool,
+    /// When the registry last answered for this service (refresh, watch, "not found").
+    pub refreshed_at: Option<Instant>,
+    /// When the last refresh started.
+    pub attempted_at: Option<Instant>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<ErrorKind>,
+    pub in_flight: bool,
+    /// A caller's wait for the in-flight refresh already ran out: the registry is slow, and
+    /// further callers are not made to queue behind it.
+    pub flight_overdue: bool,
+}
+
+impl View {
+    pub fn cached(&self) -> bool {
+        self.nodes > 0
+    }
+}
+
+/// One cached node.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeState {
+    pub version: String,
+    pub node: Node,
+    /// Last time the registry listed the node (refresh, watch put, resync).
+    pub confirmed: Instant,
+    /// Kept as suspect by an eviction guard until then.
+    pub suspect_until: Option<Instant>,
+}
+
+/// The result of one refresh, as every waiter sees it.
+pub(crate) type FlightOutcome = Result<(), RegistryError>;
+
+/// A refresh in flight.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    pub id: u64,
+    pub done: watch::Receiver<Option<FlightOutcome>>,
+    pub overdue: bool,
+}
+
+/// What writers change under the entry's lock.
+#[derive(Debug, Default)]
+pub(crate) struct EntryState {
+    /// Each version's service description, without nodes.
+    pub meta: BTreeMap<String, Service>,
+    /// Nodes by id (go-micro keys nodes by service and id, so ids are unique per service).
+    pub nodes: BTreeMap<String, NodeState>,
+    pub negative: bool,
+    pub refreshed_at: Option<Instant>,
+    pub attempted_at: Option<Instant>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<ErrorKind>,
+    pub flight: Option<Flight>,
+    pub next_flight_id: u64,
+    /// Removals waiting for the batch to be judged, by node id.
+    pub pending: BTreeMap<String, EvictionReason>,
+    /// When the pending batch opened.
+    pub pending_since: Option<Instant>,
+    /// Times of removals judged within the eviction window, one per node.
+    pub deletions: VecDeque<Instant>,
+}
+
+/// A service's entry.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub name: Arc<str>,
+    view: ArcSwap<View>,
+    state: Mutex<EntryState>,
+}
+
+impl Entry {
+    pub fn new(name: &str) -> Self {
+        Entry {
+            name: Arc::from(name),
+            view: ArcSwap::from_pointee(View::default()),
+            state: Mutex::new(EntryState::default()),
+        }
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    /// Locks the entry for a write. Never held across an await.
+    pub fn lock(&self) -> MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes `state` as the new view.
+    pub fn publish(&self, state: &EntryState) {
+        self.view.store(Arc::new(state.view(&self.name)));
+    }
+}
+
+impl EntryState {
+    /// Builds the lookup view.
+    fn view(&self, name: &str) -> View {
+        let mut by_version: BTreeMap<&str, Service> = BTreeMap::new();
+        let mut suspects = Vec::new();
+        for (id, node) in &self.nodes {
+            if node.suspect_until.is_some() {
+                suspects.push(id.clone());
+            }
+            let service = by_version.entry(node.version.as_str()).or_insert_with(|| {
+                self.meta
+                    .get(&node.version)
+                    .cloned()
+                    .unwrap_or_else(|| Service {
+                        name: name.to_string(),
+                        version: node.version.clone(),
+                        ..Default::default()
+                    })
+            });
+            service.nodes.push(node.node.clone());
+        }
+        let services: Vec<Service> = by_version.into_values().collect();
+        View {
+            versions: services.len() as u32,
+            nodes: self.nodes.len() as u32,
+            services,
+            suspects,
+            negative: self.negative && self.nodes.is_empty(),
+            refreshed_at: self.refreshed_at,
+            attempted_at: self.attempted_at,
+            consecutive_failures: self.consecutive_failures,
+            last_error: self.last_error,
+            in_flight: self.flight.is_some(),
+            flight_overdue: self.flight.as_ref().is_some_and(|f| f.overdue),
+        }
+    }
+
+    /// Adds or updates the nodes of `service` (one version) as listed by the registry now.
+    /// Returns how many suspect nodes became normal again.
+    pub fn upsert(&mut self, service: &Service, now: Instant) -> u64 {
+        self.meta
+            .insert(service.version.clone(), service.without_nodes());
+        let mut restored = 0;
+        for node in &service.nodes {
+            self.pending.remove(&node.id);
+            let previous = self.nodes.insert(
+                node.id.clone(),
+                NodeState {
+                    version: service.version.clone(),
+                    node: node.clone(),
+                    confirmed: now,
+                    suspect_until: None,
+                },
+            );
+            if previous.is_some_and(|p| p.suspect_until.is_some()) {
+                restored += 1;
+            }
+        }
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        }
+        self.negative = false;
+        self.refreshed_at = Some(now);
+        restored
+    }
+
+    /// Applies a full listing of the service (a refresh or a resync; empty for "not found").
+    /// Nodes it lists become normal; suspect nodes it does not list leave at once when the
+    /// registry is `healthy` (the removal is re-confirmed); normal nodes it does not list are
+    /// returned, to be judged by the eviction guard. Nodes confirmed by the watch after
+    /// `listed_at` are spared: the listing predates them.
+    pub fn apply_listing(
+        &mut self,
+        listing: &[Service],
+        listed_at: Instant,
+        now: Instant,
+        healthy: bool,
+    ) -> Listed {
+        let mut listed = Listed::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for service in listing {
+            listed.restored += self.upsert(service, now);
+            seen.extend(service.nodes.iter().map(|n| n.id.clone()));
+        }
+        let absent: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| !seen.contains(*id) && n.confirmed <= listed_at)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in absent {
+            let suspect = self.nodes[&id].suspect_until.is_some();
+            if suspect {
+                if healthy {
+                    self.nodes.remove(&id);
+                    self.pending.remove(&id);
+                    listed.confirmed_absent += 1;
+                }
+            } else {
+                listed.removals.push(id);
+            }
+        }
+        self.meta.retain(|version, _| {
+            self.nodes.values().any(|n| &n.version == version)
+                || listing.iter().any(|s| &s.version == version)
+        });
+        self.refreshed_at = Some(now);
+        if self.nodes.is_empty() && listing.is_empty() {
+            self.negative = true;
+        }
+        listed
+    }
+
+    /// Drops suspects whose hold ended; returns how many left.
+    pub fn expire_suspects(&mut self, now: Instant) -> u64 {
+        let before = self.nodes.len();
+        self.nodes
+            .retain(|_, n| n.suspect_until.is_none_or(|until| until > now));
+        (before - self.nodes.len()) as u64
+    }
+}
+
+/// What applying a listing did.
+#[derive(Debug, Default)]
+pub(crate) struct Listed {
+    /// Normal nodes the listing lacks, for the eviction guard.
+    pub removals: Vec<String>,
+    /// Suspects that left, confirmed absent.
+    pub confirmed_absent: u64,
+    /// Suspects the listing named again.
+    pub restored: u64,
+}

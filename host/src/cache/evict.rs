@@ -1,0 +1,120 @@
+//! The eviction guard: every removal of nodes from a cached entry is judged by the policy.
+//!
+//! Removals come from watch deletes (batched per service for the settings' `eviction-batch`,
+//! so that four leases revoked at once are judged as one burst), from refreshes and resyncs
+//! that no longer list nodes, and from node TTLs. The host keeps, per service, the times of
+//! removals within the `eviction-window` and passes their count as `recent-deletions`.
+//!
+//! Outcomes: `evict` removes the nodes; `keep-suspect` keeps serving them marked suspect until
+//! their hold (capped by `max-suspect-hold`) ends, a healthy registry confirms them absent, or
+//! the registry lists them again (they become normal); `keep` leaves them as they are until
+//! the registry's next answer.
+
+use tokio::time::Instant;
+
+use super::entry::EntryState;
+use super::stats::Counter;
+use super::{Inner, millis, wall_ms};
+use crate::decision::{EvictionContext, EvictionDecision, EvictionReason};
+
+impl Inner {
+    /// Judges the removal of `removals` (node id, reason) from `service`'s entry, in one guard
+    /// call. Nodes already gone or already suspect are skipped. The caller publishes.
+    pub(super) fn judge(
+        &self,
+        service: &str,
+        state: &mut EntryState,
+        removals: Vec<(String, EvictionReason)>,
+        now: Instant,
+    ) {
+        let removals: Vec<(String, EvictionReason)> = removals
+            .into_iter()
+            .filter(|(id, _)| {
+                state.pending.remove(id);
+                state
+                    .nodes
+                    .get(id)
+                    .is_some_and(|n| n.suspect_until.is_none())
+            })
+            .collect();
+        if state.pending.is_empty() {
+            state.pending_since = None;
+        }
+        let Some(&(_, reason)) = removals.first() else {
+            return;
+        };
+        let settings = self.policy.active().settings;
+        let window = settings.eviction_window;
+        while state
+            .deletions
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            state.deletions.pop_front();
+        }
+        state.deletions.extend(removals.iter().map(|_| now));
+        let nodes_before = state.nodes.len() as u32;
+        let context = EvictionContext {
+            service,
+            now_ms: wall_ms(),
+            nodes_before,
+            nodes_after: nodes_before - removals.len() as u32,
+            recent_deletions: state.deletions.len() as u32,
+            window_ms: millis(window),
+            health: self.fresh_health(),
+            reason,
+        };
+        let decided = self.policy.guard_eviction(&context);
+        self.counters.inc(Counter::GuardCalls);
+        let count = removals.len() as u64;
+        let decision = match decided.decision {
+            EvictionDecision::KeepSuspect { hold_ms } => {
+                let hold = std::time::Duration::from_millis(hold_ms).min(settings.max_suspect_hold);
+                if hold.is_zero() {
+                    EvictionDecision::Evict
+                } else {
+                    for (id, _) in &removals {
+                        if let Some(node) = state.nodes.get_mut(id) {
+                            node.suspect_until = Some(now + hold);
+                        }
+                    }
+                    self.counters.add(Counter::NodesKeptSuspect, count);
+                    decided.decision
+                }
+            }
+            other => other,
+        };
+        match decision {
+            EvictionDecision::Evict => {
+                for (id, _) in &removals {
+                    state.nodes.remove(id);
+                }
+                self.counters.add(Counter::NodesEvicted, count);
+            }
+            EvictionDecision::Keep => self.counters.add(Counter::NodesKept, count),
+            EvictionDecision::KeepSuspect { .. } => {}
+        }
+        tracing::info!(
+            service,
+            ?reason,
+            nodes_before = context.nodes_before,
+            nodes_after = context.nodes_after,
+            recent_deletions = context.recent_deletions,
+            ?decision,
+            policy = %decided.policy,
+            "eviction guard"
+        );
+    }
+
+    /// Judges the pending batch of `service`, if any.
+    pub(super) fn flush_batch(&self, service: &str, now: Instant) {
+        let Some(entry) = self.entries.get(service).map(|e| e.clone()) else {
+            return;
+        };
+        let mut state = entry.lock();
+        let removals = std::mem::take(&mut state.pending).into_iter().collect();
+        state.pending_since = None;
+        self.judge(service, &mut state, removals, now);
+        entry.publish(&state);
+    }
+}

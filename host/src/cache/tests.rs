@@ -1,0 +1,557 @@
+//! Unit tests of the cache on the memory registry and native test policies, with Tokio's
+//! paused clock so that TTLs, retry intervals and waits are exact and instant.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{Instant, advance};
+
+use super::*;
+use crate::decision::{
+    Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
+    RejectionKind, Settings,
+};
+use crate::model::{Node, Service};
+use crate::registry::memory::MemoryRegistry;
+use crate::registry::{ErrorKind, Registry};
+
+const SETTINGS: Settings = Settings {
+    ttl: Duration::from_secs(60),
+    min_retry_interval: Duration::from_secs(5),
+    max_wait: Duration::from_secs(3),
+    negative_ttl: Duration::from_secs(5),
+    registry_budget_per_second: 100,
+    eviction_window: Duration::from_secs(30),
+    max_suspect_hold: Duration::from_secs(300),
+    eviction_batch: Duration::from_millis(250),
+};
+
+/// A native twin of `policy/default` (and, with `strict`, of `policy/examples/strict`'s
+/// guard), recording every eviction context it is asked about.
+struct TestPolicy {
+    info: Mutex<Arc<PolicyInfo>>,
+    strict: AtomicBool,
+    /// Always answer refresh-and-wait, as a buggy policy might.
+    always_refresh: AtomicBool,
+    guards: Mutex<Vec<(u32, u32, u32, EvictionDecision)>>,
+}
+
+impl TestPolicy {
+    fn new(settings: Settings) -> Arc<Self> {
+        Arc::new(TestPolicy {
+            info: Mutex::new(Arc::new(PolicyInfo {
+                generation: 1,
+                digest: "0".repeat(64),
+                source: "test".into(),
+                loaded_at: SystemTime::now(),
+                settings,
+            })),
+            strict: AtomicBool::new(false),
+            always_refresh: AtomicBool::new(false),
+            guards: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn guards(&self) -> Vec<(u32, u32, u32, EvictionDecision)> {
+        self.guards.lock().unwrap().clone()
+    }
+}
+
+impl Decide for TestPolicy {
+    fn decide_lookup(&self, c: &LookupContext<'_>) -> Decided<LookupDecision> {
+        let policy = self.active();
+        let s = policy.settings;
+        let ms = |d: Duration| d.as_millis() as u64;
+        let decision = if self.always_refresh.load(Ordering::Relaxed) {
+            LookupDecision::RefreshAndWait {
+                max_wait_ms: 1_000,
+                fallback_to_stale: true,
+            }
+        } else if !c.cached {
+            if c.negative && c.since_refresh_ms.is_some_and(|a| a < ms(s.negative_ttl)) {
+                LookupDecision::Reject {
+                    kind: RejectionKind::NotFound,
+                    reason: "not found".into(),
+                }
+            } else if c.consecutive_failures > 0
+                && c.since_attempt_ms.unwrap_or(u64::MAX) < ms(s.min_retry_interval)
+            {
+                LookupDecision::Reject {
+                    kind: RejectionKind::Unavailable,
+                    reason: "registry failing".into(),
+                }
+            } else {
+                LookupDecision::RefreshAndWait {
+                    max_wait_ms: ms(s.max_wait) as u32,
+                    fallback_to_stale: true,
+                }
+            }
+        } else if c.since_refresh_ms.is_some_and(|a| a < ms(s.ttl)) {
+            LookupDecision::ServeCached
+        } else {
+            LookupDecision::ServeStale { refresh: true }
+        };
+        Decided { decision, policy }
+    }
+
+    fn guard_eviction(&self, c: &EvictionContext<'_>) -> Decided<EvictionDecision> {
+        let policy = self.active();
+        let hold_ms = policy.settings.max_suspect_hold.as_millis() as u64;
+        let healthy = c.health.watch_connected
+            && c.health
+                .since_last_contact_ms
+                .is_some_and(|ms| ms <= 10_000);
+        let remaining = f64::from(c.nodes_after) / f64::from(c.nodes_after + c.recent_deletions);
+        let decision = if !healthy {
+            EvictionDecision::KeepSuspect { hold_ms }
+        } else if self.strict.load(Ordering::Relaxed) || c.recent_deletions <= 1 {
+            EvictionDecision::Evict
+        } else if remaining < 0.85 {
+            EvictionDecision::KeepSuspect { hold_ms }
+        } else {
+            EvictionDecision::Evict
+        };
+        self.guards.lock().unwrap().push((
+            c.nodes_before,
+            c.nodes_after,
+            c.recent_deletions,
+            decision,
+        ));
+        Decided { decision, policy }
+    }
+
+    fn active(&self) -> Arc<PolicyInfo> {
+        self.info.lock().unwrap().clone()
+    }
+}
+
+fn service(name: &str, nodes: &[&str]) -> Service {
+    Service {
+        name: name.into(),
+        version: "1.0".into(),
+        nodes: nodes
+            .iter()
+            .map(|id| Node {
+                id: (*id).into(),
+                address: format!("10.0.0.1:{}", id.len()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+struct Fixture {
+    registry: Arc<MemoryRegistry>,
+    policy: Arc<TestPolicy>,
+    cache: RegistryCache,
+}
+
+fn fixture(settings: Settings) -> Fixture {
+    let registry = Arc::new(MemoryRegistry::new());
+    let policy = TestPolicy::new(settings);
+    let cache = RegistryCache::builder(registry.clone(), policy.clone())
+        .tick(Duration::from_millis(10))
+        .build();
+    Fixture {
+        registry,
+        policy,
+        cache,
+    }
+}
+
+/// Polls `condition` on the paused clock for at most `bound`.
+async fn eventually(bound: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + bound;
+    while Instant::now() < end {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    condition()
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_cold_lookups_share_one_registry_request() {
+    let f = fixture(SETTINGS);
+    f.registry
+        .register(&service("svc", &["a", "b"]))
+        .await
+        .unwrap();
+    f.registry.set_latency(Duration::from_millis(100));
+    let lookups: Vec<_> = (0..100)
+        .map(|_| {
+            let cache = f.cache.clone();
+            tokio::spawn(async move { cache.lookup("svc").await })
+        })
+        .collect();
+    for lookup in lookups {
+        let answer = lookup.await.unwrap().unwrap();
+        assert_eq!(answer.source, Source::Registry);
+        assert_eq!(answer.node_count(), 2);
+    }
+    assert_eq!(f.registry.get_service_calls(), 1);
+    let stats = f.cache.stats();
+    assert_eq!(stats.flights.started, 1);
+    assert_eq!(stats.flights.joined, 99);
+    assert_eq!(stats.answers.registry, 100);
+    // Now cached and fresh: no request at all.
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.source, Source::Fresh);
+    assert_eq!(answer.decision, "serve_cached");
+    assert_eq!(f.registry.get_service_calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_answers_never_wait_and_refresh_once_per_interval() {
+    let f = fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    f.cache.lookup("svc").await.unwrap();
+    advance(SETTINGS.ttl + Duration::from_secs(1)).await;
+    // The registry hangs: every lookup must still be answered at once, stale.
+    f.registry.set_latency(Duration::from_secs(3600));
+    let start = Instant::now();
+    for _ in 0..1000 {
+        let answer = f.cache.lookup("svc").await.unwrap();
+        assert_eq!(answer.source, Source::Stale);
+    }
+    assert_eq!(
+        Instant::now(),
+        start,
+        "no lookup waited on the paused clock"
+    );
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(f.registry.get_service_calls(), 2, "one background refresh");
+    // The refresh times out after the cache's refresh timeout (5 s); within the next retry
+    // interval nothing new is sent, after it one more.
+    for step in 0..20 {
+        advance(Duration::from_millis(500)).await;
+        f.cache.lookup("svc").await.unwrap();
+        let calls = f.registry.get_service_calls();
+        let elapsed = 500 * (step + 1);
+        assert!(
+            calls <= 2 + elapsed / 5_000,
+            "{calls} calls after {elapsed} ms"
+        );
+    }
+    assert!(f.registry.get_service_calls() >= 3, "refreshes resume");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_cache_a_down_registry_fails_fast_within_the_interval() {
+    let f = fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    // Let the watch event go by first, or it would fill the entry behind the test's back.
+    assert!(
+        eventually(Duration::from_secs(1), || f.cache.stats().watch.ignored
+            == 1)
+        .await
+    );
+    f.registry.set_failure(Some(ErrorKind::Unavailable));
+    let err = f.cache.lookup("svc").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LookupError::Unavailable {
+                cause: Some(ErrorKind::Unavailable),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(f.registry.get_service_calls(), 1);
+    // Inside the interval: fail fast, no request.
+    for _ in 0..10 {
+        advance(Duration::from_millis(400)).await;
+        let start = Instant::now();
+        assert!(f.cache.lookup("svc").await.is_err());
+        assert_eq!(Instant::now(), start);
+    }
+    assert_eq!(f.registry.get_service_calls(), 1);
+    // After the interval one request goes through (and succeeds now).
+    f.registry.set_failure(None);
+    advance(Duration::from_secs(1)).await;
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.source, Source::Registry);
+    assert_eq!(f.registry.get_service_calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_refresh_bounds_its_waiters_and_survives_their_drop() {
+    let f = fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    f.registry.set_latency(Duration::from_secs(4));
+    // A waiter dropped early does not cancel the refresh.
+    let dropped = {
+        let cache = f.cache.clone();
+        tokio::spawn(async move { cache.lookup("svc").await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    dropped.abort();
+    // The next waiter joins and gives up after max-wait (3 s), not the registry's 4 s.
+    let start = Instant::now();
+    let err = f.cache.lookup("svc").await.unwrap_err();
+    assert_eq!(Instant::now() - start, SETTINGS.max_wait);
+    assert!(
+        matches!(
+            err,
+            LookupError::Unavailable {
+                cause: Some(ErrorKind::Timeout),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Later callers neither queue nor send: the wait already ran out once.
+    let start = Instant::now();
+    assert!(f.cache.lookup("svc").await.is_err());
+    assert_eq!(Instant::now(), start);
+    // The refresh itself finishes and fills the cache.
+    assert!(
+        eventually(Duration::from_secs(2), || f.cache.stats().get_service.ok
+            == 1)
+        .await
+    );
+    assert_eq!(f.registry.get_service_calls(), 1);
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.source, Source::Fresh);
+    assert_eq!(f.cache.stats().flights.wait_timeouts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_host_enforces_the_retry_interval_whatever_the_policy_says() {
+    let f = fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    f.policy.always_refresh.store(true, Ordering::Relaxed);
+    f.cache.lookup("svc").await.unwrap();
+    f.registry.set_failure(Some(ErrorKind::Unavailable));
+    for _ in 0..100 {
+        advance(Duration::from_millis(100)).await;
+        let answer = f.cache.lookup("svc").await.unwrap();
+        assert_ne!(answer.source, Source::Registry, "answered from the cache");
+    }
+    // 10 s: at most one request per 5 s interval after the first.
+    assert!(
+        f.registry.get_service_calls() <= 3,
+        "{}",
+        f.registry.get_service_calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn distinct_unknown_names_cannot_exceed_the_budget() {
+    let f = fixture(Settings {
+        registry_budget_per_second: 20,
+        ..SETTINGS
+    });
+    let mut not_found = 0;
+    let mut unavailable = 0;
+    for i in 0..1000 {
+        match f.cache.lookup(&format!("unknown-{i}")).await {
+            Err(LookupError::NotFound {
+                provenance: Source::Registry,
+                ..
+            }) => not_found += 1,
+            Err(LookupError::Unavailable { .. }) => unavailable += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(f.registry.get_service_calls(), 20);
+    assert_eq!((not_found, unavailable), (20, 980));
+    assert_eq!(f.cache.stats().answers.unavailable_budget, 980);
+    // The negative cache answers the names that were asked, without a request.
+    let err = f.cache.lookup("unknown-0").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LookupError::NotFound {
+                provenance: Source::Negative,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(f.registry.get_service_calls(), 20);
+    // Unused entries are swept once they no longer rate-limit.
+    assert!(
+        eventually(Duration::from_secs(30), || f.cache.is_empty()).await,
+        "{}",
+        f.cache.len()
+    );
+}
+
+async fn cached_five(f: &Fixture) {
+    f.registry
+        .register(&service("svc", &["n1", "n2", "n3", "n4", "n5"]))
+        .await
+        .unwrap();
+    assert_eq!(f.cache.lookup("svc").await.unwrap().node_count(), 5);
+    f.cache.inner.fresh_health();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_deletions_is_one_guard_call_and_kept_suspect() {
+    let f = fixture(SETTINGS);
+    cached_five(&f).await;
+    for id in ["n1", "n2", "n3", "n4"] {
+        f.registry.expire("svc", id);
+    }
+    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    let hold = SETTINGS.max_suspect_hold.as_millis() as u64;
+    assert_eq!(
+        f.policy.guards(),
+        vec![(5, 1, 4, EvictionDecision::KeepSuspect { hold_ms: hold })]
+    );
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.node_count(), 5);
+    assert_eq!(answer.suspect_nodes(), ["n1", "n2", "n3", "n4"]);
+    assert!(!answer.is_suspect("n5"));
+    // A node registered again becomes normal.
+    f.registry.register(&service("svc", &["n2"])).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            f.cache
+                .inner
+                .entries
+                .get("svc")
+                .unwrap()
+                .view()
+                .suspects
+                .len()
+                == 3
+        })
+        .await
+    );
+    assert_eq!(f.cache.stats().evictions.suspects_restored, 1);
+    // The others leave when their hold ends.
+    advance(SETTINGS.max_suspect_hold).await;
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            f.cache.inner.entries.get("svc").unwrap().view().nodes == 2
+        })
+        .await
+    );
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["n2", "n5"]);
+    assert_eq!(f.cache.stats().evictions.suspects_expired, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_strict_guard_applies_the_burst() {
+    let f = fixture(SETTINGS);
+    f.policy.strict.store(true, Ordering::Relaxed);
+    cached_five(&f).await;
+    for id in ["n1", "n2", "n3", "n4"] {
+        f.registry.expire("svc", id);
+    }
+    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    assert_eq!(f.policy.guards(), vec![(5, 1, 4, EvictionDecision::Evict)]);
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["n5"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_deregistration_is_applied_at_once() {
+    let f = fixture(SETTINGS);
+    cached_five(&f).await;
+    f.registry.expire("svc", "n3");
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            f.cache.inner.entries.get("svc").unwrap().view().nodes == 4
+        })
+        .await
+    );
+    assert_eq!(f.policy.guards(), vec![(5, 4, 1, EvictionDecision::Evict)]);
+    assert_eq!(f.registry.get_service_calls(), 1, "no refresh involved");
+}
+
+#[tokio::test(start_paused = true)]
+async fn suspects_leave_when_a_healthy_registry_confirms_them_absent() {
+    let f = fixture(Settings {
+        ttl: Duration::from_secs(1),
+        min_retry_interval: Duration::from_secs(1),
+        ..SETTINGS
+    });
+    cached_five(&f).await;
+    for id in ["n1", "n2", "n3", "n4"] {
+        f.registry.expire("svc", id);
+    }
+    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    advance(Duration::from_secs(2)).await;
+    // Stale: a background refresh lists only n5 and the registry is healthy.
+    assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            f.cache.inner.entries.get("svc").unwrap().view().nodes == 1
+        })
+        .await
+    );
+    assert_eq!(f.cache.stats().evictions.suspects_confirmed_absent, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_registration_appears_without_a_refresh() {
+    let f = fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    f.cache.lookup("svc").await.unwrap();
+    f.registry.register(&service("svc", &["b"])).await.unwrap();
+    f.registry
+        .register(&service("other", &["x"]))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            f.cache.inner.entries.get("svc").unwrap().view().nodes == 2
+        })
+        .await
+    );
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.source, Source::Fresh);
+    assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(f.registry.get_service_calls(), 1);
+    assert!(
+        f.cache.inner.entries.get("other").is_none(),
+        "uncached services are ignored"
+    );
+    assert_eq!(f.cache.stats().watch.ignored, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_is_served_stale_while_the_registry_is_down() {
+    let f = fixture(SETTINGS);
+    f.registry
+        .register(&service("svc", &["a", "b"]))
+        .await
+        .unwrap();
+    f.cache.lookup("svc").await.unwrap();
+    let snapshot = f.cache.export();
+    let json = serde_json::to_string(&snapshot).unwrap();
+    let snapshot: CacheSnapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(snapshot.entries.len(), 1);
+
+    let g = fixture(SETTINGS);
+    g.registry.set_failure(Some(ErrorKind::Unavailable));
+    assert_eq!(g.cache.import(&snapshot), 1);
+    // Imported entries are as old as the snapshot says; make it past the TTL.
+    advance(SETTINGS.ttl).await;
+    let answer = g.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.source, Source::Stale);
+    assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["a", "b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_carry_the_deciding_generation() {
+    let f = fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    assert_eq!(f.cache.lookup("svc").await.unwrap().policy.generation, 1);
+    let mut next = (*f.policy.active()).clone();
+    next.generation = 2;
+    *f.policy.info.lock().unwrap() = Arc::new(next);
+    assert_eq!(f.cache.lookup("svc").await.unwrap().policy.generation, 2);
+    let err = f.cache.lookup("nope").await.unwrap_err();
+    assert_eq!(err.policy().generation, 2);
+}
