@@ -18,6 +18,23 @@
 //! are retried on the balancer's next pick within that bound. Expired auth tokens are refreshed
 //! by the client for unary calls; a watch cancelled for an invalid token is re-created here.
 //!
+//! ```no_run
+//! # async fn demo(service: regcache::model::Service) -> Result<(), regcache::registry::RegistryError> {
+//! use std::time::Duration;
+//! use regcache::registry::Registry;
+//! use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
+//!
+//! let config = EtcdConfig::new(["127.0.0.1:2379"])
+//!     .user("regcache", "secret")
+//!     .lease_ttl(Duration::from_secs(15)); // renewed every 5 s on one stream
+//! let registry = EtcdRegistry::connect(config).await?; // validates, then dials
+//! registry.register(&service).await?; // kept registered through outages from now on
+//! let mut events = registry.watch(); // a Resync of everything first, then changes
+//! # let _ = events.recv().await;
+//! registry.shutdown().await; // revokes the lease: the keys go at once
+//! # Ok(()) }
+//! ```
+//!
 //! Architecture invariant: this module knows nothing about the cache, the policy or HTTP.
 
 mod config;

@@ -348,3 +348,98 @@ async fn pause(shared: &Shared, backoff: &mut Backoff) {
         _ = shutdown.changed() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Node;
+
+    fn svc(name: &str, node: &str) -> Service {
+        Service {
+            name: name.into(),
+            version: "1".into(),
+            nodes: vec![Node {
+                id: node.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn receivers_start_with_the_mirror_and_see_changes() {
+        let mut hub = Hub::default();
+        hub.reset(BTreeMap::from([("k/a".to_string(), svc("s", "a"))]), 5);
+        let mut rx = hub.subscribe();
+        hub.put("k/b", Some(svc("s", "b")), 6);
+        hub.put("k/a", None, 7); // overwritten by junk: the node is gone
+        hub.delete("k/missing", 8); // unknown key: nothing to say
+        let WatchEvent::Resync { services, revision } = rx.try_recv().unwrap() else {
+            panic!("first event is the snapshot");
+        };
+        assert_eq!(
+            (services.len(), services[0].nodes.len(), revision),
+            (1, 1, 5)
+        );
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            WatchEvent::Put { revision: 6, .. }
+        ));
+        assert!(
+            matches!(rx.try_recv().unwrap(), WatchEvent::Delete { node_id, revision: 7, .. } if node_id == "a")
+        );
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_lagging_receiver_gets_a_resync_and_does_not_block_others() {
+        let mut hub = Hub::default();
+        let mut slow = hub.subscribe();
+        let mut fast = hub.subscribe();
+        for i in 0..WATCH_QUEUE + 10 {
+            hub.put(
+                &format!("k/{i}"),
+                Some(svc("s", &i.to_string())),
+                i as i64 + 1,
+            );
+            while fast.try_recv().is_ok() {}
+        }
+        // The slow receiver's queue is full; it drains it and then gets one snapshot.
+        let mut drained = 0;
+        while slow.try_recv().is_ok() {
+            drained += 1;
+        }
+        assert_eq!(drained, WATCH_QUEUE);
+        hub.put("k/last", Some(svc("s", "last")), 99_999);
+        let WatchEvent::Resync { services, revision } = slow.try_recv().unwrap() else {
+            panic!("a lagging receiver is resynced");
+        };
+        assert_eq!(services[0].nodes.len(), WATCH_QUEUE + 11);
+        assert_eq!(revision, 99_999);
+        hub.put("k/after", Some(svc("s", "after")), 100_000);
+        assert!(matches!(
+            slow.try_recv().unwrap(),
+            WatchEvent::Put {
+                revision: 100_000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn closing_ends_every_receiver() {
+        let mut hub = Hub::default();
+        let mut rx = hub.subscribe();
+        hub.close();
+        assert!(matches!(rx.try_recv(), Ok(WatchEvent::Resync { .. })));
+        assert!(matches!(
+            rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        let mut late = hub.subscribe();
+        assert!(matches!(
+            late.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+}
