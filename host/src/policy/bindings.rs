@@ -9,13 +9,14 @@ use std::time::Duration;
 use crate::decision as plain;
 use crate::registry::ErrorKind;
 
+// The generated module is named `regcache` like this crate: paths into it say `self::`.
 wasmtime::component::bindgen!({
     world: "policy",
     path: "../wit",
 });
 
-pub(crate) use regcache::policy::host::{Host, LogLevel};
-use regcache::policy::types as wit;
+pub(crate) use self::regcache::policy::host::{Host, LogLevel};
+use self::regcache::policy::types as wit;
 
 /// Longest reason string the host keeps from a policy; the WIT promises at most 1 KiB.
 pub(crate) const MAX_REASON_BYTES: usize = 1024;
