@@ -8,8 +8,10 @@
 //! - [`proxy`]: a TCP proxy a test can cut and heal, to isolate one client from etcd.
 //! - [`policies`]: the policies under `policy/` built to wasm.
 //! - [`binary`]: the `regcache` binary.
+//! - [`cache`]: policies with operator configuration and a cache over real etcd.
 
 pub mod binary;
+pub mod cache;
 pub mod etcd;
 pub mod policies;
 pub mod proxy;
