@@ -57,7 +57,10 @@ async fn a_stopped_etcd_leaves_stale_answers_fast_and_refreshes_rate_limited() {
             &[("ttl-ms", "300"), ("min-retry-interval-ms", "1000")],
         )),
     );
-    assert_eq!(cache.lookup("greeter").await.unwrap().source, Source::Registry);
+    assert_eq!(
+        cache.lookup("greeter").await.unwrap().source,
+        Source::Registry
+    );
     // Past the TTL, and etcd frozen.
     let c = cache.clone();
     assert!(
@@ -90,7 +93,10 @@ async fn a_stopped_etcd_leaves_stale_answers_fast_and_refreshes_rate_limited() {
     latencies.sort();
     let (p50, p99, max) = (latencies[500], latencies[990], latencies[999]);
     println!("1000 stale lookups with etcd stopped: p50 {p50:?}, p99 {p99:?}, max {max:?}");
-    assert!(max < Duration::from_millis(20), "no lookup waited on etcd: max {max:?}");
+    assert!(
+        max < Duration::from_millis(20),
+        "no lookup waited on etcd: max {max:?}"
+    );
     // Keep looking up for a few intervals: at most one refresh per interval (the refresh
     // timeout, 1 s, is no longer than the interval).
     while stopped.elapsed() < Duration::from_millis(3500) {
@@ -99,9 +105,15 @@ async fn a_stopped_etcd_leaves_stale_answers_fast_and_refreshes_rate_limited() {
     }
     let attempts = cache.stats().flights.started - flights_before;
     let intervals = (stopped.elapsed().as_millis() / interval.as_millis()) as u64;
-    println!("{attempts} refreshes attempted in {:?} with etcd stopped", stopped.elapsed());
+    println!(
+        "{attempts} refreshes attempted in {:?} with etcd stopped",
+        stopped.elapsed()
+    );
     assert!(attempts >= 1, "refreshes are attempted");
-    assert!(attempts <= intervals + 1, "{attempts} attempts in {intervals} intervals");
+    assert!(
+        attempts <= intervals + 1,
+        "{attempts} attempts in {intervals} intervals"
+    );
     etcd.cont(0).unwrap();
     let c = cache.clone();
     assert!(
@@ -136,7 +148,13 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     let waited = first.elapsed();
     println!("first lookup failed after {waited:?}: {err}");
     assert!(
-        matches!(err, LookupError::Unavailable { cause: Some(ErrorKind::Timeout), .. }),
+        matches!(
+            err,
+            LookupError::Unavailable {
+                cause: Some(ErrorKind::Timeout),
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(waited >= Duration::from_millis(480) && waited < Duration::from_millis(1500));
@@ -145,11 +163,19 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     while first.elapsed() < Duration::from_millis(1800) {
         let start = Instant::now();
         assert!(cache.lookup("greeter").await.is_err());
-        assert!(start.elapsed() < Duration::from_millis(20), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(20),
+            "{:?}",
+            start.elapsed()
+        );
         fast += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(cache.stats().flights.started, 1, "{fast} lookups sent nothing");
+    assert_eq!(
+        cache.stats().flights.started,
+        1,
+        "{fast} lookups sent nothing"
+    );
     // After the interval exactly one request is let through (etcd is still stopped, so it
     // waits the bound again), and the lookups after it fail fast again.
     while first.elapsed() < Duration::from_millis(2100) {
@@ -157,7 +183,10 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     }
     let start = Instant::now();
     assert!(cache.lookup("greeter").await.is_err());
-    assert!(start.elapsed() >= Duration::from_millis(480), "this one went to etcd");
+    assert!(
+        start.elapsed() >= Duration::from_millis(480),
+        "this one went to etcd"
+    );
     assert!(cache.lookup("greeter").await.is_err());
     assert_eq!(cache.stats().flights.started, 2);
     // etcd back: after the interval the service is found.
