@@ -185,7 +185,7 @@ async fn swapping_policies_changes_the_very_next_lookup() {
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                     n += 1;
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         tokio::task::yield_now().await;
                     }
                 }
@@ -262,7 +262,7 @@ async fn lookups_watch_events_and_swaps_interleave_safely() {
                 }
                 lookups.fetch_add(1, Ordering::Relaxed);
                 i += 1;
-                if i % 32 == 0 {
+                if i.is_multiple_of(32) {
                     tokio::task::yield_now().await;
                 }
             }
