@@ -8,10 +8,20 @@
 //! - [`decision`]: what a policy is asked and answers, free of wasm detail.
 //! - [`cache`]: the registry cache, decided by the policy on every lookup.
 //! - [`policy`]: the only code that speaks wasmtime: loading, validating, hot-swapping policies.
+//! - [`config`]: the host's configuration (TOML, flags, environment), validated without I/O.
+//! - [`http`]: the HTTP API, the only code that knows JSON request/response shapes.
+//! - [`metrics`]: Prometheus metrics, collected from the components' counters at scrape time.
+//! - [`snapshot`]: the cache's snapshot on disk, written atomically.
+//! - [`daemon`]: `regcache run`'s run loop: build, serve, drain, stop.
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod config;
+pub mod daemon;
 pub mod decision;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod registry;
+pub mod snapshot;

@@ -9,10 +9,12 @@
 //! - [`policies`]: the policies under `policy/` built to wasm.
 //! - [`binary`]: the `regcache` binary.
 //! - [`cache`]: policies with operator configuration and a cache over real etcd.
+//! - [`host`]: `regcache run` as a child process, and a small HTTP client to talk to it.
 
 pub mod binary;
 pub mod cache;
 pub mod etcd;
+pub mod host;
 pub mod policies;
 pub mod proxy;
 pub mod registry;

@@ -1,0 +1,315 @@
+//! The host's run loop: build everything from a validated [`HostConfig`], serve, drain, stop.
+//!
+//! 1. Logging (text or JSON); the first line says which registry and policy the host runs on.
+//! 2. Secrets are read (the only file reads of configuration happen here, not in validation).
+//! 3. The registry: etcd behind a [`Deferred`] that connects in the background (so a host
+//!    started while etcd is down still serves its snapshot), or the embedded memory registry.
+//! 4. The policy engine: the embedded default or a file (watched, and reloaded on SIGHUP).
+//! 5. The cache, primed from the snapshot in the state dir if there is one; the snapshot is
+//!    then written periodically.
+//! 6. The HTTP server, until SIGTERM or SIGINT: then stop accepting, finish requests in flight,
+//!    shut the registry down (revoking the lease, so this host's keys go at once), write the
+//!    snapshot, return.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cache::{CacheSnapshot, RegistryCache};
+use crate::config::{HostConfig, LogFormat};
+use crate::decision::Decide;
+use crate::http;
+use crate::metrics::{HostMetrics, RegistryStatsSource, Sources};
+use crate::policy::reload::Reloader;
+use crate::policy::{EngineOptions, PolicyEngine, PolicySpec};
+use crate::registry::deferred::Deferred;
+use crate::registry::etcd::EtcdRegistry;
+use crate::registry::memory::MemoryRegistry;
+use crate::registry::{ErrorKind, Registry};
+use crate::snapshot::SnapshotFile;
+
+/// Longest wait for requests in flight at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the host until SIGTERM or SIGINT. Errors are start-up failures (a secret file that
+/// cannot be read, a port in use, a policy that does not load).
+pub fn run(config: HostConfig) -> anyhow::Result<()> {
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REGCACHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+async fn serve(config: HostConfig) -> anyhow::Result<()> {
+    let admin_token = config
+        .admin_token
+        .as_ref()
+        .map(|s| s.read("admin_token"))
+        .transpose()?;
+    let registry_desc = match &config.etcd {
+        Some(etcd) => format!("etcd at {}", etcd.endpoints.join(",")),
+        None => "an embedded in-memory registry (no etcd configured: registrations live only \
+                 in this process)"
+            .into(),
+    };
+    let policy_desc = match &config.policy_file {
+        Some(path) => format!("policy file {}", path.display()),
+        None => "the embedded default policy".into(),
+    };
+    tracing::info!("regcache {} starting on {registry_desc} with {policy_desc}", env!("CARGO_PKG_VERSION"));
+
+    // The policy first: a policy that does not load is a start-up error, before any port or
+    // registry connection is opened.
+    let spec = match &config.policy_file {
+        Some(path) => PolicySpec::from_file(path, config.policy_config.clone())?,
+        None => PolicySpec::embedded_default(config.policy_config.clone()),
+    };
+    let options = EngineOptions {
+        artifact_dir: config.state_dir.as_ref().map(|d| d.join("artifacts")),
+        ..Default::default()
+    };
+    let engine = tokio::task::spawn_blocking(move || PolicyEngine::new(options, spec))
+        .await?
+        .context("loading the policy")?;
+    tracing::info!(policy = %engine.active(), "policy loaded");
+
+    let (registry, etcd_stats, connector) = build_registry(&config).await?;
+
+    let cache = RegistryCache::new(registry.clone(), Arc::new(engine.clone()));
+    let snapshot_file = config.state_dir.as_deref().map(SnapshotFile::in_dir);
+    let serving_snapshot = Arc::new(AtomicBool::new(false));
+    if let Some(file) = &snapshot_file {
+        match file.read::<CacheSnapshot>() {
+            Ok(Some(snapshot)) => {
+                let imported = cache.import(&snapshot);
+                tracing::info!(services = imported, path = %file.path().display(), "snapshot loaded");
+                if imported > 0 && !registry.health().watch_connected {
+                    serving_snapshot.store(true, Ordering::Relaxed);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("ignoring the snapshot: {e}"),
+        }
+    }
+
+    // The policy file: watched, and reloaded on SIGHUP.
+    let mut tasks = Vec::new();
+    let reloader = config
+        .policy_file
+        .as_ref()
+        .map(|path| Reloader::new(engine.clone(), path.clone()));
+    if let Some(reloader) = &reloader {
+        match reloader.clone().watch() {
+            Ok(task) => tasks.push(task),
+            Err(e) => tracing::warn!(path = %reloader.path().display(), "cannot watch the policy file (SIGHUP still reloads it): {e}"),
+        }
+    }
+    tasks.push(tokio::spawn(reload_on_sighup(reloader)?));
+
+    let metrics = HostMetrics::new(Sources {
+        engine: engine.clone(),
+        cache: cache.clone(),
+        registry: etcd_stats,
+    });
+    let state = Arc::new(http::State {
+        cache: cache.clone(),
+        registry: registry.clone(),
+        engine: engine.clone(),
+        metrics,
+        admin_token,
+        serving_snapshot: serving_snapshot.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "listening on http://{address}");
+
+    if let Some(connector) = connector {
+        let flag = serving_snapshot.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = connector.await;
+            if flag.swap(false, Ordering::Relaxed) {
+                tracing::info!("registry answered; no longer serving the snapshot");
+            }
+        }));
+    }
+    if let Some(file) = snapshot_file.clone() {
+        tasks.push(tokio::spawn(write_periodically(
+            file,
+            cache.clone(),
+            config.snapshot_interval,
+        )));
+    }
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(async {
+                let _ = drain_rx.await;
+            })
+            .await
+    });
+    let signal_name = shutdown_signal().await?;
+    tracing::info!("{signal_name}: draining requests");
+    let _ = drain_tx.send(());
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("HTTP server ended with an error: {e}"),
+        Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
+        Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping"),
+    }
+    for task in &tasks {
+        task.abort();
+    }
+    registry.shutdown().await;
+    tracing::info!("registry shut down (lease revoked)");
+    if let Some(file) = &snapshot_file {
+        write_snapshot(file, &cache).await;
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// The registry and, for etcd, its counters and a future that completes once it is connected.
+async fn build_registry(
+    config: &HostConfig,
+) -> anyhow::Result<(
+    Arc<dyn Registry>,
+    RegistryStatsSource,
+    Option<tokio::task::JoinHandle<()>>,
+)> {
+    let Some(etcd) = &config.etcd else {
+        return Ok((Arc::new(MemoryRegistry::new()), Arc::new(|| None), None));
+    };
+    let password = etcd
+        .user
+        .as_ref()
+        .map(|(_, secret)| secret.read("etcd.password"))
+        .transpose()?;
+    let etcd_config = etcd.registry_config(password);
+    let deferred = Arc::new(Deferred::new());
+    let connected: Arc<std::sync::OnceLock<Arc<EtcdRegistry>>> = Arc::default();
+
+    // The first attempt is made here so that what retrying cannot fix (an unreadable TLS
+    // file) stops the start; anything else is retried in the background.
+    let first = EtcdRegistry::connect(etcd_config.clone()).await;
+    let pending = match first {
+        Ok(registry) => {
+            let registry = Arc::new(registry);
+            let _ = connected.set(registry.clone());
+            deferred.set(registry).await;
+            tracing::info!("connected to etcd");
+            None
+        }
+        Err(e) if e.kind == ErrorKind::InvalidInput => {
+            return Err(anyhow::Error::new(e).context("connecting to etcd"));
+        }
+        Err(e) => {
+            tracing::warn!("etcd does not answer yet; retrying in the background: {e}");
+            Some(e)
+        }
+    };
+    let connector = {
+        let (deferred, connected) = (deferred.clone(), connected.clone());
+        tokio::spawn(async move {
+            if pending.is_none() {
+                return;
+            }
+            let mut delay = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                match EtcdRegistry::connect(etcd_config.clone()).await {
+                    Ok(registry) => {
+                        let registry = Arc::new(registry);
+                        let _ = connected.set(registry.clone());
+                        if deferred.set(registry).await {
+                            tracing::info!("connected to etcd");
+                        }
+                        return;
+                    }
+                    Err(e) => tracing::debug!("etcd still does not answer: {e}"),
+                }
+            }
+        })
+    };
+    let stats: RegistryStatsSource = Arc::new(move || connected.get().map(|r| r.stats()));
+    Ok((deferred, stats, Some(connector)))
+}
+
+/// Reloads the policy file on every SIGHUP (or logs that there is none to reload).
+fn reload_on_sighup(
+    reloader: Option<Reloader>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(async move {
+        while hangups.recv().await.is_some() {
+            let Some(reloader) = reloader.clone() else {
+                tracing::info!("SIGHUP: no policy file is configured; nothing to reload");
+                continue;
+            };
+            match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                Ok(Ok(Some(info))) => tracing::info!(policy = %info, "SIGHUP: policy reloaded"),
+                Ok(Ok(None)) => tracing::info!("SIGHUP: the policy file is unchanged"),
+                Ok(Err(e)) => tracing::warn!("SIGHUP: policy refused, keeping the active one: {e}"),
+                Err(e) => tracing::error!("SIGHUP: reload task failed: {e}"),
+            }
+        }
+    })
+}
+
+/// Waits for SIGTERM or SIGINT; returns its name.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn write_periodically(file: SnapshotFile, cache: RegistryCache, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        write_snapshot(&file, &cache).await;
+    }
+}
+
+/// Writes the cache to `file` on a blocking thread (fsync takes milliseconds).
+async fn write_snapshot(file: &SnapshotFile, cache: &RegistryCache) {
+    let snapshot = cache.export();
+    if snapshot.entries.is_empty() {
+        // Never replace a useful snapshot with an empty one (say, a host that was restarted
+        // while etcd is down and has looked nothing up yet).
+        return;
+    }
+    let file = file.clone();
+    let services = snapshot.entries.len();
+    match tokio::task::spawn_blocking(move || file.write(&snapshot).map(|()| file)).await {
+        Ok(Ok(file)) => tracing::debug!(services, path = %file.path().display(), "snapshot written"),
+        Ok(Err(e)) => tracing::warn!("cannot write the snapshot: {e}"),
+        Err(e) => tracing::warn!("snapshot task failed: {e}"),
+    }
+}

@@ -1,0 +1,202 @@
+//! The policy endpoints, metrics and health.
+
+use std::collections::BTreeMap;
+use std::time::UNIX_EPOCH;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Serialize;
+
+use super::{ApiError, AppState};
+use crate::decision::{Decide, PolicyInfo};
+use crate::policy::{PolicySpec, PolicyStats};
+
+#[derive(Serialize)]
+pub(super) struct PolicyBody {
+    generation: u64,
+    digest: String,
+    source: String,
+    /// When it became active, ms since the Unix epoch.
+    loaded_at_ms: u64,
+    settings: SettingsBody,
+    counters: Counters,
+}
+
+#[derive(Serialize)]
+struct SettingsBody {
+    ttl_ms: u64,
+    min_retry_interval_ms: u64,
+    max_wait_ms: u64,
+    negative_ttl_ms: u64,
+    registry_budget_per_second: u32,
+    eviction_window_ms: u64,
+    max_suspect_hold_ms: u64,
+}
+
+#[derive(Serialize)]
+struct Counters {
+    traps: u64,
+    deadline_hits: u64,
+    invalid_answers: u64,
+    instantiations: u64,
+    swaps_applied: u64,
+    swaps_rejected: u64,
+}
+
+fn policy_body(info: &PolicyInfo, stats: PolicyStats) -> PolicyBody {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    let s = &info.settings;
+    PolicyBody {
+        generation: info.generation,
+        digest: info.digest.clone(),
+        source: info.source.clone(),
+        loaded_at_ms: info
+            .loaded_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        settings: SettingsBody {
+            ttl_ms: ms(s.ttl),
+            min_retry_interval_ms: ms(s.min_retry_interval),
+            max_wait_ms: ms(s.max_wait),
+            negative_ttl_ms: ms(s.negative_ttl),
+            registry_budget_per_second: s.registry_budget_per_second,
+            eviction_window_ms: ms(s.eviction_window),
+            max_suspect_hold_ms: ms(s.max_suspect_hold),
+        },
+        counters: Counters {
+            traps: stats.traps,
+            deadline_hits: stats.deadline_hits,
+            invalid_answers: stats.invalid_answers,
+            instantiations: stats.instantiations,
+            swaps_applied: stats.swaps_applied,
+            swaps_rejected: stats.swaps_rejected,
+        },
+    }
+}
+
+/// `GET /v1/policy`.
+pub(super) async fn policy(State(state): State<AppState>) -> Json<PolicyBody> {
+    Json(policy_body(&state.engine.active(), state.engine.stats()))
+}
+
+/// Checks the bearer token: 403 when the admin endpoints are disabled, 401 without the token.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "admin endpoints are disabled: no admin token is configured (admin_token)",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs `Authorization: Bearer <admin token>`",
+        ))
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `PUT /v1/policy` with the wasm bytes; query parameters, if any, replace the operator
+/// configuration (else the active one is kept). Validated, then swapped: 200 with the new
+/// policy, or 422 with the reason while the old policy stays active.
+pub(super) async fn swap_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PolicyBody>, ApiError> {
+    authorize(&state, &headers)?;
+    let Query(query) = query?;
+    let body = body?;
+    let config = if query.is_empty() {
+        state.engine.active_config()
+    } else {
+        query.into_iter().collect()
+    };
+    let spec = PolicySpec {
+        wasm: body.to_vec().into(),
+        source: "api".into(),
+        config,
+    };
+    let engine = state.engine.clone();
+    // Validation compiles the component and runs the conformance battery: milliseconds of CPU,
+    // kept off the async workers.
+    let outcome = tokio::task::spawn_blocking(move || engine.swap(spec))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("policy swap task failed: {e}"),
+            )
+        })?;
+    match outcome {
+        Ok(info) => Ok(Json(policy_body(&info, state.engine.stats()))),
+        Err(e) => {
+            let active = state.engine.active();
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "policy_refused",
+                e.to_string(),
+            )
+            .with_details(serde_json::json!({
+                "active": { "generation": active.generation, "digest": active.digest },
+            })))
+        }
+    }
+}
+
+/// `GET /metrics`.
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+}
+
+/// `GET /healthz`: the process answers.
+pub(super) async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: a policy is loaded (always, once the host serves) and the registry answers
+/// or a snapshot is being served.
+pub(super) async fn readyz(
+    State(state): State<AppState>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let health = state.registry.health();
+    let registry = health.watch_connected;
+    let snapshot = state.serving_snapshot();
+    let ready = registry || snapshot;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let policy = state.engine.active();
+    (
+        status,
+        Json(serde_json::json!({
+            "ready": ready,
+            "registry_connected": registry,
+            "serving_snapshot": snapshot,
+            "policy": { "generation": policy.generation, "digest": policy.digest },
+        })),
+    )
+}

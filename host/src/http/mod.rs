@@ -1,0 +1,238 @@
+//! The HTTP API: the only code in regcache that knows JSON request and response shapes.
+//!
+//! | Route | |
+//! |---|---|
+//! | `GET /v1/services` | known service names |
+//! | `GET /v1/services/{name}` | a lookup: every version and node, with provenance |
+//! | `POST /v1/registrations` | register a go-micro service (≥ 1 node) under the host's lease |
+//! | `GET /v1/registrations` | what this host registered |
+//! | `DELETE /v1/registrations/{service}/{node}` | deregister one node |
+//! | `GET /v1/policy` | the active policy and the engine's counters |
+//! | `PUT /v1/policy` | swap in a policy (wasm bytes; admin token required) |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz`, `GET /readyz` | liveness, readiness |
+//!
+//! Handlers are a few lines: take the state, call the library, map the result to a status.
+//! Every error is JSON (`{"error": "...", "message": "..."}`) with a 4xx status for anything the
+//! client got wrong: malformed JSON, odd names, oversized bodies (413), unknown routes (404),
+//! wrong methods (405), missing or wrong admin token (401), admin endpoints with no token
+//! configured (403: disabled, never open). 5xx means the registry or the lookup could not
+//! answer (503), never bad input.
+
+mod admin;
+mod services;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use crate::cache::RegistryCache;
+use crate::metrics::HostMetrics;
+use crate::policy::PolicyEngine;
+use crate::registry::{ErrorKind, Registry, RegistryError};
+
+/// Largest request body, policies excepted: a registration is a few KiB.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Largest policy component accepted by `PUT /v1/policy` (ours are ~100 KiB; components
+/// compiled from other languages reach a few MiB).
+pub const MAX_POLICY_BODY: usize = 8 * 1024 * 1024;
+
+/// Longest service name or node id accepted.
+const MAX_NAME: usize = 253;
+
+/// What the handlers share.
+pub struct State {
+    /// The lookup path.
+    pub cache: RegistryCache,
+    /// The registry, for registrations and listing.
+    pub registry: Arc<dyn Registry>,
+    /// The policy engine, for the admin endpoints.
+    pub engine: PolicyEngine,
+    /// Metrics, rendered at scrape.
+    pub metrics: HostMetrics,
+    /// The admin token; `None` disables the admin endpoints.
+    pub admin_token: Option<String>,
+    /// Set while answers come from a snapshot because the registry has not answered since
+    /// the start: they are marked stale.
+    pub serving_snapshot: Arc<AtomicBool>,
+}
+
+impl State {
+    fn serving_snapshot(&self) -> bool {
+        self.serving_snapshot.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared handle on [`State`].
+pub type AppState = Arc<State>;
+
+/// The API's routes over `state`.
+pub fn router(state: AppState) -> axum::Router {
+    use axum::routing::{delete, put};
+    axum::Router::new()
+        .route("/v1/services", get(services::list))
+        .route("/v1/services/{name}", get(services::lookup))
+        .route(
+            "/v1/registrations",
+            get(services::registrations).post(services::register),
+        )
+        .route(
+            "/v1/registrations/{service}/{node}",
+            delete(services::deregister),
+        )
+        .route(
+            "/v1/policy",
+            get(admin::policy).merge(
+                put(admin::swap_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)),
+            ),
+        )
+        .route("/metrics", get(admin::metrics))
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept this method",
+    )
+}
+
+/// An error answer: a status and a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    /// A stable code, e.g. `not_found`.
+    error: &'static str,
+    /// A human-readable reason.
+    message: String,
+    /// Extra details (e.g. the policy that stayed active).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error,
+                message: message.into(),
+                details: None,
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.body.details = Some(details);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let (status, code) = match e.kind {
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "bad_request"),
+            ErrorKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "registry_timeout"),
+            ErrorKind::Unavailable | ErrorKind::Unauthenticated => {
+                (StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// Body rejections keep their status (413 for an oversized body, 400 otherwise) with a JSON
+/// body.
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, e.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+/// Checks a service name or node id: 1 to 253 characters of `A-Z a-z 0-9 . _ - : @`, starting
+/// with a letter or digit, which covers go-micro's names (`go.micro.srv.greeter`) and node ids
+/// (`greeter-<uuid>`), and keeps keys, logs and URLs unambiguous (no `..`).
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = name.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid {what} {name:?}: use 1 to {MAX_NAME} characters among A-Z a-z 0-9 . _ - : @, \
+             starting with a letter or digit"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["greeter", "go.micro.srv.greeter", "greeter-1f2e:8080", "a@b_c"] {
+            assert!(check_name("service", good).is_ok(), "{good}");
+        }
+        let long = "x".repeat(MAX_NAME + 1);
+        for bad in ["", "a b", "a/b", "ä", "a\0", "<script>", "..", ".hidden", "-x", long.as_str()] {
+            assert!(check_name("service", bad).is_err(), "{bad:?}");
+        }
+    }
+}

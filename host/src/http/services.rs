@@ -1,0 +1,224 @@
+//! Lookups, the service list and registrations.
+
+use std::collections::BTreeSet;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Serialize;
+
+use super::{ApiError, AppState, check_name};
+use crate::cache::{Answer, LookupError, Source};
+use crate::decision::PolicyInfo;
+use crate::model::Service;
+
+/// `GET /v1/services/{name}`.
+#[derive(Serialize)]
+pub(super) struct LookupBody<'a> {
+    name: &'a str,
+    /// Every version with its nodes, in go-micro's shape.
+    services: &'a [Service],
+    provenance: Provenance<'a>,
+}
+
+#[derive(Serialize)]
+struct Provenance<'a> {
+    /// fresh, stale, registry or negative.
+    source: &'static str,
+    /// Time since the registry last answered for this service.
+    age_ms: Option<u64>,
+    suspect_nodes: &'a [String],
+    /// The policy's decision.
+    decision: &'static str,
+    policy: PolicyRef<'a>,
+    /// Served from the snapshot written by an earlier run (the registry has not answered
+    /// since the start).
+    snapshot: bool,
+}
+
+#[derive(Serialize)]
+pub(super) struct PolicyRef<'a> {
+    generation: u64,
+    digest: &'a str,
+}
+
+impl<'a> PolicyRef<'a> {
+    pub(super) fn of(info: &'a PolicyInfo) -> Self {
+        PolicyRef {
+            generation: info.generation,
+            digest: &info.digest,
+        }
+    }
+}
+
+pub(super) async fn lookup(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name?;
+    check_name("service name", &name)?;
+    match state.cache.lookup(&name).await {
+        Ok(answer) => Ok(Response::Found(answer, name, state.serving_snapshot())),
+        Err(e) => Err(lookup_error(e)),
+    }
+}
+
+/// A lookup's answer, encoded when the response is written.
+pub(super) enum Response {
+    Found(Answer, String, bool),
+}
+
+impl axum::response::IntoResponse for Response {
+    fn into_response(self) -> axum::response::Response {
+        let Response::Found(answer, name, snapshot) = self;
+        // Until the registry answers, everything cached came from the snapshot: stale,
+        // whatever its recorded age says.
+        let source = match (answer.source, snapshot) {
+            (Source::Fresh, true) => Source::Stale,
+            (source, _) => source,
+        };
+        Json(LookupBody {
+            name: &name,
+            services: answer.services(),
+            provenance: Provenance {
+                source: source.as_str(),
+                age_ms: answer.age.map(|a| a.as_millis() as u64),
+                suspect_nodes: answer.suspect_nodes(),
+                decision: answer.decision,
+                policy: PolicyRef::of(&answer.policy),
+                snapshot,
+            },
+        })
+        .into_response()
+    }
+}
+
+fn lookup_error(e: LookupError) -> ApiError {
+    let policy = e.policy().clone();
+    let details = |source: &str| {
+        serde_json::json!({
+            "source": source,
+            "policy": { "generation": policy.generation, "digest": policy.digest },
+        })
+    };
+    match &e {
+        LookupError::NotFound { provenance, .. } => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+                .with_details(details(provenance.as_str()))
+        }
+        LookupError::Unavailable { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+        .with_details(details("none")),
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct ServiceList {
+    services: Vec<String>,
+    /// `registry` when the registry answered, `cache` when it did not and the names come from
+    /// the cache.
+    source: &'static str,
+}
+
+/// `GET /v1/services`: the registry's names, or the cache's when the registry cannot answer.
+pub(super) async fn list(State(state): State<AppState>) -> Json<ServiceList> {
+    match state.registry.list_services().await {
+        Ok(services) => Json(ServiceList {
+            services,
+            source: "registry",
+        }),
+        Err(e) => {
+            tracing::debug!("listing from the cache: {e}");
+            let names: BTreeSet<String> = state
+                .cache
+                .export()
+                .entries
+                .into_iter()
+                .map(|e| e.service)
+                .collect();
+            Json(ServiceList {
+                services: names.into_iter().collect(),
+                source: "cache",
+            })
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct Registrations {
+    registrations: Vec<Service>,
+}
+
+/// `GET /v1/registrations`.
+pub(super) async fn registrations(State(state): State<AppState>) -> Json<Registrations> {
+    Json(Registrations {
+        registrations: state.registry.registrations(),
+    })
+}
+
+#[derive(Serialize)]
+pub(super) struct Registered {
+    registered: String,
+    nodes: Vec<String>,
+}
+
+/// `POST /v1/registrations` with a go-micro service of at least one node.
+pub(super) async fn register(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    let body = body?;
+    // Service::decode is go-micro's tolerant reader (null maps, mixed-case keys); it refuses
+    // what is not a JSON object with a name.
+    let service = Service::decode(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_name("service name", &service.name)?;
+    if service.nodes.is_empty() {
+        return Err(ApiError::bad_request("a registration needs at least one node"));
+    }
+    for node in &service.nodes {
+        check_name("node id", &node.id)?;
+        if node.address.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "node {:?} has no address",
+                node.id
+            )));
+        }
+    }
+    state.registry.register(&service).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            registered: service.name.clone(),
+            nodes: service.nodes.iter().map(|n| n.id.clone()).collect(),
+        }),
+    ))
+}
+
+/// `DELETE /v1/registrations/{service}/{node}`.
+pub(super) async fn deregister(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path((service, node)) = path?;
+    check_name("service name", &service)?;
+    check_name("node id", &node)?;
+    let owned = state
+        .registry
+        .registrations()
+        .iter()
+        .any(|s| s.name == service && s.nodes.iter().any(|n| n.id == node));
+    if !owned {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{service}/{node} is not registered by this host"),
+        ));
+    }
+    state.registry.deregister(&service, &node).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

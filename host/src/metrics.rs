@@ -1,0 +1,251 @@
+//! Prometheus metrics of the host, in the text exposition format ([`prometheus_client`]).
+//!
+//! Nothing here is touched on the lookup path: the cache, the policy engine and the registry
+//! keep their own counters (plain atomics), and [`HostMetrics`] copies their snapshots into
+//! metric families when scraped (a custom [`Collector`]). A scrape costs a few map walks; a
+//! lookup costs nothing extra.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry as MetricRegistry;
+
+use crate::cache::RegistryCache;
+use crate::decision::Decide;
+use crate::policy::PolicyEngine;
+use crate::registry::etcd::StatsSnapshot;
+
+/// Reads the registry's counters, if the registry has any (the embedded memory registry does
+/// not, and etcd's exist only once connected).
+pub type RegistryStatsSource = Arc<dyn Fn() -> Option<StatsSnapshot> + Send + Sync>;
+
+/// The sources a scrape reads.
+#[derive(Clone)]
+pub struct Sources {
+    /// The policy engine.
+    pub engine: PolicyEngine,
+    /// The cache.
+    pub cache: RegistryCache,
+    /// The registry's counters.
+    pub registry: RegistryStatsSource,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sources")
+    }
+}
+
+/// The host's metrics.
+pub struct HostMetrics {
+    registry: MetricRegistry,
+}
+
+impl HostMetrics {
+    /// Metrics that read `sources` at every scrape.
+    pub fn new(sources: Sources) -> Self {
+        let mut registry = MetricRegistry::default();
+        registry.register_collector(Box::new(sources));
+        HostMetrics { registry }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Content type of [`HostMetrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(e.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(e.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// A counter family with one label.
+fn counters<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    let mut family = e.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (value, count) in values {
+        let labels = [(label, value)];
+        ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let cache = self.cache.stats();
+        let a = cache.answers;
+        counters(
+            &mut e,
+            "regcache_lookups",
+            "Lookups by the source of their answer (errors by kind).",
+            "source",
+            [
+                ("fresh", a.fresh),
+                ("stale", a.stale),
+                ("registry", a.registry),
+                (
+                    "negative",
+                    a.not_found_negative + a.not_found_registry + a.not_found_policy,
+                ),
+                (
+                    "unavailable",
+                    a.unavailable_policy
+                        + a.unavailable_rate_limited
+                        + a.unavailable_budget
+                        + a.unavailable_registry,
+                ),
+            ],
+        )?;
+        let d = cache.decisions;
+        counters(
+            &mut e,
+            "regcache_lookup_decisions",
+            "Lookups by the policy's decision.",
+            "decision",
+            [
+                ("serve_cached", d.serve_cached),
+                ("serve_stale", d.serve_stale),
+                ("serve_stale_and_refresh", d.serve_stale_and_refresh),
+                ("refresh_and_wait", d.refresh_and_wait),
+                ("reject", d.reject),
+            ],
+        )?;
+        let f = cache.flights;
+        counter(
+            &mut e,
+            "regcache_singleflight_waits",
+            "Lookups that joined a refresh already in flight.",
+            f.joined,
+        )?;
+        counter(
+            &mut e,
+            "regcache_singleflight_wait_timeouts",
+            "Lookups whose wait for a refresh ran out.",
+            f.wait_timeouts,
+        )?;
+        counter(
+            &mut e,
+            "regcache_refreshes_rate_limited",
+            "Refreshes refused by the per-service rate limit.",
+            f.rate_limited,
+        )?;
+        gauge(
+            &mut e,
+            "regcache_cache_entries",
+            "Services in the cache (negative entries included).",
+            self.cache.len() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "regcache_cache_nodes",
+            "Nodes in the cache, suspects included.",
+            self.cache.export().entries.iter().flat_map(|e| &e.services).map(|s| s.nodes.len()).sum::<usize>() as i64,
+        )?;
+
+        let p = self.engine.stats();
+        counters(
+            &mut e,
+            "regcache_policy_swaps",
+            "Policy loads after the first, by result.",
+            "result",
+            [("applied", p.swaps_applied), ("rejected", p.swaps_rejected)],
+        )?;
+        counter(
+            &mut e,
+            "regcache_policy_traps",
+            "Policy calls that trapped (the fail-safe decision was used).",
+            p.traps,
+        )?;
+        counter(
+            &mut e,
+            "regcache_policy_deadline_hits",
+            "Policy calls stopped by their deadline.",
+            p.deadline_hits,
+        )?;
+        counter(
+            &mut e,
+            "regcache_policy_invalid_answers",
+            "Policy answers refused as invalid.",
+            p.invalid_answers,
+        )?;
+        gauge(
+            &mut e,
+            "regcache_policy_generation",
+            "Generation of the active policy.",
+            self.engine.active().generation as i64,
+        )?;
+
+        // etcd's own counters when there are any (every operation, background ones included);
+        // otherwise the cache's count of its registry reads.
+        let r = (self.registry)().unwrap_or_else(|| {
+            let g = cache.get_service;
+            let mut snapshot = StatsSnapshot::default();
+            for (result, count) in [
+                ("ok", g.ok),
+                ("not_found", g.not_found),
+                ("timeout", g.timeout),
+                ("unavailable", g.unavailable),
+                ("unauthenticated", g.unauthenticated),
+                ("invalid_input", g.invalid_input),
+            ] {
+                snapshot.requests.insert(("get_service", result), count);
+            }
+            snapshot
+        });
+        let mut family = e.encode_descriptor(
+            "regcache_registry_requests",
+            "Requests to the registry by operation and result.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for ((op, result), count) in &r.requests {
+            let labels = [("op", *op), ("result", *result)];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+        counter(
+            &mut e,
+            "regcache_lease_regrants",
+            "Leases granted to replace a lost one.",
+            r.lease_regrants,
+        )?;
+        counter(
+            &mut e,
+            "regcache_watch_restarts",
+            "Watch streams re-created after a loss.",
+            r.watch_restarts,
+        )?;
+        counter(
+            &mut e,
+            "regcache_registry_malformed_values",
+            "Registry values skipped as malformed.",
+            r.malformed_values,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+//! A registry that becomes available later: the host starts serving (from its snapshot) while
+//! etcd is still unreachable, and connects in the background.
+//!
+//! [`Deferred`] answers every call with `Unavailable` until [`Deferred::set`] hands it the real
+//! registry; from then on it delegates. Watch receivers taken before that are fed by the real
+//! registry's watch once it exists (its first event is a `Resync` of everything, so nothing is
+//! missed), which lets the cache start its maintenance task at once.
+//!
+//! Architecture invariant: this module knows nothing about etcd; it wraps any [`Registry`].
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::{ErrorKind, Health, Registry, RegistryError, WatchEvent};
+use crate::model::Service;
+
+/// Queue length of watch receivers handed out before the registry exists.
+const WATCH_QUEUE: usize = 1024;
+
+/// A registry that is set once, later. See the module doc.
+#[derive(Default)]
+pub struct Deferred {
+    inner: OnceLock<Arc<dyn Registry>>,
+    /// Watchers waiting for the registry, fed once it is set.
+    pending: Mutex<Vec<mpsc::Sender<WatchEvent>>>,
+    /// Set by shutdown before the registry exists: it is then shut down as soon as it comes.
+    shut: Mutex<bool>,
+}
+
+impl Deferred {
+    /// A registry with nothing behind it yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts `registry` behind this one and starts feeding earlier watchers. Returns `false`
+    /// (and shuts `registry` down) if one was already set or shutdown already began.
+    pub async fn set(&self, registry: Arc<dyn Registry>) -> bool {
+        if *self.shut.lock().unwrap() || self.inner.set(registry.clone()).is_err() {
+            registry.shutdown().await;
+            return false;
+        }
+        for tx in self.pending.lock().unwrap().drain(..) {
+            let mut rx = registry.watch();
+            tokio::spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    if tx.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        true
+    }
+
+    /// Whether the registry is set.
+    pub fn is_set(&self) -> bool {
+        self.inner.get().is_some()
+    }
+
+    /// The registry behind this one, if set.
+    pub fn get(&self) -> Option<&Arc<dyn Registry>> {
+        self.inner.get()
+    }
+
+    fn inner(&self, op: &'static str) -> Result<&Arc<dyn Registry>, RegistryError> {
+        self.inner.get().ok_or_else(|| {
+            RegistryError::new(ErrorKind::Unavailable, op, "not connected to the registry yet")
+        })
+    }
+}
+
+#[async_trait]
+impl Registry for Deferred {
+    async fn register(&self, service: &Service) -> Result<(), RegistryError> {
+        self.inner("register")?.register(service).await
+    }
+
+    async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
+        self.inner("deregister")?.deregister(service, node_id).await
+    }
+
+    async fn get_service(&self, name: &str) -> Result<Vec<Service>, RegistryError> {
+        self.inner("get_service")?.get_service(name).await
+    }
+
+    async fn list_services(&self) -> Result<Vec<String>, RegistryError> {
+        self.inner("list_services")?.list_services().await
+    }
+
+    fn watch(&self) -> mpsc::Receiver<WatchEvent> {
+        // Hold the lock across the check so that `set` cannot drain between the two.
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(inner) = self.inner.get() {
+            return inner.watch();
+        }
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        pending.push(tx);
+        rx
+    }
+
+    fn health(&self) -> Health {
+        match self.inner.get() {
+            Some(inner) => inner.health(),
+            None => Health {
+                watch_connected: false,
+                last_contact: None,
+            },
+        }
+    }
+
+    fn registrations(&self) -> Vec<Service> {
+        self.inner
+            .get()
+            .map(|inner| inner.registrations())
+            .unwrap_or_default()
+    }
+
+    async fn shutdown(&self) {
+        *self.shut.lock().unwrap() = true;
+        self.pending.lock().unwrap().clear();
+        if let Some(inner) = self.inner.get() {
+            inner.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Node;
+    use crate::registry::memory::MemoryRegistry;
+
+    fn service() -> Service {
+        Service {
+            name: "greeter".into(),
+            version: "1".into(),
+            nodes: vec![Node {
+                id: "n1".into(),
+                address: "127.0.0.1:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn unavailable_until_set_then_delegates_and_feeds_early_watchers() {
+        let deferred = Deferred::new();
+        let err = deferred.get_service("greeter").await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unavailable);
+        assert!(!deferred.health().watch_connected);
+        let mut early = deferred.watch();
+
+        let memory = Arc::new(MemoryRegistry::new());
+        assert!(deferred.set(memory.clone()).await);
+        deferred.register(&service()).await.unwrap();
+        assert_eq!(deferred.get_service("greeter").await.unwrap().len(), 1);
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), early.recv())
+            .await
+            .unwrap();
+        assert!(first.is_some(), "an early watcher is fed once the registry is set");
+    }
+}

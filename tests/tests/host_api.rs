@@ -1,0 +1,563 @@
+//! The host's HTTP API on the embedded registry (no etcd): lookups and registrations, bad
+//! requests, the admin endpoints and policy swaps (API, file change, SIGHUP), metrics, and bad
+//! configuration. The real binary, as operators run it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use regcache_tests::binary::regcache_bin;
+use regcache_tests::host::{Host, Response, poll, service_json, write_atomically};
+use regcache_tests::policies::{policy_path, policy_wasm};
+use serde_json::Value;
+
+const TOKEN: &str = "s3cret-token";
+
+fn bearer() -> (&'static str, String) {
+    ("Authorization", format!("Bearer {TOKEN}"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn post_service(host: &Host, body: &str) -> Response {
+    host.request("POST", "/v1/registrations", &[], body.as_bytes())
+        .unwrap()
+}
+
+fn put_policy(host: &Host, query: &str, wasm: &[u8]) -> Response {
+    let (name, value) = bearer();
+    host.request(
+        "PUT",
+        &format!("/v1/policy{query}"),
+        &[(name, &value)],
+        wasm,
+    )
+    .unwrap()
+}
+
+fn lookup(host: &Host, name: &str) -> Response {
+    host.get(&format!("/v1/services/{name}")).unwrap()
+}
+
+fn active_digest(host: &Host) -> String {
+    host.get("/v1/policy").unwrap().json()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn node_ids(answer: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = answer["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["nodes"].as_array().unwrap().iter())
+        .map(|n| n["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn suspects(answer: &Value) -> Vec<String> {
+    answer["provenance"]["suspect_nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn registers_and_looks_up_on_the_embedded_registry() {
+    let host = Host::start(&[]).unwrap();
+    assert!(
+        host.log().lines().next().unwrap().contains("embedded in-memory registry"),
+        "the first log line says there is no etcd:\n{}",
+        host.log()
+    );
+    let created = post_service(&host, &service_json("greeter", "1.0", "g1", "10.0.0.1:8080"));
+    assert_eq!(created.status, 201, "{}", created.text());
+
+    let found = lookup(&host, "greeter");
+    assert_eq!(found.status, 200, "{}", found.text());
+    let body = found.json();
+    assert_eq!(body["name"], "greeter");
+    assert_eq!(node_ids(&body), ["g1"]);
+    assert_eq!(body["services"][0]["version"], "1.0");
+    assert_eq!(body["services"][0]["nodes"][0]["address"], "10.0.0.1:8080");
+    let provenance = &body["provenance"];
+    assert!(
+        ["registry", "fresh"].contains(&provenance["source"].as_str().unwrap()),
+        "{provenance}"
+    );
+    assert_eq!(provenance["policy"]["generation"], 1);
+    assert_eq!(provenance["policy"]["digest"].as_str().unwrap().len(), 64);
+    assert_eq!(lookup(&host, "greeter").json()["provenance"]["source"], "fresh");
+
+    let list = host.get("/v1/services").unwrap().json();
+    assert_eq!(list["services"], serde_json::json!(["greeter"]));
+    let regs = host.get("/v1/registrations").unwrap().json();
+    assert_eq!(regs["registrations"][0]["name"], "greeter");
+
+    let missing = lookup(&host, "nobody");
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    assert_eq!(missing.json()["error"], "not_found");
+
+    let deleted = host
+        .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+    assert!(host.get("/v1/registrations").unwrap().json()["registrations"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let again = host
+        .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
+        .unwrap();
+    assert_eq!(again.status, 404);
+
+    assert_eq!(host.get("/healthz").unwrap().status, 200);
+    let ready = host.get("/readyz").unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+}
+
+#[test]
+fn bad_requests_get_4xx_json_and_never_hurt_the_host() {
+    let host = Host::start(&["--admin-token", TOKEN]).unwrap();
+    let (auth, value) = bearer();
+    let ten_mib = vec![b'x'; 10 * 1024 * 1024];
+    let mut ten_mib_json = b"{\"name\":\"big\",\"metadata\":{\"k\":\"".to_vec();
+    ten_mib_json.extend(std::iter::repeat_n(b'a', 10 * 1024 * 1024));
+    ten_mib_json.extend(b"\"}}");
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16)> = vec![
+        ("POST", "/v1/registrations", vec![], b"{not json".to_vec(), 400),
+        ("POST", "/v1/registrations", vec![], b"[1,2]".to_vec(), 400),
+        ("POST", "/v1/registrations", vec![], b"".to_vec(), 400),
+        (
+            "POST",
+            "/v1/registrations",
+            vec![],
+            br#"{"name":"x","nodes":[]}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/registrations",
+            vec![],
+            service_json("bad name!", "1", "n1", "1.2.3.4:1").into_bytes(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/registrations",
+            vec![],
+            service_json("ok", "1", "a/b", "1.2.3.4:1").into_bytes(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/registrations",
+            vec![],
+            service_json("ok", "1", "n1", "").into_bytes(),
+            400,
+        ),
+        ("POST", "/v1/registrations", vec![], ten_mib_json, 413),
+        ("PUT", "/v1/policy", vec![(auth, value.as_str())], ten_mib, 413),
+        ("GET", "/v1/services/a%20b", vec![], vec![], 400),
+        ("GET", "/v1/services/%FF%FE", vec![], vec![], 400),
+        ("GET", "/v1/services/..", vec![], vec![], 400),
+        ("GET", "/v1/services/%3Cscript%3E", vec![], vec![], 400),
+        ("DELETE", "/v1/registrations/a%20b/n1", vec![], vec![], 400),
+        ("DELETE", "/v1/services", vec![], vec![], 405),
+        ("POST", "/v1/services/greeter", vec![], b"{}".to_vec(), 405),
+        ("PATCH", "/v1/policy", vec![], vec![], 405),
+        ("PUT", "/metrics", vec![], vec![], 405),
+        ("GET", "/v2/anything", vec![], vec![], 404),
+    ];
+    for (method, path, headers, body, want) in cases {
+        let response = host.request(method, path, &headers, &body).unwrap();
+        assert_eq!(
+            response.status,
+            want,
+            "{method} {path}: {}",
+            response.text()
+        );
+        let json = response.json();
+        assert!(json["error"].is_string(), "{method} {path}: {json}");
+        assert!(json["message"].is_string(), "{method} {path}: {json}");
+        assert!(
+            response
+                .header("content-type")
+                .is_some_and(|t| t.contains("application/json")),
+            "{method} {path}: {:?}",
+            response.headers
+        );
+    }
+    assert_eq!(host.get("/healthz").unwrap().status, 200);
+    assert!(!host.log().contains("panicked"), "{}", host.log());
+}
+
+#[test]
+fn admin_endpoints_need_the_token_and_are_disabled_without_one() {
+    let default = policy_wasm("default");
+    let disabled = Host::start(&[]).unwrap();
+    let response = disabled
+        .request("PUT", "/v1/policy", &[("Authorization", "Bearer x")], &default)
+        .unwrap();
+    assert_eq!(response.status, 403, "{}", response.text());
+    assert_eq!(response.json()["error"], "admin_disabled");
+
+    let host = Host::start_with_env(&[], &[("REGCACHE_ADMIN_TOKEN", TOKEN)]).unwrap();
+    let before = active_digest(&host);
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-token")],
+        vec![("Authorization", TOKEN)],
+    ] {
+        let response = host.request("PUT", "/v1/policy", &headers, &default).unwrap();
+        assert_eq!(response.status, 401, "{headers:?}: {}", response.text());
+        assert_eq!(response.json()["error"], "unauthorized");
+    }
+    assert_eq!(active_digest(&host), before);
+    assert_eq!(host.get("/v1/policy").unwrap().json()["generation"], 1);
+}
+
+#[test]
+fn put_policy_swaps_each_example_and_refuses_bad_ones() {
+    let host = Host::start(&["--admin-token", TOKEN]).unwrap();
+    let first = host.get("/v1/policy").unwrap().json();
+    assert_eq!(first["generation"], 1);
+    assert_eq!(first["source"], "embedded:default");
+    for id in ["n1", "n2"] {
+        let created = post_service(&host, &service_json("greeter", "1", id, "10.0.0.1:1"));
+        assert_eq!(created.status, 201);
+    }
+    assert_eq!(node_ids(&lookup(&host, "greeter").json()), ["n1", "n2"]);
+
+    // always-stale keeps even one ordinary deregistration as suspect.
+    let wasm = policy_wasm("always-stale");
+    let swapped = put_policy(&host, "", &wasm);
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    assert_eq!(swapped.json()["digest"], sha256_hex(&wasm));
+    assert_eq!(swapped.json()["generation"], 2);
+    let answer = lookup(&host, "greeter").json();
+    assert_eq!(answer["provenance"]["policy"]["generation"], 2, "at once");
+    let deleted = host
+        .request("DELETE", "/v1/registrations/greeter/n2", &[], b"")
+        .unwrap();
+    assert_eq!(deleted.status, 204);
+    assert!(
+        poll(Duration::from_secs(10), || {
+            suspects(&lookup(&host, "greeter").json()) == ["n2"]
+        }),
+        "always-stale keeps n2 as suspect: {}",
+        lookup(&host, "greeter").text()
+    );
+    assert_eq!(node_ids(&lookup(&host, "greeter").json()), ["n1", "n2"]);
+
+    // The default policy applies a single deregistration at once.
+    let wasm = policy_wasm("default");
+    let swapped = put_policy(&host, "", &wasm);
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    assert_eq!(swapped.json()["generation"], 3);
+    post_service(&host, &service_json("greeter", "1", "n3", "10.0.0.1:3"));
+    assert!(poll(Duration::from_secs(10), || node_ids(
+        &lookup(&host, "greeter").json()
+    )
+    .contains(&"n3".to_string())));
+    host.request("DELETE", "/v1/registrations/greeter/n3", &[], b"")
+        .unwrap();
+    assert!(
+        poll(Duration::from_secs(10), || !node_ids(
+            &lookup(&host, "greeter").json()
+        )
+        .contains(&"n3".to_string())),
+        "the default policy evicts n3: {}",
+        lookup(&host, "greeter").text()
+    );
+
+    // strict, configured through the query: past TTL + max-stale it waits for the registry
+    // rather than serving stale.
+    let strict = policy_wasm("strict");
+    let swapped = put_policy(
+        &host,
+        "?ttl-ms=200&max-stale-ms=1&min-retry-interval-ms=1",
+        &strict,
+    );
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    assert_eq!(swapped.json()["settings"]["ttl_ms"], 200);
+    lookup(&host, "greeter");
+    assert!(
+        poll(Duration::from_secs(10), || {
+            let answer = lookup(&host, "greeter").json();
+            answer["provenance"]["source"] == "registry"
+                && answer["provenance"]["decision"] == "refresh_and_wait"
+        }),
+        "strict refreshes instead of serving stale: {}",
+        lookup(&host, "greeter").text()
+    );
+    // The same TTL with the default policy serves stale and refreshes in the background.
+    let swapped = put_policy(&host, "?ttl-ms=200&min-retry-interval-ms=1", &wasm);
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    assert!(
+        poll(Duration::from_secs(10), || {
+            lookup(&host, "greeter").json()["provenance"]["source"] == "stale"
+        }),
+        "default serves stale past the TTL: {}",
+        lookup(&host, "greeter").text()
+    );
+
+    // chaos looping forever on this service: lookups still answer (the fail-safe decision),
+    // and the deadline hits are counted.
+    let hits = |host: &Host| {
+        host.get("/v1/policy").unwrap().json()["counters"]["deadline_hits"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = hits(&host);
+    let chaos = policy_wasm("chaos");
+    let swapped = put_policy(&host, "?fault=loop&only-service=greeter", &chaos);
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    let answer = lookup(&host, "greeter");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(hits(&host) > before, "the deadline hit is counted");
+    let metrics = host.get("/metrics").unwrap().text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("regcache_policy_deadline_hits_total ")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // Bad policies: 422 with the reason; the active digest stays.
+    let active = active_digest(&host);
+    let module = wat::parse_str("(module)").unwrap();
+    for (bad, want) in [
+        (b"garbage bytes".to_vec(), "not WebAssembly"),
+        (Vec::new(), "empty"),
+        (module, "core WebAssembly module"),
+    ] {
+        let refused = put_policy(&host, "", &bad);
+        assert_eq!(refused.status, 422, "{}", refused.text());
+        let body = refused.json();
+        assert!(body["message"].as_str().unwrap().contains(want), "{body}");
+        assert_eq!(body["details"]["active"]["digest"], active.as_str());
+        assert_eq!(active_digest(&host), active);
+    }
+    let refused = put_policy(&host, "?fault=zero-ttl", &chaos);
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert_eq!(active_digest(&host), active);
+    let metrics = host.get("/metrics").unwrap().text();
+    assert!(
+        metrics.contains("regcache_policy_swaps_total{result=\"rejected\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn policy_file_change_and_sighup_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    // The policy path is a symlink into another directory, as Kubernetes mounts ConfigMaps:
+    // rewriting the target is invisible to the watcher of the link's directory, so only
+    // SIGHUP can pick that change up.
+    let targets = dir.path().join("targets");
+    let watched = dir.path().join("watched");
+    std::fs::create_dir_all(&targets).unwrap();
+    std::fs::create_dir_all(&watched).unwrap();
+    let target = targets.join("policy.wasm");
+    std::fs::copy(policy_path("default"), &target).unwrap();
+    let link = watched.join("policy.wasm");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+
+    let host = Host::start(&["--policy-file", link.to_str().unwrap()]).unwrap();
+    let policy = host.get("/v1/policy").unwrap().json();
+    assert_eq!(policy["digest"], sha256_hex(&policy_wasm("default")));
+    assert_eq!(policy["source"], link.to_str().unwrap());
+
+    // SIGHUP: the target changed behind the link.
+    write_atomically(&target, &policy_wasm("strict")).unwrap();
+    let strict = sha256_hex(&policy_wasm("strict"));
+    host.signal("HUP").unwrap();
+    assert!(
+        poll(Duration::from_secs(20), || active_digest(&host) == strict),
+        "SIGHUP reloads: {}",
+        host.log()
+    );
+
+    // A file change: the link itself is replaced in the watched directory.
+    let always_stale = targets.join("always-stale.wasm");
+    std::fs::write(&always_stale, policy_wasm("always-stale")).unwrap();
+    let tmp_link = watched.join("policy.wasm.new");
+    std::os::unix::fs::symlink(&always_stale, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    let want = sha256_hex(&policy_wasm("always-stale"));
+    assert!(
+        poll(Duration::from_secs(20), || active_digest(&host) == want),
+        "a file change reloads: {}",
+        host.log()
+    );
+
+    // A broken file: refused, the active policy stays, and SIGHUP does not change that.
+    std::fs::write(&always_stale, b"\0asm broken").unwrap();
+    host.signal("HUP").unwrap();
+    assert!(poll(Duration::from_secs(20), || host
+        .log()
+        .contains("policy refused")));
+    assert_eq!(active_digest(&host), want);
+    assert_eq!(host.get("/v1/policy").unwrap().json()["generation"], 3);
+}
+
+#[test]
+fn metrics_are_prometheus_text() {
+    let host = Host::start(&[]).unwrap();
+    post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:1"));
+    lookup(&host, "greeter");
+    lookup(&host, "greeter");
+    lookup(&host, "missing");
+    let response = host.get("/metrics").unwrap();
+    assert_eq!(response.status, 200);
+    let text = response.text();
+    for family in [
+        "regcache_lookups_total{source=\"fresh\"} 1",
+        "regcache_lookups_total{source=\"registry\"} 1",
+        "regcache_lookup_decisions_total{decision=\"serve_cached\"} 1",
+        "regcache_singleflight_waits_total",
+        "regcache_policy_swaps_total{result=\"applied\"} 0",
+        "regcache_policy_traps_total 0",
+        "regcache_policy_deadline_hits_total 0",
+        "regcache_lease_regrants_total",
+        "regcache_watch_restarts_total",
+        "regcache_registry_requests_total",
+        "regcache_cache_entries",
+        "regcache_cache_nodes 1",
+        "# EOF",
+    ] {
+        assert!(text.contains(family), "missing {family}:\n{text}");
+    }
+}
+
+fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(regcache_bin())
+        .arg("run")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_fails_with_one_line_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "listen = \"127.0.0.1:0\"\n[etcd]\nendpoint = [\"a:1\"]\n").unwrap();
+    let wrong_type = dir.path().join("type.toml");
+    std::fs::write(&wrong_type, "[etcd]\nendpoints = [\"a:1\"]\nlease_ttl = 15\n").unwrap();
+    let unknown = unknown.to_str().unwrap();
+    let wrong_type = wrong_type.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["--etcd-endpoints", "not an endpoint"], vec![], "etcd.endpoints"),
+        (
+            vec!["--etcd-endpoints", "127.0.0.1:2379", "--etcd-lease-ttl", "1500ms"],
+            vec![],
+            "etcd.lease_ttl",
+        ),
+        (vec!["--etcd-lease-ttl", "5s"], vec![], "etcd.lease_ttl"),
+        (vec!["--listen", "nowhere"], vec![], "listen"),
+        (vec![], vec![("REGCACHE_LOG_FORMAT", "xml")], "log_format"),
+        (
+            vec!["--etcd-endpoints", "a:1", "--etcd-user", "root"],
+            vec![],
+            "etcd.password",
+        ),
+        (vec!["--policy-config", "novalue"], vec![], "policy.config"),
+        (vec!["--config", unknown], vec![], "unknown field `endpoint`"),
+        (vec!["--config", wrong_type], vec![], "line 3"),
+        (
+            vec!["--admin-token-file", "/nonexistent/token"],
+            vec![],
+            "admin_token",
+        ),
+        (
+            vec!["--policy-file", "/nonexistent/policy.wasm"],
+            vec![],
+            "/nonexistent/policy.wasm",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let (code, stderr) = run_bad(&args, &env);
+        assert_ne!(code, 0, "{args:?} {env:?} must fail");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("regcache:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one error line:\n{stderr}");
+        assert!(lines[0].contains(want), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn run_help_documents_every_option() {
+    let out = Command::new(regcache_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for option in [
+        "--config",
+        "--listen",
+        "--etcd-endpoints",
+        "--etcd-user",
+        "--etcd-password",
+        "--etcd-password-file",
+        "--etcd-ca",
+        "--etcd-cert",
+        "--etcd-key",
+        "--etcd-prefix",
+        "--etcd-request-timeout",
+        "--etcd-lease-ttl",
+        "--policy-file",
+        "--policy-config",
+        "--admin-token",
+        "--admin-token-file",
+        "--state-dir",
+        "--snapshot-interval",
+        "--log-format",
+        "REGCACHE_ETCD_ENDPOINTS",
+        "REGCACHE_ADMIN_TOKEN",
+    ] {
+        assert!(help.contains(option), "missing {option}:\n{help}");
+    }
+}
+
+/// A policy that traps (a Rust guest's panic writes its message to WASI stderr) must not take
+/// the host down. Today it does: wasmtime-wasi's sync bindings `block_on` the stderr write on
+/// the tokio worker that runs the lookup ("Cannot start a runtime from within a runtime"), so
+/// the worker panics and the connection drops. Reported to the policy engine's owner; remove
+/// the `ignore` once the engine runs guest WASI calls without nesting runtimes.
+#[test]
+#[ignore = "policy engine bug: a trapping guest's WASI stderr write panics the tokio worker"]
+fn a_trapping_policy_does_not_take_the_host_down() {
+    let host = Host::start(&["--admin-token", TOKEN]).unwrap();
+    post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:1"));
+    let swapped = put_policy(
+        &host,
+        "?fault=trap&only-service=greeter",
+        &policy_wasm("chaos"),
+    );
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    let answer = host
+        .get("/v1/services/greeter")
+        .unwrap_or_else(|e| panic!("{e}: {}", host.log()));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let traps = host.get("/v1/policy").unwrap().json()["counters"]["traps"].clone();
+    assert!(traps.as_u64().unwrap() > 0);
+}
