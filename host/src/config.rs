@@ -206,7 +206,9 @@ impl Secret {
         let value = match self {
             Secret::Inline(value) => value.clone(),
             Secret::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::new(field, format!("cannot read {}: {e}", path.display())))?
+                .map_err(|e| {
+                    ConfigError::new(field, format!("cannot read {}: {e}", path.display()))
+                })?
                 .trim_end_matches(['\n', '\r'])
                 .to_string(),
         };
@@ -495,23 +497,20 @@ fn validate_etcd(layer: EtcdLayer) -> Result<Option<EtcdSettings>, ConfigError> 
     // The registry's own rules (endpoint syntax, TLS scheme, prefix, TTL granularity), checked
     // without I/O; the placeholder password is never used.
     let password = settings.user.as_ref().map(|_| "unused".to_string());
-    settings
-        .registry_config(password)
-        .validate()
-        .map_err(|e| {
-            use etcd::ConfigError as E;
-            let field = match &e {
-                E::NoEndpoints | E::BadEndpoint(_) | E::SchemeMismatch { .. } => "etcd.endpoints",
-                E::BadPrefix(_) => "etcd.prefix",
-                E::BadCredentials => "etcd.user",
-                E::HalfClientIdentity => "etcd.cert",
-                E::BadDuration { setting, .. } => match *setting {
-                    "lease_ttl" | "keep_alive_interval" => "etcd.lease_ttl",
-                    _ => "etcd.request_timeout",
-                },
-            };
-            ConfigError::new(field, e.to_string())
-        })?;
+    settings.registry_config(password).validate().map_err(|e| {
+        use etcd::ConfigError as E;
+        let field = match &e {
+            E::NoEndpoints | E::BadEndpoint(_) | E::SchemeMismatch { .. } => "etcd.endpoints",
+            E::BadPrefix(_) => "etcd.prefix",
+            E::BadCredentials => "etcd.user",
+            E::HalfClientIdentity => "etcd.cert",
+            E::BadDuration { setting, .. } => match *setting {
+                "lease_ttl" | "keep_alive_interval" => "etcd.lease_ttl",
+                _ => "etcd.request_timeout",
+            },
+        };
+        ConfigError::new(field, e.to_string())
+    })?;
     Ok(Some(settings))
 }
 
@@ -590,7 +589,11 @@ mod tests {
         assert_eq!(etcd.endpoints.len(), 2);
         assert_eq!(etcd.lease_ttl, Duration::from_secs(30));
         assert_eq!(config.log_format, LogFormat::Json);
-        assert!(config.policy_config.contains(&("max-wait-ms".into(), "500".into())));
+        assert!(
+            config
+                .policy_config
+                .contains(&("max-wait-ms".into(), "500".into()))
+        );
     }
 
     #[test]
@@ -617,13 +620,21 @@ mod tests {
                 "etcd.password",
                 "required",
             ),
-            ("[etcd]\nprefix = \"/x/\"", "etcd.prefix", "no etcd endpoint"),
+            (
+                "[etcd]\nprefix = \"/x/\"",
+                "etcd.prefix",
+                "no etcd endpoint",
+            ),
             (
                 "admin_token = \"a\"\nadmin_token_file = \"/t\"",
                 "admin_token",
                 "not both",
             ),
-            ("snapshot_interval = \"0s\"", "snapshot_interval", "positive"),
+            (
+                "snapshot_interval = \"0s\"",
+                "snapshot_interval",
+                "positive",
+            ),
         ];
         for (text, field, want) in cases {
             let err = toml(text).unwrap_err();

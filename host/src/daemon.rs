@@ -8,8 +8,8 @@
 //! 5. The cache, primed from the snapshot in the state dir if there is one; the snapshot is
 //!    then written periodically.
 //! 6. The HTTP server, until SIGTERM or SIGINT: then stop accepting, finish requests in flight,
-//!    shut the registry down (revoking the lease, so this host's keys go at once), write the
-//!    snapshot, return.
+//!    write the snapshot, shut the registry down (revoking the lease, so this host's keys go at
+//!    once), return.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,7 +74,10 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
         Some(path) => format!("policy file {}", path.display()),
         None => "the embedded default policy".into(),
     };
-    tracing::info!("regcache {} starting on {registry_desc} with {policy_desc}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(
+        "regcache {} starting on {registry_desc} with {policy_desc}",
+        env!("CARGO_PKG_VERSION")
+    );
 
     // The policy first: a policy that does not load is a start-up error, before any port or
     // registry connection is opened.
@@ -119,7 +122,9 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     if let Some(reloader) = &reloader {
         match reloader.clone().watch() {
             Ok(task) => tasks.push(task),
-            Err(e) => tracing::warn!(path = %reloader.path().display(), "cannot watch the policy file (SIGHUP still reloads it): {e}"),
+            Err(e) => {
+                tracing::warn!(path = %reloader.path().display(), "cannot watch the policy file (SIGHUP still reloads it): {e}")
+            }
         }
     }
     tasks.push(tokio::spawn(reload_on_sighup(reloader)?));
@@ -180,11 +185,13 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     for task in &tasks {
         task.abort();
     }
-    registry.shutdown().await;
-    tracing::info!("registry shut down (lease revoked)");
+    // The snapshot first: it records the registry as this host saw it, not the removal of
+    // this host's own keys that the lease revocation is about to cause.
     if let Some(file) = &snapshot_file {
         write_snapshot(file, &cache).await;
     }
+    registry.shutdown().await;
+    tracing::info!("registry shut down (lease revoked)");
     tracing::info!("bye");
     Ok(())
 }
@@ -308,7 +315,9 @@ async fn write_snapshot(file: &SnapshotFile, cache: &RegistryCache) {
     let file = file.clone();
     let services = snapshot.entries.len();
     match tokio::task::spawn_blocking(move || file.write(&snapshot).map(|()| file)).await {
-        Ok(Ok(file)) => tracing::debug!(services, path = %file.path().display(), "snapshot written"),
+        Ok(Ok(file)) => {
+            tracing::debug!(services, path = %file.path().display(), "snapshot written")
+        }
         Ok(Err(e)) => tracing::warn!("cannot write the snapshot: {e}"),
         Err(e) => tracing::warn!("snapshot task failed: {e}"),
     }

@@ -78,14 +78,12 @@ impl SnapshotFile {
             path: self.path.clone(),
             reason: format!("cannot encode: {e}"),
         })?;
-        let header = format!(
-            "{MAGIC} {} {}\n",
-            body.len(),
-            hex(&Sha256::digest(&body))
-        );
+        let header = format!("{MAGIC} {} {}\n", body.len(), hex(&Sha256::digest(&body)));
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("tmp.{}", std::process::id()));
         let result = (|| {
             let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
             file.write_all(header.as_bytes())

@@ -115,7 +115,10 @@ impl Host {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("the host did not exit within {timeout:?}; log:\n{}", self.log());
+                bail!(
+                    "the host did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

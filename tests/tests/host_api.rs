@@ -12,6 +12,12 @@ use serde_json::Value;
 
 const TOKEN: &str = "s3cret-token";
 
+/// Method, path, headers, body, expected status.
+type BadRequest<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16);
+
+/// Arguments, environment, what the error line must contain.
+type BadConfig<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
 fn bearer() -> (&'static str, String) {
     ("Authorization", format!("Bearer {TOKEN}"))
 }
@@ -76,11 +82,18 @@ fn suspects(answer: &Value) -> Vec<String> {
 fn registers_and_looks_up_on_the_embedded_registry() {
     let host = Host::start(&[]).unwrap();
     assert!(
-        host.log().lines().next().unwrap().contains("embedded in-memory registry"),
+        host.log()
+            .lines()
+            .next()
+            .unwrap()
+            .contains("embedded in-memory registry"),
         "the first log line says there is no etcd:\n{}",
         host.log()
     );
-    let created = post_service(&host, &service_json("greeter", "1.0", "g1", "10.0.0.1:8080"));
+    let created = post_service(
+        &host,
+        &service_json("greeter", "1.0", "g1", "10.0.0.1:8080"),
+    );
     assert_eq!(created.status, 201, "{}", created.text());
 
     let found = lookup(&host, "greeter");
@@ -97,7 +110,10 @@ fn registers_and_looks_up_on_the_embedded_registry() {
     );
     assert_eq!(provenance["policy"]["generation"], 1);
     assert_eq!(provenance["policy"]["digest"].as_str().unwrap().len(), 64);
-    assert_eq!(lookup(&host, "greeter").json()["provenance"]["source"], "fresh");
+    assert_eq!(
+        lookup(&host, "greeter").json()["provenance"]["source"],
+        "fresh"
+    );
 
     let list = host.get("/v1/services").unwrap().json();
     assert_eq!(list["services"], serde_json::json!(["greeter"]));
@@ -112,10 +128,12 @@ fn registers_and_looks_up_on_the_embedded_registry() {
         .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
         .unwrap();
     assert_eq!(deleted.status, 204, "{}", deleted.text());
-    assert!(host.get("/v1/registrations").unwrap().json()["registrations"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(
+        host.get("/v1/registrations").unwrap().json()["registrations"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     let again = host
         .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
         .unwrap();
@@ -134,8 +152,14 @@ fn bad_requests_get_4xx_json_and_never_hurt_the_host() {
     let mut ten_mib_json = b"{\"name\":\"big\",\"metadata\":{\"k\":\"".to_vec();
     ten_mib_json.extend(std::iter::repeat_n(b'a', 10 * 1024 * 1024));
     ten_mib_json.extend(b"\"}}");
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16)> = vec![
-        ("POST", "/v1/registrations", vec![], b"{not json".to_vec(), 400),
+    let cases: Vec<BadRequest> = vec![
+        (
+            "POST",
+            "/v1/registrations",
+            vec![],
+            b"{not json".to_vec(),
+            400,
+        ),
         ("POST", "/v1/registrations", vec![], b"[1,2]".to_vec(), 400),
         ("POST", "/v1/registrations", vec![], b"".to_vec(), 400),
         (
@@ -167,7 +191,13 @@ fn bad_requests_get_4xx_json_and_never_hurt_the_host() {
             400,
         ),
         ("POST", "/v1/registrations", vec![], ten_mib_json, 413),
-        ("PUT", "/v1/policy", vec![(auth, value.as_str())], ten_mib, 413),
+        (
+            "PUT",
+            "/v1/policy",
+            vec![(auth, value.as_str())],
+            ten_mib,
+            413,
+        ),
         ("GET", "/v1/services/a%20b", vec![], vec![], 400),
         ("GET", "/v1/services/%FF%FE", vec![], vec![], 400),
         ("GET", "/v1/services/..", vec![], vec![], 400),
@@ -207,7 +237,12 @@ fn admin_endpoints_need_the_token_and_are_disabled_without_one() {
     let default = policy_wasm("default");
     let disabled = Host::start(&[]).unwrap();
     let response = disabled
-        .request("PUT", "/v1/policy", &[("Authorization", "Bearer x")], &default)
+        .request(
+            "PUT",
+            "/v1/policy",
+            &[("Authorization", "Bearer x")],
+            &default,
+        )
         .unwrap();
     assert_eq!(response.status, 403, "{}", response.text());
     assert_eq!(response.json()["error"], "admin_disabled");
@@ -219,7 +254,9 @@ fn admin_endpoints_need_the_token_and_are_disabled_without_one() {
         vec![("Authorization", "Bearer wrong-token")],
         vec![("Authorization", TOKEN)],
     ] {
-        let response = host.request("PUT", "/v1/policy", &headers, &default).unwrap();
+        let response = host
+            .request("PUT", "/v1/policy", &headers, &default)
+            .unwrap();
         assert_eq!(response.status, 401, "{headers:?}: {}", response.text());
         assert_eq!(response.json()["error"], "unauthorized");
     }
@@ -328,8 +365,9 @@ fn put_policy_swaps_each_example_and_refuses_bad_ones() {
     assert!(hits(&host) > before, "the deadline hit is counted");
     let metrics = host.get("/metrics").unwrap().text();
     assert!(
-        metrics.lines().any(|l| l.starts_with("regcache_policy_deadline_hits_total ")
-            && !l.ends_with(" 0")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("regcache_policy_deadline_hits_total ") && !l.ends_with(" 0")),
         "{metrics}"
     );
 
@@ -457,15 +495,32 @@ fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
 fn bad_config_fails_with_one_line_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let unknown = dir.path().join("unknown.toml");
-    std::fs::write(&unknown, "listen = \"127.0.0.1:0\"\n[etcd]\nendpoint = [\"a:1\"]\n").unwrap();
+    std::fs::write(
+        &unknown,
+        "listen = \"127.0.0.1:0\"\n[etcd]\nendpoint = [\"a:1\"]\n",
+    )
+    .unwrap();
     let wrong_type = dir.path().join("type.toml");
-    std::fs::write(&wrong_type, "[etcd]\nendpoints = [\"a:1\"]\nlease_ttl = 15\n").unwrap();
+    std::fs::write(
+        &wrong_type,
+        "[etcd]\nendpoints = [\"a:1\"]\nlease_ttl = 15\n",
+    )
+    .unwrap();
     let unknown = unknown.to_str().unwrap();
     let wrong_type = wrong_type.to_str().unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
-        (vec!["--etcd-endpoints", "not an endpoint"], vec![], "etcd.endpoints"),
+    let cases: Vec<BadConfig> = vec![
         (
-            vec!["--etcd-endpoints", "127.0.0.1:2379", "--etcd-lease-ttl", "1500ms"],
+            vec!["--etcd-endpoints", "not an endpoint"],
+            vec![],
+            "etcd.endpoints",
+        ),
+        (
+            vec![
+                "--etcd-endpoints",
+                "127.0.0.1:2379",
+                "--etcd-lease-ttl",
+                "1500ms",
+            ],
             vec![],
             "etcd.lease_ttl",
         ),
@@ -478,7 +533,11 @@ fn bad_config_fails_with_one_line_naming_the_field() {
             "etcd.password",
         ),
         (vec!["--policy-config", "novalue"], vec![], "policy.config"),
-        (vec!["--config", unknown], vec![], "unknown field `endpoint`"),
+        (
+            vec!["--config", unknown],
+            vec![],
+            "unknown field `endpoint`",
+        ),
         (vec!["--config", wrong_type], vec![], "line 3"),
         (
             vec!["--admin-token-file", "/nonexistent/token"],

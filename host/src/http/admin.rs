@@ -177,9 +177,7 @@ pub(super) async fn healthz() -> Json<serde_json::Value> {
 
 /// `GET /readyz`: a policy is loaded (always, once the host serves) and the registry answers
 /// or a snapshot is being served.
-pub(super) async fn readyz(
-    State(state): State<AppState>,
-) -> (StatusCode, Json<serde_json::Value>) {
+pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let health = state.registry.health();
     let registry = health.watch_connected;
     let snapshot = state.serving_snapshot();

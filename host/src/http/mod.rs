@@ -90,9 +90,8 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route(
             "/v1/policy",
-            get(admin::policy).merge(
-                put(admin::swap_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY)),
-            ),
+            get(admin::policy)
+                .merge(put(admin::swap_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY))),
         )
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::healthz))
@@ -206,7 +205,10 @@ impl From<QueryRejection> for ApiError {
 /// with a letter or digit, which covers go-micro's names (`go.micro.srv.greeter`) and node ids
 /// (`greeter-<uuid>`), and keeps keys, logs and URLs unambiguous (no `..`).
 fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = name.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+    let ok = name
+        .as_bytes()
+        .first()
+        .is_some_and(u8::is_ascii_alphanumeric)
         && name.len() <= MAX_NAME
         && name
             .bytes()
@@ -227,11 +229,27 @@ mod tests {
 
     #[test]
     fn names() {
-        for good in ["greeter", "go.micro.srv.greeter", "greeter-1f2e:8080", "a@b_c"] {
+        for good in [
+            "greeter",
+            "go.micro.srv.greeter",
+            "greeter-1f2e:8080",
+            "a@b_c",
+        ] {
             assert!(check_name("service", good).is_ok(), "{good}");
         }
         let long = "x".repeat(MAX_NAME + 1);
-        for bad in ["", "a b", "a/b", "ä", "a\0", "<script>", "..", ".hidden", "-x", long.as_str()] {
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "ä",
+            "a\0",
+            "<script>",
+            "..",
+            ".hidden",
+            "-x",
+            long.as_str(),
+        ] {
             assert!(check_name("service", bad).is_err(), "{bad:?}");
         }
     }

@@ -178,7 +178,9 @@ pub(super) async fn register(
     let service = Service::decode(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_name("service name", &service.name)?;
     if service.nodes.is_empty() {
-        return Err(ApiError::bad_request("a registration needs at least one node"));
+        return Err(ApiError::bad_request(
+            "a registration needs at least one node",
+        ));
     }
     for node in &service.nodes {
         check_name("node id", &node.id)?;

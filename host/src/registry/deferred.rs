@@ -67,7 +67,11 @@ impl Deferred {
 
     fn inner(&self, op: &'static str) -> Result<&Arc<dyn Registry>, RegistryError> {
         self.inner.get().ok_or_else(|| {
-            RegistryError::new(ErrorKind::Unavailable, op, "not connected to the registry yet")
+            RegistryError::new(
+                ErrorKind::Unavailable,
+                op,
+                "not connected to the registry yet",
+            )
         })
     }
 }
@@ -161,6 +165,9 @@ mod tests {
         let first = tokio::time::timeout(std::time::Duration::from_secs(5), early.recv())
             .await
             .unwrap();
-        assert!(first.is_some(), "an early watcher is fed once the registry is set");
+        assert!(
+            first.is_some(),
+            "an early watcher is fed once the registry is set"
+        );
     }
 }
