@@ -76,7 +76,7 @@ async fn registration_survives_etcd_outage_and_lease_loss() {
         .unwrap();
     assert_eq!(created.status, 201, "{}", created.text());
     let key = format!("{PREFIX}greeter/g1");
-    assert_eq!(keys(&etcd), [key.clone()]);
+    assert_eq!(keys(&etcd), std::slice::from_ref(&key));
     let (status, answer) = lookup(&host, "greeter");
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["services"][0]["nodes"][0]["id"], "g1");
