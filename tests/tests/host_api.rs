@@ -626,3 +626,22 @@ fn a_trapping_policy_does_not_take_the_host_down() {
     let traps = host.get("/v1/policy").unwrap().json()["counters"]["traps"].clone();
     assert!(traps.as_u64().unwrap() > 0);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let host = Host::start(&["--log-format", "json"]).unwrap();
+    let log = host.log();
+    for line in log.lines() {
+        let json: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}"));
+        assert!(json["level"].is_string(), "{line}");
+    }
+    let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(
+        first["message"]
+            .as_str()
+            .unwrap()
+            .contains("embedded in-memory registry"),
+        "{first}"
+    );
+}
