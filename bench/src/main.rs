@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     let effort = measure::Effort::new(args.quick);
     let sections = vec![
         scenarios::policy_cost::run(effort)?,
+        scenarios::hot_path::run(effort, args.quick)?,
         scenarios::auth_load::run(args.quick)?,
     ];
     let report = report::Report {

@@ -33,6 +33,13 @@ impl Row {
         self.met = Some(self.value <= bound);
         self
     }
+
+    /// Marks the row as backing "value >= bound".
+    pub fn at_least(mut self, bound: f64) -> Self {
+        self.target = Some(format!(">= {bound}"));
+        self.met = Some(self.value >= bound);
+        self
+    }
 }
 
 /// One scenario's results.

@@ -1,4 +1,5 @@
 //! The benchmark scenarios of issue 6, one module each.
 
 pub mod auth_load;
+pub mod hot_path;
 pub mod policy_cost;

@@ -1,0 +1,160 @@
+//! The lookup hot path in process (scenario 1): a cache hit answered by the registry cache with
+//! the wasm policy consulted, against its parts measured alone in the same run (a bare sharded
+//! map hit, the bare component call) and against the same cache with a native Rust policy; and
+//! lookups per second on 1 and 2 threads (no shared lock on the hit path, so ~2x).
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use regcache::cache::RegistryCache;
+use regcache::decision::{
+    Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
+};
+use regcache::model::Service;
+use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
+use regcache::registry::Registry;
+use regcache::registry::memory::MemoryRegistry;
+use regcache_tests::registry::service;
+
+use super::policy_cost::fresh_hit;
+use crate::measure::{Effort, ns_per_op};
+use crate::report::{Row, Section};
+
+const SERVICES: usize = 100;
+const NODES: usize = 10;
+
+/// Polls a future that must complete without waiting, as a cache hit does.
+fn now_or_never<F: Future>(future: F) -> F::Output {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("a cache hit waited"),
+    }
+}
+
+/// The default policy's hit-path rule in Rust, behind the same `Decide` trait.
+struct NativePolicy(Arc<PolicyInfo>);
+
+impl Decide for NativePolicy {
+    fn decide_lookup(&self, ctx: &LookupContext<'_>) -> Decided<LookupDecision> {
+        let ttl_ms = self.0.settings.ttl.as_millis() as u64;
+        let decision = match ctx.since_refresh_ms {
+            Some(age) if ctx.cached && age < ttl_ms => LookupDecision::ServeCached,
+            _ if ctx.cached => LookupDecision::ServeStale { refresh: true },
+            _ => LookupDecision::RefreshAndWait { max_wait_ms: 3_000, fallback_to_stale: true },
+        };
+        Decided { decision, policy: self.0.clone() }
+    }
+
+    fn guard_eviction(&self, _ctx: &EvictionContext<'_>) -> Decided<EvictionDecision> {
+        Decided { decision: EvictionDecision::Evict, policy: self.0.clone() }
+    }
+
+    fn active(&self) -> Arc<PolicyInfo> {
+        self.0.clone()
+    }
+}
+
+fn names() -> Vec<String> {
+    (0..SERVICES).map(|i| format!("svc-{i:03}")).collect()
+}
+
+async fn warm_cache(policy: Arc<dyn Decide>) -> anyhow::Result<RegistryCache> {
+    let registry = Arc::new(MemoryRegistry::new());
+    for name in names() {
+        for node in 0..NODES {
+            registry.register(&service(&name, "1", &format!("{name}-{node}"))).await?;
+        }
+    }
+    let cache = RegistryCache::new(registry, policy);
+    for name in names() {
+        cache.lookup(&name).await?;
+    }
+    Ok(cache)
+}
+
+/// Lookups per second over all threads, each thread cycling through its own services.
+fn lookups_per_second(cache: &RegistryCache, threads: usize, duration: Duration) -> f64 {
+    let names = Arc::new(names());
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Handle::current();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (cache, names, stop, runtime) = (cache.clone(), names.clone(), stop.clone(), runtime.clone());
+            std::thread::spawn(move || {
+                let _runtime = runtime.enter();
+                let mine: Vec<&String> = names.iter().skip(t).step_by(threads).collect();
+                let mut done = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for name in &mine {
+                        black_box(now_or_never(cache.lookup(name)).expect("hit"));
+                    }
+                    done += mine.len() as u64;
+                }
+                done
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let _entered = runtime.enter();
+    let engine = PolicyEngine::new(EngineOptions::default(), PolicySpec::embedded_default(vec![]))?;
+    let wasm_cache = runtime.block_on(warm_cache(Arc::new(engine.clone())))?;
+    let native_cache = runtime.block_on(warm_cache(Arc::new(NativePolicy(engine.active()))))?;
+    let name = "svc-042";
+
+    // The bare parts: a sharded-map hit sharing the answer, and the component call alone.
+    let bare_map: DashMap<Arc<str>, Arc<Vec<Service>>> = DashMap::new();
+    let answer = Arc::new(now_or_never(wasm_cache.lookup(name))?.services().to_vec());
+    bare_map.insert(Arc::from(name), answer);
+    let bare_hit = ns_per_op(effort, || {
+        black_box(bare_map.get(black_box(name)).map(|e| e.value().clone()));
+    });
+    let mut direct = engine.direct_instance()?;
+    let ctx = fresh_hit(name);
+    let bare_call = ns_per_op(effort, || {
+        black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+    });
+    let native = ns_per_op(effort, || {
+        black_box(now_or_never(native_cache.lookup(black_box(name))).unwrap());
+    });
+    let wasm = ns_per_op(effort, || {
+        black_box(now_or_never(wasm_cache.lookup(black_box(name))).unwrap());
+    });
+
+    let window = Duration::from_millis(if quick { 200 } else { 2_000 });
+    let one = lookups_per_second(&wasm_cache, 1, window);
+    let two = lookups_per_second(&wasm_cache, 2, window);
+
+    Ok(Section {
+        title: format!("Lookup hot path in process ({SERVICES} services x {NODES} nodes cached)"),
+        rows: vec![
+            Row::new("bare sharded-map hit sharing the answer (no policy)", bare_hit, "ns"),
+            Row::new("bare component call (decide-lookup)", bare_call, "ns"),
+            Row::new("cache hit, native Rust policy", native, "ns"),
+            Row::new("cache hit, wasm policy consulted", wasm, "ns"),
+            Row::new(
+                "wasm lookup / (bare hit + bare component call)",
+                wasm / (bare_hit + bare_call),
+                "x",
+            )
+            .at_most(1.25),
+            Row::new("lookups/s, 1 thread (wasm policy)", one, "/s"),
+            Row::new("lookups/s, 2 threads (wasm policy)", two, "/s"),
+            Row::new("scaling, 2 threads / 1 thread", two / one, "x").at_least(1.8),
+        ],
+        notes: vec![],
+    })
+}
