@@ -299,3 +299,52 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["provenance"]["snapshot"], false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let endpoint = etcd.endpoint(0);
+    let mut host = Host::start(&[
+        "--etcd-endpoints",
+        &endpoint,
+        "--etcd-request-timeout",
+        "3s",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--policy-config",
+        "max-wait-ms=1500",
+    ])
+    .unwrap();
+    // A hung etcd: the lookup of an unknown service waits up to the policy's max-wait.
+    etcd.stop(0).unwrap();
+    let addr = host.addr;
+    let pending = std::thread::spawn(move || {
+        regcache_tests::host::request(addr, "GET", "/v1/services/slow", &[], b"")
+    });
+    assert!(
+        poll(Duration::from_secs(10), || host
+            .get("/metrics")
+            .unwrap()
+            .text()
+            .contains(
+                "regcache_lookup_decisions_total{decision=\"refresh_and_wait\"} 1"
+            )),
+        "the lookup is in flight"
+    );
+    host.signal("TERM").unwrap();
+    assert!(
+        poll(Duration::from_secs(5), || host.log().contains("draining")),
+        "{}",
+        host.log()
+    );
+    let answer = pending
+        .join()
+        .unwrap()
+        .expect("a complete answer, not a reset");
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.json()["error"], "unavailable");
+    etcd.cont(0).unwrap();
+    let status = host.wait_exit(Duration::from_secs(15)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", host.log());
+}
