@@ -603,13 +603,11 @@ fn run_help_documents_every_option() {
     }
 }
 
-/// A policy that traps (a Rust guest's panic writes its message to WASI stderr) must not take
-/// the host down. Today it does: wasmtime-wasi's sync bindings `block_on` the stderr write on
-/// the tokio worker that runs the lookup ("Cannot start a runtime from within a runtime"), so
-/// the worker panics and the connection drops. Reported to the policy engine's owner; remove
-/// the `ignore` once the engine runs guest WASI calls without nesting runtimes.
+/// A policy that traps must not take the host (or a request) down. A Rust guest's panic writes
+/// its message to WASI stderr before trapping, and wasmtime-wasi's sync bindings `block_on` that
+/// write on the tokio worker running the lookup ("Cannot start a runtime from within a
+/// runtime"); the engine must turn that into a counted trap and a fail-safe answer.
 #[test]
-#[ignore = "policy engine bug: a trapping guest's WASI stderr write panics the tokio worker"]
 fn a_trapping_policy_does_not_take_the_host_down() {
     let host = Host::start(&["--admin-token", TOKEN]).unwrap();
     post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:1"));

@@ -194,11 +194,30 @@ pub(crate) fn with_thread_instance<R>(
             }
         };
         let worker = &mut workers[slot];
-        match call(&mut worker.instance) {
-            Ok(answer) => Ok((answer, worker.info.clone())),
-            Err(failure) => {
+        // A guest that traps usually writes its panic message to WASI stderr first. wasmtime-wasi's
+        // sync bindings run stream calls through `block_on` on the ambient tokio runtime, which
+        // panics when the decision is made on a runtime worker thread (the cache's lookups are).
+        // wasmtime carries that host panic out of the call; it is caught here and treated as the
+        // trap it stands for: the instance (its store possibly inconsistent) is discarded, and
+        // the caller gets the fail-safe decision instead of a dead task.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&mut worker.instance)));
+        match outcome {
+            Ok(Ok(answer)) => Ok((answer, worker.info.clone())),
+            Ok(Err(failure)) => {
                 workers.swap_remove(slot);
                 Err(failure)
+            }
+            Err(panic) => {
+                workers.swap_remove(slot);
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(CallFailure::Trap(format!(
+                    "the guest's host call panicked (a trap writing to WASI): {message}"
+                )))
             }
         }
     })
