@@ -46,13 +46,22 @@ impl Decide for NativePolicy {
         let decision = match ctx.since_refresh_ms {
             Some(age) if ctx.cached && age < ttl_ms => LookupDecision::ServeCached,
             _ if ctx.cached => LookupDecision::ServeStale { refresh: true },
-            _ => LookupDecision::RefreshAndWait { max_wait_ms: 3_000, fallback_to_stale: true },
+            _ => LookupDecision::RefreshAndWait {
+                max_wait_ms: 3_000,
+                fallback_to_stale: true,
+            },
         };
-        Decided { decision, policy: self.0.clone() }
+        Decided {
+            decision,
+            policy: self.0.clone(),
+        }
     }
 
     fn guard_eviction(&self, _ctx: &EvictionContext<'_>) -> Decided<EvictionDecision> {
-        Decided { decision: EvictionDecision::Evict, policy: self.0.clone() }
+        Decided {
+            decision: EvictionDecision::Evict,
+            policy: self.0.clone(),
+        }
     }
 
     fn active(&self) -> Arc<PolicyInfo> {
@@ -68,7 +77,9 @@ async fn warm_cache(policy: Arc<dyn Decide>) -> anyhow::Result<RegistryCache> {
     let registry = Arc::new(MemoryRegistry::new());
     for name in names() {
         for node in 0..NODES {
-            registry.register(&service(&name, "1", &format!("{name}-{node}"))).await?;
+            registry
+                .register(&service(&name, "1", &format!("{name}-{node}")))
+                .await?;
         }
     }
     let cache = RegistryCache::new(registry, policy);
@@ -85,7 +96,8 @@ fn lookups_per_second(cache: &RegistryCache, threads: usize, duration: Duration)
     let runtime = tokio::runtime::Handle::current();
     let workers: Vec<_> = (0..threads)
         .map(|t| {
-            let (cache, names, stop, runtime) = (cache.clone(), names.clone(), stop.clone(), runtime.clone());
+            let (cache, names, stop, runtime) =
+                (cache.clone(), names.clone(), stop.clone(), runtime.clone());
             std::thread::spawn(move || {
                 let _runtime = runtime.enter();
                 let mine: Vec<&String> = names.iter().skip(t).step_by(threads).collect();
@@ -110,7 +122,10 @@ fn lookups_per_second(cache: &RegistryCache, threads: usize, duration: Duration)
 pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
     let runtime = tokio::runtime::Runtime::new()?;
     let _entered = runtime.enter();
-    let engine = PolicyEngine::new(EngineOptions::default(), PolicySpec::embedded_default(vec![]))?;
+    let engine = PolicyEngine::new(
+        EngineOptions::default(),
+        PolicySpec::embedded_default(vec![]),
+    )?;
     let wasm_cache = runtime.block_on(warm_cache(Arc::new(engine.clone())))?;
     let native_cache = runtime.block_on(warm_cache(Arc::new(NativePolicy(engine.active()))))?;
     let name = "svc-042";
@@ -141,7 +156,11 @@ pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
     Ok(Section {
         title: format!("Lookup hot path in process ({SERVICES} services x {NODES} nodes cached)"),
         rows: vec![
-            Row::new("bare sharded-map hit sharing the answer (no policy)", bare_hit, "ns"),
+            Row::new(
+                "bare sharded-map hit sharing the answer (no policy)",
+                bare_hit,
+                "ns",
+            ),
             Row::new("bare component call (decide-lookup)", bare_call, "ns"),
             Row::new("cache hit, native Rust policy", native, "ns"),
             Row::new("cache hit, wasm policy consulted", wasm, "ns"),

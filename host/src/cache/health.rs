@@ -6,7 +6,7 @@
 //! refresh answered, a watch event received) is recorded as it happens.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::decision::HealthView;
 use crate::registry::Registry;
@@ -15,6 +15,9 @@ use crate::registry::Registry;
 #[derive(Debug)]
 pub(crate) struct HealthCell {
     base: Instant,
+    /// Wall-clock milliseconds at `base`: lookups derive the wall clock from the one monotonic
+    /// reading they take anyway (a clock read costs tens of ns in a VM, on every lookup).
+    base_wall_ms: u64,
     watch_connected: AtomicBool,
     /// Milliseconds since `base` of the last contact, plus one; 0 = never.
     last_contact: AtomicU64,
@@ -24,6 +27,9 @@ impl HealthCell {
     pub fn new() -> Self {
         HealthCell {
             base: Instant::now(),
+            base_wall_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             watch_connected: AtomicBool::new(false),
             last_contact: AtomicU64::new(0),
         }
@@ -31,14 +37,18 @@ impl HealthCell {
 
     /// The health now.
     pub fn view(&self) -> HealthView {
+        self.view_and_wall_ms().0
+    }
+
+    /// The health now, and the wall clock in ms since the Unix epoch, from one clock reading.
+    pub fn view_and_wall_ms(&self) -> (HealthView, u64) {
+        let elapsed_ms = self.base.elapsed().as_millis() as u64;
         let last = self.last_contact.load(Ordering::Relaxed);
-        HealthView {
+        let view = HealthView {
             watch_connected: self.watch_connected.load(Ordering::Relaxed),
-            since_last_contact_ms: (last > 0).then(|| {
-                let now = self.base.elapsed().as_millis() as u64 + 1;
-                now.saturating_sub(last)
-            }),
-        }
+            since_last_contact_ms: (last > 0).then(|| (elapsed_ms + 1).saturating_sub(last)),
+        };
+        (view, self.base_wall_ms + elapsed_ms)
     }
 
     /// Records that the registry answered at `at`.

@@ -276,11 +276,11 @@ impl Inner {
         now: Instant,
     ) -> LookupContext<'a> {
         let since = |t: Option<Instant>| t.map(|t| millis(now.saturating_duration_since(t)));
-        let health = self.health.view();
+        let (health, now_ms) = self.health.view_and_wall_ms();
         match view {
             None => LookupContext {
                 service,
-                now_ms: wall_ms(),
+                now_ms,
                 cached: false,
                 negative: false,
                 versions: 0,
@@ -295,7 +295,7 @@ impl Inner {
             },
             Some(view) => LookupContext {
                 service,
-                now_ms: wall_ms(),
+                now_ms,
                 cached: view.cached(),
                 negative: view.negative,
                 versions: view.versions,
