@@ -268,6 +268,15 @@ fn admin_endpoints_need_the_token_and_are_disabled_without_one() {
     }
     assert_eq!(active_digest(&host), before);
     assert_eq!(host.get("/v1/policy").unwrap().json()["generation"], 1);
+
+    // The token from a file (trailing newline ignored), as secrets are mounted.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let from_file = Host::start(&["--admin-token-file", token_file.to_str().unwrap()]).unwrap();
+    let swapped = put_policy(&from_file, "", &policy_wasm("strict"));
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    assert_eq!(swapped.json()["generation"], 2);
 }
 
 #[test]
