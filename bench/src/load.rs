@@ -12,7 +12,6 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-
 /// One request, sent again and again.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -37,10 +36,6 @@ pub struct Outcome {
 impl Outcome {
     pub fn rate(&self) -> f64 {
         self.ok as f64 / self.seconds
-    }
-
-    pub fn answered_share(&self) -> f64 {
-        self.ok as f64 / (self.ok + self.failed).max(1) as f64
     }
 
     pub fn p(&self, q: f64) -> Duration {
@@ -77,7 +72,8 @@ async fn connection(target: Arc<Target>, deadline: Instant) -> Outcome {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
         else {
             outcome.failed += 1;
             continue;
@@ -95,7 +91,12 @@ async fn connection(target: Arc<Target>, deadline: Instant) -> Outcome {
             let answer = match sender.send_request(request).await {
                 Ok(response) => {
                     let ok = response.status().is_success();
-                    response.into_body().collect().await.map(|_| ok).unwrap_or(false)
+                    response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|_| ok)
+                        .unwrap_or(false)
                 }
                 Err(_) => {
                     outcome.failed += 1;

@@ -3,6 +3,7 @@
 //! Every claim is a ratio against a baseline measured in the same run. `--quick` runs each
 //! scenario briefly, for CI's smoke check; its numbers are not claims.
 
+mod load;
 mod measure;
 mod report;
 mod scenarios;
@@ -28,6 +29,9 @@ fn main() -> anyhow::Result<()> {
     let sections = vec![
         scenarios::policy_cost::run(effort)?,
         scenarios::hot_path::run(effort, args.quick)?,
+        scenarios::http_vs_etcd::run(args.quick)?,
+        scenarios::outage::run(args.quick)?,
+        scenarios::penetration::run(args.quick)?,
         scenarios::auth_load::run(args.quick)?,
     ];
     let report = report::Report {

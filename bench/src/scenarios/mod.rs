@@ -2,4 +2,7 @@
 
 pub mod auth_load;
 pub mod hot_path;
+pub mod http_vs_etcd;
+pub mod outage;
+pub mod penetration;
 pub mod policy_cost;
