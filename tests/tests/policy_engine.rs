@@ -529,3 +529,30 @@ async fn policy_file_changes_swap_after_the_file_is_complete() {
         EvictionDecision::Evict
     );
 }
+
+/// A trapping Rust guest writes its panic message to WASI stderr, which wasmtime-wasi's sync
+/// bindings cannot do on a tokio thread; the host must still see a plain trap, both when it
+/// validates a policy on a blocking thread and when it decides a lookup on a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traps_on_runtime_threads_are_refusals_and_fail_safes_not_panics() {
+    let engine = engine();
+    let swapper = engine.clone();
+    let refused =
+        tokio::task::spawn_blocking(move || swapper.swap(spec("chaos", &[("fault", "trap")])))
+            .await
+            .expect("validation on a blocking thread must not panic");
+    assert!(refused.unwrap_err().to_string().contains("trapped"));
+
+    engine
+        .swap(spec(
+            "chaos",
+            &[("fault", "trap"), ("only-service", "boom")],
+        ))
+        .unwrap();
+    let worker = engine.clone();
+    let decided = tokio::spawn(async move { worker.decide_lookup(&cached("boom", 1)).decision })
+        .await
+        .expect("a decision on a worker thread must not panic");
+    assert_eq!(decided, LookupDecision::ServeStale { refresh: true });
+    assert_eq!(engine.stats().traps, 1);
+}

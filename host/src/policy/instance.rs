@@ -72,14 +72,13 @@ impl Instance {
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(sandbox::ticks(limits.configure_deadline));
         let deadline = limits.configure_deadline;
-        let policy = component_pre.instantiate(&mut store).map_err(|e| {
+        let policy = contain(|| component_pre.instantiate(&mut store)).map_err(|e| {
             match CallFailure::from_error(e, deadline) {
                 CallFailure::Trap(msg) => CallFailure::Instantiate(msg),
                 other => other,
             }
         })?;
-        let settings = policy
-            .call_configure(&mut store, config)
+        let settings = contain(|| policy.call_configure(&mut store, config))
             .map_err(|e| CallFailure::from_error(e, deadline))?
             .map_err(|reason| CallFailure::Refused(truncate(reason)))?;
         let instance = Instance {
@@ -101,7 +100,7 @@ impl Instance {
         service.clear();
         service.push_str(ctx.service);
         let lowered = bindings::lookup_context(ctx, service);
-        let result = self.policy.call_decide_lookup(&mut self.store, &lowered);
+        let result = contain(|| self.policy.call_decide_lookup(&mut self.store, &lowered));
         self.service = lowered.service;
         let decision = result.map_err(|e| CallFailure::from_error(e, deadline))?;
         bindings::lookup_decision(decision).map_err(|e| CallFailure::InvalidAnswer(e.to_string()))
@@ -113,12 +112,31 @@ impl Instance {
     ) -> Result<EvictionDecision, CallFailure> {
         let deadline = self.limits.decision_deadline;
         self.store.set_epoch_deadline(sandbox::ticks(deadline));
-        let decision = self
-            .policy
-            .call_guard_eviction(&mut self.store, &bindings::eviction_context(ctx))
+        let lowered = bindings::eviction_context(ctx);
+        let decision = contain(|| self.policy.call_guard_eviction(&mut self.store, &lowered))
             .map_err(|e| CallFailure::from_error(e, deadline))?;
         Ok(bindings::eviction_decision(decision))
     }
+}
+
+/// Runs one call into a guest, turning a panic of the host side into an error.
+///
+/// A guest that traps usually writes its panic message to WASI stderr first, and
+/// wasmtime-wasi's synchronous bindings run stream calls through `block_on` on the ambient
+/// tokio runtime, which panics on a runtime thread (where the cache decides lookups and the
+/// admin API validates policies). wasmtime carries that panic out of the call; here it becomes
+/// the trap it stands for, so the caller discards the instance and answers with the fail-safe.
+fn contain<T>(call: impl FnOnce() -> wasmtime::Result<T>) -> wasmtime::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(wasmtime::Error::msg(format!(
+            "a host call of the guest panicked: {message}"
+        )))
+    })
 }
 
 fn truncate(mut text: String) -> String {
@@ -194,30 +212,11 @@ pub(crate) fn with_thread_instance<R>(
             }
         };
         let worker = &mut workers[slot];
-        // A guest that traps usually writes its panic message to WASI stderr first. wasmtime-wasi's
-        // sync bindings run stream calls through `block_on` on the ambient tokio runtime, which
-        // panics when the decision is made on a runtime worker thread (the cache's lookups are).
-        // wasmtime carries that host panic out of the call; it is caught here and treated as the
-        // trap it stands for: the instance (its store possibly inconsistent) is discarded, and
-        // the caller gets the fail-safe decision instead of a dead task.
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&mut worker.instance)));
-        match outcome {
-            Ok(Ok(answer)) => Ok((answer, worker.info.clone())),
-            Ok(Err(failure)) => {
+        match call(&mut worker.instance) {
+            Ok(answer) => Ok((answer, worker.info.clone())),
+            Err(failure) => {
                 workers.swap_remove(slot);
                 Err(failure)
-            }
-            Err(panic) => {
-                workers.swap_remove(slot);
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(CallFailure::Trap(format!(
-                    "the guest's host call panicked (a trap writing to WASI): {message}"
-                )))
             }
         }
     })
