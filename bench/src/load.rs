@@ -1,6 +1,7 @@
 //! A closed-loop HTTP/1.1 load generator: a fixed number of keep-alive connections, each sending
-//! its next request as soon as the previous answer arrives, for a fixed time. Used for both
-//! regcache and etcd's JSON gateway so that the two are driven identically.
+//! its next request as soon as the previous answer arrives, for a fixed time (or until every
+//! path was asked once). Used for both regcache and etcd's JSON gateway so that the two are
+//! driven identically.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,13 +13,56 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// One request, sent again and again.
+/// The requests to send: every connection cycles through `paths`, each starting at its own
+/// offset.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub method: Method,
-    pub path: String,
+    pub paths: Vec<String>,
     pub body: Bytes,
+}
+
+impl Target {
+    /// `GET path`, again and again.
+    pub fn get(addr: SocketAddr, path: impl Into<String>) -> Self {
+        Target {
+            addr,
+            method: Method::GET,
+            paths: vec![path.into()],
+            body: Bytes::new(),
+        }
+    }
+}
+
+/// The body of one `GET` of the target's first path, if it answered 2xx.
+pub async fn body(target: &Target) -> Option<String> {
+    let stream = TcpStream::connect(target.addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    let driver = tokio::spawn(conn);
+    let request = Request::get(&target.paths[0])
+        .header("host", target.addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let response = sender.send_request(request).await.ok()?;
+    let ok = response.status().is_success();
+    let bytes = response.into_body().collect().await.ok()?.to_bytes();
+    driver.abort();
+    ok.then(|| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Failures after which a connection gives up.
+const MAX_FAILURES: u64 = 1_000;
+
+/// When connections stop.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// At this time.
+    Deadline(Instant),
+    /// Once every path was asked exactly once, over all connections.
+    EachPathOnce,
 }
 
 /// What a run saw.
@@ -45,11 +89,20 @@ impl Outcome {
 
 /// Drives `target` with `connections` connections for `duration`.
 pub async fn run(target: &Target, connections: usize, duration: Duration) -> Outcome {
+    drive(
+        target,
+        connections,
+        Until::Deadline(Instant::now() + duration),
+    )
+    .await
+}
+
+/// Drives `target` with `connections` connections until `until`.
+pub async fn drive(target: &Target, connections: usize, until: Until) -> Outcome {
     let target = Arc::new(target.clone());
     let started = Instant::now();
-    let deadline = started + duration;
     let workers: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(connection(target.clone(), deadline)))
+        .map(|c| tokio::spawn(connection(target.clone(), c, connections, until)))
         .collect();
     let mut outcome = Outcome::default();
     for worker in workers {
@@ -63,9 +116,17 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> Out
     outcome
 }
 
-async fn connection(target: Arc<Target>, deadline: Instant) -> Outcome {
+async fn connection(target: Arc<Target>, first: usize, stride: usize, until: Until) -> Outcome {
     let mut outcome = Outcome::default();
-    while Instant::now() < deadline {
+    let mut next = first;
+    let more = |next: usize| match until {
+        Until::Deadline(deadline) => Instant::now() < deadline,
+        Until::EachPathOnce => next < target.paths.len(),
+    };
+    while more(next) {
+        if outcome.failed > MAX_FAILURES {
+            break; // the server is gone; say so in the outcome rather than spin
+        }
         let Ok(stream) = TcpStream::connect(target.addr).await else {
             outcome.failed += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -79,10 +140,12 @@ async fn connection(target: Arc<Target>, deadline: Instant) -> Outcome {
             continue;
         };
         let driver = tokio::spawn(conn);
-        while Instant::now() < deadline {
+        while more(next) {
+            let path = &target.paths[next % target.paths.len()];
+            next += stride;
             let request = Request::builder()
                 .method(target.method.clone())
-                .uri(&target.path)
+                .uri(path)
                 .header("host", target.addr.to_string())
                 .header("content-type", "application/json")
                 .body(Full::new(target.body.clone()))

@@ -3,6 +3,7 @@
 //! Every claim is a ratio against a baseline measured in the same run. `--quick` runs each
 //! scenario briefly, for CI's smoke check; its numbers are not claims.
 
+mod host;
 mod load;
 mod measure;
 mod report;
@@ -18,6 +19,10 @@ struct Args {
     /// Measure briefly (smoke test; numbers are not claims).
     #[arg(long)]
     quick: bool,
+    /// Run only these scenarios (policy_cost, hot_path, http_vs_etcd, outage, penetration,
+    /// auth_load, scale, hot_swap); repeatable.
+    #[arg(long)]
+    only: Option<Vec<String>>,
     /// Where to write latest.md and latest.json.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -26,14 +31,44 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let effort = measure::Effort::new(args.quick);
-    let sections = vec![
-        scenarios::policy_cost::run(effort)?,
-        scenarios::hot_path::run(effort, args.quick)?,
-        scenarios::http_vs_etcd::run(args.quick)?,
-        scenarios::outage::run(args.quick)?,
-        scenarios::penetration::run(args.quick)?,
-        scenarios::auth_load::run(args.quick)?,
+    let quick = args.quick;
+    type Scenario = Box<dyn Fn() -> anyhow::Result<report::Section>>;
+    let scenarios: Vec<(&str, Scenario)> = vec![
+        (
+            "policy_cost",
+            Box::new(move || scenarios::policy_cost::run(effort)),
+        ),
+        (
+            "hot_path",
+            Box::new(move || scenarios::hot_path::run(effort, quick)),
+        ),
+        (
+            "http_vs_etcd",
+            Box::new(move || scenarios::http_vs_etcd::run(quick)),
+        ),
+        ("outage", Box::new(move || scenarios::outage::run(quick))),
+        (
+            "penetration",
+            Box::new(move || scenarios::penetration::run(quick)),
+        ),
+        (
+            "auth_load",
+            Box::new(move || scenarios::auth_load::run(quick)),
+        ),
+        ("scale", Box::new(move || scenarios::scale::run(quick))),
     ];
+    let mut sections = Vec::new();
+    for (name, scenario) in &scenarios {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|o| o == name))
+        {
+            continue;
+        }
+        eprintln!("regcache-bench: running {name}");
+        sections.push(scenario()?);
+    }
     let report = report::Report {
         date: std::process::Command::new("date")
             .arg("-u")

@@ -2,8 +2,6 @@
 //! and by etcd itself (its JSON gateway, `POST /v3/kv/range`, serializable), driven by the same
 //! closed-loop client with the same concurrency, in the same run.
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,35 +13,11 @@ use regcache_tests::cache::registry;
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::service;
 
+use crate::host::Host;
 use crate::load::{self, Target};
 use crate::report::{Row, Section};
 
 const CONNECTIONS: usize = 32;
-
-/// The `regcache` binary built beside this benchmark (same profile).
-fn regcache_binary() -> anyhow::Result<std::path::PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("regcache");
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: build it with the benchmark (scripts/bench does)",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// The host process, killed when dropped.
-struct Host(Child);
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 pub fn run(quick: bool) -> anyhow::Result<Section> {
     let duration = Duration::from_secs(if quick { 1 } else { 10 });
@@ -54,21 +28,8 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
         for n in 0..3 {
             registry.register(&service("greeter", "1.0.0", &format!("greeter-{n}"))).await?;
         }
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let _host = Host(
-            Command::new(regcache_binary()?)
-                .args(["run", "--listen", &addr.to_string(), "--etcd-endpoints", &etcd.endpoints().join(",")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        let lookup = Target {
-            addr,
-            method: Method::GET,
-            path: "/v1/services/greeter".into(),
-            body: Bytes::new(),
-        };
+        let host = Host::start(&["--etcd-endpoints", &etcd.endpoints().join(",")]).await?;
+        let lookup = Target::get(host.addr, "/v1/services/greeter");
         let ready = wait_for(Duration::from_secs(20), || {
             let lookup = lookup.clone();
             async move { load::run(&lookup, 1, Duration::from_millis(10)).await.ok > 0 }
@@ -81,7 +42,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
         let gateway = Target {
             addr: etcd.endpoint(0).trim_start_matches("http://").parse()?,
             method: Method::POST,
-            path: "/v3/kv/range".into(),
+            paths: vec!["/v3/kv/range".into()],
             body: Bytes::from(format!(
                 r#"{{"key":"{}","range_end":"{}","serializable":true}}"#,
                 STANDARD.encode(key),

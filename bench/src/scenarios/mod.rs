@@ -6,3 +6,4 @@ pub mod http_vs_etcd;
 pub mod outage;
 pub mod penetration;
 pub mod policy_cost;
+pub mod scale;
