@@ -43,6 +43,10 @@ fn main() -> anyhow::Result<()> {
             Box::new(move || scenarios::hot_path::run(effort, quick)),
         ),
         (
+            "hot_swap",
+            Box::new(move || scenarios::hot_swap::run(quick)),
+        ),
+        (
             "http_vs_etcd",
             Box::new(move || scenarios::http_vs_etcd::run(quick)),
         ),

@@ -30,7 +30,7 @@ const SERVICES: usize = 100;
 const NODES: usize = 10;
 
 /// Polls a future that must complete without waiting, as a cache hit does.
-fn now_or_never<F: Future>(future: F) -> F::Output {
+pub fn now_or_never<F: Future>(future: F) -> F::Output {
     match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(output) => output,
         Poll::Pending => panic!("a cache hit waited"),

@@ -2,6 +2,7 @@
 
 pub mod auth_load;
 pub mod hot_path;
+pub mod hot_swap;
 pub mod http_vs_etcd;
 pub mod outage;
 pub mod penetration;
