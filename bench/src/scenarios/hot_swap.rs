@@ -49,7 +49,7 @@ impl Load {
                         if now_or_never(cache.lookup(&name)).is_err() {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
-                        if n % SAMPLE_EVERY == 0 {
+                        if n.is_multiple_of(SAMPLE_EVERY) {
                             latencies.push(started.elapsed());
                         }
                         n += 1;
