@@ -38,7 +38,14 @@ impl Deferred {
     /// Puts `registry` behind this one and starts feeding earlier watchers. Returns `false`
     /// (and shuts `registry` down) if one was already set or shutdown already began.
     pub async fn set(&self, registry: Arc<dyn Registry>) -> bool {
-        if *self.shut.lock().unwrap() || self.inner.set(registry.clone()).is_err() {
+        // `shut` is held across the check and the set, and `shutdown` flips it and reads
+        // `inner` under the same lock: whichever comes second sees the other, so a registry
+        // that wins the race with shutdown is still shut down (its lease revoked).
+        let accepted = {
+            let shut = self.shut.lock().unwrap();
+            !*shut && self.inner.set(registry.clone()).is_ok()
+        };
+        if !accepted {
             registry.shutdown().await;
             return false;
         }
@@ -53,16 +60,6 @@ impl Deferred {
             });
         }
         true
-    }
-
-    /// Whether the registry is set.
-    pub fn is_set(&self) -> bool {
-        self.inner.get().is_some()
-    }
-
-    /// The registry behind this one, if set.
-    pub fn get(&self) -> Option<&Arc<dyn Registry>> {
-        self.inner.get()
     }
 
     fn inner(&self, op: &'static str) -> Result<&Arc<dyn Registry>, RegistryError> {
@@ -123,9 +120,13 @@ impl Registry for Deferred {
     }
 
     async fn shutdown(&self) {
-        *self.shut.lock().unwrap() = true;
+        let inner = {
+            let mut shut = self.shut.lock().unwrap();
+            *shut = true;
+            self.inner.get().cloned()
+        };
         self.pending.lock().unwrap().clear();
-        if let Some(inner) = self.inner.get() {
+        if let Some(inner) = inner {
             inner.shutdown().await;
         }
     }
@@ -168,6 +169,54 @@ mod tests {
         assert!(
             first.is_some(),
             "an early watcher is fed once the registry is set"
+        );
+    }
+
+    /// `set` racing `shutdown` on two threads: whichever wins, the registry ends up shut down
+    /// (its registrations gone), never connected and forgotten. A stress test: the window it
+    /// guards is a few instructions wide, so an unlocked check-then-set fails it only rarely.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_registry_set_concurrently_with_shutdown_is_always_shut_down() {
+        for round in 0..2000 {
+            let memory = Arc::new(MemoryRegistry::new());
+            memory.register(&service()).await.unwrap();
+            let deferred = Arc::new(Deferred::new());
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let setter = {
+                let (deferred, memory, barrier) =
+                    (deferred.clone(), memory.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    deferred.set(memory).await
+                })
+            };
+            let shutter = {
+                let (deferred, barrier) = (deferred.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    deferred.shutdown().await
+                })
+            };
+            setter.await.unwrap();
+            shutter.await.unwrap();
+            assert!(
+                memory.registrations().is_empty(),
+                "round {round}: the registry was set but never shut down"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registry_set_after_shutdown_is_shut_down_and_refused() {
+        let deferred = Deferred::new();
+        deferred.shutdown().await;
+        let memory = Arc::new(MemoryRegistry::new());
+        memory.register(&service()).await.unwrap();
+        assert!(!deferred.set(memory.clone()).await);
+        assert!(memory.registrations().is_empty());
+        assert_eq!(
+            deferred.get_service("greeter").await.unwrap_err().kind,
+            ErrorKind::Unavailable
         );
     }
 }
