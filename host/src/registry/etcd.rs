@@ -329,6 +329,16 @@ impl Shared {
         *self.shutdown.borrow()
     }
 
+    /// Waits the backoff's next delay before a background task retries; returns early on
+    /// shutdown.
+    pub(crate) async fn pause(&self, backoff: &mut Backoff) {
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
     /// Runs `f` against the client until it succeeds, fails for good, or the request timeout
     /// (which bounds the whole call, retries included) runs out. Counts the result under `op`.
     pub(crate) async fn call<T, F, Fut>(

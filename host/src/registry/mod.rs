@@ -13,7 +13,7 @@ pub mod deferred;
 pub mod etcd;
 pub mod memory;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -108,13 +108,6 @@ pub struct Health {
     pub watch_connected: bool,
     /// When the registry last answered any request, if ever.
     pub last_contact: Option<Instant>,
-}
-
-impl Health {
-    /// Time since the registry last answered, if it ever did.
-    pub fn since_last_contact(&self, now: Instant) -> Option<Duration> {
-        self.last_contact.map(|t| now.saturating_duration_since(t))
-    }
 }
 
 /// A service registry in the spirit of go-micro's.

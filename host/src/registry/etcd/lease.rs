@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 
 use super::stats::Stats;
 use super::{Backoff, Shared};
@@ -50,7 +50,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             // Owned keys without a lease: a registration whose first write failed, or a lost
             // lease whose re-grant failed. Grant and put everything.
             if !reput_all(&shared, None).await {
-                pause(&shared, &mut backoff).await;
+                shared.pause(&mut backoff).await;
             }
             continue;
         };
@@ -64,18 +64,18 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     "lease not found on reopening keep-alive; re-granting"
                 );
                 if !reput_all(&shared, Some(id)).await {
-                    pause(&shared, &mut backoff).await;
+                    shared.pause(&mut backoff).await;
                 }
                 continue;
             }
             Ok(Err(e)) => {
                 tracing::warn!(lease = id, error = %e, "cannot open keep-alive stream");
-                pause(&shared, &mut backoff).await;
+                shared.pause(&mut backoff).await;
                 continue;
             }
             Err(_) => {
                 tracing::warn!(lease = id, "opening keep-alive stream timed out");
-                pause(&shared, &mut backoff).await;
+                shared.pause(&mut backoff).await;
                 continue;
             }
         };
@@ -83,7 +83,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         shared.touch();
         backoff.reset();
         if !repair(&shared).await {
-            pause(&shared, &mut backoff).await;
+            shared.pause(&mut backoff).await;
             continue;
         }
 
@@ -132,14 +132,6 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
             }
         }
-    }
-}
-
-async fn pause(shared: &Shared, backoff: &mut Backoff) {
-    let mut shutdown = shared.shutdown.subscribe();
-    tokio::select! {
-        _ = sleep(backoff.next_delay()) => {}
-        _ = shutdown.changed() => {}
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
-use tokio::time::{sleep, timeout};
+use tokio::time::timeout;
 
 use super::stats::Stats;
 use super::{Backoff, MAX_MESSAGE_BYTES, Shared};
@@ -191,12 +191,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot create the registry watch");
-                    pause(&shared, &mut backoff).await;
+                    shared.pause(&mut backoff).await;
                     continue;
                 }
                 Err(_) => {
                     tracing::warn!("creating the registry watch timed out");
-                    pause(&shared, &mut backoff).await;
+                    shared.pause(&mut backoff).await;
                     continue;
                 }
             };
@@ -261,7 +261,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 tracing::warn!(revision, compacted, "watch revision compacted; re-listing");
                 match relist(&shared).await {
                     Some(listed) => revision = listed,
-                    None => pause(&shared, &mut backoff).await,
+                    None => shared.pause(&mut backoff).await,
                 }
             }
             Stopped::Canceled(reason) => {
@@ -282,15 +282,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                         })
                         .await;
                     if probe.is_err() {
-                        pause(&shared, &mut backoff).await;
+                        shared.pause(&mut backoff).await;
                     }
                 } else {
-                    pause(&shared, &mut backoff).await;
+                    shared.pause(&mut backoff).await;
                 }
             }
             Stopped::Lost(reason) => {
                 tracing::warn!(%reason, revision, "registry watch lost; resuming");
-                pause(&shared, &mut backoff).await;
+                shared.pause(&mut backoff).await;
             }
         }
     }
@@ -338,14 +338,6 @@ fn request_repairs(shared: &Shared, keys: Vec<String>) {
         tracing::warn!(keys = ?owned, "owned keys deleted in etcd; putting them back");
         shared.repairs.lock().unwrap().extend(owned);
         shared.repair_wake.notify_one();
-    }
-}
-
-async fn pause(shared: &Shared, backoff: &mut Backoff) {
-    let mut shutdown = shared.shutdown.subscribe();
-    tokio::select! {
-        _ = sleep(backoff.next_delay()) => {}
-        _ = shutdown.changed() => {}
     }
 }
 
