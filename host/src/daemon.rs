@@ -118,7 +118,7 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     let reloader = config
         .policy_file
         .as_ref()
-        .map(|path| Reloader::new(engine.clone(), path.clone()));
+        .map(|path| Reloader::new(engine.clone(), path.clone(), config.policy_config.clone()));
     if let Some(reloader) = &reloader {
         match reloader.clone().watch() {
             Ok(task) => tasks.push(task),

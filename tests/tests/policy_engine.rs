@@ -506,7 +506,7 @@ async fn policy_file_changes_swap_after_the_file_is_complete() {
     let path = dir.path().join("policy.wasm");
     std::fs::write(&path, policy_wasm("default")).unwrap();
     let engine = engine();
-    let reloader = Reloader::new(engine.clone(), &path);
+    let reloader = Reloader::new(engine.clone(), &path, vec![]);
     assert!(
         reloader.reload().unwrap().is_none(),
         "same bytes as the embedded default: no swap"
@@ -555,4 +555,36 @@ async fn traps_on_runtime_threads_are_refusals_and_fail_safes_not_panics() {
         .expect("a decision on a worker thread must not panic");
     assert_eq!(decided, LookupDecision::ServeStale { refresh: true });
     assert_eq!(engine.stats().traps, 1);
+}
+
+/// The watcher reacts to new bytes in the file only: its own reads do not retrigger it, and a
+/// policy swapped in another way (the admin API) stays until the file really changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_file_does_not_undo_other_swaps_until_it_changes() {
+    use regcache::policy::reload::Reloader;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.wasm");
+    std::fs::write(&path, policy_wasm("default")).unwrap();
+    let engine = engine();
+    let _watch = Reloader::new(engine.clone(), &path, vec![])
+        .watch()
+        .unwrap();
+
+    let api = engine.swap(spec("strict", &[])).unwrap();
+    // Rewriting the same bytes is a change event but no new policy.
+    std::fs::write(&path, policy_wasm("default")).unwrap();
+    std::fs::write(&path, policy_wasm("always-stale")).unwrap();
+    wait_for("the watcher to load always-stale", || {
+        engine.active().generation > api.generation
+    });
+    let active = engine.active();
+    assert_eq!(
+        active.generation,
+        api.generation + 1,
+        "the file's old policy was swapped back in between"
+    );
+    assert_eq!(active.source, path.display().to_string());
+    // Nothing more happens on its own: the reload's reads raise no further swap.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(engine.active().generation, active.generation);
 }

@@ -1,16 +1,22 @@
-//! Hot reload of a policy file: on demand (SIGHUP, the admin API) and when the file changes.
+//! Hot reload of a policy file: on demand (SIGHUP) and when the file changes.
 //!
 //! Editors and build tools write files in several steps, so a change event may arrive while the
 //! file is half-written. The watcher waits for the events to settle, then loads; a load that
 //! fails (say, a truncated component) is logged and the active policy stays, and the next write
-//! of the file triggers another attempt. Reloading bytes identical to the active policy is a
-//! no-op, so spurious events never bump the generation.
+//! of the file triggers another attempt.
+//!
+//! The watcher reacts only to writes, creations, renames and removals: the reload's own read of
+//! the file raises an "opened" event, and reacting to it would reload forever. It also loads
+//! only bytes it has not seen in the file before, so a policy swapped in through the admin API
+//! stays active until the file really changes (or SIGHUP asks for the file again). Every load
+//! from the file uses the operator's configuration for the file, whatever the API last set.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::{PolicyEngine, PolicyError, PolicySpec, artifacts};
@@ -24,14 +30,25 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub struct Reloader {
     engine: PolicyEngine,
     path: PathBuf,
+    config: Vec<(String, String)>,
+    /// Digest of the bytes last read from the file; the policy active when the reloader was
+    /// made is taken to have come from it.
+    last_seen: Arc<Mutex<String>>,
 }
 
 impl Reloader {
-    /// A reloader of `path` into `engine`, keeping the active operator configuration.
-    pub fn new(engine: PolicyEngine, path: impl Into<PathBuf>) -> Self {
+    /// A reloader of `path` into `engine`, loading it with the operator's `config`.
+    pub fn new(
+        engine: PolicyEngine,
+        path: impl Into<PathBuf>,
+        config: Vec<(String, String)>,
+    ) -> Self {
+        let last_seen = Arc::new(Mutex::new(engine.active().digest.clone()));
         Reloader {
             engine,
             path: path.into(),
+            config,
+            last_seen,
         }
     }
 
@@ -40,10 +57,27 @@ impl Reloader {
         &self.path
     }
 
-    /// Loads the file now. `Ok(None)` when it holds the active policy already.
+    /// Loads the file now (SIGHUP). `Ok(None)` when it holds the active policy already.
     pub fn reload(&self) -> Result<Option<Arc<PolicyInfo>>, PolicyError> {
-        let spec = PolicySpec::from_file(&self.path, self.engine.active_config())?;
-        if artifacts::hex_sha256(&spec.wasm) == self.engine.active().digest {
+        self.load(false)
+    }
+
+    /// Loads the file if its bytes are new since the last read (a change on disk).
+    fn reload_if_changed(&self) -> Result<Option<Arc<PolicyInfo>>, PolicyError> {
+        self.load(true)
+    }
+
+    fn load(&self, only_if_changed: bool) -> Result<Option<Arc<PolicyInfo>>, PolicyError> {
+        let spec = PolicySpec::from_file(&self.path, self.config.clone())?;
+        let digest = artifacts::hex_sha256(&spec.wasm);
+        let previous = std::mem::replace(
+            &mut *self
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            digest.clone(),
+        );
+        if (only_if_changed && previous == digest) || digest == self.engine.active().digest {
             return Ok(None);
         }
         self.engine.swap(spec).map(Some)
@@ -57,6 +91,7 @@ impl Reloader {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if let Ok(event) = event
+                    && changes_content(&event.kind)
                     && event
                         .paths
                         .iter()
@@ -79,7 +114,8 @@ impl Reloader {
                     .is_ok_and(|e| e.is_some())
                 {}
                 let reloader = self.clone();
-                let outcome = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                let outcome =
+                    tokio::task::spawn_blocking(move || reloader.reload_if_changed()).await;
                 match outcome {
                     Ok(Ok(Some(info))) => {
                         tracing::info!(policy = %info, "policy file changed; swapped")
@@ -93,5 +129,14 @@ impl Reloader {
                 }
             }
         }))
+    }
+}
+
+/// Whether an event can mean new content: not an open, a read or a close after reading.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        _ => false,
     }
 }
