@@ -6,9 +6,10 @@
 //! instead of ~20 ms).
 //!
 //! Deserializing is `unsafe` in wasmtime because the bytes are trusted to be wasmtime's own
-//! output. So the host only reads artifacts it wrote itself: in a directory it creates with mode
-//! 0700, each beside a sha256 of its bytes written after it; a missing or mismatched checksum
-//! means recompiling, never loading.
+//! output. So the host only reads artifacts from a directory nobody else can write: it creates
+//! it with mode 0700, and refuses to use one (compiling every time instead) that is not owned by
+//! the host's user or that others can access. Each artifact has a sha256 of its bytes written
+//! after it, so a torn write or a truncated file means recompiling, never loading.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -40,9 +41,19 @@ pub enum Origin {
 
 impl ArtifactCache {
     pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> std::io::Result<Self> {
-        if let Some(dir) = &dir {
-            create_private_dir(dir)?;
-        }
+        let dir = match dir {
+            Some(dir) => {
+                create_private_dir(&dir)?;
+                match check_private(&dir) {
+                    Ok(()) => Some(dir),
+                    Err(reason) => {
+                        tracing::warn!(path = %dir.display(), "not using the precompiled-policy cache: {reason}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(ArtifactCache {
@@ -141,6 +152,29 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// Whether `dir` is owned by this process's user and closed to everybody else.
+fn check_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    // /proc/self belongs to the process's effective user.
+    let me = std::fs::metadata("/proc/self")
+        .map_err(|e| e.to_string())?
+        .uid();
+    if meta.uid() != me {
+        return Err(format!(
+            "owned by uid {}, not by this process (uid {me})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "mode {:o} lets others in (0700 expected)",
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
 }
 
 /// Write, fsync, rename: a reader sees the old file or the whole new one, never a torn write.
