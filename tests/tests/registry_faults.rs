@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use regcache::model::Service;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
-use regcache::registry::{Registry, WatchEvent};
+use regcache::registry::{ErrorKind, Registry, WatchEvent};
 use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::proxy::TcpProxy;
 use regcache_tests::registry::{View, etcd_view, fast_config, init_logging, raw_client, service};
@@ -73,7 +73,10 @@ async fn sigstop_past_the_lease_ttl_bounds_every_call_and_keys_return_within_a_s
         "deregister took {:?}",
         started.elapsed()
     );
-    registry.register(&service("b", "1", "b1")).await.ok(); // keep b owned (deregister dropped it)
+    assert!(
+        registry.registrations().iter().any(|s| s.name == "b"),
+        "a deregistration that failed leaves the node registered (and kept alive)"
+    );
     assert!(!registry.health().watch_connected || stopped.elapsed() < Duration::from_secs(15));
 
     // Frozen well past the 3 s TTL: etcd expires the lease as soon as it runs again.
@@ -110,6 +113,55 @@ async fn sigstop_past_the_lease_ttl_bounds_every_call_and_keys_return_within_a_s
         "a1, b1 and c1 (registered while frozen)"
     );
     registry.get_service("c").await.unwrap();
+}
+
+/// A deregistration that fails while etcd is frozen leaves the node registered, on the live
+/// lease, and a retry once etcd is back removes it for good. (It used to be forgotten first:
+/// the retry answered NotFound and the key lived on under the renewed lease until exit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deregistration_can_be_retried_and_the_key_goes() {
+    init_logging();
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let config = fast_config(&etcd).request_timeout(Duration::from_millis(500));
+    let registry = EtcdRegistry::connect(config).await.unwrap();
+    registry.register(&service("a", "1", "a1")).await.unwrap();
+    registry.register(&service("b", "1", "b1")).await.unwrap();
+    let key = registry.node_key("a", "a1");
+
+    etcd.stop(0).unwrap();
+    let err = registry.deregister("a", "a1").await.unwrap_err();
+    etcd.cont(0).unwrap();
+    println!("deregister while frozen: {err}");
+    assert_ne!(err.kind, ErrorKind::NotFound);
+    assert_eq!(registry.registrations().len(), 2, "a1 is still ours");
+
+    // etcd is back: the key is still there, on the registry's lease, and a retry removes it.
+    let mut raw = raw_client(&etcd, None).await;
+    let resp = raw.get(key.clone(), None).await.unwrap();
+    assert_eq!(resp.kvs()[0].lease(), registry.lease_id().unwrap());
+    let retried = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match registry.deregister("a", "a1").await {
+                Ok(()) => return,
+                Err(e) => {
+                    assert_ne!(
+                        e.kind,
+                        ErrorKind::NotFound,
+                        "the retry must not be refused: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(retried.is_ok(), "the retried deregistration succeeded");
+    assert_eq!(registry.registrations().len(), 1);
+    // Gone, and nothing puts it back: wait past a lease TTL of renewals and repairs.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(raw.get(key, None).await.unwrap().kvs().is_empty());
+    assert!(all_registered(&mut raw, &registry).await, "b1 unaffected");
+    registry.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -502,6 +502,12 @@ impl Shared {
             };
             let mut lost = false;
             for (key, value) in targets {
+                // Re-checked per key: the puts take time, and a key deregistered meanwhile must
+                // not be written back (deregister also holds the lease lock; this is the
+                // belt to its braces).
+                if !self.owned.lock().unwrap().contains_key(&key) {
+                    continue;
+                }
                 let put = self
                     .call(op, |mut c| {
                         let (key, value) = (key.clone(), value.clone());
@@ -613,21 +619,49 @@ impl Registry for EtcdRegistry {
     }
 
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
-        let key = self.shared.node_key(service, node_id);
-        if self.shared.owned.lock().unwrap().remove(&key).is_none() {
-            return Err(RegistryError::new(
+        let shared = &self.shared;
+        let key = shared.node_key(service, node_id);
+        let not_registered = || {
+            RegistryError::new(
                 ErrorKind::NotFound,
                 "deregister",
                 format!("{service}/{node_id} is not registered by this host"),
-            ));
+            )
+        };
+        if !shared.owned.lock().unwrap().contains_key(&key) {
+            return Err(not_registered());
         }
-        self.shared
-            .call("deregister", |mut c| {
-                let key = key.clone();
-                async move { c.delete(key, None).await }
-            })
+        // The key stays owned until etcd confirms the delete: if etcd is down the caller gets
+        // an error and can retry, and the lease keeps the key alive meanwhile rather than
+        // orphaning it under a lease nobody will ever delete it from. The lease lock keeps a
+        // re-put (lease task, repair) from writing the key back between the delete and the
+        // removal from `owned`. One bound for the wait on the lock and the delete.
+        let bound = shared.config.request_timeout;
+        let attempt = async {
+            let _lease = shared.lease.lock().await;
+            if !shared.owned.lock().unwrap().contains_key(&key) {
+                return Err(not_registered()); // a concurrent deregister won
+            }
+            shared
+                .call("deregister", |mut c| {
+                    let key = key.clone();
+                    async move { c.delete(key, None).await }
+                })
+                .await?;
+            shared.owned.lock().unwrap().remove(&key);
+            Ok(())
+        };
+        tokio::time::timeout(bound, attempt)
             .await
-            .map(|_| ())
+            .unwrap_or_else(|_| {
+                let e = RegistryError::new(
+                    ErrorKind::Timeout,
+                    "deregister",
+                    format!("not deregistered within {bound:?}; still registered"),
+                );
+                shared.stats.request("deregister", e.kind.as_str());
+                Err(e)
+            })
     }
 
     async fn get_service(&self, name: &str) -> Result<Vec<Service>, RegistryError> {
