@@ -588,3 +588,31 @@ async fn a_watched_file_does_not_undo_other_swaps_until_it_changes() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(engine.active().generation, active.generation);
 }
+
+/// After five failures in a row the engine stops calling the policy for a second (each failure
+/// costs up to a deadline), answers fail-safe meanwhile, then lets a call through again.
+#[test]
+fn a_policy_failing_in_a_row_trips_the_breaker_then_is_probed_again() {
+    let engine = engine();
+    engine
+        .swap(spec(
+            "chaos",
+            &[("fault", "trap"), ("only-service", "boom")],
+        ))
+        .unwrap();
+    for _ in 0..5 {
+        engine.decide_lookup(&cached("boom", 1));
+    }
+    assert_eq!(engine.stats().traps, 5);
+    assert_eq!(
+        engine.decide_lookup(&cached("fine", 1)).decision,
+        LookupDecision::ServeStale { refresh: true },
+        "open breaker: fail-safe without calling, even for inputs the policy handles"
+    );
+    assert_eq!(engine.stats().traps, 5);
+    assert_eq!(engine.stats().breaker_skips, 1);
+    wait_for("the breaker to let a call through", || {
+        engine.decide_lookup(&cached("fine", 1)).decision == LookupDecision::ServeCached
+    });
+    assert_eq!(engine.stats().traps, 5);
+}

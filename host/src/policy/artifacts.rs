@@ -13,7 +13,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -87,7 +87,7 @@ impl ArtifactCache {
                 (component, Origin::Compiled)
             }
         };
-        let mut compiled = self.compiled.lock().unwrap();
+        let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
         if compiled.len() >= IN_MEMORY {
             compiled.remove(0);
         }

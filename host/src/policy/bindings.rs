@@ -21,6 +21,15 @@ use self::regcache::policy::types as wit;
 /// Longest reason string the host keeps from a policy; the WIT promises at most 1 KiB.
 pub(crate) const MAX_REASON_BYTES: usize = 1024;
 
+/// `text` cut to at most [`MAX_REASON_BYTES`], on a character boundary.
+pub(crate) fn clip(text: &str) -> &str {
+    let mut end = text.len().min(MAX_REASON_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn error_kind(kind: ErrorKind) -> wit::ErrorKind {
     match kind {
         ErrorKind::Timeout => wit::ErrorKind::Timeout,

@@ -139,16 +139,13 @@ fn contain<T>(call: impl FnOnce() -> wasmtime::Result<T>) -> wasmtime::Result<T>
     })
 }
 
-fn truncate(mut text: String) -> String {
-    if text.len() > bindings::MAX_REASON_BYTES {
-        let mut end = bindings::MAX_REASON_BYTES;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
+fn truncate(text: String) -> String {
+    let clipped = bindings::clip(&text);
+    if clipped.len() == text.len() {
+        text
+    } else {
+        format!("{clipped}…")
     }
-    text
 }
 
 /// Type-checks a compiled component against the world: every export present with the right

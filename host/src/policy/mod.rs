@@ -32,9 +32,9 @@ mod sandbox;
 mod settings;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use wasmtime::Engine;
@@ -167,6 +167,7 @@ struct Stats {
     instantiations: AtomicU64,
     swaps_applied: AtomicU64,
     swaps_rejected: AtomicU64,
+    breaker_skips: AtomicU64,
 }
 
 impl Stats {
@@ -199,10 +200,83 @@ pub struct PolicyStats {
     pub swaps_applied: u64,
     /// Swaps refused by validation.
     pub swaps_rejected: u64,
+    /// Decisions answered fail-safe without calling the policy, its breaker being open.
+    pub breaker_skips: u64,
+}
+
+/// Failures in a row after which a generation's breaker opens.
+const BREAKER_THRESHOLD: u32 = 5;
+/// How long an open breaker answers fail-safe before letting one call try again.
+const BREAKER_OPEN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A circuit breaker per generation. A policy that traps or times out on some inputs would
+/// otherwise cost a deadline (up to 100 ms of a worker thread) and a rebuilt instance on every
+/// such lookup; after [`BREAKER_THRESHOLD`] failures in a row the engine answers fail-safe
+/// without calling it for [`BREAKER_OPEN`], then lets one call probe it again.
+///
+/// A successful call only *reads* the failure count (no store unless a streak ends), so the
+/// hot path shares the cache line without bouncing it between cores.
+#[derive(Debug)]
+struct Breaker {
+    failures: AtomicU32,
+    /// When the breaker closes again, as ms since `epoch`; meaningful once `failures` reaches
+    /// the threshold.
+    open_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+/// What a failure meant for the streak, so that logs say it once rather than per lookup.
+enum Streak {
+    First,
+    Continuing,
+    Opened(u32),
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Breaker {
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn is_open(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) >= BREAKER_THRESHOLD
+            && self.now_ms() < self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn record_failure(&self) -> Streak {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= BREAKER_THRESHOLD {
+            let until = self.now_ms() + BREAKER_OPEN.as_millis() as u64;
+            self.open_until_ms.store(until, Ordering::Relaxed);
+            if failures == BREAKER_THRESHOLD || failures.is_multiple_of(100) {
+                return Streak::Opened(failures);
+            }
+            return Streak::Continuing;
+        }
+        if failures == 1 {
+            Streak::First
+        } else {
+            Streak::Continuing
+        }
+    }
 }
 
 /// One loaded policy: the unit a swap replaces.
 pub(crate) struct Generation {
+    breaker: Breaker,
     info: Arc<PolicyInfo>,
     pre: PolicyPre<InstanceState>,
     config: Vec<(String, String)>,
@@ -233,7 +307,8 @@ pub(crate) struct Shared {
 
 /// The policy engine. Cheap to clone; every clone shares the active policy.
 ///
-/// Fail-safe decisions, used when the policy traps, overruns its deadline or answers invalidly:
+/// Fail-safe decisions, used when the policy traps, overruns its deadline or answers invalidly
+/// (and, for a second, after five such failures in a row: see `Breaker`):
 /// a lookup with something cached is served stale with a background refresh; a lookup with
 /// nothing cached refreshes and waits up to the settings' `max-wait`, falling back to stale;
 /// an eviction keeps the nodes as suspect for the settings' `max-suspect-hold` (losing no data
@@ -294,7 +369,10 @@ impl PolicyEngine {
     /// policy stays, and the refusal is counted.
     pub fn swap(&self, spec: PolicySpec) -> Result<Arc<PolicyInfo>, PolicyError> {
         let shared = &self.shared;
-        let mut last_generation = shared.load_lock.lock().unwrap();
+        let mut last_generation = shared
+            .load_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let validated = validate(
             &shared.engine,
             &shared.linker,
@@ -335,6 +413,7 @@ impl PolicyEngine {
             instantiations: get(&s.instantiations),
             swaps_applied: get(&s.swaps_applied),
             swaps_rejected: get(&s.swaps_rejected),
+            breaker_skips: get(&s.breaker_skips),
         }
     }
 
@@ -355,15 +434,37 @@ impl PolicyEngine {
         fail_safe: impl FnOnce(&Settings) -> D,
     ) -> Decided<D> {
         let generation = self.shared.active.load();
+        let fail_safe = || Decided {
+            decision: fail_safe(&generation.info.settings),
+            policy: generation.info.clone(),
+        };
+        if generation.breaker.is_open() {
+            self.shared
+                .stats
+                .breaker_skips
+                .fetch_add(1, Ordering::Relaxed);
+            return fail_safe();
+        }
         match instance::with_thread_instance(&self.shared, &generation, call) {
-            Ok((decision, policy)) => Decided { decision, policy },
+            Ok((decision, policy)) => {
+                generation.breaker.record_success();
+                Decided { decision, policy }
+            }
             Err(failure) => {
                 self.shared.stats.count_failure(&failure);
-                tracing::warn!(policy = %generation.info, "policy call failed ({failure}); using the fail-safe decision");
-                Decided {
-                    decision: fail_safe(&generation.info.settings),
-                    policy: generation.info.clone(),
+                match generation.breaker.record_failure() {
+                    Streak::First => tracing::warn!(
+                        policy = %generation.info,
+                        "policy call failed ({failure}); using the fail-safe decision"
+                    ),
+                    Streak::Opened(failures) => tracing::error!(
+                        policy = %generation.info,
+                        "policy failed {failures} calls in a row (last: {failure}); answering \
+                         fail-safe without calling it for {BREAKER_OPEN:?}"
+                    ),
+                    Streak::Continuing => {}
                 }
+                fail_safe()
             }
         }
     }
@@ -417,6 +518,7 @@ impl Decide for PolicyEngine {
 fn make_generation(validated: Validated, spec: PolicySpec, number: u64) -> Generation {
     let short_digest: Arc<str> = Arc::from(&validated.digest[..12]);
     Generation {
+        breaker: Breaker::new(),
         info: Arc::new(PolicyInfo {
             generation: number,
             digest: validated.digest,

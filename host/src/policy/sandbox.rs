@@ -157,11 +157,7 @@ impl Host for InstanceState {
         if self.log_lines > LOG_LINES_PER_SECOND {
             return;
         }
-        let mut end = message.len().min(bindings::MAX_REASON_BYTES);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let message = &message[..end];
+        let message = bindings::clip(&message);
         let policy = &*self.digest;
         match level {
             LogLevel::Debug => tracing::debug!(policy, "{message}"),
