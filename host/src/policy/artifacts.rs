@@ -73,7 +73,7 @@ impl ArtifactCache {
         if let Some((_, component)) = self
             .compiled
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .find(|(d, _)| d == digest)
         {
