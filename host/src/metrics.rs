@@ -117,6 +117,7 @@ impl Collector for Sources {
                     "unavailable",
                     a.unavailable_policy
                         + a.unavailable_rate_limited
+                        + a.unavailable_overdue
                         + a.unavailable_budget
                         + a.unavailable_registry,
                 ),

@@ -330,7 +330,7 @@ impl Reply<'_> {
             ),
             Refusal::Overdue => (
                 "a refresh of this service is in flight and already overdue".to_string(),
-                Counter::UnavailableRateLimited,
+                Counter::UnavailableOverdue,
             ),
             Refusal::Budget => (
                 format!(

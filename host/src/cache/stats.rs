@@ -22,6 +22,7 @@ pub(crate) enum Counter {
     NotFoundPolicy,
     UnavailablePolicy,
     UnavailableRateLimited,
+    UnavailableOverdue,
     UnavailableBudget,
     UnavailableRegistry,
     DecidedServeCached,
@@ -125,6 +126,7 @@ impl Counters {
                 not_found_policy: c(NotFoundPolicy),
                 unavailable_policy: c(UnavailablePolicy),
                 unavailable_rate_limited: c(UnavailableRateLimited),
+                unavailable_overdue: c(UnavailableOverdue),
                 unavailable_budget: c(UnavailableBudget),
                 unavailable_registry: c(UnavailableRegistry),
             },
@@ -205,6 +207,9 @@ pub struct AnswerStats {
     pub unavailable_policy: u64,
     /// "Unavailable" at once because the service's retry interval had not passed.
     pub unavailable_rate_limited: u64,
+    /// "Unavailable" at once because the refresh in flight already made a caller's wait run
+    /// out (the registry is slow; nobody else queues behind it).
+    pub unavailable_overdue: u64,
     /// "Unavailable" at once because the global registry budget was spent.
     pub unavailable_budget: u64,
     /// "Unavailable" because the refresh failed or the wait ran out.

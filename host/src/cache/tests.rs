@@ -306,10 +306,23 @@ async fn a_stalled_refresh_bounds_its_waiters_and_survives_their_drop() {
         ),
         "{err}"
     );
-    // Later callers neither queue nor send: the wait already ran out once.
+    // Later callers neither queue nor send: the wait already ran out once. (Even one whose
+    // policy insists on waiting for a refresh.)
     let start = Instant::now();
     assert!(f.cache.lookup("svc").await.is_err());
+    f.policy.always_refresh.store(true, Ordering::Relaxed);
+    assert!(f.cache.lookup("svc").await.is_err());
+    f.policy.always_refresh.store(false, Ordering::Relaxed);
     assert_eq!(Instant::now(), start);
+    let answers = f.cache.stats().answers;
+    assert_eq!(
+        (
+            answers.unavailable_overdue,
+            answers.unavailable_rate_limited
+        ),
+        (1, 0),
+        "refused as overdue, not as rate limited"
+    );
     // The refresh itself finishes and fills the cache.
     assert!(
         eventually(Duration::from_secs(2), || f.cache.stats().get_service.ok
