@@ -41,7 +41,7 @@ async fn concurrent_lookups_of_an_uncached_service_are_one_range() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_etcd_leaves_stale_answers_fast_and_refreshes_rate_limited() {
+async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
     init_logging();
     let etcd = EtcdCluster::start(1).await.unwrap();
     let publisher = registry(&etcd).await;
@@ -71,7 +71,7 @@ async fn a_stopped_etcd_leaves_stale_answers_fast_and_refreshes_rate_limited() {
         .await
     );
     etcd.stop(0).unwrap();
-    let flights_before = cache.stats().flights.started;
+    let before = cache.stats();
     let stopped = Instant::now();
     let lookups: Vec<_> = (0..1000)
         .map(|_| {
@@ -92,34 +92,54 @@ async fn a_stopped_etcd_leaves_stale_answers_fast_and_refreshes_rate_limited() {
     }
     latencies.sort();
     let (p50, p99, max) = (latencies[500], latencies[990], latencies[999]);
+    // Latencies are reported, not asserted (CI is a loaded machine; speed is the benchmarks'
+    // business). That nobody waited is shown by the counters: every lookup was decided
+    // serve-stale, which never awaits, and nobody joined or waited out a refresh.
     println!("1000 stale lookups with etcd stopped: p50 {p50:?}, p99 {p99:?}, max {max:?}");
-    assert!(
-        max < Duration::from_millis(20),
-        "no lookup waited on etcd: max {max:?}"
+    let after = cache.stats();
+    let d = |f: fn(&regcache::cache::CacheStats) -> u64| f(&after) - f(&before);
+    assert_eq!(
+        d(|s| s.decisions.serve_stale + s.decisions.serve_stale_and_refresh),
+        1000,
+        "every lookup was served stale"
     );
-    // Keep looking up for a few intervals: at most one refresh per interval (the refresh
-    // timeout, 1 s, is no longer than the interval).
-    while stopped.elapsed() < Duration::from_millis(3500) {
-        assert_eq!(cache.lookup("greeter").await.unwrap().source, Source::Stale);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let attempts = cache.stats().flights.started - flights_before;
+    assert_eq!(d(|s| s.decisions.refresh_and_wait), 0);
+    assert_eq!(d(|s| s.flights.joined), 0, "nobody joined a refresh");
+    assert_eq!(d(|s| s.flights.wait_timeouts), 0, "nobody waited one out");
+    // Keep looking up until a few more refreshes were attempted: at most one per interval
+    // (the refresh timeout, 1 s, is no longer than the interval), however slowly this runs.
+    let c = cache.clone();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let c = c.clone();
+            async move {
+                assert_eq!(c.lookup("greeter").await.unwrap().source, Source::Stale);
+                c.stats().flights.started - before.flights.started >= 3
+            }
+        })
+        .await,
+        "refreshes keep being attempted"
+    );
+    let attempts = cache.stats().flights.started - before.flights.started;
     let intervals = (stopped.elapsed().as_millis() / interval.as_millis()) as u64;
     println!(
         "{attempts} refreshes attempted in {:?} with etcd stopped",
         stopped.elapsed()
     );
-    assert!(attempts >= 1, "refreshes are attempted");
     assert!(
         attempts <= intervals + 1,
         "{attempts} attempts in {intervals} intervals"
     );
     etcd.cont(0).unwrap();
+    let ok_before = cache.stats().get_service.ok;
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(10), || {
+        wait_for(Duration::from_secs(30), || {
             let c = c.clone();
-            async move { c.lookup("greeter").await.unwrap().age.unwrap() < Duration::from_millis(300) }
+            async move {
+                c.lookup("greeter").await.unwrap();
+                c.stats().get_service.ok > ok_before
+            }
         })
         .await,
         "refreshed once etcd answers again"
@@ -135,11 +155,13 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
         .register(&service("greeter", "1.0", "n1"))
         .await
         .unwrap();
+    // The interval is long enough that the fast phase below cannot outlast it even on a
+    // loaded machine (it takes a handful of non-waiting lookups).
     let cache = cache(
         registry(&etcd).await,
         &engine(spec(
             "default",
-            &[("max-wait-ms", "500"), ("min-retry-interval-ms", "2000")],
+            &[("max-wait-ms", "500"), ("min-retry-interval-ms", "3000")],
         )),
     );
     etcd.stop(0).unwrap();
@@ -157,35 +179,46 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
         ),
         "{err}"
     );
-    assert!(waited >= Duration::from_millis(480) && waited < Duration::from_millis(1500));
-    // Inside the interval: fail fast, no new request.
-    let mut fast = 0;
-    while first.elapsed() < Duration::from_millis(1800) {
-        let start = Instant::now();
+    // Bounded by the caller's wait (max-wait), not by etcd: its wait ran out.
+    assert_eq!(cache.stats().flights.wait_timeouts, 1);
+    assert!(waited >= Duration::from_millis(480), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    // Inside the interval: fail fast, no new request. Each failure is counted as one that
+    // neither joined nor started a refresh (the policy's reject of a service that failed
+    // within the interval; the host's overdue or rate-limit refusal if a policy asked for a
+    // refresh anyway), and none of those paths awaits anything.
+    let fast = |s: &regcache::cache::CacheStats| {
+        s.answers.unavailable_policy
+            + s.answers.unavailable_rate_limited
+            + s.answers.unavailable_overdue
+    };
+    let before = cache.stats();
+    for _ in 0..20 {
         assert!(cache.lookup("greeter").await.is_err());
-        assert!(
-            start.elapsed() < Duration::from_millis(20),
-            "{:?}",
-            start.elapsed()
-        );
-        fast += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        cache.stats().flights.started,
-        1,
-        "{fast} lookups sent nothing"
-    );
+    let stats = cache.stats();
+    assert_eq!(stats.flights.started, 1, "20 lookups sent nothing");
+    assert_eq!(stats.flights.joined, before.flights.joined);
+    assert_eq!(stats.flights.wait_timeouts, 1);
+    assert_eq!(fast(&stats) - fast(&before), 20);
     // After the interval exactly one request is let through (etcd is still stopped, so it
     // waits the bound again), and the lookups after it fail fast again.
-    while first.elapsed() < Duration::from_millis(2100) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let start = Instant::now();
-    assert!(cache.lookup("greeter").await.is_err());
+    let c = cache.clone();
     assert!(
-        start.elapsed() >= Duration::from_millis(480),
-        "this one went to etcd"
+        wait_for(Duration::from_secs(30), || {
+            let c = c.clone();
+            async move {
+                assert!(c.lookup("greeter").await.is_err());
+                c.stats().flights.started == 2
+            }
+        })
+        .await,
+        "one request let through after the interval"
+    );
+    assert_eq!(
+        cache.stats().flights.wait_timeouts,
+        2,
+        "that one went to etcd"
     );
     assert!(cache.lookup("greeter").await.is_err());
     assert_eq!(cache.stats().flights.started, 2);
@@ -193,7 +226,7 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     etcd.cont(0).unwrap();
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(10), || {
+        wait_for(Duration::from_secs(30), || {
             let c = c.clone();
             async move { c.lookup("greeter").await.is_ok() }
         })
