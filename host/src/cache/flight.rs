@@ -118,6 +118,14 @@ impl Inner {
         id: u64,
         done: watch::Sender<Option<FlightOutcome>>,
     ) {
+        // Dropped first on every exit, the guard ends the flight if this task panicked or was
+        // cancelled (runtime shutdown) before it did; `done` is dropped after it, so waiters
+        // see the flight end only once the entry no longer says it is in flight.
+        let _ended = EndFlight {
+            inner: &self,
+            entry: &entry,
+            id,
+        };
         let started = Instant::now();
         let result = match tokio::time::timeout(
             self.options.refresh_timeout,
@@ -181,6 +189,22 @@ impl Inner {
         let _ = done.send(Some(result.map(|_| ())));
     }
 
+    /// Ends flight `id` of `entry` if it is still in flight: its task ended without an answer,
+    /// which counts as a failed attempt.
+    fn abandon_flight(&self, entry: &Entry, id: u64) {
+        let mut state = entry.lock();
+        let Some(flight) = state.flight.take_if(|f| f.id == id) else {
+            return;
+        };
+        if !flight.overdue {
+            state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        }
+        state.last_error = Some(ErrorKind::Unavailable);
+        entry.publish(&state);
+        drop(state);
+        tracing::warn!(service = %entry.name, "a refresh task ended without an answer");
+    }
+
     /// A waiter's bound ran out: the attempt counts as failed (timeout) now, so that the
     /// policy and later callers see the registry as slow without waiting for the flight's end.
     fn flight_overdue(&self, entry: &Entry, id: u64) {
@@ -195,6 +219,21 @@ impl Inner {
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         state.last_error = Some(ErrorKind::Timeout);
         entry.publish(&state);
+    }
+}
+
+/// Ends a flight whose task stops without ending it (see [`Inner::abandon_flight`]). Without
+/// it a panicking or cancelled refresh would leave its entry "in flight" for ever: no refresh
+/// would start again, every waiter would fail at once and the sweep would never drop it.
+struct EndFlight<'a> {
+    inner: &'a Inner,
+    entry: &'a Entry,
+    id: u64,
+}
+
+impl Drop for EndFlight<'_> {
+    fn drop(&mut self) {
+        self.inner.abandon_flight(self.entry, self.id);
     }
 }
 

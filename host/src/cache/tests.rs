@@ -568,3 +568,96 @@ async fn answers_carry_the_deciding_generation() {
     let err = f.cache.lookup("nope").await.unwrap_err();
     assert_eq!(err.policy().generation, 2);
 }
+
+/// The memory registry, but `get_service` can panic, or read its listing and only then wait
+/// (a slow etcd answer whose data predates what the watch says meanwhile).
+struct Scripted {
+    inner: Arc<MemoryRegistry>,
+    panic: AtomicBool,
+    after_read: Mutex<Duration>,
+}
+
+#[async_trait::async_trait]
+impl Registry for Scripted {
+    async fn register(&self, service: &Service) -> Result<(), crate::registry::RegistryError> {
+        self.inner.register(service).await
+    }
+    async fn deregister(
+        &self,
+        service: &str,
+        node_id: &str,
+    ) -> Result<(), crate::registry::RegistryError> {
+        self.inner.deregister(service, node_id).await
+    }
+    async fn get_service(
+        &self,
+        name: &str,
+    ) -> Result<Vec<Service>, crate::registry::RegistryError> {
+        assert!(!self.panic.load(Ordering::Relaxed), "scripted panic");
+        let listing = self.inner.get_service(name).await;
+        let after_read = *self.after_read.lock().unwrap();
+        tokio::time::sleep(after_read).await;
+        listing
+    }
+    async fn list_services(&self) -> Result<Vec<String>, crate::registry::RegistryError> {
+        self.inner.list_services().await
+    }
+    fn watch(&self) -> tokio::sync::mpsc::Receiver<crate::registry::WatchEvent> {
+        self.inner.watch()
+    }
+    fn health(&self) -> crate::registry::Health {
+        self.inner.health()
+    }
+    fn registrations(&self) -> Vec<Service> {
+        self.inner.registrations()
+    }
+    async fn shutdown(&self) {
+        self.inner.shutdown().await
+    }
+}
+
+fn scripted_fixture(settings: Settings) -> (Fixture, Arc<Scripted>) {
+    let registry = Arc::new(MemoryRegistry::new());
+    let scripted = Arc::new(Scripted {
+        inner: registry.clone(),
+        panic: AtomicBool::new(false),
+        after_read: Mutex::new(Duration::ZERO),
+    });
+    let policy = TestPolicy::new(settings);
+    let cache = RegistryCache::builder(scripted.clone(), policy.clone())
+        .tick(Duration::from_millis(10))
+        .build();
+    let fixture = Fixture {
+        registry,
+        policy,
+        cache,
+    };
+    (fixture, scripted)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_refresh_does_not_leave_its_entry_in_flight() {
+    let (f, scripted) = scripted_fixture(SETTINGS);
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    // Let the watch event go by first, or it would fill the entry behind the test's back.
+    assert!(
+        eventually(Duration::from_secs(1), || f.cache.stats().watch.ignored
+            == 1)
+        .await
+    );
+    scripted.panic.store(true, Ordering::Relaxed);
+    let err = f.cache.lookup("svc").await.unwrap_err();
+    assert!(matches!(err, LookupError::Unavailable { .. }), "{err}");
+    let view = f.cache.inner.entries.get("svc").unwrap().view();
+    assert!(!view.in_flight, "the flight ended with its task");
+    assert_eq!(
+        view.consecutive_failures, 1,
+        "and counts as a failed attempt"
+    );
+    // After the retry interval the next refresh goes through.
+    scripted.panic.store(false, Ordering::Relaxed);
+    advance(SETTINGS.min_retry_interval).await;
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.source, Source::Registry);
+    assert_eq!(f.cache.stats().flights.started, 2);
+}
