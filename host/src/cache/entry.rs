@@ -5,7 +5,7 @@
 //! store ([`arc_swap`]); a lookup loads the current view and shares it with its answer. The
 //! view is rebuilt only when the entry changes, never per lookup.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -81,6 +81,10 @@ pub(crate) struct EntryState {
     pub last_error: Option<ErrorKind>,
     pub flight: Option<Flight>,
     pub next_flight_id: u64,
+    /// Nodes the watch deleted while the current flight was in flight: its listing may have
+    /// been read before the delete, so it must not bring them back. Cleared when a flight
+    /// starts; a watch put of the node takes it out again.
+    pub deleted_in_flight: BTreeSet<String>,
     /// Removals waiting for the batch to be judged, by node id.
     pub pending: BTreeMap<String, EvictionReason>,
     /// When the pending batch opened.
@@ -192,24 +196,44 @@ impl EntryState {
     /// Nodes it lists become normal; suspect nodes it does not list leave at once when the
     /// registry is `healthy` (the removal is re-confirmed); normal nodes it does not list are
     /// returned, to be judged by the eviction guard. Nodes confirmed by the watch after
-    /// `listed_at` are spared: the listing predates them.
+    /// `listed_at` are spared: the listing predates them. Nodes in `ignored` (deleted by the
+    /// watch since the listing may have been read) are left to the watch: neither added back
+    /// nor judged.
     pub fn apply_listing(
         &mut self,
         listing: &[Service],
         listed_at: Instant,
         now: Instant,
         healthy: bool,
+        ignored: &BTreeSet<String>,
     ) -> Listed {
         let mut listed = Listed::default();
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
         for service in listing {
+            let kept;
+            let service = if ignored.is_empty() {
+                service
+            } else {
+                kept = Service {
+                    nodes: service
+                        .nodes
+                        .iter()
+                        .filter(|n| !ignored.contains(&n.id))
+                        .cloned()
+                        .collect(),
+                    ..service.without_nodes()
+                };
+                &kept
+            };
             listed.restored += self.upsert(service, now);
             seen.extend(service.nodes.iter().map(|n| n.id.clone()));
         }
         let absent: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(id, n)| !seen.contains(*id) && n.confirmed <= listed_at)
+            .filter(|(id, n)| {
+                !seen.contains(*id) && !ignored.contains(*id) && n.confirmed <= listed_at
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in absent {

@@ -103,6 +103,7 @@ impl Inner {
             overdue: false,
         });
         state.attempted_at = Some(now);
+        state.deleted_in_flight.clear();
         entry.publish(&state);
         drop(state);
         self.counters.inc(Counter::FlightsStarted);
@@ -162,7 +163,8 @@ impl Inner {
                     state.consecutive_failures = 0;
                     state.last_error = None;
                     let healthy = self.health.view().watch_connected;
-                    let listed = state.apply_listing(listing, started, now, healthy);
+                    let ignored = std::mem::take(&mut state.deleted_in_flight);
+                    let listed = state.apply_listing(listing, started, now, healthy, &ignored);
                     self.counters
                         .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
                     self.counters

@@ -109,6 +109,9 @@ impl Inner {
                     return;
                 };
                 let mut state = entry.lock();
+                for node in &service.nodes {
+                    state.deleted_in_flight.remove(&node.id);
+                }
                 let restored = state.upsert(&service, now);
                 entry.publish(&state);
                 self.counters.inc(Counter::WatchPuts);
@@ -124,6 +127,9 @@ impl Inner {
                 self.counters.inc(Counter::WatchDeletes);
                 let batch = self.policy.active().settings.eviction_batch;
                 let mut state = entry.lock();
+                if state.flight.is_some() {
+                    state.deleted_in_flight.insert(node_id.clone());
+                }
                 let present = state
                     .nodes
                     .get(&node_id)
@@ -155,7 +161,8 @@ impl Inner {
                     if state.nodes.is_empty() && listing.is_empty() {
                         continue;
                     }
-                    let listed = state.apply_listing(&listing, now, now, healthy);
+                    let listed =
+                        state.apply_listing(&listing, now, now, healthy, &Default::default());
                     self.counters
                         .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
                     self.counters

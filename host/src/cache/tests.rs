@@ -661,3 +661,39 @@ async fn a_panicking_refresh_does_not_leave_its_entry_in_flight() {
     assert_eq!(answer.source, Source::Registry);
     assert_eq!(f.cache.stats().flights.started, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_read_before_a_watch_delete_does_not_bring_the_node_back() {
+    let (f, scripted) = scripted_fixture(SETTINGS);
+    cached_five(&f).await;
+    advance(SETTINGS.ttl).await;
+    // A stale lookup starts a refresh whose listing (all five) is read now and applied 1 s
+    // later; meanwhile n5 deregisters and the watch removes it.
+    *scripted.after_read.lock().unwrap() = Duration::from_secs(1);
+    assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(f.registry.get_service_calls(), 2, "the listing was read");
+    f.registry.expire("svc", "n5");
+    assert!(
+        eventually(Duration::from_millis(900), || f
+            .cache
+            .stats()
+            .evictions
+            .evicted
+            == 1)
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || f.cache.stats().get_service.ok
+            == 2)
+        .await,
+        "the refresh ended"
+    );
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(
+        answer.node_ids().collect::<Vec<_>>(),
+        ["n1", "n2", "n3", "n4"]
+    );
+}
