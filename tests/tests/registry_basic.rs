@@ -320,3 +320,63 @@ async fn an_owned_key_deleted_by_someone_else_is_put_back() {
     assert!(regranted, "key back on a new lease");
     assert!(registry.stats().lease_regrants >= 1);
 }
+
+/// With the watch connected, `list_services` answers from the watch's mirror: no read of the
+/// prefix per call (it used to list and decode the whole registry on every HTTP request), the
+/// host's own registrations listed as soon as they return, others' as soon as the watch sees
+/// them; and while etcd is frozen it answers at once instead of waiting out the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_services_answers_from_the_watch_mirror_while_connected() {
+    init_logging();
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let registry = EtcdRegistry::connect(fast_config(&etcd)).await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            registry.health().watch_connected
+        })
+        .await
+    );
+    let mut raw = raw_client(&etcd, None).await;
+    raw.put(
+        "/micro/registry/theirs/t1",
+        service("theirs", "1", "t1").encode(),
+        None,
+    )
+    .await
+    .unwrap();
+    registry
+        .register(&service("ours", "1", "o1"))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            registry.list_services().await.unwrap() == ["ours", "theirs"]
+        })
+        .await
+    );
+
+    let ranges = || etcd.grpc_started(0, "etcdserverpb.KV", "Range").unwrap();
+    let before = ranges();
+    for _ in 0..50 {
+        assert_eq!(registry.list_services().await.unwrap(), ["ours", "theirs"]);
+    }
+    assert_eq!(ranges(), before, "no etcd read per list");
+
+    raw.delete("/micro/registry/theirs/t1", None).await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            registry.list_services().await.unwrap() == ["ours"]
+        })
+        .await,
+        "a deletion seen by the watch leaves the list"
+    );
+
+    etcd.stop(0).unwrap();
+    let started = Instant::now();
+    let listed = registry.list_services().await;
+    let took = started.elapsed();
+    etcd.cont(0).unwrap();
+    assert_eq!(listed.unwrap(), ["ours"]);
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+    registry.shutdown().await;
+}

@@ -143,15 +143,7 @@ impl EtcdRegistry {
         });
         // The first list is the first contact: it proves the endpoints, TLS and credentials,
         // and seeds the watch mirror so that the watch starts exactly after it.
-        let (kvs, revision) = tokio::time::timeout(bound, shared.list_prefix("connect"))
-            .await
-            .map_err(|_| {
-                RegistryError::new(
-                    ErrorKind::Timeout,
-                    "connect",
-                    format!("no answer within {bound:?}"),
-                )
-            })??;
+        let (kvs, revision) = shared.list_prefix_within("connect", bound).await?;
         shared
             .hub
             .lock()
@@ -437,6 +429,25 @@ impl Shared {
         }
     }
 
+    /// [`Shared::list_prefix`] with one bound on the whole list, pages and retries included.
+    pub(crate) async fn list_prefix_within(
+        &self,
+        op: &'static str,
+        bound: Duration,
+    ) -> Result<(Vec<(String, Vec<u8>)>, i64), RegistryError> {
+        tokio::time::timeout(bound, self.list_prefix(op))
+            .await
+            .unwrap_or_else(|_| {
+                let e = RegistryError::new(
+                    ErrorKind::Timeout,
+                    op,
+                    format!("no answer within {bound:?}"),
+                );
+                self.stats.request(op, e.kind.as_str());
+                Err(e)
+            })
+    }
+
     /// Decodes values, skipping (and counting) the malformed ones.
     fn decode_all(&self, kvs: Vec<(String, Vec<u8>)>) -> BTreeMap<String, Service> {
         kvs.into_iter()
@@ -695,19 +706,27 @@ impl Registry for EtcdRegistry {
     }
 
     async fn list_services(&self) -> Result<Vec<String>, RegistryError> {
-        // Pages are bounded one by one; the whole list gets the same single bound as any call.
-        let bound = self.shared.config.request_timeout;
-        let (kvs, _) = tokio::time::timeout(bound, self.shared.list_prefix("list_services"))
-            .await
-            .map_err(|_| {
-                RegistryError::new(
-                    ErrorKind::Timeout,
-                    "list_services",
-                    format!("no answer within {bound:?}"),
-                )
-            })??;
-        let mut names: Vec<String> = self
-            .shared
+        let shared = &self.shared;
+        // While the watch is connected the mirror is current: answer from memory, which costs
+        // the number of services, does no I/O and cannot wait on an outage. The host's own
+        // registrations are added so that a registration is listed as soon as it returns,
+        // before its watch event arrives.
+        if shared.watch_connected.load(Ordering::Relaxed) {
+            let mut names: std::collections::BTreeSet<String> = shared
+                .hub
+                .lock()
+                .unwrap()
+                .service_names()
+                .map(String::from)
+                .collect();
+            let owned = shared.owned.lock().unwrap();
+            names.extend(owned.values().map(|o| o.service.name.clone()));
+            return Ok(names.into_iter().collect());
+        }
+        // Without a watch, read etcd: every page and the whole list under one request timeout.
+        let bound = shared.config.request_timeout;
+        let (kvs, _) = shared.list_prefix_within("list_services", bound).await?;
+        let mut names: Vec<String> = shared
             .decode_all(kvs)
             .into_values()
             .map(|s| s.name)

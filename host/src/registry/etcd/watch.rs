@@ -29,10 +29,17 @@ use crate::registry::WatchEvent;
 /// Capacity of each receiver's queue.
 const WATCH_QUEUE: usize = 4096;
 
+/// A re-list may take this many request timeouts in all (each page has one): a large registry
+/// needs several pages, but the watch must not wait on a hung member forever.
+const RELIST_TIMEOUTS: u32 = 4;
+
 /// The mirror of the registry and the receivers of its changes.
 #[derive(Default)]
 pub(crate) struct Hub {
     mirror: BTreeMap<String, Service>,
+    /// How many mirrored keys each service name has: `list_services` reads this, so answering
+    /// it costs the number of services, not of nodes.
+    names: BTreeMap<String, usize>,
     revision: i64,
     subscribers: Vec<Subscriber>,
     closed: bool,
@@ -46,8 +53,39 @@ struct Subscriber {
 impl Hub {
     /// Replaces the mirror (after a list) without telling anyone.
     pub(crate) fn reset(&mut self, mirror: BTreeMap<String, Service>, revision: i64) {
+        self.names.clear();
+        for service in mirror.values() {
+            *self.names.entry(service.name.clone()).or_default() += 1;
+        }
         self.mirror = mirror;
         self.revision = revision;
+    }
+
+    /// The names of the mirrored services, sorted.
+    pub(crate) fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    fn insert(&mut self, key: &str, service: Service) {
+        *self.names.entry(service.name.clone()).or_default() += 1;
+        if let Some(old) = self.mirror.insert(key.to_string(), service) {
+            self.forget_name(&old.name);
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Service> {
+        let old = self.mirror.remove(key)?;
+        self.forget_name(&old.name);
+        Some(old)
+    }
+
+    fn forget_name(&mut self, name: &str) {
+        if let Some(count) = self.names.get_mut(name) {
+            *count -= 1;
+            if *count == 0 {
+                self.names.remove(name);
+            }
+        }
     }
 
     pub(crate) fn contains(&self, key: &str) -> bool {
@@ -115,7 +153,7 @@ impl Hub {
         self.revision = revision;
         match service {
             Some(service) => {
-                self.mirror.insert(key.to_string(), service.clone());
+                self.insert(key, service.clone());
                 for node in &service.nodes {
                     self.publish(WatchEvent::Put {
                         service: service.with_single_node(node),
@@ -129,7 +167,7 @@ impl Hub {
 
     fn delete(&mut self, key: &str, revision: i64) {
         self.revision = revision;
-        if let Some(old) = self.mirror.remove(key) {
+        if let Some(old) = self.remove(key) {
             for node in &old.nodes {
                 self.publish(WatchEvent::Delete {
                     service: old.name.clone(),
@@ -297,9 +335,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
 }
 
 /// Lists the prefix, replaces the mirror, and sends every receiver a `Resync`. Returns the
-/// list's revision, from which the watch continues.
+/// list's revision, from which the watch continues. The whole list is bounded by
+/// [`RELIST_TIMEOUTS`] request timeouts, so a member that hangs mid-list cannot hold the watch
+/// down page after page.
 async fn relist(shared: &Shared) -> Option<i64> {
-    let (kvs, revision) = match shared.list_prefix("relist").await {
+    let bound = shared.config.request_timeout * RELIST_TIMEOUTS;
+    let (kvs, revision) = match shared.list_prefix_within("relist", bound).await {
         Ok(listed) => listed,
         Err(e) => {
             tracing::warn!(error = %e, "re-listing the registry failed; will retry");
@@ -416,6 +457,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn service_names_follow_puts_overwrites_deletes_and_resets() {
+        let mut hub = Hub::default();
+        hub.reset(BTreeMap::from([("k/a".to_string(), svc("s", "a"))]), 1);
+        hub.put("k/b", Some(svc("s", "b")), 2);
+        hub.put("k/c", Some(svc("t", "c")), 3);
+        let names = |hub: &Hub| hub.service_names().map(String::from).collect::<Vec<_>>();
+        assert_eq!(names(&hub), ["s", "t"]);
+        hub.delete("k/a", 4);
+        assert_eq!(names(&hub), ["s", "t"], "s still has k/b");
+        hub.put("k/b", Some(svc("u", "b")), 5); // the key now holds another service
+        assert_eq!(names(&hub), ["t", "u"]);
+        hub.put("k/c", None, 6); // junk: t's only node is gone
+        assert_eq!(names(&hub), ["u"]);
+        hub.reset(BTreeMap::from([("k/z".to_string(), svc("z", "z"))]), 7);
+        assert_eq!(names(&hub), ["z"]);
     }
 
     #[test]
