@@ -1,7 +1,7 @@
 //! The etcd registry: go-micro's key layout on etcd, kept alive through every etcd fault.
 //!
 //! This is the only code in regcache that speaks etcd. It owns one client (all endpoints, one
-//! auth token shared by every call and stream), and three background tasks:
+//! auth token shared by every call and stream), and background tasks:
 //!
 //! - [`lease`]: one lease per host and one long-lived LeaseKeepAlive stream. On any loss (TTL 0,
 //!   "lease not found", the stream ending or falling silent) it re-opens the stream or grants a
@@ -9,7 +9,8 @@
 //! - [`watch`]: one prefix watch (with `prev_kv`) that mirrors the registry, fans events out to
 //!   every [`Registry::watch`] receiver, resumes from the last revision after a loss, re-lists
 //!   and sends [`WatchEvent::Resync`] after a compaction, feeds [`Registry::health`], and asks
-//!   the lease task to re-put an owned key it sees deleted.
+//!   the lease task to re-put an owned key it sees deleted. A small timer task resyncs
+//!   receivers that fell behind even when no further event comes.
 //! - [`endpoints`]: with several endpoints, takes a member that stopped listening out of the
 //!   client's balancer (else about a third of calls keep failing) and puts it back later.
 //!
@@ -152,6 +153,7 @@ impl EtcdRegistry {
         let mut tasks = vec![
             tokio::spawn(lease::run(shared.clone())),
             tokio::spawn(watch::run(shared.clone(), revision)),
+            tokio::spawn(watch::flush_lagged(shared.clone())),
         ];
         if shared.config.endpoint_urls().len() > 1 {
             tasks.push(tokio::spawn(endpoints::run(shared.clone())));

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
@@ -28,6 +29,10 @@ use crate::registry::WatchEvent;
 
 /// Capacity of each receiver's queue.
 const WATCH_QUEUE: usize = 4096;
+
+/// How often receivers marked lagged are offered their `Resync` when no event comes along to do
+/// it: after a burst larger than a queue (a mass lease expiry) etcd may go quiet for hours.
+const LAG_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A re-list may take this many request timeouts in all (each page has one): a large registry
 /// needs several pages, but the watch must not wait on a hung member forever.
@@ -129,6 +134,20 @@ impl Hub {
                 sub.lagged = true;
             }
             i += 1;
+        }
+    }
+
+    /// Offers every lagged receiver with room its `Resync` now, without waiting for an event.
+    fn flush_lagged(&mut self) {
+        if !self.subscribers.iter().any(|s| s.lagged) {
+            return;
+        }
+        let snapshot = self.snapshot();
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        for sub in self.subscribers.iter_mut().filter(|s| s.lagged) {
+            if sub.tx.capacity() > 0 && sub.tx.try_send(snapshot.clone()).is_ok() {
+                sub.lagged = false;
+            }
         }
     }
 
@@ -334,6 +353,20 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
     }
 }
 
+/// Runs until shutdown: resyncs lagged receivers every [`LAG_FLUSH_INTERVAL`], so one that fell
+/// behind at the end of a burst catches up even if no further event is published.
+pub(crate) async fn flush_lagged(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut tick = tokio::time::interval(LAG_FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => shared.hub.lock().unwrap().flush_lagged(),
+        }
+    }
+}
+
 /// Lists the prefix, replaces the mirror, and sends every receiver a `Resync`. Returns the
 /// list's revision, from which the watch continues. The whole list is bounded by
 /// [`RELIST_TIMEOUTS`] request timeouts, so a member that hangs mid-list cannot hold the watch
@@ -457,6 +490,29 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_lagging_receiver_is_resynced_without_a_further_event() {
+        let mut hub = Hub::default();
+        let mut slow = hub.subscribe();
+        for i in 0..WATCH_QUEUE + 10 {
+            hub.put(
+                &format!("k/{i}"),
+                Some(svc("s", &i.to_string())),
+                i as i64 + 1,
+            );
+        }
+        while slow.try_recv().is_ok() {}
+        // etcd has gone quiet: nothing is published, yet the flush delivers the end of the burst.
+        hub.flush_lagged();
+        let WatchEvent::Resync { services, revision } = slow.try_recv().unwrap() else {
+            panic!("a lagging receiver is resynced by the flush");
+        };
+        assert_eq!(services[0].nodes.len(), WATCH_QUEUE + 10);
+        assert_eq!(revision, (WATCH_QUEUE + 10) as i64);
+        hub.flush_lagged();
+        assert!(slow.try_recv().is_err(), "resynced once, not again");
     }
 
     #[test]
