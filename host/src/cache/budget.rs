@@ -36,9 +36,14 @@ impl Budget {
     pub fn take(&self, per_second: u32, now: Instant) -> bool {
         let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let capacity = f64::from(per_second.max(1));
-        let elapsed = now.saturating_duration_since(bucket.refilled_at);
-        bucket.tokens = (bucket.tokens + elapsed.as_secs_f64() * capacity).min(capacity);
-        bucket.refilled_at = now;
+        // Callers read `now` when their lookup began, so they arrive out of order: the refill
+        // only moves forward, or an earlier `now` would rewind it and the time between the two
+        // would be credited twice.
+        if now > bucket.refilled_at {
+            let elapsed = now - bucket.refilled_at;
+            bucket.tokens = (bucket.tokens + elapsed.as_secs_f64() * capacity).min(capacity);
+            bucket.refilled_at = now;
+        }
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             true
@@ -47,10 +52,11 @@ impl Budget {
         }
     }
 
-    /// Gives back a token taken for a refresh that did not start.
-    pub fn refund(&self) {
+    /// Gives back a token taken (at the rate `per_second`) for a refresh that did not start;
+    /// the bucket never holds more than its capacity.
+    pub fn refund(&self, per_second: u32) {
         let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        bucket.tokens += 1.0;
+        bucket.tokens = (bucket.tokens + 1.0).min(f64::from(per_second.max(1)));
     }
 }
 
@@ -71,5 +77,30 @@ mod tests {
         let much_later = later + Duration::from_secs(60);
         let taken = (0..100).filter(|_| budget.take(10, much_later)).count();
         assert_eq!(taken, 10, "never more than the capacity");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_now_neither_rewinds_nor_credits_twice() {
+        let budget = Budget::new(10);
+        let now = Instant::now();
+        assert_eq!((0..100).filter(|_| budget.take(10, now)).count(), 10);
+        let later = now + Duration::from_millis(500);
+        assert_eq!((0..100).filter(|_| budget.take(10, later)).count(), 5);
+        // A lookup that read the clock before `later` arrives last.
+        let earlier = now + Duration::from_millis(250);
+        assert!(!budget.take(10, earlier));
+        assert_eq!(
+            (0..100).filter(|_| budget.take(10, later)).count(),
+            0,
+            "the 250 ms up to `later` were already credited"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refunds_never_exceed_the_capacity() {
+        let budget = Budget::new(10);
+        let now = Instant::now();
+        budget.refund(10);
+        assert_eq!((0..100).filter(|_| budget.take(10, now)).count(), 10);
     }
 }

@@ -71,7 +71,7 @@ impl Inner {
     ) -> Result<(u64, watch::Receiver<Option<FlightOutcome>>), Refusal> {
         let refund = || {
             if token {
-                self.budget.refund();
+                self.budget.refund(settings.registry_budget_per_second);
             }
         };
         let mut state = entry.lock();
