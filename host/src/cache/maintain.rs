@@ -201,13 +201,16 @@ impl Inner {
             .max(self.options.refresh_timeout);
         let entries: Vec<_> = self.entries.iter().map(|e| e.value().clone()).collect();
         let mut unused = Vec::new();
+        let unused_now = |view: &super::entry::View| {
+            let last = view.attempted_at.max(view.refreshed_at);
+            view.nodes == 0
+                && !view.in_flight
+                && last.is_none_or(|t| now.saturating_duration_since(t) >= retention)
+        };
         for entry in entries {
             let view = entry.view();
             if view.nodes == 0 {
-                let last = view.attempted_at.max(view.refreshed_at);
-                if !view.in_flight
-                    && last.is_none_or(|t| now.saturating_duration_since(t) >= retention)
-                {
+                if unused_now(&view) {
                     unused.push(entry.name.clone());
                 }
                 continue;
@@ -241,11 +244,11 @@ impl Inner {
                 entry.publish(&state);
             }
         }
+        // Re-checked under the map's lock: since the scan, a lookup may have attempted a
+        // refresh (and finished it) or the registry answered "not found" again.
         for name in unused {
-            self.entries.remove_if(&name, |_, entry| {
-                let view = entry.view();
-                view.nodes == 0 && !view.in_flight
-            });
+            self.entries
+                .remove_if(&name, |_, entry| unused_now(&entry.view()));
         }
     }
 }
