@@ -5,7 +5,7 @@
 //! Only services already in the cache are touched: an event for another service costs one map
 //! lookup and is dropped (see the module doc of [`super`] for why the whole prefix is watched).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tokio::time::{Instant, sleep_until};
 use super::Inner;
 use super::stats::Counter;
 use crate::decision::{EvictionReason, HealthView};
+use crate::model::Service;
 use crate::registry::WatchEvent;
 
 /// How long to wait before re-subscribing when the watch stream ended.
@@ -150,19 +151,24 @@ impl Inner {
             WatchEvent::Resync { services, .. } => {
                 self.counters.inc(Counter::WatchResyncs);
                 let healthy = self.fresh_health().watch_connected;
+                // Grouped once: each cached entry then finds its listing with one map lookup
+                // instead of a scan of every service in the registry.
+                let mut by_name: HashMap<String, Vec<Service>> = HashMap::new();
+                for service in services {
+                    by_name
+                        .entry(service.name.clone())
+                        .or_default()
+                        .push(service);
+                }
                 let entries: Vec<_> = self.entries.iter().map(|e| e.value().clone()).collect();
                 for entry in entries {
-                    let listing: Vec<_> = services
-                        .iter()
-                        .filter(|s| *s.name == *entry.name)
-                        .cloned()
-                        .collect();
+                    let listing = by_name.get(&*entry.name).map_or(&[][..], Vec::as_slice);
                     let mut state = entry.lock();
                     if state.nodes.is_empty() && listing.is_empty() {
                         continue;
                     }
                     let listed =
-                        state.apply_listing(&listing, now, now, healthy, &Default::default());
+                        state.apply_listing(listing, now, now, healthy, &Default::default());
                     self.counters
                         .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
                     self.counters
