@@ -166,13 +166,7 @@ impl Collector for Sources {
             &mut e,
             "regcache_cache_nodes",
             "Nodes in the cache, suspects included.",
-            self.cache
-                .export()
-                .entries
-                .iter()
-                .flat_map(|e| &e.services)
-                .map(|s| s.nodes.len())
-                .sum::<usize>() as i64,
+            self.cache.node_count() as i64,
         )?;
 
         let p = self.engine.stats();

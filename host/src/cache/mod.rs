@@ -245,6 +245,16 @@ impl RegistryCache {
         self.inner.entries.len()
     }
 
+    /// The number of cached nodes over all services, suspects included. Reads each entry's
+    /// view count (no copy of the cache), for metrics.
+    pub fn node_count(&self) -> usize {
+        self.inner
+            .entries
+            .iter()
+            .map(|e| e.value().view().nodes as usize)
+            .sum()
+    }
+
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.inner.entries.is_empty()

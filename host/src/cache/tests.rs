@@ -480,6 +480,7 @@ async fn a_single_deregistration_is_applied_at_once() {
     );
     assert_eq!(f.policy.guards(), vec![(5, 4, 1, EvictionDecision::Evict)]);
     assert_eq!(f.registry.get_service_calls(), 1, "no refresh involved");
+    assert_eq!(f.cache.node_count(), 4);
 }
 
 #[tokio::test(start_paused = true)]
