@@ -127,7 +127,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
     let path = dir.path().join("policy.wasm");
     let files = [policy_wasm("strict"), policy_wasm("always-stale")];
     std::fs::write(&path, &files[1])?;
-    let _watch = Reloader::new(engine.clone(), &path).watch()?;
+    let _watch = Reloader::new(engine.clone(), &path, vec![]).watch()?;
     let busy = Load::start(&cache, 2);
     let mut to_first_decision = Vec::with_capacity(swaps);
     for i in 0..swaps {
