@@ -96,7 +96,9 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
 
     let (registry, etcd_stats, connector) = build_registry(&config).await?;
 
-    let cache = RegistryCache::new(registry.clone(), Arc::new(engine.clone()));
+    let cache = RegistryCache::builder(registry.clone(), Arc::new(engine.clone()))
+        .refresh_timeout(refresh_timeout(&config))
+        .build();
     let snapshot_file = config.state_dir.as_deref().map(SnapshotFile::in_dir);
     let serving_snapshot = Arc::new(AtomicBool::new(false));
     if let Some(file) = &snapshot_file {
@@ -195,6 +197,19 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     tracing::info!("bye");
     Ok(())
 }
+
+/// How long the cache lets one refresh's registry request run: etcd's configured request
+/// timeout, so that an operator who allows etcd more time than the cache's default gets it
+/// (the embedded registry answers at once; the default is kept for it).
+fn refresh_timeout(config: &HostConfig) -> Duration {
+    config
+        .etcd
+        .as_ref()
+        .map_or(DEFAULT_REFRESH_TIMEOUT, |etcd| etcd.request_timeout)
+}
+
+/// The refresh timeout without etcd (the cache's own default).
+const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The registry and, for etcd, its counters and a future that completes once it is connected.
 async fn build_registry(
@@ -320,5 +335,25 @@ async fn write_snapshot(file: &SnapshotFile, cache: &RegistryCache) {
         }
         Ok(Err(e)) => tracing::warn!("cannot write the snapshot: {e}"),
         Err(e) => tracing::warn!("snapshot task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigLayer;
+
+    fn config(toml: &str) -> HostConfig {
+        ConfigLayer::parse_toml(toml, "test")
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_cache_waits_for_etcd_as_long_as_etcd_requests_may_take() {
+        let etcd = config("[etcd]\nendpoints = [\"127.0.0.1:2379\"]\nrequest_timeout = \"8s\"");
+        assert_eq!(refresh_timeout(&etcd), Duration::from_secs(8));
+        assert_eq!(refresh_timeout(&config("")), DEFAULT_REFRESH_TIMEOUT);
     }
 }
