@@ -7,6 +7,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::{ApiError, AppState, check_name};
@@ -56,23 +57,32 @@ impl<'a> PolicyRef<'a> {
 pub(super) async fn lookup(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Found, ApiError> {
     let Path(name) = name?;
     check_name("service name", &name)?;
-    match state.cache.lookup(&name).await {
-        Ok(answer) => Ok(Response::Found(answer, name, state.serving_snapshot())),
-        Err(e) => Err(lookup_error(e)),
-    }
+    let answer = state.cache.lookup(&name).await.map_err(lookup_error)?;
+    Ok(Found {
+        answer,
+        name,
+        snapshot: state.serving_snapshot(),
+    })
 }
 
 /// A lookup's answer, encoded when the response is written.
-pub(super) enum Response {
-    Found(Answer, String, bool),
+pub(super) struct Found {
+    answer: Answer,
+    name: String,
+    /// Served while the snapshot marking is on.
+    snapshot: bool,
 }
 
-impl axum::response::IntoResponse for Response {
-    fn into_response(self) -> axum::response::Response {
-        let Response::Found(answer, name, snapshot) = self;
+impl IntoResponse for Found {
+    fn into_response(self) -> Response {
+        let Found {
+            answer,
+            name,
+            snapshot,
+        } = self;
         // Until the registry answers, everything cached came from the snapshot: stale,
         // whatever its recorded age says.
         let source = match (answer.source, snapshot) {
