@@ -17,7 +17,7 @@
 //! client got wrong: malformed JSON, odd names, oversized bodies (413), unknown routes (404),
 //! wrong methods (405), missing or wrong admin token (401), admin endpoints with no token
 //! configured (403: disabled, never open). 5xx means the registry or the lookup could not
-//! answer (503), never bad input.
+//! answer (503), or etcd did not answer in time (504), never bad input.
 
 mod admin;
 mod services;

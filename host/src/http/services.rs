@@ -14,6 +14,7 @@ use super::{ApiError, AppState, check_name};
 use crate::cache::{Answer, LookupError, Source};
 use crate::decision::PolicyInfo;
 use crate::model::Service;
+use crate::registry::ErrorKind;
 
 /// `GET /v1/services/{name}`.
 #[derive(Serialize)]
@@ -118,6 +119,19 @@ fn lookup_error(e: LookupError) -> ApiError {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
                 .with_details(details(provenance.as_str()))
         }
+        // The registry did not answer within its timeout, or this lookup's wait ran out
+        // before it did: a gateway timeout, as for the registry endpoints.
+        LookupError::Unavailable {
+            cause: Some(ErrorKind::Timeout),
+            ..
+        } => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "registry_timeout",
+            e.to_string(),
+        )
+        .with_details(details("none")),
+        // The registry refused or is unreachable, the policy rejected, or a limit (retry
+        // interval, budget) held the refresh back.
         LookupError::Unavailable { .. } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -233,4 +247,54 @@ pub(super) async fn deregister(
     }
     state.registry.deregister(&service, &node).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::decision::Settings;
+
+    fn unavailable(cause: Option<ErrorKind>) -> LookupError {
+        let second = Duration::from_secs(1);
+        LookupError::Unavailable {
+            service: "svc".into(),
+            reason: "test".into(),
+            cause,
+            policy: Arc::new(PolicyInfo {
+                generation: 1,
+                digest: "0".repeat(64),
+                source: "test".into(),
+                loaded_at: SystemTime::now(),
+                settings: Settings {
+                    ttl: second,
+                    min_retry_interval: second,
+                    max_wait: second,
+                    negative_ttl: second,
+                    registry_budget_per_second: 1,
+                    eviction_window: second,
+                    max_suspect_hold: second,
+                    eviction_batch: second,
+                },
+            }),
+        }
+    }
+
+    #[test]
+    fn a_registry_timeout_is_a_gateway_timeout() {
+        let status = |cause| lookup_error(unavailable(cause)).status;
+        assert_eq!(
+            status(Some(ErrorKind::Timeout)),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        for cause in [
+            None,
+            Some(ErrorKind::Unavailable),
+            Some(ErrorKind::Unauthenticated),
+        ] {
+            assert_eq!(status(cause), StatusCode::SERVICE_UNAVAILABLE, "{cause:?}");
+        }
+    }
 }
