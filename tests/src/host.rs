@@ -223,6 +223,52 @@ pub fn request(
     parse(&raw)
 }
 
+/// Sends a request's head announcing a `content_length`-byte body, and no body: the server
+/// must answer from the head alone (say, refuse a missing token) within `timeout`.
+pub fn request_head_only(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_length: usize,
+    timeout: Duration,
+) -> Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Length: {content_length}\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    // Read up to the end of the answer's body; the connection stays open (the server may
+    // still be willing to read the announced body), so stop at Content-Length.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("no answer to {method} {path} within {timeout:?}"))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Ok(response) = parse(&raw) {
+            let complete = response
+                .header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_some_and(|l| response.body.len() >= l);
+            if complete {
+                return Ok(response);
+            }
+        }
+    }
+    parse(&raw)
+}
+
 fn parse(raw: &[u8]) -> Result<Response> {
     let end = raw
         .windows(4)

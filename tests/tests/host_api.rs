@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use regcache_tests::binary::regcache_bin;
-use regcache_tests::host::{Host, Response, poll, service_json, write_atomically};
+use regcache_tests::host::{
+    Host, Response, poll, request_head_only, service_json, write_atomically,
+};
 use regcache_tests::policies::{policy_path, policy_wasm};
 use serde_json::Value;
 
@@ -268,6 +270,26 @@ fn admin_endpoints_need_the_token_and_are_disabled_without_one() {
     }
     assert_eq!(active_digest(&host), before);
     assert_eq!(host.get("/v1/policy").unwrap().json()["generation"], 1);
+
+    // The token is checked before the body is read: a client announcing a policy-sized body
+    // and sending none is refused at once, not waited for.
+    for (target, headers, status) in [
+        (&disabled, vec![("Authorization", "Bearer x")], 403),
+        (&host, vec![], 401),
+        (&host, vec![("Authorization", "Bearer wrong-token")], 401),
+    ] {
+        let response = request_head_only(
+            target.addr,
+            "PUT",
+            "/v1/policy",
+            &headers,
+            8 * 1024 * 1024,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(response.status, status, "{headers:?}: {}", response.text());
+        assert!(response.json()["error"].is_string());
+    }
 
     // The token from a file (trailing newline ignored), as secrets are mounted.
     let dir = tempfile::tempdir().unwrap();

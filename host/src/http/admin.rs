@@ -6,7 +6,8 @@ use std::time::UNIX_EPOCH;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
@@ -83,7 +84,23 @@ pub(super) async fn policy(State(state): State<AppState>) -> Json<PolicyBody> {
     Json(policy_body(&state.engine.active(), state.engine.stats()))
 }
 
-/// Checks the bearer token: 403 when the admin endpoints are disabled, 401 without the token.
+/// Proof that a request carries the admin token: 403 when the admin endpoints are disabled,
+/// 401 without the token.
+///
+/// An extractor from the request's head, and the handler's first argument, so the token is
+/// checked before anything reads the body: a client without it cannot make the host buffer a
+/// policy-sized body ([`super::MAX_POLICY_BODY`]).
+pub(super) struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authorize(state, &parts.headers).map(|()| Admin)
+    }
+}
+
+/// Checks the bearer token.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.admin_token else {
         return Err(ApiError::new(
@@ -116,12 +133,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// configuration (else the active one is kept). Validated, then swapped: 200 with the new
 /// policy, or 422 with the reason while the old policy stays active.
 pub(super) async fn swap_policy(
+    _: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PolicyBody>, ApiError> {
-    authorize(&state, &headers)?;
     let Query(query) = query?;
     let body = body?;
     let config = if query.is_empty() {
