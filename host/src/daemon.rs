@@ -159,13 +159,15 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
             }
         }));
     }
-    if let Some(file) = snapshot_file.clone() {
-        tasks.push(tokio::spawn(write_periodically(
+    let (stop_snapshots, snapshots_stopped) = tokio::sync::watch::channel(());
+    let periodic_snapshots = snapshot_file.clone().map(|file| {
+        tokio::spawn(write_periodically(
             file,
             cache.clone(),
             config.snapshot_interval,
-        )));
-    }
+            snapshots_stopped,
+        ))
+    });
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -186,6 +188,13 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     }
     for task in &tasks {
         task.abort();
+    }
+    // The periodic writer is stopped, not aborted: aborting would not stop a write already
+    // running on a blocking thread, which could then rename an older snapshot over the final
+    // one. It finishes the write in flight, if any, and returns.
+    drop(stop_snapshots);
+    if let Some(task) = periodic_snapshots {
+        let _ = task.await;
     }
     // The snapshot first: it records the registry as this host saw it, not the removal of
     // this host's own keys that the lease revocation is about to cause.
@@ -309,13 +318,22 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-async fn write_periodically(file: SnapshotFile, cache: RegistryCache, interval: Duration) {
+/// Writes the snapshot every `interval` until `stop`'s sender is dropped; a write in flight
+/// is finished first.
+async fn write_periodically(
+    file: SnapshotFile,
+    cache: RegistryCache,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
-        ticker.tick().await;
-        write_snapshot(&file, &cache).await;
+        tokio::select! {
+            _ = ticker.tick() => write_snapshot(&file, &cache).await,
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`http`]: the HTTP API, the only code that knows JSON request/response shapes.
 //! - [`metrics`]: Prometheus metrics, collected from the components' counters at scrape time.
 //! - [`snapshot`]: the cache's snapshot on disk, written atomically.
+//! - [`fsutil`]: the one atomic, durable file write (snapshot and policy artifacts).
 //! - [`daemon`]: `regcache run`'s run loop: build, serve, drain, stop.
 #![deny(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod decision;
+pub mod fsutil;
 pub mod http;
 pub mod metrics;
 pub mod model;

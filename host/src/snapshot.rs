@@ -4,21 +4,22 @@
 //! shutdown, and reads it back at start so that a host started while etcd is unreachable can
 //! answer (stale) instead of failing.
 //!
-//! Writes are atomic: a temporary file in the same directory is written, fsynced, renamed over
-//! the old one, and the directory fsynced, so a crash leaves either the old or the new snapshot,
-//! never a mix. Reads are suspicious: the file starts with a header line carrying the payload's
+//! Writes are atomic ([`crate::fsutil::write_atomically`]): a crash leaves either the old or the
+//! new snapshot, never a mix, and concurrent writes (a periodic one still running when the
+//! shutdown one starts) each use their own temporary file. Reads are suspicious: the file starts with a header line carrying the payload's
 //! length and sha256, and a file that is truncated, corrupt, or of another format is refused
 //! with a [`SnapshotError`] (the daemon logs it and starts empty).
 //!
 //! Architecture invariant: this module knows the file format only; what the payload holds is the
 //! cache's business.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+
+use crate::fsutil::write_atomically;
 
 /// File name of the snapshot inside the state dir.
 pub const FILE_NAME: &str = "cache.snapshot";
@@ -68,38 +69,26 @@ impl SnapshotFile {
         &self.path
     }
 
-    /// Writes `payload` atomically (write, fsync, rename, fsync the directory).
+    /// Writes `payload` atomically and durably ([`write_atomically`]).
     pub fn write<T: Serialize>(&self, payload: &T) -> Result<(), SnapshotError> {
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |error| SnapshotError::Io { op, path, error }
-        };
         let body = serde_json::to_vec(payload).map_err(|e| SnapshotError::Invalid {
             path: self.path.clone(),
             reason: format!("cannot encode: {e}"),
         })?;
-        let header = format!("{MAGIC} {} {}\n", body.len(), hex(&Sha256::digest(&body)));
+        let mut bytes =
+            format!("{MAGIC} {} {}\n", body.len(), hex(&Sha256::digest(&body))).into_bytes();
+        bytes.extend_from_slice(&body);
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-        let tmp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-            file.write_all(header.as_bytes())
-                .and_then(|()| file.write_all(&body))
-                .map_err(io("write", &tmp))?;
-            file.sync_all().map_err(io("fsync", &tmp))?;
-            std::fs::rename(&tmp, &self.path).map_err(io("rename", &tmp))?;
-            // The rename is durable only once the directory entry is.
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io("fsync", dir))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        std::fs::create_dir_all(dir).map_err(|error| SnapshotError::Io {
+            op: "create",
+            path: dir.to_path_buf(),
+            error,
+        })?;
+        write_atomically(&self.path, &bytes).map_err(|error| SnapshotError::Io {
+            op: "write",
+            path: self.path.clone(),
+            error,
+        })
     }
 
     /// Reads the snapshot: `Ok(None)` if there is none, an error if it is unreadable or not
@@ -185,5 +174,25 @@ mod tests {
         file.write(&payload).unwrap();
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file stays behind");
+    }
+
+    /// A periodic write still running on its blocking thread when the shutdown write starts.
+    #[test]
+    fn overlapping_writes_leave_an_intact_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        let payloads: Vec<Vec<String>> = (0..4).map(|i| vec![format!("{i}"); 10_000]).collect();
+        std::thread::scope(|s| {
+            for payload in &payloads {
+                let file = &file;
+                s.spawn(move || {
+                    for _ in 0..10 {
+                        file.write(payload).unwrap();
+                    }
+                });
+            }
+        });
+        let read = file.read::<Vec<String>>().unwrap().unwrap();
+        assert!(payloads.contains(&read));
     }
 }

@@ -19,6 +19,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::fsutil::write_atomically;
+
 /// Components kept in memory; policies are small, and operators rarely juggle more.
 const IN_MEMORY: usize = 16;
 
@@ -175,14 +177,4 @@ fn check_private(dir: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Write, fsync, rename: a reader sees the old file or the whole new one, never a torn write.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
