@@ -103,26 +103,32 @@ impl Collector for Sources {
         counters(
             &mut e,
             "regcache_lookups",
-            "Lookups by the source of their answer (errors by kind).",
+            "Lookups answered, by the source of their answer.",
             "source",
             [
                 ("fresh", a.fresh),
                 ("stale", a.stale),
                 ("registry", a.registry),
-                (
-                    "negative",
-                    a.not_found_negative + a.not_found_registry + a.not_found_policy,
-                ),
-                (
-                    "unavailable",
-                    a.unavailable_policy
-                        + a.unavailable_rate_limited
-                        + a.unavailable_overdue
-                        + a.unavailable_budget
-                        + a.unavailable_registry,
-                ),
             ],
         )?;
+        let mut errors = e.encode_descriptor(
+            "regcache_lookup_errors",
+            "Lookups not answered, by kind (not_found, unavailable) and cause.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (kind, cause, count) in [
+            ("not_found", "negative", a.not_found_negative),
+            ("not_found", "registry", a.not_found_registry),
+            ("not_found", "policy", a.not_found_policy),
+            ("unavailable", "policy", a.unavailable_policy),
+            ("unavailable", "rate_limited", a.unavailable_rate_limited),
+            ("unavailable", "budget", a.unavailable_budget),
+            ("unavailable", "registry", a.unavailable_registry),
+        ] {
+            let labels = [("kind", kind), ("cause", cause)];
+            ConstCounter::new(count).encode(errors.encode_family(&labels)?)?;
+        }
         let d = cache.decisions;
         counters(
             &mut e,

@@ -493,12 +493,16 @@ fn metrics_are_prometheus_text() {
     lookup(&host, "greeter");
     lookup(&host, "greeter");
     lookup(&host, "missing");
+    lookup(&host, "missing");
     let response = host.get("/metrics").unwrap();
     assert_eq!(response.status, 200);
     let text = response.text();
     for family in [
         "regcache_lookups_total{source=\"fresh\"} 1",
         "regcache_lookups_total{source=\"registry\"} 1",
+        "regcache_lookup_errors_total{kind=\"not_found\",cause=\"registry\"} 1",
+        "regcache_lookup_errors_total{kind=\"not_found\",cause=\"negative\"} 1",
+        "regcache_lookup_errors_total{kind=\"unavailable\",cause=\"budget\"} 0",
         "regcache_lookup_decisions_total{decision=\"serve_cached\"} 1",
         "regcache_singleflight_waits_total",
         "regcache_policy_swaps_total{result=\"applied\"} 0",
@@ -512,6 +516,18 @@ fn metrics_are_prometheus_text() {
         "# EOF",
     ] {
         assert!(text.contains(family), "missing {family}:\n{text}");
+    }
+    // Only answers have a source; errors are counted apart.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("regcache_lookups_total"))
+    {
+        assert!(
+            ["fresh", "stale", "registry"]
+                .iter()
+                .any(|s| line.contains(&format!("source=\"{s}\""))),
+            "{line}"
+        );
     }
 }
 
