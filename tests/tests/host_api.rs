@@ -487,6 +487,59 @@ fn policy_file_change_and_sighup_swap() {
 }
 
 #[test]
+fn an_api_swap_stays_until_the_watched_file_changes_or_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.wasm");
+    std::fs::write(&file, policy_wasm("default")).unwrap();
+    let host = Host::start_with_env(
+        &["--policy-file", file.to_str().unwrap()],
+        &[("REGCACHE_ADMIN_TOKEN", TOKEN)],
+    )
+    .unwrap();
+    let default = sha256_hex(&policy_wasm("default"));
+    let strict = sha256_hex(&policy_wasm("strict"));
+    assert_eq!(active_digest(&host), default);
+
+    let swapped = put_policy(&host, "", &policy_wasm("strict"));
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    // The file is not re-applied: neither on its own (the reload's reads of the file) nor
+    // when it is rewritten with the bytes it already had.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(active_digest(&host), strict, "{}", host.log());
+    write_atomically(&file, &policy_wasm("default")).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let policy = host.get("/v1/policy").unwrap().json();
+    assert_eq!(policy["digest"], strict.as_str(), "{}", host.log());
+    assert_eq!(policy["source"], "api");
+    assert_eq!(policy["generation"], 2);
+
+    // SIGHUP asks for the file again.
+    host.signal("HUP").unwrap();
+    assert!(
+        poll(Duration::from_secs(20), || active_digest(&host) == default),
+        "SIGHUP re-applies the file: {}",
+        host.log()
+    );
+    let policy = host.get("/v1/policy").unwrap().json();
+    assert_eq!(policy["source"], file.to_str().unwrap());
+    assert_eq!(policy["generation"], 3);
+
+    // Swapped through the API again, then the file really changes: the file wins.
+    let swapped = put_policy(&host, "", &policy_wasm("strict"));
+    assert_eq!(swapped.status, 200, "{}", swapped.text());
+    write_atomically(&file, &policy_wasm("always-stale")).unwrap();
+    let always_stale = sha256_hex(&policy_wasm("always-stale"));
+    assert!(
+        poll(Duration::from_secs(20), || active_digest(&host)
+            == always_stale),
+        "a changed file is applied: {}",
+        host.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(host.get("/v1/policy").unwrap().json()["generation"], 5);
+}
+
+#[test]
 fn metrics_are_prometheus_text() {
     let host = Host::start(&[]).unwrap();
     post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:1"));
