@@ -21,8 +21,8 @@ struct Args {
     quick: bool,
     /// Run only these scenarios (policy_cost, hot_path, http_vs_etcd, outage, penetration,
     /// auth_load, scale, hot_swap); repeatable.
-    #[arg(long)]
-    only: Option<Vec<String>>,
+    #[arg(long, action = clap::ArgAction::Append)]
+    only: Vec<String>,
     /// Where to write latest.md and latest.json.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -63,11 +63,7 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut sections = Vec::new();
     for (name, scenario) in &scenarios {
-        if args
-            .only
-            .as_ref()
-            .is_some_and(|only| !only.iter().any(|o| o == name))
-        {
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
             continue;
         }
         eprintln!("regcache-bench: running {name}");
