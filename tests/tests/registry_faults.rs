@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use regcache::model::Service;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 use regcache::registry::{ErrorKind, Registry, WatchEvent};
-use regcache_tests::etcd::EtcdCluster;
+use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::proxy::TcpProxy;
 use regcache_tests::registry::{View, etcd_view, fast_config, init_logging, raw_client, service};
 
@@ -136,10 +136,19 @@ async fn a_failed_deregistration_can_be_retried_and_the_key_goes() {
     assert_ne!(err.kind, ErrorKind::NotFound);
     assert_eq!(registry.registrations().len(), 2, "a1 is still ours");
 
-    // etcd is back: the key is still there, on the registry's lease, and a retry removes it.
+    // etcd is back. The frozen delete may still have landed when etcd woke up; the key is
+    // ours, so the registry puts it back: either way it ends up on the registry's lease.
     let mut raw = raw_client(&etcd, None).await;
-    let resp = raw.get(key.clone(), None).await.unwrap();
-    assert_eq!(resp.kvs()[0].lease(), registry.lease_id().unwrap());
+    let on_lease = wait_for(Duration::from_secs(5), || {
+        let mut raw = raw.clone();
+        let (key, lease) = (key.clone(), registry.lease_id());
+        async move {
+            let resp = raw.get(key, None).await.unwrap();
+            resp.kvs().first().map(|kv| kv.lease()) == lease
+        }
+    })
+    .await;
+    assert!(on_lease, "a1 is registered on the live lease again");
     let retried = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match registry.deregister("a", "a1").await {

@@ -196,7 +196,7 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, RegistryError>
     );
     let mut options = ConnectOptions::new()
         // Bounds each unary attempt inside the client; `Shared::call` bounds the whole call.
-        .with_timeout(config.request_timeout)
+        .with_timeout(attempt_timeout(config))
         .with_connect_timeout(config.connect_timeout)
         // Without pings a stream to a hung etcd never ends. Idle pings stay off: etcd does not
         // permit pings without streams (GOAWAY), and unary calls have their own timeout.
@@ -265,10 +265,25 @@ pub(crate) fn error(op: &'static str, e: &etcd_client::Error) -> RegistryError {
     RegistryError::new(kind, op, message)
 }
 
-/// Whether trying again (the balancer picks again) may help. A certificate refused by TLS
-/// will be refused again: failing at once gives the operator the reason without the wait.
+/// The bound of one attempt: a third of the request timeout. An attempt can be stuck where no
+/// answer will ever come (a write proposed through a member just as the leader died waits for a
+/// commit that the dead leader took with it), and giving the whole request timeout to that one
+/// attempt would fail the call; a third leaves room for two more attempts after the election.
+fn attempt_timeout(config: &EtcdConfig) -> Duration {
+    (config.request_timeout / 3).max(Duration::from_millis(100))
+}
+
+/// Whether trying again (the balancer picks again) may help: the member was unreachable or the
+/// attempt timed out. A certificate refused by TLS will be refused again: failing at once gives
+/// the operator the reason without the wait. An attempt that timed out may still land; every
+/// operation `call` runs tolerates that (puts of the same value, deletes and reads are
+/// idempotent; a lease granted twice leaves one unused lease to expire by its TTL).
 fn retryable(e: &RegistryError) -> bool {
-    e.kind == ErrorKind::Unavailable && !e.message.contains("certificate")
+    match e.kind {
+        ErrorKind::Unavailable => !e.message.contains("certificate"),
+        ErrorKind::Timeout => true,
+        _ => false,
+    }
 }
 
 /// Whether a put failed because its lease is gone (expired, revoked, or etcd lost it).
