@@ -87,7 +87,13 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
         registry.stats()
     );
     assert_eq!(authenticates, 1, "one Authenticate after the restart");
-    assert_eq!(keepalive_streams, 1, "one new keep-alive stream");
+    // One stream for the lease, not one per heartbeat (that would be 4 or more here). Right
+    // after a restart the first open can time out while etcd finishes starting, so a second
+    // attempt is allowed.
+    assert!(
+        (1..=2).contains(&keepalive_streams),
+        "keep-alive streams after the restart: {keepalive_streams}"
+    );
     assert_eq!(grants, 0, "the lease survived the restart: no re-grant");
     registry.shutdown().await;
 }
