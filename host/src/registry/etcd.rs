@@ -195,8 +195,9 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, RegistryError>
         config.http2_keepalive_timeout,
     );
     let mut options = ConnectOptions::new()
-        // Bounds each unary attempt inside the client; `Shared::call` bounds the whole call.
-        .with_timeout(attempt_timeout(config))
+        // A backstop for every request, streams' opening included; `Shared::call` bounds unary
+        // calls more tightly, attempt by attempt.
+        .with_timeout(config.request_timeout)
         .with_connect_timeout(config.connect_timeout)
         // Without pings a stream to a hung etcd never ends. Idle pings stay off: etcd does not
         // permit pings without streams (GOAWAY), and unary calls have their own timeout.
@@ -273,17 +274,13 @@ fn attempt_timeout(config: &EtcdConfig) -> Duration {
     (config.request_timeout / 3).max(Duration::from_millis(100))
 }
 
-/// Whether trying again (the balancer picks again) may help: the member was unreachable or the
-/// attempt timed out. A certificate refused by TLS will be refused again: failing at once gives
-/// the operator the reason without the wait. An attempt that timed out may still land; every
-/// operation `call` runs tolerates that (puts of the same value, deletes and reads are
-/// idempotent; a lease granted twice leaves one unused lease to expire by its TTL).
+/// Whether trying again (the balancer picks again) may help. A certificate refused by TLS
+/// will be refused again: failing at once gives the operator the reason without the wait.
+/// (Attempts that time out are retried too, by `Shared::call`. Such an attempt may still land;
+/// every operation `call` runs tolerates that: puts of the same value, deletes and reads are
+/// idempotent, and a lease granted twice leaves one unused lease to expire by its TTL.)
 fn retryable(e: &RegistryError) -> bool {
-    match e.kind {
-        ErrorKind::Unavailable => !e.message.contains("certificate"),
-        ErrorKind::Timeout => true,
-        _ => false,
-    }
+    e.kind == ErrorKind::Unavailable && !e.message.contains("certificate")
 }
 
 /// Whether a put failed because its lease is gone (expired, revoked, or etcd lost it).
@@ -362,8 +359,10 @@ impl Shared {
         let timeout = self.config.request_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut backoff = Backoff::new(Duration::from_millis(200));
+        let attempt = attempt_timeout(&self.config);
         let result = loop {
-            match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
+            let attempt_deadline = (tokio::time::Instant::now() + attempt).min(deadline);
+            match tokio::time::timeout_at(attempt_deadline, f(self.client.clone())).await {
                 Ok(Ok(value)) => {
                     self.touch();
                     break Ok(value);
@@ -378,6 +377,11 @@ impl Shared {
                         continue;
                     }
                     break Err(e);
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    // This attempt is stuck (see `attempt_timeout`): drop it and ask again.
+                    tracing::debug!(op, "attempt timed out; retrying");
+                    Stats::bump(&self.stats.retries);
                 }
                 Err(_) => {
                     break Err(RegistryError::new(
