@@ -10,14 +10,41 @@
 //! the registry lists them again (they become normal); `keep` leaves them as they are until
 //! the registry's next answer.
 
+use std::collections::BTreeSet;
+
 use tokio::time::Instant;
 
 use super::entry::EntryState;
 use super::stats::Counter;
 use super::{Inner, millis, wall_ms};
 use crate::decision::{EvictionContext, EvictionDecision, EvictionReason};
+use crate::model::Service;
 
 impl Inner {
+    /// Applies a full listing of `service` (a refresh or a resync) to its entry, counts what
+    /// happened to its suspects, and sends the nodes the listing lacks to the guard as one
+    /// removal for `reason`. Nodes in `ignored` are left to the watch. The caller publishes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn reconcile(
+        &self,
+        service: &str,
+        state: &mut EntryState,
+        listing: &[Service],
+        listed_at: Instant,
+        now: Instant,
+        healthy: bool,
+        ignored: &BTreeSet<String>,
+        reason: EvictionReason,
+    ) {
+        let listed = state.apply_listing(listing, listed_at, now, healthy, ignored);
+        self.counters
+            .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
+        self.counters
+            .add(Counter::SuspectsRestored, listed.restored);
+        let removals = listed.removals.into_iter().map(|id| (id, reason)).collect();
+        self.judge(service, state, removals, now);
+    }
+
     /// Judges the removal of `removals` (node id, reason) from `service`'s entry, in one guard
     /// call. Nodes already gone or already suspect are skipped. The caller publishes.
     pub(super) fn judge(

@@ -164,17 +164,16 @@ impl Inner {
                     state.last_error = None;
                     let healthy = self.health.view().watch_connected;
                     let ignored = std::mem::take(&mut state.deleted_in_flight);
-                    let listed = state.apply_listing(listing, started, now, healthy, &ignored);
-                    self.counters
-                        .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
-                    self.counters
-                        .add(Counter::SuspectsRestored, listed.restored);
-                    let removals = listed
-                        .removals
-                        .into_iter()
-                        .map(|id| (id, EvictionReason::Refresh))
-                        .collect();
-                    self.judge(&entry.name, &mut state, removals, now);
+                    self.reconcile(
+                        &entry.name,
+                        &mut state,
+                        listing,
+                        started,
+                        now,
+                        healthy,
+                        &ignored,
+                        EvictionReason::Refresh,
+                    );
                 }
                 (None, Err(e)) => {
                     // A waiter whose bound ran out already counted this attempt as failed.

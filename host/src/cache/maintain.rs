@@ -167,18 +167,16 @@ impl Inner {
                     if state.nodes.is_empty() && listing.is_empty() {
                         continue;
                     }
-                    let listed =
-                        state.apply_listing(listing, now, now, healthy, &Default::default());
-                    self.counters
-                        .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
-                    self.counters
-                        .add(Counter::SuspectsRestored, listed.restored);
-                    let removals = listed
-                        .removals
-                        .into_iter()
-                        .map(|id| (id, EvictionReason::WatchDelete))
-                        .collect();
-                    self.judge(&entry.name, &mut state, removals, now);
+                    self.reconcile(
+                        &entry.name,
+                        &mut state,
+                        listing,
+                        now,
+                        now,
+                        healthy,
+                        &Default::default(),
+                        EvictionReason::WatchDelete,
+                    );
                     entry.publish(&state);
                 }
             }
