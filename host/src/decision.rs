@@ -19,6 +19,8 @@ pub struct HealthView {
     pub watch_connected: bool,
     /// Milliseconds since the registry last answered, if ever.
     pub since_last_contact_ms: Option<u64>,
+    /// Milliseconds since the registry last failed the host, if ever.
+    pub since_failure_ms: Option<u64>,
 }
 
 /// Everything known about one lookup (WIT `lookup-context`).

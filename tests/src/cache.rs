@@ -7,7 +7,7 @@ use std::time::Duration;
 use regcache::cache::RegistryCache;
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
 use regcache::registry::Registry;
-use regcache::registry::etcd::EtcdRegistry;
+use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 
 use crate::etcd::{EtcdCluster, wait_for};
 use crate::policies::policy_wasm;
@@ -40,8 +40,13 @@ pub fn engine(spec: PolicySpec) -> PolicyEngine {
 
 /// A registry on `etcd` with the fast test configuration, once its watch is connected.
 pub async fn registry(etcd: &EtcdCluster) -> Arc<EtcdRegistry> {
+    registry_with(fast_config(etcd)).await
+}
+
+/// A registry with `config`, once its watch is connected.
+pub async fn registry_with(config: EtcdConfig) -> Arc<EtcdRegistry> {
     let registry = Arc::new(
-        EtcdRegistry::connect(fast_config(etcd))
+        EtcdRegistry::connect(config)
             .await
             .expect("registry connects"),
     );

@@ -1,6 +1,6 @@
-//! The cache's watch path against a real etcd: eviction guards on mass lease revocation and on
-//! single deregistrations, watch-driven updates, policy swaps between lookups, and a stress
-//! test of lookups, watch events and swaps interleaving.
+//! The cache's watch path against a real etcd: eviction guards on mass lease revocation, on
+//! single deregistrations and on leases a frozen etcd expired, watch-driven updates, policy
+//! swaps between lookups, and a stress test of lookups, watch events and swaps interleaving.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -8,17 +8,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::PutOptions;
-use regcache::cache::{RegistryCache, Source};
+use regcache::cache::{LookupError, RegistryCache, Source};
 use regcache::registry::Registry;
-use regcache_tests::cache::{cache, engine, registry, spec};
+use regcache_tests::cache::{cache, engine, registry, registry_with, spec};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::registry::{init_logging, raw_client, service};
+use regcache_tests::registry::{fast_config, init_logging, raw_client, service};
 
 const PREFIX: &str = "/micro/registry/";
 
 /// Puts node `id` of `name` under its own lease, as a separate pod would; returns the lease.
 async fn put_with_lease(client: &mut etcd_client::Client, name: &str, id: &str) -> i64 {
-    let lease = client.lease_grant(60, None).await.unwrap().id();
+    put_with_lease_ttl(client, name, id, 60).await
+}
+
+/// [`put_with_lease`] with a lease of `ttl` seconds.
+async fn put_with_lease_ttl(
+    client: &mut etcd_client::Client,
+    name: &str,
+    id: &str,
+    ttl: i64,
+) -> i64 {
+    let lease = client.lease_grant(ttl, None).await.unwrap().id();
     let value = service(name, "1.0", id).encode();
     client
         .put(
@@ -119,6 +129,81 @@ async fn revoking_four_of_five_leases_is_kept_by_default_and_applied_by_strict()
     }
     println!("single deregistration applied in {:?}", start.elapsed());
     assert_eq!(default.stats().evictions.evicted, 1);
+}
+
+/// The incident regcache exists for: etcd frozen past a pod's lease TTL expires the lease the
+/// moment it runs again, before the pod's keep-alive gets through, and the pod puts its key back
+/// soon after. The default policy keeps the node (suspect) through its grace after the failure
+/// the cache saw (its watch broke) instead of emptying the service; `strict` applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expired_by_a_frozen_etcd_is_kept_until_its_owner_puts_it_back() {
+    init_logging();
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let mut client = raw_client(&etcd, None).await;
+    // Pings notice a frozen etcd within 6 s (the defaults take 15 s; etcd refuses pings more
+    // often than every 5 s).
+    let watcher = || {
+        registry_with(
+            fast_config(&etcd).http2_keepalive(Duration::from_secs(5), Duration::from_secs(1)),
+        )
+    };
+    let (default_registry, strict_registry) = (watcher().await, watcher().await);
+    let default = cache(default_registry.clone(), &engine(spec("default", &[])));
+    let strict = cache(strict_registry.clone(), &engine(spec("strict", &[])));
+    // The pod's keep-alives never get through: its lease runs out while etcd is frozen.
+    let ttl = Duration::from_secs(4);
+    put_with_lease_ttl(&mut client, "greeter", "n1", ttl.as_secs() as i64).await;
+    for c in [&default, &strict] {
+        assert!(until_nodes(c, "greeter", (&["n1"], &[])).await);
+    }
+
+    etcd.stop(0).unwrap();
+    let stopped = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let broken = !default_registry.health().watch_connected
+                && !strict_registry.health().watch_connected;
+            // Past the TTL as well, so that etcd expires the lease as soon as it runs.
+            std::future::ready(broken && stopped.elapsed() > ttl + Duration::from_millis(500))
+        })
+        .await,
+        "the watches notice the frozen etcd"
+    );
+    etcd.cont(0).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let c = default.clone();
+            async move {
+                let (nodes, _) = node_ids(&c, "greeter").await;
+                assert_eq!(
+                    nodes,
+                    ["n1"],
+                    "the default policy never empties the service"
+                );
+                c.stats().evictions.kept_suspect == 1
+            }
+        })
+        .await,
+        "the expiry reaches the default policy's guard"
+    );
+    assert!(until_nodes(&default, "greeter", (&["n1"], &["n1"])).await);
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let c = strict.clone();
+            async move { c.stats().evictions.evicted == 1 }
+        })
+        .await,
+        "strict applies the expiry"
+    );
+    assert!(matches!(
+        strict.lookup("greeter").await,
+        Err(LookupError::NotFound { .. })
+    ));
+
+    // The pod is back: a normal node again.
+    put_with_lease_ttl(&mut client, "greeter", "n1", 60).await;
+    assert!(until_nodes(&default, "greeter", (&["n1"], &[])).await);
+    assert_eq!(default.stats().evictions.evicted, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,7 @@ fn engine() -> PolicyEngine {
 const HEALTHY: HealthView = HealthView {
     watch_connected: true,
     since_last_contact_ms: Some(5),
+    since_failure_ms: None,
 };
 
 fn cold(service: &str) -> LookupContext<'_> {
@@ -176,6 +177,31 @@ fn default_guards_mass_eviction_and_strict_does_not() {
         engine.guard_eviction(&unhealthy).decision,
         EvictionDecision::KeepSuspect { .. }
     ));
+    // Within the grace after a registry failure (30 s by default), a single removal is likely
+    // a lease that expired while its owner could not reach etcd; past it, it is applied.
+    let after_failure = |ms| EvictionContext {
+        health: HealthView {
+            since_failure_ms: Some(ms),
+            ..HEALTHY
+        },
+        ..single_deregistration()
+    };
+    assert!(matches!(
+        engine.guard_eviction(&after_failure(2_000)).decision,
+        EvictionDecision::KeepSuspect { .. }
+    ));
+    assert_eq!(
+        engine.guard_eviction(&after_failure(31_000)).decision,
+        EvictionDecision::Evict
+    );
+    engine
+        .swap(spec("default", &[("outage-grace-ms", "1000")]))
+        .unwrap();
+    assert_eq!(
+        engine.guard_eviction(&after_failure(2_000)).decision,
+        EvictionDecision::Evict,
+        "the grace is operator configuration"
+    );
 
     engine.swap(spec("strict", &[])).unwrap();
     assert_eq!(

@@ -28,6 +28,7 @@ pub fn fresh_hit(service: &str) -> LookupContext<'_> {
         health: HealthView {
             watch_connected: true,
             since_last_contact_ms: Some(10),
+            since_failure_ms: None,
         },
     }
 }

@@ -193,18 +193,16 @@ impl EntryState {
     }
 
     /// Applies a full listing of the service (a refresh or a resync; empty for "not found").
-    /// Nodes it lists become normal; suspect nodes it does not list leave at once when the
-    /// registry is `healthy` (the removal is re-confirmed); normal nodes it does not list are
-    /// returned, to be judged by the eviction guard. Nodes confirmed by the watch after
-    /// `listed_at` are spared: the listing predates them. Nodes in `ignored` (deleted by the
-    /// watch since the listing may have been read) are left to the watch: neither added back
-    /// nor judged.
+    /// Nodes it lists become normal; nodes it does not list (suspects included: for them the
+    /// listing re-confirms the removal) are returned, to be judged by the eviction guard.
+    /// Nodes confirmed by the watch after `listed_at` are spared: the listing predates them.
+    /// Nodes in `ignored` (deleted by the watch since the listing may have been read) are left
+    /// to the watch: neither added back nor judged.
     pub fn apply_listing(
         &mut self,
         listing: &[Service],
         listed_at: Instant,
         now: Instant,
-        healthy: bool,
         ignored: &BTreeSet<String>,
     ) -> Listed {
         let mut listed = Listed::default();
@@ -228,7 +226,7 @@ impl EntryState {
             listed.restored += self.upsert(service, now);
             seen.extend(service.nodes.iter().map(|n| n.id.clone()));
         }
-        let absent: Vec<String> = self
+        listed.removals = self
             .nodes
             .iter()
             .filter(|(id, n)| {
@@ -236,18 +234,6 @@ impl EntryState {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        for id in absent {
-            let suspect = self.nodes[&id].suspect_until.is_some();
-            if suspect {
-                if healthy {
-                    self.nodes.remove(&id);
-                    self.pending.remove(&id);
-                    listed.confirmed_absent += 1;
-                }
-            } else {
-                listed.removals.push(id);
-            }
-        }
         self.meta.retain(|version, _| {
             self.nodes.values().any(|n| &n.version == version)
                 || listing.iter().any(|s| &s.version == version)
@@ -271,10 +257,8 @@ impl EntryState {
 /// What applying a listing did.
 #[derive(Debug, Default)]
 pub(crate) struct Listed {
-    /// Normal nodes the listing lacks, for the eviction guard.
+    /// Nodes the listing lacks, for the eviction guard.
     pub removals: Vec<String>,
-    /// Suspects that left, confirmed absent.
-    pub confirmed_absent: u64,
     /// Suspects the listing named again.
     pub restored: u64,
 }

@@ -6,9 +6,12 @@
 //! removals within the `eviction-window` and passes their count as `recent-deletions`.
 //!
 //! Outcomes: `evict` removes the nodes; `keep-suspect` keeps serving them marked suspect until
-//! their hold (capped by `max-suspect-hold`) ends, a healthy registry confirms them absent, or
-//! the registry lists them again (they become normal); `keep` leaves them as they are until
-//! the registry's next answer.
+//! their hold (capped by `max-suspect-hold`) ends or the registry lists them again (they become
+//! normal); `keep` leaves them as they are until the registry's next answer. A later listing
+//! that still lacks a suspect re-confirms its removal and asks the guard again: it leaves on
+//! `evict`, and otherwise stays suspect until its first hold ends (a hold is never extended).
+//! So the policy, not the host, judges whether a confirmation is to be trusted: etcd lists a
+//! lease that expired while it was frozen as gone, though its owner is about to put it back.
 
 use std::collections::BTreeSet;
 
@@ -21,9 +24,9 @@ use crate::decision::{EvictionContext, EvictionDecision, EvictionReason};
 use crate::model::Service;
 
 impl Inner {
-    /// Applies a full listing of `service` (a refresh or a resync) to its entry, counts what
-    /// happened to its suspects, and sends the nodes the listing lacks to the guard as one
-    /// removal for `reason`. Nodes in `ignored` are left to the watch. The caller publishes.
+    /// Applies a full listing of `service` (a refresh or a resync) to its entry, counts the
+    /// suspects it names again, and sends the nodes it lacks to the guard as one removal for
+    /// `reason`. Nodes in `ignored` are left to the watch. The caller publishes.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn reconcile(
         &self,
@@ -32,13 +35,10 @@ impl Inner {
         listing: &[Service],
         listed_at: Instant,
         now: Instant,
-        healthy: bool,
         ignored: &BTreeSet<String>,
         reason: EvictionReason,
     ) {
-        let listed = state.apply_listing(listing, listed_at, now, healthy, ignored);
-        self.counters
-            .add(Counter::SuspectsConfirmedAbsent, listed.confirmed_absent);
+        let listed = state.apply_listing(listing, listed_at, now, ignored);
         self.counters
             .add(Counter::SuspectsRestored, listed.restored);
         let removals = listed.removals.into_iter().map(|id| (id, reason)).collect();
@@ -46,7 +46,8 @@ impl Inner {
     }
 
     /// Judges the removal of `removals` (node id, reason) from `service`'s entry, in one guard
-    /// call. Nodes already gone or already suspect are skipped. The caller publishes.
+    /// call. Nodes already gone are skipped; suspects among them are re-confirmations, not
+    /// counted again as recent deletions. The caller publishes.
     pub(super) fn judge(
         &self,
         service: &str,
@@ -58,10 +59,7 @@ impl Inner {
             .into_iter()
             .filter(|(id, _)| {
                 state.pending.remove(id);
-                state
-                    .nodes
-                    .get(id)
-                    .is_some_and(|n| n.suspect_until.is_none())
+                state.nodes.contains_key(id)
             })
             .collect();
         if state.pending.is_empty() {
@@ -70,6 +68,10 @@ impl Inner {
         let Some(&(_, reason)) = removals.first() else {
             return;
         };
+        let (suspects, fresh): (Vec<String>, Vec<String>) = removals
+            .into_iter()
+            .map(|(id, _)| id)
+            .partition(|id| state.nodes[id].suspect_until.is_some());
         let settings = self.policy.active().settings;
         let window = settings.eviction_window;
         while state
@@ -79,13 +81,13 @@ impl Inner {
         {
             state.deletions.pop_front();
         }
-        state.deletions.extend(removals.iter().map(|_| now));
+        state.deletions.extend(fresh.iter().map(|_| now));
         let nodes_before = state.nodes.len() as u32;
         let context = EvictionContext {
             service,
             now_ms: wall_ms(),
             nodes_before,
-            nodes_after: nodes_before - removals.len() as u32,
+            nodes_after: nodes_before - (suspects.len() + fresh.len()) as u32,
             recent_deletions: state.deletions.len() as u32,
             window_ms: millis(window),
             health: self.fresh_health(),
@@ -93,19 +95,19 @@ impl Inner {
         };
         let decided = self.policy.guard_eviction(&context);
         self.counters.inc(Counter::GuardCalls);
-        let count = removals.len() as u64;
         let decision = match decided.decision {
             EvictionDecision::KeepSuspect { hold_ms } => {
                 let hold = std::time::Duration::from_millis(hold_ms).min(settings.max_suspect_hold);
                 if hold.is_zero() {
                     EvictionDecision::Evict
                 } else {
-                    for (id, _) in &removals {
+                    for id in &fresh {
                         if let Some(node) = state.nodes.get_mut(id) {
                             node.suspect_until = Some(now + hold);
                         }
                     }
-                    self.counters.add(Counter::NodesKeptSuspect, count);
+                    self.counters
+                        .add(Counter::NodesKeptSuspect, fresh.len() as u64);
                     decided.decision
                 }
             }
@@ -113,12 +115,14 @@ impl Inner {
         };
         match decision {
             EvictionDecision::Evict => {
-                for (id, _) in &removals {
+                for id in fresh.iter().chain(&suspects) {
                     state.nodes.remove(id);
                 }
-                self.counters.add(Counter::NodesEvicted, count);
+                self.counters.add(Counter::NodesEvicted, fresh.len() as u64);
+                self.counters
+                    .add(Counter::SuspectsConfirmedAbsent, suspects.len() as u64);
             }
-            EvictionDecision::Keep => self.counters.add(Counter::NodesKept, count),
+            EvictionDecision::Keep => self.counters.add(Counter::NodesKept, fresh.len() as u64),
             EvictionDecision::KeepSuspect { .. } => {}
         }
         tracing::info!(
@@ -127,6 +131,7 @@ impl Inner {
             nodes_before = context.nodes_before,
             nodes_after = context.nodes_after,
             recent_deletions = context.recent_deletions,
+            reconfirmed_suspects = suspects.len(),
             ?decision,
             policy = %decided.policy,
             "eviction guard"

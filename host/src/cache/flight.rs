@@ -152,8 +152,10 @@ impl Inner {
             Err(e) if e.kind == ErrorKind::NotFound => Some(&[][..]),
             Err(_) => None,
         };
-        if answered.is_some() {
-            self.health.contact();
+        match &result {
+            _ if answered.is_some() => self.health.contact(),
+            Err(e) if e.kind.is_outage() => self.health.failure(),
+            Err(_) | Ok(_) => {}
         }
         {
             let mut state = entry.lock();
@@ -162,7 +164,6 @@ impl Inner {
                 (Some(listing), _) => {
                     state.consecutive_failures = 0;
                     state.last_error = None;
-                    let healthy = self.health.view().watch_connected;
                     let ignored = std::mem::take(&mut state.deleted_in_flight);
                     self.reconcile(
                         &entry.name,
@@ -170,7 +171,6 @@ impl Inner {
                         listing,
                         started,
                         now,
-                        healthy,
                         &ignored,
                         EvictionReason::Refresh,
                     );

@@ -1,9 +1,9 @@
 //! Registry health as the policy sees it: the registry's own view ([`Registry::health`]) merged
-//! with the cache's watch state, sampled off the hot path and read with two atomic loads.
+//! with the cache's watch state, sampled off the hot path and read with three atomic loads.
 //!
 //! `Registry::health` may take a lock (the etcd registry's does), so lookups never call it:
-//! the maintenance task samples it every tick, and the cache's own evidence of contact (a
-//! refresh answered, a watch event received) is recorded as it happens.
+//! the maintenance task samples it every tick, and the cache's own evidence (a refresh
+//! answered or timed out, a watch event received, its watch lost) is recorded as it happens.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -19,8 +19,36 @@ pub(crate) struct HealthCell {
     /// reading they take anyway (a clock read costs tens of ns in a VM, on every lookup).
     base_wall_ms: u64,
     watch_connected: AtomicBool,
-    /// Milliseconds since `base` of the last contact, plus one; 0 = never.
-    last_contact: AtomicU64,
+    last_contact: Moment,
+    last_failure: Moment,
+}
+
+/// The latest of some instants, as milliseconds since the cell's base plus one (0 = never),
+/// so that every thread reads it with one atomic load.
+#[derive(Debug, Default)]
+struct Moment(AtomicU64);
+
+impl Moment {
+    fn since_ms(&self, elapsed_ms: u64) -> Option<u64> {
+        let at = self.0.load(Ordering::Relaxed);
+        (at > 0).then(|| (elapsed_ms + 1).saturating_sub(at))
+    }
+
+    /// Moves the moment forward to `ms` (since base, plus one), never back.
+    fn advance(&self, ms: u64) {
+        // Only write when it moves, and at most once a millisecond: readers on every thread
+        // load this line, so needless stores would bounce it between cores.
+        let mut current = self.0.load(Ordering::Relaxed);
+        while ms > current {
+            match self
+                .0
+                .compare_exchange_weak(current, ms, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+    }
 }
 
 impl HealthCell {
@@ -31,7 +59,8 @@ impl HealthCell {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             watch_connected: AtomicBool::new(false),
-            last_contact: AtomicU64::new(0),
+            last_contact: Moment::default(),
+            last_failure: Moment::default(),
         }
     }
 
@@ -43,31 +72,21 @@ impl HealthCell {
     /// The health now, and the wall clock in ms since the Unix epoch, from one clock reading.
     pub fn view_and_wall_ms(&self) -> (HealthView, u64) {
         let elapsed_ms = self.base.elapsed().as_millis() as u64;
-        let last = self.last_contact.load(Ordering::Relaxed);
         let view = HealthView {
             watch_connected: self.watch_connected.load(Ordering::Relaxed),
-            since_last_contact_ms: (last > 0).then(|| (elapsed_ms + 1).saturating_sub(last)),
+            since_last_contact_ms: self.last_contact.since_ms(elapsed_ms),
+            since_failure_ms: self.last_failure.since_ms(elapsed_ms),
         };
         (view, self.base_wall_ms + elapsed_ms)
     }
 
+    fn ms_since_base(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis() as u64 + 1
+    }
+
     /// Records that the registry answered at `at`.
     pub fn contact_at(&self, at: Instant) {
-        let ms = at.saturating_duration_since(self.base).as_millis() as u64 + 1;
-        // Only move forward, and write at most once a millisecond: readers on every thread
-        // load this line, so needless stores would bounce it between cores.
-        let mut current = self.last_contact.load(Ordering::Relaxed);
-        while ms > current {
-            match self.last_contact.compare_exchange_weak(
-                current,
-                ms,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(actual) => current = actual,
-            }
-        }
+        self.last_contact.advance(self.ms_since_base(at));
     }
 
     /// Records that the registry answered just now.
@@ -75,15 +94,32 @@ impl HealthCell {
         self.contact_at(Instant::now());
     }
 
+    /// Records that the registry failed at `at` (a refresh timed out, the watch broke).
+    pub fn failure_at(&self, at: Instant) {
+        self.last_failure.advance(self.ms_since_base(at));
+    }
+
+    /// Records that the registry failed just now.
+    pub fn failure(&self) {
+        self.failure_at(Instant::now());
+    }
+
     /// Samples the registry's health; `watch_alive` is whether the cache's watch stream is open.
     pub fn sample(&self, registry: &dyn Registry, watch_alive: bool) {
         let health = registry.health();
         let connected = health.watch_connected && watch_alive;
-        if self.watch_connected.load(Ordering::Relaxed) != connected {
+        let was_connected = self.watch_connected.load(Ordering::Relaxed);
+        if was_connected != connected {
             self.watch_connected.store(connected, Ordering::Relaxed);
+            if was_connected {
+                self.failure();
+            }
         }
         if let Some(at) = health.last_contact {
             self.contact_at(at);
+        }
+        if let Some(at) = health.last_failure {
+            self.failure_at(at);
         }
     }
 }

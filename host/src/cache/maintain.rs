@@ -150,7 +150,6 @@ impl Inner {
             }
             WatchEvent::Resync { services, .. } => {
                 self.counters.inc(Counter::WatchResyncs);
-                let healthy = self.fresh_health().watch_connected;
                 // Grouped once: each cached entry then finds its listing with one map lookup
                 // instead of a scan of every service in the registry.
                 let mut by_name: HashMap<String, Vec<Service>> = HashMap::new();
@@ -173,7 +172,6 @@ impl Inner {
                         listing,
                         now,
                         now,
-                        healthy,
                         &Default::default(),
                         EvictionReason::WatchDelete,
                     );

@@ -288,7 +288,7 @@ pub struct EvictionStats {
     pub kept: u64,
     /// Suspect nodes that left when their hold ended.
     pub suspects_expired: u64,
-    /// Suspect nodes that left when a healthy registry confirmed them absent.
+    /// Suspect nodes that left when a listing confirmed them absent and the guard agreed.
     pub suspects_confirmed_absent: u64,
     /// Suspect nodes the registry listed again, now normal.
     pub suspects_restored: u64,

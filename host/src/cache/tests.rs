@@ -101,7 +101,8 @@ impl Decide for TestPolicy {
         let healthy = c.health.watch_connected
             && c.health
                 .since_last_contact_ms
-                .is_some_and(|ms| ms <= 10_000);
+                .is_some_and(|ms| ms <= 10_000)
+            && c.health.since_failure_ms.is_none_or(|ms| ms > 30_000);
         let remaining = f64::from(c.nodes_after) / f64::from(c.nodes_after + c.recent_deletions);
         let decision = if !healthy {
             EvictionDecision::KeepSuspect { hold_ms }
@@ -484,7 +485,37 @@ async fn a_single_deregistration_is_applied_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn suspects_leave_when_a_healthy_registry_confirms_them_absent() {
+async fn a_single_removal_soon_after_a_registry_failure_is_kept_suspect() {
+    let f = fixture(Settings {
+        ttl: Duration::from_secs(1),
+        min_retry_interval: Duration::from_secs(1),
+        ..SETTINGS
+    });
+    cached_five(&f).await;
+    assert_eq!(f.cache.inner.fresh_health().since_failure_ms, None);
+    // A background refresh fails, as against a frozen etcd.
+    f.registry.set_failure(Some(ErrorKind::Timeout));
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            f.cache.inner.fresh_health().since_failure_ms.is_some()
+        })
+        .await,
+        "the failure is part of the registry's health"
+    );
+    f.registry.set_failure(None);
+    f.registry.expire("svc", "n3");
+    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    let hold = SETTINGS.max_suspect_hold.as_millis() as u64;
+    assert_eq!(
+        f.policy.guards(),
+        vec![(5, 4, 1, EvictionDecision::KeepSuspect { hold_ms: hold })]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn suspects_leave_when_a_listing_reconfirms_them_absent_and_the_guard_agrees() {
     let f = fixture(Settings {
         ttl: Duration::from_secs(1),
         min_retry_interval: Duration::from_secs(1),
@@ -495,8 +526,21 @@ async fn suspects_leave_when_a_healthy_registry_confirms_them_absent() {
         f.registry.expire("svc", id);
     }
     assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    let guards = |f: &Fixture| f.policy.guards().len();
+    // Within the window the burst still counts: a listing of only n5 asks the guard again,
+    // which keeps them (their hold is not extended).
     advance(Duration::from_secs(2)).await;
-    // Stale: a background refresh lists only n5 and the registry is healthy.
+    assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
+    assert!(eventually(Duration::from_secs(1), || guards(&f) == 2).await);
+    let hold = SETTINGS.max_suspect_hold.as_millis() as u64;
+    assert_eq!(
+        f.policy.guards()[1],
+        (5, 1, 4, EvictionDecision::KeepSuspect { hold_ms: hold })
+    );
+    assert_eq!(f.cache.stats().evictions.kept_suspect, 4, "counted once");
+    assert_eq!(f.cache.inner.entries.get("svc").unwrap().view().nodes, 5);
+    // Past the window the burst is over: the next listing's re-confirmation is applied.
+    advance(SETTINGS.eviction_window).await;
     assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
     assert!(
         eventually(Duration::from_secs(1), || {
@@ -504,7 +548,9 @@ async fn suspects_leave_when_a_healthy_registry_confirms_them_absent() {
         })
         .await
     );
+    assert_eq!(f.policy.guards()[2], (5, 1, 0, EvictionDecision::Evict));
     assert_eq!(f.cache.stats().evictions.suspects_confirmed_absent, 4);
+    assert_eq!(f.cache.stats().evictions.evicted, 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -37,9 +37,9 @@ pub enum PolicyCommand {
     /// Lookup fields (all optional): service, now_ms, cached, negative, versions, nodes,
     /// suspect_nodes, since_refresh_ms, since_attempt_ms, consecutive_failures, last_error
     /// (timeout|unavailable|unauthenticated|not_found|invalid_input), refresh_in_flight,
-    /// watch_connected, since_last_contact_ms. With --eviction: service, now_ms, nodes_before,
-    /// nodes_after, recent_deletions, window_ms, watch_connected, since_last_contact_ms, reason
-    /// (watch_delete|lease_expired|node_ttl|refresh).
+    /// watch_connected, since_last_contact_ms, since_failure_ms. With --eviction: service,
+    /// now_ms, nodes_before, nodes_after, recent_deletions, window_ms, watch_connected,
+    /// since_last_contact_ms, since_failure_ms, reason (watch_delete|lease_expired|node_ttl|refresh).
     Eval {
         /// The policy component (.wasm).
         file: PathBuf,
@@ -189,6 +189,7 @@ struct LookupJson {
     refresh_in_flight: bool,
     watch_connected: bool,
     since_last_contact_ms: Option<u64>,
+    since_failure_ms: Option<u64>,
 }
 
 impl Default for LookupJson {
@@ -208,6 +209,7 @@ impl Default for LookupJson {
             refresh_in_flight: false,
             watch_connected: true,
             since_last_contact_ms: Some(0),
+            since_failure_ms: None,
         }
     }
 }
@@ -224,6 +226,7 @@ struct EvictionJson {
     window_ms: u64,
     watch_connected: bool,
     since_last_contact_ms: Option<u64>,
+    since_failure_ms: Option<u64>,
     reason: EvictionReason,
 }
 
@@ -238,6 +241,7 @@ impl Default for EvictionJson {
             window_ms: 30_000,
             watch_connected: true,
             since_last_contact_ms: Some(0),
+            since_failure_ms: None,
             reason: EvictionReason::WatchDelete,
         }
     }
@@ -263,6 +267,7 @@ fn eval(
             health: HealthView {
                 watch_connected: json.watch_connected,
                 since_last_contact_ms: json.since_last_contact_ms,
+                since_failure_ms: json.since_failure_ms,
             },
             reason: json.reason,
         };
@@ -285,6 +290,7 @@ fn eval(
             health: HealthView {
                 watch_connected: json.watch_connected,
                 since_last_contact_ms: json.since_last_contact_ms,
+                since_failure_ms: json.since_failure_ms,
             },
         };
         serde_json::to_value(engine.decide_lookup(&ctx).decision)?

@@ -44,6 +44,7 @@ fn health(view: plain::HealthView) -> wit::RegistryHealth {
     wit::RegistryHealth {
         watch_connected: view.watch_connected,
         since_last_contact_ms: view.since_last_contact_ms,
+        since_failure_ms: view.since_failure_ms,
     }
 }
 

@@ -26,10 +26,12 @@ fn lookups() -> Vec<(String, LookupContext<'static>)> {
     let healthy = HealthView {
         watch_connected: true,
         since_last_contact_ms: Some(10),
+        since_failure_ms: None,
     };
     let down = HealthView {
         watch_connected: false,
         since_last_contact_ms: Some(120_000),
+        since_failure_ms: Some(500),
     };
     let base = LookupContext {
         service: "conformance.probe",
@@ -123,6 +125,7 @@ fn evictions() -> Vec<(String, EvictionContext<'static>)> {
         health: HealthView {
             watch_connected: true,
             since_last_contact_ms: Some(10),
+            since_failure_ms: Some(1_000),
         },
         reason: EvictionReason::WatchDelete,
     };

@@ -108,6 +108,7 @@ impl Registry for Deferred {
             None => Health {
                 watch_connected: false,
                 last_contact: None,
+                last_failure: None,
             },
         }
     }

@@ -101,6 +101,7 @@ pub(crate) struct Shared {
     hub: Mutex<watch::Hub>,
     watch_connected: AtomicBool,
     last_contact: Mutex<Option<Instant>>,
+    last_failure: Mutex<Option<Instant>>,
     /// Set once by shutdown; every task stops when it flips.
     shutdown: signal::Sender<bool>,
 }
@@ -140,6 +141,7 @@ impl EtcdRegistry {
             hub: Mutex::new(watch::Hub::default()),
             watch_connected: AtomicBool::new(false),
             last_contact: Mutex::new(None),
+            last_failure: Mutex::new(None),
             shutdown,
         });
         // The first list is the first contact: it proves the endpoints, TLS and credentials,
@@ -331,6 +333,11 @@ impl Shared {
         *self.last_contact.lock().unwrap() = Some(Instant::now());
     }
 
+    /// Records that etcd failed this host just now (see [`Health::last_failure`]).
+    pub(crate) fn record_failure(&self) {
+        *self.last_failure.lock().unwrap() = Some(Instant::now());
+    }
+
     fn shutting_down(&self) -> bool {
         *self.shutdown.borrow()
     }
@@ -396,6 +403,9 @@ impl Shared {
             op,
             result.as_ref().map_or_else(|e| e.kind.as_str(), |_| "ok"),
         );
+        if result.as_ref().is_err_and(|e| e.kind.is_outage()) {
+            self.record_failure();
+        }
         result
     }
 
@@ -765,6 +775,7 @@ impl Registry for EtcdRegistry {
         Health {
             watch_connected: self.shared.watch_connected.load(Ordering::Relaxed),
             last_contact: *self.shared.last_contact.lock().unwrap(),
+            last_failure: *self.shared.last_failure.lock().unwrap(),
         }
     }
 

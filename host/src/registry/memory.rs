@@ -37,6 +37,7 @@ struct State {
     failure: Option<ErrorKind>,
     latency: Duration,
     last_contact: Option<Instant>,
+    last_failure: Option<Instant>,
 }
 
 impl MemoryRegistry {
@@ -83,6 +84,7 @@ impl MemoryRegistry {
         }
         let mut state = self.state.lock().unwrap();
         if let Some(kind) = state.failure {
+            state.last_failure = Some(Instant::now());
             return Err(RegistryError::new(kind, op, "injected failure"));
         }
         state.last_contact = Some(Instant::now());
@@ -182,6 +184,7 @@ impl Registry for MemoryRegistry {
         Health {
             watch_connected: state.failure.is_none(),
             last_contact: state.last_contact,
+            last_failure: state.last_failure,
         }
     }
 

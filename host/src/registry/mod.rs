@@ -47,6 +47,16 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid_input",
         }
     }
+
+    /// Whether the registry failed to serve (as opposed to answering "no"): what makes
+    /// removals seen soon after suspect of being the outage's doing (leases that expired while
+    /// their owners could not reach the registry).
+    pub fn is_outage(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::Unauthenticated
+        )
+    }
 }
 
 /// A failed registry call: its kind, the operation, and the registry's own words.
@@ -108,6 +118,9 @@ pub struct Health {
     pub watch_connected: bool,
     /// When the registry last answered any request, if ever.
     pub last_contact: Option<Instant>,
+    /// When the registry last failed this host (a call timed out or found it unavailable, a
+    /// lease went unanswered or expired, the watch broke), if ever.
+    pub last_failure: Option<Instant>,
 }
 
 /// A service registry in the spirit of go-micro's.

@@ -8,13 +8,17 @@
 //! - Panic mode, after Envoy's panic threshold: when more than `panic-threshold` (50 %) of a
 //!   service's nodes are suspect, refresh on every lookup past the retry interval, even if fresh.
 //! - Eviction guard, after Eureka's self-preservation: a burst of deletions that would leave
-//!   fewer than `renewal-threshold` (85 %) of the service's recent nodes, or any deletion while
-//!   the registry is unhealthy, keeps the nodes as suspect for `suspect-hold-ms` instead of
-//!   emptying the cache. A single deregistration with a healthy registry is applied at once.
+//!   fewer than `renewal-threshold` (85 %) of the service's recent nodes, any deletion while
+//!   the registry is unhealthy, and any deletion within `outage-grace-ms` (30 s) of a registry
+//!   failure keeps the nodes as suspect for `suspect-hold-ms` instead of emptying the cache.
+//!   The grace is for leases that expired while etcd was down or frozen: etcd expires them the
+//!   moment it runs again, before their owners' keep-alives get through, and the owners put
+//!   them back soon after. A single deregistration with a healthy registry and no recent
+//!   failure is applied at once.
 
 use regcache_policy_sdk::{
     Config, Configured, EvictionContext, EvictionDecision, Guest, LookupContext, LookupDecision,
-    Rejection, RejectionKind, Settings, Wait, registry_healthy,
+    Rejection, RejectionKind, Settings, Wait, registry_failed_within, registry_healthy,
 };
 
 #[derive(Clone, Copy)]
@@ -24,6 +28,7 @@ struct Tuning {
     panic_threshold: f64,
     suspect_hold_ms: u64,
     healthy_contact_ms: u64,
+    outage_grace_ms: u64,
 }
 
 static TUNING: Configured<Tuning> = Configured::new();
@@ -40,6 +45,7 @@ impl Guest for DefaultPolicy {
             panic_threshold: config.fraction("panic-threshold", 0.5)?,
             suspect_hold_ms: config.number("suspect-hold-ms", settings.max_suspect_hold_ms)?,
             healthy_contact_ms: config.number("healthy-contact-ms", 10_000)?,
+            outage_grace_ms: config.number("outage-grace-ms", 30_000)?,
         };
         config.finish()?;
         TUNING.set(tuning);
@@ -86,7 +92,9 @@ impl Guest for DefaultPolicy {
     fn guard_eviction(context: EvictionContext) -> EvictionDecision {
         let tuning = TUNING.get();
         let keep = EvictionDecision::KeepSuspect(tuning.suspect_hold_ms);
-        if !registry_healthy(context.health, tuning.healthy_contact_ms) {
+        if !registry_healthy(context.health, tuning.healthy_contact_ms)
+            || registry_failed_within(context.health, tuning.outage_grace_ms)
+        {
             return keep;
         }
         if context.recent_deletions <= 1 {

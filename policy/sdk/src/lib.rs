@@ -137,3 +137,8 @@ pub fn registry_healthy(health: RegistryHealth, within_ms: u64) -> bool {
             .since_last_contact_ms
             .is_some_and(|ms| ms <= within_ms)
 }
+
+/// Whether the registry failed the host within the last `within_ms`.
+pub fn registry_failed_within(health: RegistryHealth, within_ms: u64) -> bool {
+    health.since_failure_ms.is_some_and(|ms| ms <= within_ms)
+}

@@ -63,6 +63,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     lease = id,
                     "lease not found on reopening keep-alive; re-granting"
                 );
+                shared.record_failure();
                 if !reput_all(&shared, Some(id)).await {
                     shared.pause(&mut backoff).await;
                 }
@@ -114,20 +115,24 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     Ok(Some(_)) => {
                         tracing::warn!(lease = id, "lease expired (keep-alive answered TTL 0); re-granting");
                         shared.touch();
+                        shared.record_failure();
                         reput_all(&shared, Some(id)).await;
                         break;
                     }
                     Ok(None) => {
                         tracing::warn!(lease = id, "keep-alive stream ended; reopening");
+                        shared.record_failure();
                         break;
                     }
                     Err(e) => {
                         tracing::warn!(lease = id, error = %e, "keep-alive stream failed; reopening");
+                        shared.record_failure();
                         break;
                     }
                 },
                 _ = sleep_until(last_ack + ttl) => {
                     tracing::warn!(lease = id, "no keep-alive answer for a whole TTL; reopening");
+                    shared.record_failure();
                     break;
                 }
             }

@@ -312,6 +312,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
             request_repairs(&shared, deleted);
         };
         shared.watch_connected.store(false, Ordering::Relaxed);
+        shared.record_failure();
 
         match stopped {
             Stopped::Compacted(compacted) => {
