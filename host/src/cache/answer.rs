@@ -23,6 +23,8 @@ pub enum Source {
     Registry,
     /// The negative cache: the registry said "not found" recently.
     Negative,
+    /// The policy alone: a "not found" it decided without a negative entry behind it.
+    Policy,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Source::Stale => "stale",
             Source::Registry => "registry",
             Source::Negative => "negative",
+            Source::Policy => "policy",
         }
     }
 }

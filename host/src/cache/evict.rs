@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::entry::EntryState;
 use super::stats::Counter;
-use super::{Inner, millis, wall_ms};
+use super::{Inner, millis};
 use crate::decision::{EvictionContext, EvictionDecision, EvictionReason};
 use crate::model::Service;
 
@@ -83,14 +83,15 @@ impl Inner {
         }
         state.deletions.extend(fresh.iter().map(|_| now));
         let nodes_before = state.nodes.len() as u32;
+        let (health, now_ms) = self.fresh_health_and_wall_ms();
         let context = EvictionContext {
             service,
-            now_ms: wall_ms(),
+            now_ms,
             nodes_before,
             nodes_after: nodes_before - (suspects.len() + fresh.len()) as u32,
             recent_deletions: state.deletions.len() as u32,
             window_ms: millis(window),
-            health: self.fresh_health(),
+            health,
             reason,
         };
         let decided = self.policy.guard_eviction(&context);

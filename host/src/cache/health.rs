@@ -64,11 +64,6 @@ impl HealthCell {
         }
     }
 
-    /// The health now.
-    pub fn view(&self) -> HealthView {
-        self.view_and_wall_ms().0
-    }
-
     /// The health now, and the wall clock in ms since the Unix epoch, from one clock reading.
     pub fn view_and_wall_ms(&self) -> (HealthView, u64) {
         let elapsed_ms = self.base.elapsed().as_millis() as u64;

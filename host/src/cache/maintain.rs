@@ -91,9 +91,14 @@ async fn run(weak: Weak<Inner>, watch: mpsc::Receiver<WatchEvent>, tick: Duratio
 impl Inner {
     /// Samples the registry's health now (off the hot path) and returns it.
     pub(super) fn fresh_health(&self) -> HealthView {
+        self.fresh_health_and_wall_ms().0
+    }
+
+    /// [`Inner::fresh_health`], and the wall clock from the same reading lookups derive theirs from.
+    pub(super) fn fresh_health_and_wall_ms(&self) -> (HealthView, u64) {
         self.health
             .sample(&*self.registry, self.watch_alive.load(Ordering::Relaxed));
-        self.health.view()
+        self.health.view_and_wall_ms()
     }
 
     fn apply_event(

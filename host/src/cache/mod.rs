@@ -344,7 +344,7 @@ impl Reply<'_> {
         self.inner.counters.inc(match source {
             Source::Fresh => Counter::AnsweredFresh,
             Source::Stale => Counter::AnsweredStale,
-            Source::Registry | Source::Negative => Counter::AnsweredRegistry,
+            Source::Registry | Source::Negative | Source::Policy => Counter::AnsweredRegistry,
         });
         Answer {
             age: view.refreshed_at.map(|t| now.saturating_duration_since(t)),
@@ -369,7 +369,7 @@ impl Reply<'_> {
                     provenance: if negative {
                         Source::Negative
                     } else {
-                        Source::Fresh
+                        Source::Policy
                     },
                     policy: self.policy,
                 }

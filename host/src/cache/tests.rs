@@ -34,6 +34,8 @@ struct TestPolicy {
     strict: AtomicBool,
     /// Always answer refresh-and-wait, as a buggy policy might.
     always_refresh: AtomicBool,
+    /// Answer every lookup "not found", as a policy hiding services would.
+    hide: AtomicBool,
     guards: Mutex<Vec<(u32, u32, u32, EvictionDecision)>>,
 }
 
@@ -49,6 +51,7 @@ impl TestPolicy {
             })),
             strict: AtomicBool::new(false),
             always_refresh: AtomicBool::new(false),
+            hide: AtomicBool::new(false),
             guards: Mutex::new(Vec::new()),
         })
     }
@@ -63,7 +66,12 @@ impl Decide for TestPolicy {
         let policy = self.active();
         let s = policy.settings;
         let ms = |d: Duration| d.as_millis() as u64;
-        let decision = if self.always_refresh.load(Ordering::Relaxed) {
+        let decision = if self.hide.load(Ordering::Relaxed) {
+            LookupDecision::Reject {
+                kind: RejectionKind::NotFound,
+                reason: "hidden".into(),
+            }
+        } else if self.always_refresh.load(Ordering::Relaxed) {
             LookupDecision::RefreshAndWait {
                 max_wait_ms: 1_000,
                 fallback_to_stale: true,
@@ -578,6 +586,25 @@ async fn a_watched_registration_appears_without_a_refresh() {
         "uncached services are ignored"
     );
     assert_eq!(f.cache.stats().watch.ignored, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_not_found_the_policy_decides_is_labelled_as_the_policys() {
+    let f = fixture(SETTINGS);
+    cached_five(&f).await;
+    f.policy.hide.store(true, Ordering::Relaxed);
+    let err = f.cache.lookup("svc").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LookupError::NotFound {
+                provenance: Source::Policy,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(f.cache.stats().answers.not_found_policy, 1);
 }
 
 #[tokio::test(start_paused = true)]
