@@ -274,6 +274,26 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
     assert_eq!(ready.json()["serving_snapshot"], true);
     let (status, _) = lookup(&second, "unknown");
     assert_eq!(status, 503, "not in the snapshot, etcd down");
+    // A local service registering now is accepted and kept, to be written once etcd answers.
+    let accepted = second
+        .request(
+            "POST",
+            "/v1/registrations",
+            &[],
+            service_json("greeter", "1.0", "g1", "10.0.0.1:8080").as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    assert!(
+        accepted.json()["pending"]
+            .as_str()
+            .unwrap()
+            .contains("not connected"),
+        "{}",
+        accepted.text()
+    );
+    let listed = second.get("/v1/registrations").unwrap().json();
+    assert_eq!(listed["registrations"][0]["nodes"][0]["id"], "g1");
 
     etcd.restart(0).await.unwrap();
     assert!(
@@ -282,6 +302,12 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
             status == 200 && answer["provenance"]["snapshot"] == false
         }),
         "the snapshot marking ends once etcd answers: {}",
+        second.log()
+    );
+    let greeter = format!("{PREFIX}greeter/g1");
+    assert!(
+        poll(Duration::from_secs(15), || keys(&etcd).contains(&greeter)),
+        "the registration reaches etcd once it answers: {}",
         second.log()
     );
     drop(second);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{Registry, RegistryError};
+use regcache::registry::{Registered, Registry, RegistryError};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{fast_config, init_logging, service};
 
@@ -25,7 +25,8 @@ fn workload(
                 registry.get_service("a").await.map(|_| ()),
                 registry
                     .register(&service("load", "1", &format!("n{}", i % 5)))
-                    .await,
+                    .await
+                    .and_then(Registered::written),
                 registry.list_services().await.map(|_| ()),
             ];
             for result in results {

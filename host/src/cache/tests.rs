@@ -653,7 +653,10 @@ struct Scripted {
 
 #[async_trait::async_trait]
 impl Registry for Scripted {
-    async fn register(&self, service: &Service) -> Result<(), crate::registry::RegistryError> {
+    async fn register(
+        &self,
+        service: &Service,
+    ) -> Result<crate::registry::Registered, crate::registry::RegistryError> {
         self.inner.register(service).await
     }
     async fn deregister(

@@ -14,7 +14,7 @@ use super::{ApiError, AppState, check_name};
 use crate::cache::{Answer, LookupError, Source};
 use crate::decision::PolicyInfo;
 use crate::model::Service;
-use crate::registry::ErrorKind;
+use crate::registry::{self, ErrorKind};
 
 /// `GET /v1/services/{name}`.
 #[derive(Serialize)]
@@ -189,6 +189,10 @@ pub(super) async fn registrations(State(state): State<AppState>) -> Json<Registr
 pub(super) struct Registered {
     registered: String,
     nodes: Vec<String>,
+    /// Why the registration is not in the registry yet (it is kept, and written as soon as
+    /// the registry answers); absent once written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending: Option<String>,
 }
 
 /// `POST /v1/registrations` with a go-micro service of at least one node.
@@ -215,12 +219,16 @@ pub(super) async fn register(
             )));
         }
     }
-    state.registry.register(&service).await?;
+    let (status, pending) = match state.registry.register(&service).await? {
+        registry::Registered::Now => (StatusCode::CREATED, None),
+        registry::Registered::Later(e) => (StatusCode::ACCEPTED, Some(e.to_string())),
+    };
     Ok((
-        StatusCode::CREATED,
+        status,
         Json(Registered {
             registered: service.name.clone(),
             nodes: service.nodes.iter().map(|n| n.id.clone()).collect(),
+            pending,
         }),
     ))
 }

@@ -4,16 +4,19 @@
 //! [`Deferred`] answers every call with `Unavailable` until [`Deferred::set`] hands it the real
 //! registry; from then on it delegates. Watch receivers taken before that are fed by the real
 //! registry's watch once it exists (its first event is a `Resync` of everything, so nothing is
-//! missed), which lets the cache start its maintenance task at once.
+//! missed), which lets the cache start its maintenance task at once. Registrations made before
+//! that are kept ([`Registered::Later`]) and handed to the real registry when it comes, as an
+//! outage of a connected registry would keep them.
 //!
 //! Architecture invariant: this module knows nothing about etcd; it wraps any [`Registry`].
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{ErrorKind, Health, Registry, RegistryError, WatchEvent};
+use super::{ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent};
 use crate::model::Service;
 
 /// Queue length of watch receivers handed out before the registry exists.
@@ -25,6 +28,9 @@ pub struct Deferred {
     inner: OnceLock<Arc<dyn Registry>>,
     /// Watchers waiting for the registry, fed once it is set.
     pending: Mutex<Vec<mpsc::Sender<WatchEvent>>>,
+    /// Registrations waiting for the registry, one node each by (service, node id),
+    /// registered once it is set.
+    early_registrations: Mutex<BTreeMap<(String, String), Service>>,
     /// Set by shutdown before the registry exists: it is then shut down as soon as it comes.
     shut: Mutex<bool>,
 }
@@ -49,6 +55,18 @@ impl Deferred {
             registry.shutdown().await;
             return false;
         }
+        // Taken after `inner` is set, under the lock `register` holds while it checks `inner`:
+        // every early registration is either here or went to `registry` itself.
+        let early = std::mem::take(&mut *self.early_registrations.lock().unwrap());
+        for service in early.into_values() {
+            match registry.register(&service).await {
+                Ok(Registered::Now) => {}
+                Ok(Registered::Later(e)) => {
+                    tracing::warn!(service = %service.name, "registration kept for later: {e}")
+                }
+                Err(e) => tracing::warn!(service = %service.name, "registration refused: {e}"),
+            }
+        }
         for tx in self.pending.lock().unwrap().drain(..) {
             let mut rx = registry.watch();
             tokio::spawn(async move {
@@ -63,24 +81,54 @@ impl Deferred {
     }
 
     fn inner(&self, op: &'static str) -> Result<&Arc<dyn Registry>, RegistryError> {
-        self.inner.get().ok_or_else(|| {
-            RegistryError::new(
-                ErrorKind::Unavailable,
-                op,
-                "not connected to the registry yet",
-            )
-        })
+        self.inner.get().ok_or_else(|| not_connected(op))
     }
+}
+
+fn not_connected(op: &'static str) -> RegistryError {
+    RegistryError::new(
+        ErrorKind::Unavailable,
+        op,
+        "not connected to the registry yet",
+    )
 }
 
 #[async_trait]
 impl Registry for Deferred {
-    async fn register(&self, service: &Service) -> Result<(), RegistryError> {
-        self.inner("register")?.register(service).await
+    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
+        let inner = {
+            let mut early = self.early_registrations.lock().unwrap();
+            match self.inner.get() {
+                Some(inner) => inner.clone(),
+                None => {
+                    for node in &service.nodes {
+                        early.insert(
+                            (service.name.clone(), node.id.clone()),
+                            service.with_single_node(node),
+                        );
+                    }
+                    return Ok(Registered::Later(not_connected("register")));
+                }
+            }
+        };
+        inner.register(service).await
     }
 
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
-        self.inner("deregister")?.deregister(service, node_id).await
+        let inner = {
+            let mut early = self.early_registrations.lock().unwrap();
+            match self.inner.get() {
+                Some(inner) => inner.clone(),
+                None => {
+                    let key = (service.to_string(), node_id.to_string());
+                    return match early.remove(&key) {
+                        Some(_) => Ok(()),
+                        None => Err(not_connected("deregister")),
+                    };
+                }
+            }
+        };
+        inner.deregister(service, node_id).await
     }
 
     async fn get_service(&self, name: &str) -> Result<Vec<Service>, RegistryError> {
@@ -114,10 +162,16 @@ impl Registry for Deferred {
     }
 
     fn registrations(&self) -> Vec<Service> {
-        self.inner
-            .get()
-            .map(|inner| inner.registrations())
-            .unwrap_or_default()
+        match self.inner.get() {
+            Some(inner) => inner.registrations(),
+            None => self
+                .early_registrations
+                .lock()
+                .unwrap()
+                .values()
+                .cloned()
+                .collect(),
+        }
     }
 
     async fn shutdown(&self) {
@@ -127,6 +181,7 @@ impl Registry for Deferred {
             self.inner.get().cloned()
         };
         self.pending.lock().unwrap().clear();
+        self.early_registrations.lock().unwrap().clear();
         if let Some(inner) = inner {
             inner.shutdown().await;
         }
@@ -171,6 +226,38 @@ mod tests {
             first.is_some(),
             "an early watcher is fed once the registry is set"
         );
+    }
+
+    #[tokio::test]
+    async fn registrations_before_the_registry_are_kept_and_handed_over() {
+        let deferred = Deferred::new();
+        let mut two = service();
+        two.nodes.push(Node {
+            id: "n2".into(),
+            address: "127.0.0.1:2".into(),
+            ..Default::default()
+        });
+        let kept = deferred.register(&two).await.unwrap();
+        assert!(
+            matches!(&kept, Registered::Later(e) if e.kind == ErrorKind::Unavailable),
+            "{kept:?}"
+        );
+        assert_eq!(deferred.registrations().len(), 2, "one node each");
+        deferred.deregister("greeter", "n2").await.unwrap();
+        assert_eq!(
+            deferred.deregister("greeter", "n9").await.unwrap_err().kind,
+            ErrorKind::Unavailable
+        );
+
+        let memory = Arc::new(MemoryRegistry::new());
+        assert!(deferred.set(memory.clone()).await);
+        let ids: Vec<String> = memory
+            .registrations()
+            .iter()
+            .map(|s| s.nodes[0].id.clone())
+            .collect();
+        assert_eq!(ids, ["n1"]);
+        assert_eq!(deferred.get_service("greeter").await.unwrap().len(), 1);
     }
 
     /// `set` racing `shutdown` on two threads: whichever wins, the registry ends up shut down

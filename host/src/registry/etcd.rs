@@ -58,7 +58,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use tokio::sync::{mpsc, watch as signal};
 use tokio::task::JoinHandle;
 
-use super::{ErrorKind, Health, Registry, RegistryError, WatchEvent};
+use super::{ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent};
 use crate::model::{Service, group_by_version, key_segment};
 use stats::Stats;
 
@@ -601,7 +601,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 #[async_trait]
 impl Registry for EtcdRegistry {
-    async fn register(&self, service: &Service) -> Result<(), RegistryError> {
+    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
         if service.name.is_empty()
             || service.nodes.is_empty()
             || service.nodes.iter().any(|n| n.id.is_empty())
@@ -653,11 +653,14 @@ impl Registry for EtcdRegistry {
                 Err(e)
             }
         };
-        if result.is_err() {
-            shared.repairs.lock().unwrap().extend(keys);
-            shared.repair_wake.notify_one();
+        match result {
+            Ok(()) => Ok(Registered::Now),
+            Err(e) => {
+                shared.repairs.lock().unwrap().extend(keys);
+                shared.repair_wake.notify_one();
+                Ok(Registered::Later(e))
+            }
         }
-        result
     }
 
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {

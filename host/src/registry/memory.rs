@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{ErrorKind, Health, Registry, RegistryError, WatchEvent};
+use super::{ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent};
 use crate::model::{Service, group_by_version};
 
 /// Capacity of each watcher's queue; a watcher that falls this far behind loses events, as a
@@ -47,8 +47,22 @@ impl MemoryRegistry {
     }
 
     /// Makes every call fail with `kind` (or succeed again with `None`), as if etcd were down.
+    /// Registrations made meanwhile are kept and written when it comes back, as the etcd
+    /// registry's lease task does.
     pub fn set_failure(&self, kind: Option<ErrorKind>) {
-        self.state.lock().unwrap().failure = kind;
+        let mut state = self.state.lock().unwrap();
+        state.failure = kind;
+        if kind.is_none() {
+            let missing: Vec<Service> = state
+                .owned
+                .iter()
+                .filter(|(key, _)| !state.nodes.contains_key(*key))
+                .map(|(_, service)| service.clone())
+                .collect();
+            for service in missing {
+                state.put(service);
+            }
+        }
     }
 
     /// Delays every read by `latency`, as a slow etcd would.
@@ -110,7 +124,7 @@ impl State {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
-    async fn register(&self, service: &Service) -> Result<(), RegistryError> {
+    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
         if service.name.is_empty() || service.nodes.is_empty() {
             return Err(RegistryError::new(
                 ErrorKind::InvalidInput,
@@ -118,16 +132,21 @@ impl Registry for MemoryRegistry {
                 "a service needs a name and at least one node",
             ));
         }
-        self.enter("register").await?;
+        let entered = self.enter("register").await;
         let mut state = self.state.lock().unwrap();
         for node in &service.nodes {
             let single = service.with_single_node(node);
             state
                 .owned
                 .insert((service.name.clone(), node.id.clone()), single.clone());
-            state.put(single);
+            if entered.is_ok() {
+                state.put(single);
+            }
         }
-        Ok(())
+        Ok(match entered {
+            Ok(()) => Registered::Now,
+            Err(e) => Registered::Later(e),
+        })
     }
 
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
@@ -242,11 +261,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn injected_failure_fails_every_call() {
+    async fn injected_failure_fails_every_call_and_keeps_registrations_for_later() {
         let registry = MemoryRegistry::new();
         registry.set_failure(Some(ErrorKind::Unavailable));
         let err = registry.get_service("a").await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable);
         assert!(!registry.health().watch_connected);
+        assert!(registry.health().last_failure.is_some());
+        let kept = registry.register(&service("a", "1", "n1")).await.unwrap();
+        assert!(matches!(kept, Registered::Later(_)), "{kept:?}");
+        registry.set_failure(None);
+        assert_eq!(registry.get_service("a").await.unwrap().len(), 1);
     }
 }

@@ -123,12 +123,33 @@ pub struct Health {
     pub last_failure: Option<Instant>,
 }
 
+/// What became of a registration the registry accepted.
+#[derive(Debug, Clone)]
+pub enum Registered {
+    /// Written to the registry.
+    Now,
+    /// Kept, and written as soon as the registry answers (then kept alive like any other);
+    /// the error says why the first write did not land.
+    Later(RegistryError),
+}
+
+impl Registered {
+    /// `Ok` if the registration is in the registry now, else why it is not yet.
+    pub fn written(self) -> Result<(), RegistryError> {
+        match self {
+            Registered::Now => Ok(()),
+            Registered::Later(e) => Err(e),
+        }
+    }
+}
+
 /// A service registry in the spirit of go-micro's.
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Registers every node of `service` under this host's lease and keeps them registered
-    /// (across lease loss and outages) until [`Registry::deregister`] or shutdown.
-    async fn register(&self, service: &Service) -> Result<(), RegistryError>;
+    /// (across lease loss and outages) until [`Registry::deregister`] or shutdown. An outage
+    /// does not refuse a registration: it is kept and written later ([`Registered::Later`]).
+    async fn register(&self, service: &Service) -> Result<Registered, RegistryError>;
 
     /// Removes one node registered by this host.
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError>;
