@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent};
+use super::{
+    ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent, check_registration,
+};
 use crate::model::Service;
 
 /// Queue length of watch receivers handed out before the registry exists.
@@ -96,6 +98,7 @@ fn not_connected(op: &'static str) -> RegistryError {
 #[async_trait]
 impl Registry for Deferred {
     async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
+        check_registration(service)?;
         let inner = {
             let mut early = self.early_registrations.lock().unwrap();
             match self.inner.get() {

@@ -58,7 +58,9 @@ use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use tokio::sync::{mpsc, watch as signal};
 use tokio::task::JoinHandle;
 
-use super::{ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent};
+use super::{
+    ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent, check_registration,
+};
 use crate::model::{Service, group_by_version, key_segment};
 use stats::Stats;
 
@@ -602,16 +604,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[async_trait]
 impl Registry for EtcdRegistry {
     async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
-        if service.name.is_empty()
-            || service.nodes.is_empty()
-            || service.nodes.iter().any(|n| n.id.is_empty())
-        {
-            return Err(RegistryError::new(
-                ErrorKind::InvalidInput,
-                "register",
-                "a service needs a name and at least one node, each with an id",
-            ));
-        }
+        check_registration(service)?;
         let shared = &self.shared;
         let mut keys = Vec::new();
         {

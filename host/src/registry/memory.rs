@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent};
+use super::{
+    ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent, check_registration,
+};
 use crate::model::{Service, group_by_version};
 
 /// Capacity of each watcher's queue; a watcher that falls this far behind loses events, as a
@@ -125,13 +127,7 @@ impl State {
 #[async_trait]
 impl Registry for MemoryRegistry {
     async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
-        if service.name.is_empty() || service.nodes.is_empty() {
-            return Err(RegistryError::new(
-                ErrorKind::InvalidInput,
-                "register",
-                "a service needs a name and at least one node",
-            ));
-        }
+        check_registration(service)?;
         let entered = self.enter("register").await;
         let mut state = self.state.lock().unwrap();
         for node in &service.nodes {

@@ -133,6 +133,21 @@ pub enum Registered {
     Later(RegistryError),
 }
 
+/// Refuses a registration no registry can keep: no name, no node, or a node without an id.
+pub(crate) fn check_registration(service: &Service) -> Result<(), RegistryError> {
+    if service.name.is_empty()
+        || service.nodes.is_empty()
+        || service.nodes.iter().any(|n| n.id.is_empty())
+    {
+        return Err(RegistryError::new(
+            ErrorKind::InvalidInput,
+            "register",
+            "a service needs a name and at least one node, each with an id",
+        ));
+    }
+    Ok(())
+}
+
 impl Registered {
     /// `Ok` if the registration is in the registry now, else why it is not yet.
     pub fn written(self) -> Result<(), RegistryError> {
