@@ -554,6 +554,18 @@ async fn policy_file_changes_swap_after_the_file_is_complete() {
         engine.guard_eviction(&mass_deletion()).decision,
         EvictionDecision::Evict
     );
+    // A writer that keeps the file open never says it is done: the watcher loads once the
+    // writes have settled.
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut writer, &policy_wasm("always-stale")).unwrap();
+    wait_for("the watcher to swap in always-stale", || {
+        engine.active().generation == 3
+    });
+    drop(writer);
 }
 
 /// A trapping Rust guest writes its panic message to WASI stderr, which wasmtime-wasi's sync

@@ -1,9 +1,10 @@
 //! Hot reload of a policy file: on demand (SIGHUP) and when the file changes.
 //!
 //! Editors and build tools write files in several steps, so a change event may arrive while the
-//! file is half-written. The watcher waits for the events to settle, then loads; a load that
-//! fails (say, a truncated component) is logged and the active policy stays, and the next write
-//! of the file triggers another attempt.
+//! file is half-written. The watcher loads as soon as a writer says it is done (it closed the
+//! file after writing, or renamed it into place); otherwise it waits for the events to settle.
+//! A load that fails (say, a truncated component) is logged and the active policy stays, and
+//! the next write of the file triggers another attempt.
 //!
 //! The watcher reacts only to writes, creations, renames and removals: the reload's own read of
 //! the file raises an "opened" event, and reacting to it would reload forever. It also loads
@@ -15,14 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::{PolicyEngine, PolicyError, PolicySpec, artifacts};
 use crate::decision::{Decide, PolicyInfo};
 
-/// How long the file must stay quiet before it is read.
+/// How long the file must stay quiet before it is read, when no writer said it was done.
 const SETTLE: Duration = Duration::from_millis(100);
 
 /// Reloads one policy file into one engine.
@@ -97,7 +98,7 @@ impl Reloader {
                         .iter()
                         .any(|p| p.file_name() == file_name.as_deref())
                 {
-                    let _ = tx.send(());
+                    let _ = tx.send(completes_writing(&event.kind));
                 }
             })?;
         let dir = match self.path.parent() {
@@ -107,12 +108,13 @@ impl Reloader {
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         Ok(tokio::spawn(async move {
             let _watcher = watcher; // dropping it would stop the events
-            while rx.recv().await.is_some() {
-                // Wait until the writes settle.
-                while tokio::time::timeout(SETTLE, rx.recv())
-                    .await
-                    .is_ok_and(|e| e.is_some())
-                {}
+            while let Some(mut complete) = rx.recv().await {
+                while !complete {
+                    match tokio::time::timeout(SETTLE, rx.recv()).await {
+                        Ok(Some(done)) => complete = done,
+                        Ok(None) | Err(_) => break, // settled
+                    }
+                }
                 let reloader = self.clone();
                 let outcome =
                     tokio::task::spawn_blocking(move || reloader.reload_if_changed()).await;
@@ -130,6 +132,16 @@ impl Reloader {
             }
         }))
     }
+}
+
+/// Whether an event says a writer is done: it closed the file after writing, or renamed a
+/// finished file into place.
+fn completes_writing(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+    )
 }
 
 /// Whether an event can mean new content: not an open, a read or a close after reading.
