@@ -6,12 +6,15 @@
 //! answered or timed out, a watch event received, its watch lost) is recorded as it happens.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use crate::decision::HealthView;
 use crate::registry::Registry;
 
-/// The sampled health.
+/// The sampled health. Its instants are tokio's (the cache's clock, which tests may pause);
+/// the registry's are converted as they are merged.
 #[derive(Debug)]
 pub(crate) struct HealthCell {
     base: Instant,
@@ -66,7 +69,12 @@ impl HealthCell {
 
     /// The health now, and the wall clock in ms since the Unix epoch, from one clock reading.
     pub fn view_and_wall_ms(&self) -> (HealthView, u64) {
-        let elapsed_ms = self.base.elapsed().as_millis() as u64;
+        self.view_and_wall_ms_at(Instant::now())
+    }
+
+    /// The health at `now` (a reading the caller took anyway), and the wall clock then.
+    pub fn view_and_wall_ms_at(&self, now: Instant) -> (HealthView, u64) {
+        let elapsed_ms = now.saturating_duration_since(self.base).as_millis() as u64;
         let view = HealthView {
             watch_connected: self.watch_connected.load(Ordering::Relaxed),
             since_last_contact_ms: self.last_contact.since_ms(elapsed_ms),
@@ -111,10 +119,10 @@ impl HealthCell {
             }
         }
         if let Some(at) = health.last_contact {
-            self.contact_at(at);
+            self.contact_at(Instant::from_std(at));
         }
         if let Some(at) = health.last_failure {
-            self.failure_at(at);
+            self.failure_at(Instant::from_std(at));
         }
     }
 }

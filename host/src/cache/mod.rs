@@ -291,7 +291,7 @@ impl Inner {
         now: Instant,
     ) -> LookupContext<'a> {
         let since = |t: Option<Instant>| t.map(|t| millis(now.saturating_duration_since(t)));
-        let (health, now_ms) = self.health.view_and_wall_ms();
+        let (health, now_ms) = self.health.view_and_wall_ms_at(now);
         match view {
             None => LookupContext {
                 service,
