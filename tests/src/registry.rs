@@ -1,12 +1,14 @@
 //! Helpers for tests of the registry against real etcd: sample services, a fast configuration,
-//! a watcher's view built from [`WatchEvent`]s, and etcd's own view to compare it with.
+//! a watcher's view built from [`WatchEvent`]s, etcd's own view to compare it with, and whether
+//! a registry's keys are all in etcd on its live lease.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use regcache::model::{Node, Service};
+use regcache::registry::Registry;
 use regcache::registry::WatchEvent;
-use regcache::registry::etcd::EtcdConfig;
+use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 use tokio::sync::mpsc;
 
 use crate::etcd::EtcdCluster;
@@ -152,4 +154,19 @@ pub async fn etcd_view(
         }
     }
     (nodes, resp.header().map_or(0, |h| h.revision()))
+}
+
+/// Whether every key of `registry`'s registrations is in etcd, on the registry's live lease.
+pub async fn all_registered(raw: &mut etcd_client::Client, registry: &EtcdRegistry) -> bool {
+    let Some(lease) = registry.lease_id() else {
+        return false;
+    };
+    for service in registry.registrations() {
+        let key = registry.node_key(&service.name, &service.nodes[0].id);
+        match raw.get(key, None).await {
+            Ok(resp) if resp.kvs().first().is_some_and(|kv| kv.lease() == lease) => {}
+            _ => return false,
+        }
+    }
+    matches!(raw.lease_time_to_live(lease, None).await, Ok(ttl) if ttl.ttl() > 0)
 }

@@ -9,24 +9,11 @@ use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 use regcache::registry::{ErrorKind, Registered, Registry, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::proxy::TcpProxy;
-use regcache_tests::registry::{View, etcd_view, fast_config, init_logging, raw_client, service};
+use regcache_tests::registry::{
+    View, all_registered, etcd_view, fast_config, init_logging, raw_client, service,
+};
 
 const PREFIX: &str = "/micro/registry/";
-
-/// Whether every key of `registry`'s registrations is in etcd, on the registry's live lease.
-async fn all_registered(raw: &mut etcd_client::Client, registry: &EtcdRegistry) -> bool {
-    let Some(lease) = registry.lease_id() else {
-        return false;
-    };
-    for service in registry.registrations() {
-        let key = registry.node_key(&service.name, &service.nodes[0].id);
-        match raw.get(key, None).await {
-            Ok(resp) if resp.kvs().first().is_some_and(|kv| kv.lease() == lease) => {}
-            _ => return false,
-        }
-    }
-    matches!(raw.lease_time_to_live(lease, None).await, Ok(ttl) if ttl.ttl() > 0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_past_the_lease_ttl_bounds_every_call_and_keys_return_within_a_second() {
