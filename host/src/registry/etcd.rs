@@ -11,8 +11,9 @@
 //!   and sends [`WatchEvent::Resync`] after a compaction, feeds [`Registry::health`], and asks
 //!   the lease task to re-put an owned key it sees deleted. A small timer task resyncs
 //!   receivers that fell behind even when no further event comes.
-//! - [`endpoints`]: with several endpoints, takes a member that stopped listening out of the
-//!   client's balancer (else about a third of calls keep failing) and puts it back later.
+//! - [`endpoints`]: with several endpoints, takes a member that stopped answering (killed or
+//!   hung) out of the client's balancer (else about a third of calls keep failing or waiting)
+//!   and puts it back once it answers again.
 //!
 //! Every unary call is bounded by the configured request timeout, retries included, so a hung
 //! etcd (SIGSTOP) never hangs a caller; transient failures (a dead member, "leader changed")
@@ -116,7 +117,10 @@ impl EtcdRegistry {
         config
             .validate()
             .map_err(|e| RegistryError::new(ErrorKind::InvalidInput, "connect", e.to_string()))?;
-        let options = connect_options(&config)?;
+        let mut options = connect_options(&config)?;
+        if let Some((user, password)) = config.user.as_ref() {
+            options = options.with_user(user.clone(), password.clone());
+        }
         let urls = config.endpoint_urls();
         let bound = config.connect_timeout;
         let client = tokio::time::timeout(bound, Client::connect(&urls, Some(options)))
@@ -193,6 +197,8 @@ impl Drop for EtcdRegistry {
     }
 }
 
+/// Everything about the connection but the credentials, which only the registry's own client
+/// carries (the endpoint probes must not authenticate).
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, RegistryError> {
     let (ping, ping_timeout) = (
         config.http2_keepalive_interval,
@@ -210,9 +216,6 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, RegistryError>
         // Unary calls that meet an expired token re-authenticate once and retry; concurrent
         // ones share a single Authenticate.
         .with_auto_token_refresh(true);
-    if let Some((user, password)) = config.user.as_ref() {
-        options = options.with_user(user.clone(), password.clone());
-    }
     if let Some(tls) = config.tls.as_ref() {
         let read = |path: &std::path::Path| {
             std::fs::read(path).map_err(|e| {

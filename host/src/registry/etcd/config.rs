@@ -172,8 +172,9 @@ impl EtcdConfig {
         self
     }
 
-    /// How often each endpoint is probed (a TCP connect) to take a dead member out of the
-    /// client's balancer and put it back once it listens again. Only used with several
+    /// How often each endpoint is probed (a maintenance `Status` request without credentials,
+    /// bounded by this interval or 1 s, whichever is less) to take a dead or hung member out of
+    /// the client's balancer and put it back once it answers again. Only used with several
     /// endpoints. Default 1 s.
     pub fn endpoint_probe_interval(mut self, interval: Duration) -> Self {
         self.endpoint_probe_interval = interval;

@@ -1,17 +1,23 @@
-//! Endpoint health: keeps members that stopped listening out of the client's balancer.
+//! Endpoint health: keeps members that do not answer out of the client's balancer.
 //!
-//! The client balances calls over every endpoint and keeps a dead one in rotation: with one of
-//! three members killed, about a third of calls fail for as long as it is down. This task
-//! probes each endpoint with a plain TCP connect (no gRPC call, so no Authenticate and no load
-//! on etcd), removes one that refuses, and adds it back once it accepts again, so the member is
-//! used again after its restart. It never removes the last endpoint in the balancer: with every
-//! member down, failing fast beats having nowhere to send a call. A member that accepts but
-//! does not answer (SIGSTOP) is left to the per-call timeouts and retries.
+//! The client balances calls over every endpoint at random and keeps a dead or hung member in
+//! rotation. With one of three members killed, about a third of calls fail for as long as it is
+//! down. With one frozen (SIGSTOP: its sockets still accept, nothing answers), a third of the
+//! attempts wait out their bound, a call whose every attempt lands there times out, and a
+//! keep-alive or watch stream on it falls silent until the lease is lost.
+//!
+//! So this task asks each member, on a client of its own, for its status (maintenance `Status`:
+//! answered from the member's memory, with no credentials, so no Authenticate and next to no
+//! load on etcd), all members at once so that a hung one cannot delay the verdict on the
+//! others. A member that does not answer within the probe timeout is taken out of rotation; it
+//! is added back once it answers again. The last endpoint in the balancer is never removed:
+//! with every member down, failing fast beats having nowhere to send a call.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use etcd_client::Client;
+use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use super::Shared;
@@ -20,6 +26,13 @@ use super::stats::Stats;
 /// Runs until shutdown.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let urls = shared.config.endpoint_urls();
+    let probes = match probe_clients(&shared, &urls).await {
+        Ok(probes) => probes,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build endpoint probes; endpoints stay in rotation");
+            return;
+        }
+    };
     let mut in_balancer = vec![true; urls.len()];
     let period = shared.config.endpoint_probe_interval;
     let probe_timeout = period.min(Duration::from_secs(1));
@@ -31,26 +44,30 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
+        let mut answers = vec![false; urls.len()];
+        let mut round = JoinSet::new();
+        for (i, probe) in probes.iter().enumerate() {
+            let probe = probe.clone();
+            round.spawn(async move { (i, answers_within(probe, probe_timeout).await) });
+        }
+        while let Some(Ok((i, answered))) = round.join_next().await {
+            answers[i] = answered;
+        }
         for (i, url) in urls.iter().enumerate() {
-            let address = url.split_once("://").map_or(url.as_str(), |(_, a)| a);
-            let alive = matches!(
-                timeout(probe_timeout, TcpStream::connect(address)).await,
-                Ok(Ok(_))
-            );
             let others_in = in_balancer.iter().enumerate().any(|(j, &on)| on && j != i);
-            if !alive && in_balancer[i] && others_in {
+            if !answers[i] && in_balancer[i] && others_in {
                 match shared.client.remove_endpoint(url).await {
                     Ok(()) => {
-                        tracing::warn!(endpoint = %url, "etcd endpoint refuses connections; taken out of rotation");
+                        tracing::warn!(endpoint = %url, "etcd endpoint does not answer; taken out of rotation");
                         in_balancer[i] = false;
                         Stats::bump(&shared.stats.endpoint_removals);
                     }
                     Err(e) => tracing::warn!(endpoint = %url, error = %e, "cannot remove endpoint"),
                 }
-            } else if alive && !in_balancer[i] {
+            } else if answers[i] && !in_balancer[i] {
                 match shared.client.add_endpoint(url).await {
                     Ok(()) => {
-                        tracing::info!(endpoint = %url, "etcd endpoint listens again; back in rotation");
+                        tracing::info!(endpoint = %url, "etcd endpoint answers again; back in rotation");
                         in_balancer[i] = true;
                         Stats::bump(&shared.stats.endpoint_additions);
                     }
@@ -60,5 +77,32 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
             }
         }
+    }
+}
+
+/// One client per endpoint, without credentials: a probe must cost etcd no Authenticate.
+async fn probe_clients(shared: &Shared, urls: &[String]) -> Result<Vec<Client>, String> {
+    let options = super::connect_options(&shared.config).map_err(|e| e.to_string())?;
+    let mut probes = Vec::new();
+    for url in urls {
+        let probe = Client::connect([url], Some(options.clone()))
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        probes.push(probe);
+    }
+    Ok(probes)
+}
+
+/// Whether the member behind `probe` answers within `bound`. An error etcd itself sends (a
+/// version that wants credentials for `Status`) is an answer too: the member is alive.
+async fn answers_within(mut probe: Client, bound: Duration) -> bool {
+    use tonic::Code;
+    match timeout(bound, probe.status()).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(etcd_client::Error::GRpcStatus(status))) => matches!(
+            status.code(),
+            Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
+        ),
+        _ => false,
     }
 }

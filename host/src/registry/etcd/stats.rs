@@ -85,9 +85,10 @@ pub struct StatsSnapshot {
     pub retries: u64,
     /// Owned keys written again after a lease loss or a deletion seen on the watch.
     pub reputs: u64,
-    /// Endpoints taken out of the client's balancer because they stopped listening.
+    /// Endpoints taken out of the client's balancer because they stopped answering (dead or
+    /// hung).
     pub endpoint_removals: u64,
-    /// Endpoints put back into the balancer once they listened again.
+    /// Endpoints put back into the balancer once they answered again.
     pub endpoint_additions: u64,
 }
 
