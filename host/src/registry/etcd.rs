@@ -105,6 +105,9 @@ pub(crate) struct Shared {
     watch_connected: AtomicBool,
     last_contact: Mutex<Option<Instant>>,
     last_failure: Mutex<Option<Instant>>,
+    /// Signalled when an endpoint is taken out of rotation: streams that may be stuck on it
+    /// (keep-alive, watch) re-open on the members still in.
+    endpoint_removed: signal::Sender<()>,
     /// Set once by shutdown; every task stops when it flips.
     shutdown: signal::Sender<bool>,
 }
@@ -148,6 +151,7 @@ impl EtcdRegistry {
             watch_connected: AtomicBool::new(false),
             last_contact: Mutex::new(None),
             last_failure: Mutex::new(None),
+            endpoint_removed: signal::channel(()).0,
             shutdown,
         });
         // The first list is the first contact: it proves the endpoints, TLS and credentials,

@@ -9,7 +9,8 @@
 //! So this task asks each member, on a client of its own, for its status (maintenance `Status`:
 //! answered from the member's memory, with no credentials, so no Authenticate and next to no
 //! load on etcd), all members at once so that a hung one cannot delay the verdict on the
-//! others. A member that does not answer within the probe timeout is taken out of rotation; it
+//! others. A member that does not answer within the probe timeout is taken out of rotation, and
+//! the lease and watch tasks are told so that they re-open streams that may be stuck on it; it
 //! is added back once it answers again. The last endpoint in the balancer is never removed:
 //! with every member down, failing fast beats having nowhere to send a call.
 
@@ -61,6 +62,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                         tracing::warn!(endpoint = %url, "etcd endpoint does not answer; taken out of rotation");
                         in_balancer[i] = false;
                         Stats::bump(&shared.stats.endpoint_removals);
+                        shared.endpoint_removed.send_replace(());
                     }
                     Err(e) => tracing::warn!(endpoint = %url, error = %e, "cannot remove endpoint"),
                 }

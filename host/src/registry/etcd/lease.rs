@@ -4,7 +4,8 @@
 //! The lease is granted by the first registration (a host that registers nothing holds no
 //! lease). This task then renews it every keep-alive interval on a single stream: never a new
 //! stream or a one-shot call per heartbeat, which is what once caused an Authenticate storm at
-//! thousands of pods. Loss is detected three ways, and each leads back to the top of the loop:
+//! thousands of pods. Loss is detected three ways, and a fourth event heads it off; each leads
+//! back to the top of the loop:
 //!
 //! - an answer with TTL 0, or "lease not found" when (re)opening the stream: the lease is gone
 //!   (expired while etcd was frozen, revoked). Grant a new one and re-put every owned key.
@@ -13,6 +14,8 @@
 //!   was lost.
 //! - no answer for a whole TTL (etcd hung, and HTTP/2 pings have not yet ended the stream): the
 //!   lease has certainly expired by etcd's clock; re-open, which finds that out.
+//! - a member taken out of rotation (it stopped answering): the stream may be stuck on it, hung,
+//!   so re-open it on the members still in while the lease is still alive.
 //!
 //! Retries use jittered exponential backoff capped at `retry_backoff_max`, forever: giving up
 //! after a few tries (as Kratos does) leaves services unregistered until a restart.
@@ -28,6 +31,7 @@ use super::{Backoff, Shared};
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut lease_rx = shared.lease_id.subscribe();
+    let mut endpoint_removed = shared.endpoint_removed.subscribe();
     let mut backoff = Backoff::new(shared.config.retry_backoff_max);
     let request_timeout = shared.config.request_timeout;
     let ttl = shared.config.lease_ttl;
@@ -55,6 +59,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             continue;
         };
 
+        // Marked seen before the open: a removal during it may mean the stream went to that
+        // member, and is re-opened once more.
+        endpoint_removed.mark_unchanged();
         let opened = timeout(request_timeout, shared.client.lease_client().keep_alive(id)).await;
         let (mut keeper, mut stream) = match opened {
             Ok(Ok(pair)) => pair,
@@ -96,6 +103,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 _ = shutdown.changed() => return,
                 // Someone else replaced the lease (a registration found it gone): follow it.
                 _ = lease_rx.changed() => break,
+                // The stream may be on that member, hung: then no renewal would get through.
+                _ = endpoint_removed.changed() => {
+                    tracing::info!(lease = id, "an endpoint left rotation; reopening keep-alive");
+                    break;
+                }
                 _ = shared.repair_wake.notified() => {
                     if !repair(&shared).await {
                         break;

@@ -7,7 +7,9 @@
 //! `canceled` with `compact_revision` set: the registry re-lists, replaces the mirror, and sends
 //! every receiver [`WatchEvent::Resync`]. A watch cancelled for an expired auth token is
 //! re-created after a cheap unary call lets the client re-authenticate (the client refreshes
-//! tokens for unary calls only). Streams to a hung etcd end through HTTP/2 pings.
+//! tokens for unary calls only). A stream that may be on a member just taken out of rotation
+//! (see [`endpoints`](super::endpoints)) is re-created at once, resuming from the same
+//! revision; other streams to a hung etcd end through HTTP/2 pings.
 //!
 //! Each receiver gets a `Resync` of the mirror first, so that subscribing never races with
 //! changes. A receiver that falls behind by a whole queue is not dropped and does not block
@@ -226,6 +228,7 @@ enum Stopped {
 /// Runs until shutdown, starting after `revision`.
 pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
     let mut shutdown = shared.shutdown.subscribe();
+    let mut endpoint_removed = shared.endpoint_removed.subscribe();
     let mut backoff = Backoff::new(shared.config.retry_backoff_max);
     let request_timeout = shared.config.request_timeout;
     let prefix = shared.config.key_prefix().to_string();
@@ -239,6 +242,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
             .with_prev_key()
             .with_progress_notify()
             .with_start_revision(revision + 1);
+        // Marked seen before the create: a removal during it may mean the stream went to that
+        // member, and is re-created once more.
+        endpoint_removed.mark_unchanged();
         let mut client = shared
             .client
             .watch_client()
@@ -266,6 +272,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
         let stopped = loop {
             let msg = tokio::select! {
                 _ = shutdown.changed() => return,
+                // The stream may be on that member, hung: silent, while the mirror goes stale.
+                _ = endpoint_removed.changed() => {
+                    break Stopped::Lost("an endpoint left rotation".into());
+                }
                 msg = stream.message() => msg,
             };
             let resp = match msg {
