@@ -1,132 +1,211 @@
-//! The etcd registry on a three-member cluster: one member killed, then (after it is back) the
-//! leader killed. Registration and reads must see zero failed calls at the registry interface,
-//! and the dead member must be used again once it is back.
+//! The etcd registry on a three-member cluster, under load, through each member fault: killed
+//! (a follower, then the leader) and hung by SIGSTOP (a follower; the leader). No call may fail
+//! at the registry interface and none may take longer than the request timeout, the host's
+//! lease must outlive a hang longer than its TTL, the watch must keep following changes, and a
+//! member must be used again once it is back. Every wait is a bounded wait for a condition.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{Registered, Registry, RegistryError};
+use regcache::registry::{Registered, Registry, RegistryError, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::registry::{fast_config, init_logging, service};
+use regcache_tests::registry::{
+    View, all_registered, fast_config, init_logging, raw_client, service,
+};
+use tokio::sync::Mutex;
 
-/// Registers and reads in a loop until stopped; returns (calls, failures).
-fn workload(
-    registry: Arc<EtcdRegistry>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, Vec<RegistryError>)> {
-    tokio::spawn(async move {
-        let (mut calls, mut failures) = (0, Vec::new());
-        let mut i = 0;
-        while !stop.load(Ordering::SeqCst) {
-            i += 1;
-            let results = [
-                registry.get_service("a").await.map(|_| ()),
-                registry
-                    .register(&service("load", "1", &format!("n{}", i % 5)))
-                    .await
-                    .and_then(Registered::written),
-                registry.list_services().await.map(|_| ()),
-            ];
-            for result in results {
-                calls += 1;
-                if let Err(e) = result {
-                    failures.push(e);
-                }
-            }
-        }
-        (calls, failures)
-    })
-}
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// Bound on every wait for the cluster or the load: generous, since a loaded 2-core machine
+/// runs several test binaries (and their etcd members) at once.
+const BOUND: Duration = Duration::from_secs(20);
 
-async fn run_through(
-    registry: &Arc<EtcdRegistry>,
-    fault: impl AsyncFnOnce(),
-    after: Duration,
-) -> (usize, Vec<RegistryError>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = workload(registry.clone(), stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    fault().await;
-    tokio::time::sleep(after).await;
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_member_then_a_killed_leader_fail_no_call() {
+/// A started cluster and a registry on it holding one registration, `a`/`a1`.
+async fn cluster() -> (Arc<Mutex<EtcdCluster>>, Arc<EtcdRegistry>) {
     init_logging();
     let etcd = EtcdCluster::start(3).await.unwrap();
     let config = fast_config(&etcd)
-        .lease_ttl(Duration::from_secs(5))
-        .request_timeout(Duration::from_secs(5));
+        .lease_ttl(LEASE_TTL)
+        .request_timeout(REQUEST_TIMEOUT);
     let registry = Arc::new(EtcdRegistry::connect(config).await.unwrap());
     registry.register(&service("a", "1", "a1")).await.unwrap();
-    let etcd = Arc::new(tokio::sync::Mutex::new(etcd));
+    (Arc::new(Mutex::new(etcd)), registry)
+}
 
-    // A follower dies.
-    let leader = etcd.lock().await.leader().unwrap();
-    let follower = (leader + 1) % 3;
-    let (calls, failures) = run_through(
-        &registry,
-        async || etcd.lock().await.kill(follower).unwrap(),
-        Duration::from_secs(3),
-    )
-    .await;
-    println!(
-        "follower {follower} killed: {calls} calls, {} failed, stats {:?}",
-        failures.len(),
-        registry.stats()
-    );
-    assert!(failures.is_empty(), "{failures:?}");
-    assert!(registry.stats().endpoint_removals >= 1);
+/// What the load saw.
+#[derive(Debug, Default)]
+struct Load {
+    calls: usize,
+    failures: Vec<RegistryError>,
+    slowest: Duration,
+}
 
-    // It comes back, and is used again.
-    etcd.lock().await.restart(follower).await.unwrap();
+/// Reads, registers and lists in a loop until stopped. `done` counts finished calls as they
+/// finish, for the caller to wait on.
+fn workload(
+    registry: Arc<EtcdRegistry>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<Load> {
+    tokio::spawn(async move {
+        let mut load = Load::default();
+        for i in 0.. {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let started = Instant::now();
+            let result = match i % 3 {
+                0 => registry.get_service("a").await.map(drop),
+                // Five nodes, re-put over and over: every write goes through the leader.
+                1 => {
+                    let node = format!("n{}", i % 5);
+                    registry
+                        .register(&service("load", "1", &node))
+                        .await
+                        .and_then(Registered::written)
+                }
+                _ => registry.list_services().await.map(drop),
+            };
+            load.slowest = load.slowest.max(started.elapsed());
+            load.calls += 1;
+            load.failures.extend(result.err());
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+        load
+    })
+}
+
+/// Runs the load through `fault`: waits for a few calls before it, then for `settled` (given the
+/// time since the fault: the cluster and the registry have reacted), then for 30 more calls, so
+/// that the load spans the fault, the reaction and what follows. Asserts that no call failed and
+/// none outlasted the request timeout, and prints what the load saw.
+async fn through(
+    what: &str,
+    registry: &Arc<EtcdRegistry>,
+    fault: impl AsyncFnOnce(),
+    settled: impl AsyncFn(Duration) -> bool,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let load = workload(registry.clone(), stop.clone(), done.clone());
+    let at_least = |n: usize| {
+        let done = done.clone();
+        move || std::future::ready(done.load(Ordering::SeqCst) >= n)
+    };
+    assert!(wait_for(BOUND, at_least(3)).await, "{what}: no load before");
+    let started = Instant::now();
+    fault().await;
     assert!(
-        wait_for(Duration::from_secs(5), || async {
-            registry.stats().endpoint_additions >= 1
+        wait_for(BOUND, || settled(started.elapsed())).await,
+        "{what}: never settled"
+    );
+    let reacted = started.elapsed();
+    let after = done.load(Ordering::SeqCst) + 30;
+    assert!(
+        wait_for(BOUND, at_least(after)).await,
+        "{what}: load stalled"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let load = load.await.unwrap();
+    let stats = registry.stats();
+    println!(
+        "{what}: settled after {reacted:?}; {} calls, {} failed, slowest {:?}; retries {}, \
+         endpoint removals {}, lease regrants {}, watch restarts {}",
+        load.calls,
+        load.failures.len(),
+        load.slowest,
+        stats.retries,
+        stats.endpoint_removals,
+        stats.lease_regrants,
+        stats.watch_restarts,
+    );
+    assert!(load.failures.is_empty(), "{what}: {:?}", load.failures);
+    assert!(
+        load.slowest <= REQUEST_TIMEOUT,
+        "{what}: {:?}",
+        load.slowest
+    );
+}
+
+/// Brings `member` back with `resume`, waits until the registry has put an endpoint back into
+/// rotation, then until `member` serves one of the registry's reads.
+async fn back_in_use(
+    etcd: &Mutex<EtcdCluster>,
+    registry: &EtcdRegistry,
+    member: usize,
+    resume: impl AsyncFnOnce(),
+) {
+    let additions = registry.stats().endpoint_additions;
+    resume().await;
+    let resumed = Instant::now();
+    assert!(
+        wait_for(BOUND, || async {
+            registry.stats().endpoint_additions > additions
         })
         .await,
-        "the member went back into rotation"
+        "member {member} went back into rotation"
     );
-    let ranges_before = etcd
-        .lock()
-        .await
-        .grpc_started(follower, "etcdserverpb.KV", "Range")
-        .unwrap();
-    for _ in 0..30 {
-        registry.get_service("a").await.unwrap();
-    }
-    let ranges_after = etcd
-        .lock()
-        .await
-        .grpc_started(follower, "etcdserverpb.KV", "Range")
-        .unwrap();
-    println!(
-        "restarted member served {} of 30 reads",
-        ranges_after - ranges_before
-    );
-    assert!(
-        ranges_after > ranges_before,
-        "the restarted member serves reads again"
-    );
-
-    // Now the leader dies: an election, "leader changed", and still no failed call.
-    let leader = etcd.lock().await.leader().unwrap();
-    let (calls, failures) = run_through(
-        &registry,
-        async || etcd.lock().await.kill(leader).unwrap(),
-        Duration::from_secs(4),
-    )
+    // Counted from here: requests a hung member had buffered are served as it resumes, before
+    // it can be back in rotation.
+    let ranges = async || {
+        let etcd = etcd.lock().await;
+        etcd.grpc_started(member, "etcdserverpb.KV", "Range")
+            .unwrap()
+    };
+    let before = ranges().await;
+    let serves = wait_for(BOUND, || async {
+        let _ = registry.get_service("a").await; // answered or not, it is a Range
+        ranges().await > before
+    })
     .await;
     println!(
-        "leader {leader} killed: {calls} calls, {} failed, stats {:?}",
-        failures.len(),
-        registry.stats()
+        "member {member} serves reads again {:?} after it resumed",
+        resumed.elapsed()
     );
-    assert!(failures.is_empty(), "{failures:?}");
+    assert!(serves, "member {member} serves reads again");
+}
+
+/// Whether `member` is the leader by its own account (no answer: not).
+fn leads(etcd: &EtcdCluster, member: usize) -> bool {
+    etcd.metric(member, "etcd_server_is_leader", &[])
+        .is_ok_and(|v| v == 1.0)
+}
+
+/// Whether a member other than `old` leads, asking only the others (a hung member's metrics
+/// would not answer either).
+async fn new_leader(etcd: &Mutex<EtcdCluster>, old: usize) -> bool {
+    let etcd = etcd.lock().await;
+    (0..3).any(|m| m != old && etcd.pid(m).is_some() && leads(&etcd, m))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_follower_then_a_killed_leader_fail_no_call() {
+    let (etcd, registry) = cluster().await;
+
+    let follower = (etcd.lock().await.leader().unwrap() + 1) % 3;
+    through(
+        &format!("follower {follower} killed"),
+        &registry,
+        async || etcd.lock().await.kill(follower).unwrap(),
+        async |_| registry.stats().endpoint_removals >= 1,
+    )
+    .await;
+    back_in_use(&etcd, &registry, follower, async || {
+        etcd.lock().await.restart(follower).await.unwrap()
+    })
+    .await;
+
+    // An election, "leader changed" on the way, and still no failed call.
+    let leader = etcd.lock().await.leader().unwrap();
+    through(
+        &format!("leader {leader} killed"),
+        &registry,
+        async || etcd.lock().await.kill(leader).unwrap(),
+        async |_| new_leader(&etcd, leader).await,
+    )
+    .await;
     assert_eq!(
         registry.get_service("a").await.unwrap()[0].nodes[0].id,
         "a1"
@@ -134,5 +213,108 @@ async fn a_killed_member_then_a_killed_leader_fail_no_call() {
     assert_eq!(
         registry.get_service("load").await.unwrap()[0].nodes.len(),
         5
+    );
+}
+
+/// Hangs `member` (SIGSTOP) under load for longer than the lease TTL, with `settled` as the
+/// extra sign that the cluster has reacted; then checks that the watch follows changes.
+async fn hang(
+    etcd: &Mutex<EtcdCluster>,
+    registry: &Arc<EtcdRegistry>,
+    member: usize,
+    role: &str,
+    settled: impl AsyncFn() -> bool,
+) {
+    let mut events = registry.watch();
+    let removals = registry.stats().endpoint_removals;
+    through(
+        &format!("{role} {member} hung"),
+        registry,
+        async || etcd.lock().await.stop(member).unwrap(),
+        // Past the TTL: a keep-alive stream left on the hung member would have lost the lease.
+        async |hung| {
+            hung > LEASE_TTL && registry.stats().endpoint_removals > removals && settled().await
+        },
+    )
+    .await;
+    // A change made now must arrive well before HTTP/2 pings (10 s + 5 s) would have ended a
+    // watch stream stuck on the hung member.
+    let node = format!("during-{role}");
+    registry
+        .register(&service("b", "1", &node))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
+    let seen = |v: &View| {
+        v.events
+            .iter()
+            .any(|e| matches!(e, WatchEvent::Put { service, .. } if service.nodes[0].id == node))
+    };
+    let mut view = View::default();
+    assert!(
+        view.until(&mut events, Duration::from_secs(3), seen).await,
+        "the watch saw {node}"
+    );
+}
+
+/// Whether every key of the registry is in etcd on its live lease, asked through every member.
+async fn all_keys_registered(etcd: &Mutex<EtcdCluster>, registry: &EtcdRegistry) -> bool {
+    let mut raw = raw_client(&*etcd.lock().await, None).await;
+    all_registered(&mut raw, registry).await
+}
+
+/// A hung member still accepts connections: only a request that goes unanswered tells it from a
+/// live one. The registry must route around it, keep its lease alive through the others, and
+/// use it again once it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_follower_fails_no_call_and_the_lease_outlives_the_hang() {
+    let (etcd, registry) = cluster().await;
+    let lease = registry.lease_id();
+    let follower = (etcd.lock().await.leader().unwrap() + 1) % 3;
+    hang(&etcd, &registry, follower, "follower", async || true).await;
+    back_in_use(&etcd, &registry, follower, async || {
+        etcd.lock().await.cont(follower).unwrap()
+    })
+    .await;
+    assert_eq!(registry.lease_id(), lease, "the lease never lapsed");
+    assert_eq!(registry.stats().lease_regrants, 0);
+    assert!(all_keys_registered(&etcd, &registry).await);
+}
+
+/// A hung leader is routed around like a hung follower while the others elect a new one. On
+/// resuming, etcd before the fix of etcd-io/etcd#15247 (3.4.23 here) may still revoke the
+/// leases that ran out by its stale clock, the host's included, before it learns it was
+/// deposed: no client can prevent that, so the registry must put every key back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_leader_fails_no_call_and_a_lease_it_revokes_on_resuming_comes_back() {
+    let (etcd, registry) = cluster().await;
+    let lease = registry.lease_id();
+    let leader = etcd.lock().await.leader().unwrap();
+    let elected = async || new_leader(&etcd, leader).await;
+    hang(&etcd, &registry, leader, "leader", elected).await;
+    back_in_use(&etcd, &registry, leader, async || {
+        etcd.lock().await.cont(leader).unwrap()
+    })
+    .await;
+    // Once it follows, its lessor is demoted and revokes nothing more.
+    assert!(
+        wait_for(BOUND, || async { !leads(&*etcd.lock().await, leader) }).await,
+        "the resumed leader stepped down"
+    );
+    let resumed = Instant::now();
+    assert!(
+        wait_for(BOUND, || all_keys_registered(&etcd, &registry)).await,
+        "every key is back on a live lease"
+    );
+    println!(
+        "leader {leader} resumed: lease {}, every key registered {:?} after it stepped down; \
+         lease regrants {}",
+        if registry.lease_id() == lease {
+            "kept"
+        } else {
+            "revoked by the stale leader, re-granted"
+        },
+        resumed.elapsed(),
+        registry.stats().lease_regrants
     );
 }
