@@ -4,12 +4,12 @@
 //! lease must outlive a hang longer than its TTL, the watch must keep following changes, and a
 //! member must be used again once it is back. Every wait is a bounded wait for a condition.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{Registered, Registry, RegistryError, WatchEvent};
+use regcache::registry::{ErrorKind, Registered, Registry, RegistryError, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{
     View, all_registered, fast_config, init_logging, raw_client, service,
@@ -38,7 +38,8 @@ async fn cluster() -> (Arc<Mutex<EtcdCluster>>, Arc<EtcdRegistry>) {
 #[derive(Debug, Default)]
 struct Load {
     calls: usize,
-    failures: Vec<RegistryError>,
+    /// Each failed call, with when it started.
+    failures: Vec<(Instant, RegistryError)>,
     slowest: Duration,
 }
 
@@ -70,22 +71,52 @@ fn workload(
             };
             load.slowest = load.slowest.max(started.elapsed());
             load.calls += 1;
-            load.failures.extend(result.err());
+            load.failures.extend(result.err().map(|e| (started, e)));
             done.fetch_add(1, Ordering::SeqCst);
         }
         load
     })
 }
 
+/// An election after the leader `old` is killed or hung, and when it was first seen done.
+struct Election<'a> {
+    etcd: &'a Mutex<EtcdCluster>,
+    old: usize,
+    seen: OnceLock<Instant>,
+}
+
+impl<'a> Election<'a> {
+    fn of(etcd: &'a Mutex<EtcdCluster>, old: usize) -> Self {
+        Election {
+            etcd,
+            old,
+            seen: OnceLock::new(),
+        }
+    }
+
+    /// Whether a member other than `old` leads, asking only the others (a hung member's metrics
+    /// would not answer either).
+    async fn done(&self) -> bool {
+        let etcd = self.etcd.lock().await;
+        let done = (0..3).any(|m| m != self.old && etcd.pid(m).is_some() && leads(&etcd, m));
+        if done {
+            self.seen.get_or_init(Instant::now);
+        }
+        done
+    }
+}
+
 /// Runs the load through `fault`: waits for a few calls before it, then for `settled` (given the
 /// time since the fault: the cluster and the registry have reacted), then for 30 more calls, so
-/// that the load spans the fault, the reaction and what follows. Asserts that no call failed and
-/// none outlasted the request timeout, and prints what the load saw.
+/// that the load spans the fault, the reaction and what follows. With `election`, the cluster
+/// has also elected a new leader. Prints what the load saw, and asserts that no call outlasted
+/// the request timeout and none failed but as `excused` says.
 async fn through(
     what: &str,
     registry: &Arc<EtcdRegistry>,
     fault: impl AsyncFnOnce(),
     settled: impl AsyncFn(Duration) -> bool,
+    election: Option<&Election<'_>>,
 ) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
@@ -97,10 +128,16 @@ async fn through(
     assert!(wait_for(BOUND, at_least(3)).await, "{what}: no load before");
     let started = Instant::now();
     fault().await;
-    assert!(
-        wait_for(BOUND, || settled(started.elapsed())).await,
-        "{what}: never settled"
-    );
+    let settled = &settled;
+    // The election first, so that it is watched (and timed) from the fault on.
+    let reacted = move || async move {
+        let elected = match election {
+            Some(election) => election.done().await,
+            None => true,
+        };
+        elected && settled(started.elapsed()).await
+    };
+    assert!(wait_for(BOUND, reacted).await, "{what}: never settled");
     let reacted = started.elapsed();
     let after = done.load(Ordering::SeqCst) + 30;
     assert!(
@@ -110,9 +147,14 @@ async fn through(
     stop.store(true, Ordering::SeqCst);
     let load = load.await.unwrap();
     let stats = registry.stats();
+    let elected = election.and_then(|e| e.seen.get().copied());
     println!(
-        "{what}: settled after {reacted:?}; {} calls, {} failed, slowest {:?}; retries {}, \
+        "{what}: settled after {reacted:?}{}; {} calls, {} failed, slowest {:?}; retries {}, \
          endpoint removals {}, lease regrants {}, watch restarts {}",
+        elected.map_or(String::new(), |e| format!(
+            " (new leader seen after {:?})",
+            e - started
+        )),
         load.calls,
         load.failures.len(),
         load.slowest,
@@ -121,12 +163,30 @@ async fn through(
         stats.lease_regrants,
         stats.watch_restarts,
     );
-    assert!(load.failures.is_empty(), "{what}: {:?}", load.failures);
+    for (call, error) in &load.failures {
+        println!(
+            "{what}: a call started {:?} after the fault failed: {error}",
+            call.saturating_duration_since(started)
+        );
+        assert!(excused(error, *call, elected), "{what}: {error}");
+    }
     assert!(
         load.slowest <= REQUEST_TIMEOUT,
         "{what}: {:?}",
         load.slowest
     );
+}
+
+/// Whether a call started at `call` may have failed with `error`: only a timeout whose last
+/// attempt (the third, two thirds of the request timeout in) began before a new leader was seen
+/// at `elected`. Without a leader etcd commits no write and serves no linearizable read, and an
+/// attempt that reached a follower before the election can be lost with the old leader: no
+/// client could have done better. After a hung leader, new leaders were seen 1 to 3.3 s later in
+/// 36 runs on a loaded machine (a split vote in etcd's log of the slowest); in one more run a
+/// register found no leader for its whole time, the election taking between 3.1 and 6.7 s.
+fn excused(error: &RegistryError, call: Instant, elected: Option<Instant>) -> bool {
+    let last_attempt = call + REQUEST_TIMEOUT * 2 / 3;
+    error.kind == ErrorKind::Timeout && elected.is_some_and(|e| e > last_attempt)
 }
 
 /// Brings `member` back with `resume`, waits until the registry has put an endpoint back into
@@ -173,13 +233,6 @@ fn leads(etcd: &EtcdCluster, member: usize) -> bool {
         .is_ok_and(|v| v == 1.0)
 }
 
-/// Whether a member other than `old` leads, asking only the others (a hung member's metrics
-/// would not answer either).
-async fn new_leader(etcd: &Mutex<EtcdCluster>, old: usize) -> bool {
-    let etcd = etcd.lock().await;
-    (0..3).any(|m| m != old && etcd.pid(m).is_some() && leads(&etcd, m))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_follower_then_a_killed_leader_fail_no_call() {
     let (etcd, registry) = cluster().await;
@@ -190,6 +243,7 @@ async fn a_killed_follower_then_a_killed_leader_fail_no_call() {
         &registry,
         async || etcd.lock().await.kill(follower).unwrap(),
         async |_| registry.stats().endpoint_removals >= 1,
+        None,
     )
     .await;
     back_in_use(&etcd, &registry, follower, async || {
@@ -197,13 +251,14 @@ async fn a_killed_follower_then_a_killed_leader_fail_no_call() {
     })
     .await;
 
-    // An election, "leader changed" on the way, and still no failed call.
+    // An election, "leader changed" on the way, and no failed call that had a leader to go to.
     let leader = etcd.lock().await.leader().unwrap();
     through(
         &format!("leader {leader} killed"),
         &registry,
         async || etcd.lock().await.kill(leader).unwrap(),
-        async |_| new_leader(&etcd, leader).await,
+        async |_| true,
+        Some(&Election::of(&etcd, leader)),
     )
     .await;
     assert_eq!(
@@ -216,15 +271,10 @@ async fn a_killed_follower_then_a_killed_leader_fail_no_call() {
     );
 }
 
-/// Hangs `member` (SIGSTOP) under load for longer than the lease TTL, with `settled` as the
-/// extra sign that the cluster has reacted; then checks that the watch follows changes.
-async fn hang(
-    etcd: &Mutex<EtcdCluster>,
-    registry: &Arc<EtcdRegistry>,
-    member: usize,
-    role: &str,
-    settled: impl AsyncFn() -> bool,
-) {
+/// Hangs `member` (SIGSTOP) under load for longer than the lease TTL (for the leader: until a
+/// new one is elected, too), then checks that the watch follows changes.
+async fn hang(etcd: &Mutex<EtcdCluster>, registry: &Arc<EtcdRegistry>, member: usize, role: &str) {
+    let election = (role == "leader").then(|| Election::of(etcd, member));
     let mut events = registry.watch();
     let removals = registry.stats().endpoint_removals;
     through(
@@ -232,9 +282,8 @@ async fn hang(
         registry,
         async || etcd.lock().await.stop(member).unwrap(),
         // Past the TTL: a keep-alive stream left on the hung member would have lost the lease.
-        async |hung| {
-            hung > LEASE_TTL && registry.stats().endpoint_removals > removals && settled().await
-        },
+        async |hung| hung > LEASE_TTL && registry.stats().endpoint_removals > removals,
+        election.as_ref(),
     )
     .await;
     // A change made now must arrive well before HTTP/2 pings (10 s + 5 s) would have ended a
@@ -271,7 +320,7 @@ async fn a_hung_follower_fails_no_call_and_the_lease_outlives_the_hang() {
     let (etcd, registry) = cluster().await;
     let lease = registry.lease_id();
     let follower = (etcd.lock().await.leader().unwrap() + 1) % 3;
-    hang(&etcd, &registry, follower, "follower", async || true).await;
+    hang(&etcd, &registry, follower, "follower").await;
     back_in_use(&etcd, &registry, follower, async || {
         etcd.lock().await.cont(follower).unwrap()
     })
@@ -281,7 +330,8 @@ async fn a_hung_follower_fails_no_call_and_the_lease_outlives_the_hang() {
     assert!(all_keys_registered(&etcd, &registry).await);
 }
 
-/// A hung leader is routed around like a hung follower while the others elect a new one. On
+/// A hung leader is routed around like a hung follower while the others elect a new one (calls
+/// that had no leader to go to for their whole time may time out: see `excused`). On
 /// resuming, etcd before the fix of etcd-io/etcd#15247 (3.4.23 here) may still revoke the
 /// leases that ran out by its stale clock, the host's included, before it learns it was
 /// deposed: no client can prevent that, so the registry must put every key back at once.
@@ -290,8 +340,7 @@ async fn a_hung_leader_fails_no_call_and_a_lease_it_revokes_on_resuming_comes_ba
     let (etcd, registry) = cluster().await;
     let lease = registry.lease_id();
     let leader = etcd.lock().await.leader().unwrap();
-    let elected = async || new_leader(&etcd, leader).await;
-    hang(&etcd, &registry, leader, "leader", elected).await;
+    hang(&etcd, &registry, leader, "leader").await;
     back_in_use(&etcd, &registry, leader, async || {
         etcd.lock().await.cont(leader).unwrap()
     })
