@@ -86,7 +86,13 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
          LeaseKeepAlive streams {keepalive_streams}, LeaseGrant {grants}, stats {:?}",
         registry.stats()
     );
-    assert_eq!(authenticates, 1, "one Authenticate after the restart");
+    // One re-authentication is shared by the calls that meet the forgotten token together; a
+    // call that set out with the old token just before the first re-authentication finished
+    // makes a second one (seen once on a loaded machine). Per call or heartbeat would be 10+.
+    assert!(
+        (1..=2).contains(&authenticates),
+        "Authenticate after the restart: {authenticates}"
+    );
     // One stream for the lease, not one per heartbeat (that would be 4 or more here). Right
     // after a restart the first open can time out while etcd finishes starting, so a second
     // attempt is allowed.
