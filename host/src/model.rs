@@ -9,10 +9,14 @@
 //! or list, and unknown fields are ignored. Encoding writes the lowercase names go-micro's struct
 //! tags give, so what regcache writes decodes in Go too.
 
+mod metadata;
+
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
+
+pub use metadata::Metadata;
 
 /// Largest etcd value regcache will decode. go-micro values are a few KiB; a larger one is a
 /// mistake or an attack, and decoding it would only cost memory.
@@ -26,7 +30,7 @@ pub struct Service {
     /// The version; `get_service` groups nodes by it.
     pub version: String,
     /// Free-form metadata of the service.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// The endpoints the service offers.
     pub endpoints: Vec<Endpoint>,
     /// The nodes (instances) of this version.
@@ -41,7 +45,7 @@ pub struct Node {
     /// Where to reach it, `host:port`.
     pub address: String,
     /// Free-form metadata of the node.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
 }
 
 /// An endpoint (RPC method) of a service.
@@ -54,7 +58,7 @@ pub struct Endpoint {
     /// The response type, if described.
     pub response: Option<Value>,
     /// Free-form metadata of the endpoint.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
 }
 
 /// A (possibly nested) type description of an endpoint's request or response.
@@ -264,9 +268,9 @@ fn list_field<'a>(obj: &'a Map<String, Json>, name: &str) -> Result<&'a [Json], 
     }
 }
 
-fn map_field(obj: &Map<String, Json>, name: &str) -> Result<BTreeMap<String, String>, DecodeError> {
+fn map_field(obj: &Map<String, Json>, name: &str) -> Result<Metadata, DecodeError> {
     let Some(json) = field(obj, name) else {
-        return Ok(BTreeMap::new());
+        return Ok(Metadata::new());
     };
     let wrong = || DecodeError::WrongType {
         field: name.to_string(),
@@ -293,7 +297,7 @@ mod tests {
         assert_eq!(service.version, "1.0");
         assert!(service.metadata.is_empty() && service.endpoints.is_empty());
         assert_eq!(service.nodes[0].id, "greeter-1");
-        assert_eq!(service.nodes[0].metadata["zone"], "a");
+        assert_eq!(service.nodes[0].metadata.get("zone"), Some("a"));
     }
 
     #[test]
@@ -319,12 +323,12 @@ mod tests {
                     }],
                 }),
                 response: None,
-                metadata: BTreeMap::new(),
+                metadata: Metadata::new(),
             }],
             nodes: vec![Node {
                 id: "n".into(),
                 address: "127.0.0.1:1".into(),
-                metadata: BTreeMap::new(),
+                metadata: Metadata::new(),
             }],
             ..Default::default()
         };

@@ -135,7 +135,7 @@ async fn reads_go_micro_values_written_by_etcdctl_and_writes_what_go_micro_reads
     assert_eq!(svc.version, "latest");
     assert_eq!(svc.nodes.len(), 2);
     assert_eq!(svc.nodes[0].address, "10.0.0.7:41231");
-    assert_eq!(svc.nodes[0].metadata["protocol"], "mucp");
+    assert_eq!(svc.nodes[0].metadata.get("protocol"), Some("mucp"));
     assert_eq!(svc.nodes[1].id, "greeter-2");
     assert!(svc.nodes[1].metadata.is_empty());
     let endpoint = &svc.endpoints[0];
