@@ -157,11 +157,8 @@ impl EtcdRegistry {
         // The first list is the first contact: it proves the endpoints, TLS and credentials,
         // and seeds the watch mirror so that the watch starts exactly after it.
         let (kvs, revision) = shared.list_prefix_within("connect", bound).await?;
-        shared
-            .hub
-            .lock()
-            .unwrap()
-            .reset(shared.decode_all(kvs), revision);
+        let listing = watch::Listing::new(kvs, |k, v| shared.decode(k, v));
+        shared.hub.lock().unwrap().reset(listing, revision);
         let mut tasks = vec![
             tokio::spawn(lease::run(shared.clone())),
             tokio::spawn(watch::run(shared.clone(), revision)),

@@ -40,10 +40,42 @@ const LAG_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// needs several pages, but the watch must not wait on a hung member forever.
 const RELIST_TIMEOUTS: u32 = 4;
 
+/// The valid values of a listing, as the mirror keeps them.
+pub(crate) struct Listing {
+    values: BTreeMap<String, Box<[u8]>>,
+    names: BTreeMap<String, usize>,
+}
+
+impl Listing {
+    /// Keeps the values of `kvs` that `decode` accepts (it counts and logs the others). The
+    /// values keep their own buffers: nothing is copied, and the decoded form lives only
+    /// while one value is checked.
+    pub(crate) fn new(
+        kvs: Vec<(String, Vec<u8>)>,
+        decode: impl Fn(&str, &[u8]) -> Option<Service>,
+    ) -> Listing {
+        let mut listing = Listing {
+            values: BTreeMap::new(),
+            names: BTreeMap::new(),
+        };
+        for (key, value) in kvs {
+            if let Some(service) = decode(&key, &value) {
+                *listing.names.entry(service.name).or_default() += 1;
+                listing.values.insert(key, value.into_boxed_slice());
+            }
+        }
+        listing
+    }
+}
+
 /// The mirror of the registry and the receivers of its changes.
+///
+/// The mirror keeps each key's value as etcd sent it (checked to decode when stored), not the
+/// decoded [`Service`]: the JSON is several times smaller, and only the rare paths need it
+/// decoded (a resync, a delete naming its nodes), while every put arrives decoded anyway.
 #[derive(Default)]
 pub(crate) struct Hub {
-    mirror: BTreeMap<String, Service>,
+    mirror: BTreeMap<String, Box<[u8]>>,
     /// How many mirrored keys each service name has: `list_services` reads this, so answering
     /// it costs the number of services, not of nodes.
     names: BTreeMap<String, usize>,
@@ -59,12 +91,9 @@ struct Subscriber {
 
 impl Hub {
     /// Replaces the mirror (after a list) without telling anyone.
-    pub(crate) fn reset(&mut self, mirror: BTreeMap<String, Service>, revision: i64) {
-        self.names.clear();
-        for service in mirror.values() {
-            *self.names.entry(service.name.clone()).or_default() += 1;
-        }
-        self.mirror = mirror;
+    pub(crate) fn reset(&mut self, listing: Listing, revision: i64) {
+        self.mirror = listing.values;
+        self.names = listing.names;
         self.revision = revision;
     }
 
@@ -73,15 +102,23 @@ impl Hub {
         self.names.keys().map(String::as_str)
     }
 
-    fn insert(&mut self, key: &str, service: Service) {
+    fn insert(&mut self, key: &str, value: &[u8], service: &Service) {
         *self.names.entry(service.name.clone()).or_default() += 1;
-        if let Some(old) = self.mirror.insert(key.to_string(), service) {
-            self.forget_name(&old.name);
+        if let Some(old) = self.mirror.insert(key.to_string(), value.into()) {
+            self.forget(&old);
         }
     }
 
     fn remove(&mut self, key: &str) -> Option<Service> {
         let old = self.mirror.remove(key)?;
+        self.forget(&old)
+    }
+
+    /// Decodes a value leaving the mirror and drops its name's count.
+    fn forget(&mut self, value: &[u8]) -> Option<Service> {
+        // Stored values were decoded once already, so this cannot fail; if it somehow did,
+        // the value is dropped silently rather than taking the watch down.
+        let old = Service::decode(value).ok()?;
         self.forget_name(&old.name);
         Some(old)
     }
@@ -168,13 +205,14 @@ impl Hub {
         self.subscribers.clear();
     }
 
-    /// Applies a put of `key`; `service` is `None` when the value is malformed, which removes
-    /// the node it may have replaced (it is no longer a valid node in etcd either).
-    fn put(&mut self, key: &str, service: Option<Service>, revision: i64) {
+    /// Applies a put of `value` at `key`, `service` being its decoding: `None` when the value
+    /// is malformed, which removes the node it may have replaced (it is no longer a valid node
+    /// in etcd either).
+    fn put(&mut self, key: &str, value: &[u8], service: Option<Service>, revision: i64) {
         self.revision = revision;
         match service {
             Some(service) => {
-                self.insert(key, service.clone());
+                self.insert(key, value, &service);
                 for node in &service.nodes {
                     self.publish(WatchEvent::Put {
                         service: service.with_single_node(node),
@@ -201,13 +239,15 @@ impl Hub {
 }
 
 /// The whole mirror as a `Resync`, grouped by service and version.
-fn snapshot(mirror: &BTreeMap<String, Service>, revision: i64) -> WatchEvent {
-    let mut by_name: BTreeMap<&str, Vec<Service>> = BTreeMap::new();
-    for service in mirror.values() {
+fn snapshot(mirror: &BTreeMap<String, Box<[u8]>>, revision: i64) -> WatchEvent {
+    let mut by_name: BTreeMap<String, Vec<Service>> = BTreeMap::new();
+    // Every stored value decoded when it was stored; `ok()` only keeps a surprise from
+    // crashing the watch.
+    for service in mirror.values().filter_map(|v| Service::decode(v).ok()) {
         by_name
-            .entry(&service.name)
+            .entry(service.name.clone())
             .or_default()
-            .push(service.clone());
+            .push(service);
     }
     WatchEvent::Resync {
         services: by_name.into_values().flat_map(group_by_version).collect(),
@@ -310,7 +350,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
                     let rev = kv.mod_revision();
                     match event.event_type() {
-                        EventType::Put => hub.put(&key, shared.decode(&key, kv.value()), rev),
+                        EventType::Put => {
+                            hub.put(&key, kv.value(), shared.decode(&key, kv.value()), rev)
+                        }
                         EventType::Delete => {
                             hub.delete(&key, rev);
                             deleted.push(key);
@@ -391,19 +433,19 @@ async fn relist(shared: &Shared) -> Option<i64> {
             return None;
         }
     };
-    let mirror = shared.decode_all(kvs);
+    let listing = Listing::new(kvs, |key, value| shared.decode(key, value));
     let missing: Vec<String> = {
         let owned = shared.owned.lock().unwrap();
         owned
             .keys()
-            .filter(|k| !mirror.contains_key(*k))
+            .filter(|k| !listing.values.contains_key(*k))
             .cloned()
             .collect()
     };
     Stats::bump(&shared.stats.resyncs);
     {
         let mut hub = shared.hub.lock().unwrap();
-        hub.reset(mirror, revision);
+        hub.reset(listing, revision);
         hub.resync_all();
     }
     request_repairs(shared, missing);
@@ -443,13 +485,52 @@ mod tests {
         }
     }
 
+    /// A listing of `key` holding `service`, or junk.
+    fn listing(key: &str, service: Service) -> Listing {
+        Listing::new(vec![(key.to_string(), service.encode())], |_, v| {
+            Service::decode(v).ok()
+        })
+    }
+
+    impl Hub {
+        /// A put of `service` as etcd carries it, or of junk (`None`).
+        fn put_service(&mut self, key: &str, service: Option<Service>, revision: i64) {
+            let value = service.as_ref().map_or(b"junk".to_vec(), Service::encode);
+            self.put(key, &value, service, revision);
+        }
+    }
+
+    #[test]
+    fn a_listing_keeps_the_values_that_decode() {
+        let kvs = vec![
+            ("k/a".to_string(), svc("s", "a").encode()),
+            ("k/b".to_string(), b"{not json".to_vec()),
+            ("k/c".to_string(), svc("t", "c").encode()),
+        ];
+        let rejected = std::cell::Cell::new(0);
+        let listing = Listing::new(kvs, |_, v| {
+            let decoded = Service::decode(v).ok();
+            rejected.set(rejected.get() + usize::from(decoded.is_none()));
+            decoded
+        });
+        let mut hub = Hub::default();
+        hub.reset(listing, 1);
+        assert_eq!(rejected.get(), 1);
+        assert!(hub.contains("k/a") && !hub.contains("k/b") && hub.contains("k/c"));
+        assert_eq!(hub.service_names().collect::<Vec<_>>(), ["s", "t"]);
+        let WatchEvent::Resync { services, .. } = hub.snapshot() else {
+            panic!("a snapshot is a resync");
+        };
+        assert_eq!(services, [svc("s", "a"), svc("t", "c")]);
+    }
+
     #[test]
     fn receivers_start_with_the_mirror_and_see_changes() {
         let mut hub = Hub::default();
-        hub.reset(BTreeMap::from([("k/a".to_string(), svc("s", "a"))]), 5);
+        hub.reset(listing("k/a", svc("s", "a")), 5);
         let mut rx = hub.subscribe();
-        hub.put("k/b", Some(svc("s", "b")), 6);
-        hub.put("k/a", None, 7); // overwritten by junk: the node is gone
+        hub.put_service("k/b", Some(svc("s", "b")), 6);
+        hub.put_service("k/a", None, 7); // overwritten by junk: the node is gone
         hub.delete("k/missing", 8); // unknown key: nothing to say
         let WatchEvent::Resync { services, revision } = rx.try_recv().unwrap() else {
             panic!("first event is the snapshot");
@@ -474,7 +555,7 @@ mod tests {
         let mut slow = hub.subscribe();
         let mut fast = hub.subscribe();
         for i in 0..WATCH_QUEUE + 10 {
-            hub.put(
+            hub.put_service(
                 &format!("k/{i}"),
                 Some(svc("s", &i.to_string())),
                 i as i64 + 1,
@@ -487,13 +568,13 @@ mod tests {
             drained += 1;
         }
         assert_eq!(drained, WATCH_QUEUE);
-        hub.put("k/last", Some(svc("s", "last")), 99_999);
+        hub.put_service("k/last", Some(svc("s", "last")), 99_999);
         let WatchEvent::Resync { services, revision } = slow.try_recv().unwrap() else {
             panic!("a lagging receiver is resynced");
         };
         assert_eq!(services[0].nodes.len(), WATCH_QUEUE + 11);
         assert_eq!(revision, 99_999);
-        hub.put("k/after", Some(svc("s", "after")), 100_000);
+        hub.put_service("k/after", Some(svc("s", "after")), 100_000);
         assert!(matches!(
             slow.try_recv().unwrap(),
             WatchEvent::Put {
@@ -508,7 +589,7 @@ mod tests {
         let mut hub = Hub::default();
         let mut slow = hub.subscribe();
         for i in 0..WATCH_QUEUE + 10 {
-            hub.put(
+            hub.put_service(
                 &format!("k/{i}"),
                 Some(svc("s", &i.to_string())),
                 i as i64 + 1,
@@ -529,18 +610,18 @@ mod tests {
     #[test]
     fn service_names_follow_puts_overwrites_deletes_and_resets() {
         let mut hub = Hub::default();
-        hub.reset(BTreeMap::from([("k/a".to_string(), svc("s", "a"))]), 1);
-        hub.put("k/b", Some(svc("s", "b")), 2);
-        hub.put("k/c", Some(svc("t", "c")), 3);
+        hub.reset(listing("k/a", svc("s", "a")), 1);
+        hub.put_service("k/b", Some(svc("s", "b")), 2);
+        hub.put_service("k/c", Some(svc("t", "c")), 3);
         let names = |hub: &Hub| hub.service_names().map(String::from).collect::<Vec<_>>();
         assert_eq!(names(&hub), ["s", "t"]);
         hub.delete("k/a", 4);
         assert_eq!(names(&hub), ["s", "t"], "s still has k/b");
-        hub.put("k/b", Some(svc("u", "b")), 5); // the key now holds another service
+        hub.put_service("k/b", Some(svc("u", "b")), 5); // the key now holds another service
         assert_eq!(names(&hub), ["t", "u"]);
-        hub.put("k/c", None, 6); // junk: t's only node is gone
+        hub.put_service("k/c", None, 6); // junk: t's only node is gone
         assert_eq!(names(&hub), ["u"]);
-        hub.reset(BTreeMap::from([("k/z".to_string(), svc("z", "z"))]), 7);
+        hub.reset(listing("k/z", svc("z", "z")), 7);
         assert_eq!(names(&hub), ["z"]);
     }
 
