@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::decision::EvictionReason;
-use crate::model::{Node, Service};
+use crate::model::{Metadata, Node, Service};
 use crate::registry::{ErrorKind, RegistryError};
 
 /// What lookups see of an entry: immutable, shared by every answer given from it.
@@ -48,7 +48,9 @@ impl View {
 /// One cached node.
 #[derive(Debug, Clone)]
 pub(crate) struct NodeState {
-    pub version: String,
+    /// Shared by the nodes of one listing or watch event: a version string per node would
+    /// cost more than the reference.
+    pub version: Arc<str>,
     pub node: Node,
     /// Last time the registry listed the node (refresh, watch put, resync).
     pub confirmed: Instant,
@@ -70,8 +72,9 @@ pub(crate) struct Flight {
 /// What writers change under the entry's lock.
 #[derive(Debug, Default)]
 pub(crate) struct EntryState {
-    /// Each version's service description, without nodes.
-    pub meta: BTreeMap<String, Service>,
+    /// Each version's service description, without nodes, sorted by version. A service has
+    /// one version or a few: a sorted `Vec` costs them, a map would cost a leaf of eleven.
+    pub meta: Vec<Service>,
     /// Nodes by id (go-micro keys nodes by service and id, so ids are unique per service).
     pub nodes: BTreeMap<String, NodeState>,
     pub negative: bool,
@@ -135,13 +138,12 @@ impl EntryState {
             if node.suspect_until.is_some() {
                 suspects.push(id.clone());
             }
-            let service = by_version.entry(node.version.as_str()).or_insert_with(|| {
-                self.meta
-                    .get(&node.version)
+            let service = by_version.entry(&node.version).or_insert_with(|| {
+                self.meta(&node.version)
                     .cloned()
                     .unwrap_or_else(|| Service {
                         name: name.to_string(),
-                        version: node.version.clone(),
+                        version: node.version.to_string(),
                         ..Default::default()
                     })
             });
@@ -163,19 +165,49 @@ impl EntryState {
         }
     }
 
+    fn meta_position(&self, version: &str) -> Result<usize, usize> {
+        self.meta
+            .binary_search_by(|meta| meta.version.as_str().cmp(version))
+    }
+
+    /// The description of `version`, if known.
+    fn meta(&self, version: &str) -> Option<&Service> {
+        self.meta_position(version).ok().map(|i| &self.meta[i])
+    }
+
+    /// `metadata` for node `id`, sharing the copy of the node it replaces or of the entry's
+    /// first node when equal: a service's nodes mostly carry the same metadata, and each
+    /// decoded value brings its own copy. Two probes, not a scan, so a listing stays linear.
+    fn shared_metadata(&self, id: &str, metadata: &Metadata) -> Metadata {
+        [self.nodes.get(id), self.nodes.values().next()]
+            .into_iter()
+            .flatten()
+            .map(|n| &n.node.metadata)
+            .find(|m| *m == metadata)
+            .unwrap_or(metadata)
+            .clone()
+    }
+
     /// Adds or updates the nodes of `service` (one version) as listed by the registry now.
     /// Returns how many suspect nodes became normal again.
     pub fn upsert(&mut self, service: &Service, now: Instant) -> u64 {
-        self.meta
-            .insert(service.version.clone(), service.without_nodes());
+        match self.meta_position(&service.version) {
+            Ok(i) => self.meta[i] = service.without_nodes(),
+            Err(i) => self.meta.insert(i, service.without_nodes()),
+        }
+        let version: Arc<str> = service.version.as_str().into();
         let mut restored = 0;
         for node in &service.nodes {
             self.pending.remove(&node.id);
+            let node = Node {
+                metadata: self.shared_metadata(&node.id, &node.metadata),
+                ..node.clone()
+            };
             let previous = self.nodes.insert(
                 node.id.clone(),
                 NodeState {
-                    version: service.version.clone(),
-                    node: node.clone(),
+                    version: version.clone(),
+                    node,
                     confirmed: now,
                     suspect_until: None,
                 },
@@ -234,9 +266,9 @@ impl EntryState {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        self.meta.retain(|version, _| {
-            self.nodes.values().any(|n| &n.version == version)
-                || listing.iter().any(|s| &s.version == version)
+        self.meta.retain(|meta| {
+            self.nodes.values().any(|n| *n.version == *meta.version)
+                || listing.iter().any(|s| s.version == meta.version)
         });
         self.refreshed_at = Some(now);
         if self.nodes.is_empty() && listing.is_empty() {
