@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use etcd_client::{PutOptions, Txn, TxnOp};
 use regcache::model::{Node, Service};
 use regcache::registry::Registry;
 use regcache::registry::WatchEvent;
@@ -33,6 +34,46 @@ pub fn service(name: &str, version: &str, node_id: &str) -> Service {
         }],
         ..Default::default()
     }
+}
+
+/// The value of node `node` of `service` as the scale benchmark and the memory test write it:
+/// go-micro JSON of about 200 bytes, with one metadata pair on the service and on the node.
+pub fn scale_value(service: &str, node: &str) -> Vec<u8> {
+    Service {
+        name: service.into(),
+        version: "1.0.0".into(),
+        metadata: [("team".to_string(), "bench".to_string())].into(),
+        nodes: vec![Node {
+            id: node.into(),
+            address: "10.1.2.3:8080".into(),
+            metadata: [("zone".to_string(), "a".to_string())].into(),
+        }],
+        ..Default::default()
+    }
+    .encode()
+}
+
+/// Writes `services` services (`svc-00000`, ...) of `nodes` nodes each under go-micro's prefix,
+/// [`scale_value`] for each, a hundred puts per transaction.
+pub async fn fill_scale(
+    client: &mut etcd_client::Client,
+    services: usize,
+    nodes: usize,
+) -> anyhow::Result<()> {
+    let puts: Vec<TxnOp> = (0..services)
+        .flat_map(|s| (0..nodes).map(move |n| (format!("svc-{s:05}"), format!("svc-{s:05}-{n}"))))
+        .map(|(service, node)| {
+            TxnOp::put(
+                format!("/micro/registry/{service}/{node}"),
+                scale_value(&service, &node),
+                None::<PutOptions>,
+            )
+        })
+        .collect();
+    for chunk in puts.chunks(100) {
+        client.txn(Txn::new().and_then(chunk.to_vec())).await?;
+    }
+    Ok(())
 }
 
 /// A configuration for tests: short lease (3 s, renewed every second), 2 s request timeout, and

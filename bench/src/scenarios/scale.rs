@@ -4,49 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions, Txn, TxnOp};
-use regcache::model::{Node, Service};
+use etcd_client::Client;
 use regcache_tests::etcd::EtcdCluster;
+use regcache_tests::registry::{fill_scale, scale_value};
 
 use crate::host::Host;
 use crate::load::{self, Target, Until, percentile};
 use crate::report::{Row, Section};
 
 const NODES: usize = 10;
-const PUTS_PER_TXN: usize = 100;
 const MIB: f64 = 1024.0 * 1024.0;
-
-fn node_value(service: &str, node: &str) -> Vec<u8> {
-    Service {
-        name: service.into(),
-        version: "1.0.0".into(),
-        metadata: [("team".to_string(), "bench".to_string())].into(),
-        nodes: vec![Node {
-            id: node.into(),
-            address: "10.1.2.3:8080".into(),
-            metadata: [("zone".to_string(), "a".to_string())].into(),
-        }],
-        ..Default::default()
-    }
-    .encode()
-}
-
-async fn fill(client: &mut Client, services: usize) -> anyhow::Result<()> {
-    let puts: Vec<TxnOp> = (0..services)
-        .flat_map(|s| (0..NODES).map(move |n| (format!("svc-{s:05}"), format!("svc-{s:05}-{n}"))))
-        .map(|(service, node)| {
-            TxnOp::put(
-                format!("/micro/registry/{service}/{node}"),
-                node_value(&service, &node),
-                None::<PutOptions>,
-            )
-        })
-        .collect();
-    for chunk in puts.chunks(PUTS_PER_TXN) {
-        client.txn(Txn::new().and_then(chunk.to_vec())).await?;
-    }
-    Ok(())
-}
 
 pub fn run(quick: bool) -> anyhow::Result<Section> {
     let services = if quick { 500 } else { 10_000 };
@@ -55,7 +22,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
     runtime.block_on(async {
         let etcd = EtcdCluster::start(1).await?;
         let mut client = Client::connect(etcd.endpoints(), None).await?;
-        fill(&mut client, services).await?;
+        fill_scale(&mut client, services, NODES).await?;
         let host = Host::start(&[
             "--etcd-endpoints",
             &etcd.endpoints().join(","),
@@ -83,7 +50,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
             let lookup = Target::get(host.addr, path);
             let written = Instant::now();
             client
-                .put(format!("/micro/registry/{service}/{node}"), node_value(&service, &node), None)
+                .put(format!("/micro/registry/{service}/{node}"), scale_value(&service, &node), None)
                 .await?;
             let deadline = written + Duration::from_secs(10);
             loop {
