@@ -170,8 +170,10 @@ async fn through(
         );
         assert!(excused(error, *call, elected), "{what}: {error}");
     }
+    // A call gives up at its deadline; the slack is the timer's and the scheduler's (an
+    // excused timeout above ends right there).
     assert!(
-        load.slowest <= REQUEST_TIMEOUT,
+        load.slowest <= REQUEST_TIMEOUT + Duration::from_millis(500),
         "{what}: {:?}",
         load.slowest
     );
@@ -301,7 +303,9 @@ async fn hang(etcd: &Mutex<EtcdCluster>, registry: &Arc<EtcdRegistry>, member: u
     };
     let mut view = View::default();
     assert!(
-        view.until(&mut events, Duration::from_secs(3), seen).await,
+        // Well under the 15 s HTTP/2 pings would take to end a stream stuck on a hung member,
+        // and generous for a loaded machine.
+        view.until(&mut events, Duration::from_secs(10), seen).await,
         "the watch saw {node}"
     );
 }

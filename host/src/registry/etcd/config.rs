@@ -172,9 +172,9 @@ impl EtcdConfig {
         self
     }
 
-    /// How often each endpoint is probed (a maintenance `Status` request without credentials,
-    /// bounded by this interval or 1 s, whichever is less) to take a dead or hung member out of
-    /// the client's balancer and put it back once it answers again. Only used with several
+    /// How often each endpoint is probed with a maintenance `Status` request without
+    /// credentials. A member that misses two probes in a row (no answer within 1 s) leaves the
+    /// client's balancer, and comes back once it answers again. Only used with several
     /// endpoints. Default 2 s: quick enough that few calls meet a dead member; at 4,000 hosts
     /// that is 2,000 `Status` requests a second per member, each answered from its memory
     /// without raft or disk.

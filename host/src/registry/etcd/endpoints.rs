@@ -9,9 +9,9 @@
 //! So this task asks each member, on a client of its own, for its status (maintenance `Status`:
 //! answered from the member's memory, with no credentials, so no Authenticate and next to no
 //! load on etcd), all members at once so that a hung one cannot delay the verdict on the
-//! others. A member that does not answer within the probe timeout is taken out of rotation, and
-//! the lease and watch tasks are told so that they re-open streams that may be stuck on it; it
-//! is added back once it answers again. The last endpoint in the balancer is never removed:
+//! others. A member that misses two probes in a row (no answer within a second) is taken out of
+//! rotation, and the lease and watch tasks are told so that they re-open streams that may be
+//! stuck on it; it is added back once it answers again. The last endpoint in the balancer is never removed:
 //! with every member down, failing fast beats having nowhere to send a call.
 
 use std::sync::Arc;
@@ -24,39 +24,54 @@ use tokio::time::timeout;
 use super::Shared;
 use super::stats::Stats;
 
+/// How long a member has to answer a probe. Independent of the probe interval: a short
+/// interval must not turn a loaded but healthy member into a dead one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Probes in a row a member must miss to leave rotation: one slow answer is not a dead member,
+/// and every removal moves streams (the lease's, the watch's) off it.
+const MISSES_TO_LEAVE: u32 = 2;
+
 /// Runs until shutdown.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let urls = shared.config.endpoint_urls();
-    let probes = match probe_clients(&shared, &urls).await {
-        Ok(probes) => probes,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot build endpoint probes; endpoints stay in rotation");
-            return;
-        }
-    };
+    let mut probes = None;
     let mut in_balancer = vec![true; urls.len()];
-    let period = shared.config.endpoint_probe_interval;
-    let probe_timeout = period.min(Duration::from_secs(1));
+    let mut misses = vec![0u32; urls.len()];
     let mut shutdown = shared.shutdown.subscribe();
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(shared.config.endpoint_probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
+        let probes: &Vec<Client> = match &mut probes {
+            Some(probes) => probes,
+            slot => match probe_clients(&shared, &urls).await {
+                Ok(built) => slot.insert(built),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build endpoint probes yet; retrying");
+                    continue;
+                }
+            },
+        };
         let mut answers = vec![false; urls.len()];
         let mut round = JoinSet::new();
         for (i, probe) in probes.iter().enumerate() {
             let probe = probe.clone();
-            round.spawn(async move { (i, answers_within(probe, probe_timeout).await) });
+            round.spawn(async move { (i, answers_within(probe, PROBE_TIMEOUT).await) });
         }
-        while let Some(Ok((i, answered))) = round.join_next().await {
-            answers[i] = answered;
+        // A probe task that panicked leaves its member unanswered: one miss.
+        while let Some(joined) = round.join_next().await {
+            if let Ok((i, answered)) = joined {
+                answers[i] = answered;
+            }
         }
         for (i, url) in urls.iter().enumerate() {
+            misses[i] = if answers[i] { 0 } else { misses[i] + 1 };
             let others_in = in_balancer.iter().enumerate().any(|(j, &on)| on && j != i);
-            if !answers[i] && in_balancer[i] && others_in {
+            if misses[i] >= MISSES_TO_LEAVE && in_balancer[i] && others_in {
                 match shared.client.remove_endpoint(url).await {
                     Ok(()) => {
                         tracing::warn!(endpoint = %url, "etcd endpoint does not answer; taken out of rotation");
