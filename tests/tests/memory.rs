@@ -65,10 +65,20 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Live heap bytes after background work has settled, and the peak since the last call.
+/// Live heap bytes once background work has settled (the count moved by less than 64 KiB over
+/// 200 ms, waiting at most 20 s), and the peak since the last call.
 async fn settle() -> (isize, isize) {
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let live = LIVE.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut live = LIVE.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = LIVE.load(Ordering::Relaxed);
+        let quiet = (now - live).abs() < 64 * 1024;
+        live = now;
+        if quiet || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
     (live, PEAK.swap(live, Ordering::Relaxed))
 }
 
