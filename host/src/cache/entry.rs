@@ -271,9 +271,6 @@ impl EntryState {
                 || listing.iter().any(|s| s.version == meta.version)
         });
         self.refreshed_at = Some(now);
-        if self.nodes.is_empty() && listing.is_empty() {
-            self.negative = true;
-        }
         listed
     }
 

@@ -43,6 +43,10 @@ impl Inner {
             .add(Counter::SuspectsRestored, listed.restored);
         let removals = listed.removals.into_iter().map(|id| (id, reason)).collect();
         self.judge(service, state, removals, now);
+        // The registry said "not found" and the guard let the last nodes go.
+        if listing.is_empty() && state.nodes.is_empty() {
+            state.negative = true;
+        }
     }
 
     /// Judges the removal of `removals` (node id, reason) from `service`'s entry, in one guard

@@ -3,7 +3,7 @@
 //!
 //! `Registry::health` may take a lock (the etcd registry's does), so lookups never call it:
 //! the maintenance task samples it every tick, and the cache's own evidence (a refresh
-//! answered or timed out, a watch event received, its watch lost) is recorded as it happens.
+//! answered or timed out, a watch event received) is recorded as it happens.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -111,12 +111,8 @@ impl HealthCell {
     pub fn sample(&self, registry: &dyn Registry, watch_alive: bool) {
         let health = registry.health();
         let connected = health.watch_connected && watch_alive;
-        let was_connected = self.watch_connected.load(Ordering::Relaxed);
-        if was_connected != connected {
+        if self.watch_connected.load(Ordering::Relaxed) != connected {
             self.watch_connected.store(connected, Ordering::Relaxed);
-            if was_connected {
-                self.failure();
-            }
         }
         if let Some(at) = health.last_contact {
             self.contact_at(Instant::from_std(at));

@@ -611,24 +611,27 @@ impl Registry for EtcdRegistry {
         check_registration(service)?;
         let shared = &self.shared;
         let mut keys = Vec::new();
+        let mut replaced = Vec::new();
         {
             let mut owned = shared.owned.lock().unwrap();
             for node in &service.nodes {
                 let single = service.with_single_node(node);
                 let key = shared.node_key(&service.name, &node.id);
                 let value = single.encode();
-                owned.insert(
+                let previous = owned.insert(
                     key.clone(),
                     Owned {
                         service: single,
                         value,
                     },
                 );
+                replaced.push((key.clone(), previous));
                 keys.push(key);
             }
         }
-        // The keys stay owned even if this first write fails: the lease task puts them as soon
-        // as etcd answers, which is what "registered until deregistered" means during an outage.
+        // The keys stay owned if this first write meets an outage: the lease task puts them as
+        // soon as etcd answers, which is what "registered until deregistered" means then. A
+        // refusal (too large, permission denied) would be refused forever: undo and report it.
         // One bound for the whole registration: waiting for the lease lock, a grant and the
         // puts are each bounded too, but their sum must not exceed what the caller configured.
         let bound = shared.config.request_timeout;
@@ -652,10 +655,20 @@ impl Registry for EtcdRegistry {
         };
         match result {
             Ok(()) => Ok(Registered::Now),
-            Err(e) => {
+            Err(e) if e.kind.is_outage() => {
                 shared.repairs.lock().unwrap().extend(keys);
                 shared.repair_wake.notify_one();
                 Ok(Registered::Later(e))
+            }
+            Err(e) => {
+                let mut owned = shared.owned.lock().unwrap();
+                for (key, previous) in replaced {
+                    match previous {
+                        Some(previous) => owned.insert(key, previous),
+                        None => owned.remove(&key),
+                    };
+                }
+                Err(e)
             }
         }
     }

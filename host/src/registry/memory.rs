@@ -55,13 +55,13 @@ impl MemoryRegistry {
         let mut state = self.state.lock().unwrap();
         state.failure = kind;
         if kind.is_none() {
-            let missing: Vec<Service> = state
+            let stale: Vec<Service> = state
                 .owned
                 .iter()
-                .filter(|(key, _)| !state.nodes.contains_key(*key))
+                .filter(|(key, service)| state.nodes.get(*key) != Some(*service))
                 .map(|(_, service)| service.clone())
                 .collect();
-            for service in missing {
+            for service in stale {
                 state.put(service);
             }
         }
@@ -128,7 +128,10 @@ impl State {
 impl Registry for MemoryRegistry {
     async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
         check_registration(service)?;
-        let entered = self.enter("register").await;
+        let entered = match self.enter("register").await {
+            Err(e) if !e.kind.is_outage() => return Err(e),
+            entered => entered,
+        };
         let mut state = self.state.lock().unwrap();
         for node in &service.nodes {
             let single = service.with_single_node(node);

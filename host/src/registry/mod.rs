@@ -48,14 +48,12 @@ impl ErrorKind {
         }
     }
 
-    /// Whether the registry failed to serve (as opposed to answering "no"): what makes
-    /// removals seen soon after suspect of being the outage's doing (leases that expired while
-    /// their owners could not reach the registry).
+    /// Whether the registry could not be reached or did not answer (as opposed to answering
+    /// "no", or refusing credentials): it may answer later. Removals seen soon after an outage
+    /// are suspect of being its doing (leases that expired while their owners could not reach
+    /// the registry), and a registration that meets one is kept and written later.
     pub fn is_outage(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::Unauthenticated
-        )
+        matches!(self, ErrorKind::Timeout | ErrorKind::Unavailable)
     }
 }
 

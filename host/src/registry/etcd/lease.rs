@@ -78,11 +78,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
             Ok(Err(e)) => {
                 tracing::warn!(lease = id, error = %e, "cannot open keep-alive stream");
+                shared.record_failure();
                 shared.pause(&mut backoff).await;
                 continue;
             }
             Err(_) => {
                 tracing::warn!(lease = id, "opening keep-alive stream timed out");
+                shared.record_failure();
                 shared.pause(&mut backoff).await;
                 continue;
             }

@@ -261,8 +261,10 @@ enum Stopped {
     Compacted(i64),
     /// etcd cancelled the watch for another reason (e.g. an invalid auth token).
     Canceled(String),
-    /// The stream ended or failed (etcd killed, connection lost, pings unanswered).
+    /// The stream ended or failed (etcd killed, connection lost, pings unanswered): a failure.
     Lost(String),
+    /// We dropped the stream: an endpoint left rotation and it may have been on it.
+    Moved,
 }
 
 /// Runs until shutdown, starting after `revision`.
@@ -294,11 +296,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot create the registry watch");
+                    shared.record_failure();
                     shared.pause(&mut backoff).await;
                     continue;
                 }
                 Err(_) => {
                     tracing::warn!("creating the registry watch timed out");
+                    shared.record_failure();
                     shared.pause(&mut backoff).await;
                     continue;
                 }
@@ -313,9 +317,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
             let msg = tokio::select! {
                 _ = shutdown.changed() => return,
                 // The stream may be on that member, hung: silent, while the mirror goes stale.
-                _ = endpoint_removed.changed() => {
-                    break Stopped::Lost("an endpoint left rotation".into());
-                }
+                _ = endpoint_removed.changed() => break Stopped::Moved,
                 msg = stream.message() => msg,
             };
             let resp = match msg {
@@ -364,7 +366,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
             request_repairs(&shared, deleted);
         };
         shared.watch_connected.store(false, Ordering::Relaxed);
-        shared.record_failure();
 
         match stopped {
             Stopped::Compacted(compacted) => {
@@ -398,7 +399,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                     shared.pause(&mut backoff).await;
                 }
             }
+            Stopped::Moved => {
+                tracing::info!(
+                    revision,
+                    "an endpoint left rotation; resuming the watch elsewhere"
+                );
+            }
             Stopped::Lost(reason) => {
+                shared.record_failure();
                 tracing::warn!(%reason, revision, "registry watch lost; resuming");
                 shared.pause(&mut backoff).await;
             }
