@@ -256,6 +256,7 @@ async fn build_registry(
         }
         Err(e) => {
             tracing::warn!("etcd does not answer yet; retrying in the background: {e}");
+            deferred.connect_failed();
             Some(e)
         }
     };
@@ -278,7 +279,10 @@ async fn build_registry(
                         }
                         return;
                     }
-                    Err(e) => tracing::debug!("etcd still does not answer: {e}"),
+                    Err(e) => {
+                        tracing::debug!("etcd still does not answer: {e}");
+                        deferred.connect_failed();
+                    }
                 }
             }
         })

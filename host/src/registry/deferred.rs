@@ -6,12 +6,15 @@
 //! registry's watch once it exists (its first event is a `Resync` of everything, so nothing is
 //! missed), which lets the cache start its maintenance task at once. Registrations made before
 //! that are kept ([`Registered::Later`]) and handed to the real registry when it comes, as an
-//! outage of a connected registry would keep them.
+//! outage of a connected registry would keep them; registrations, deregistrations and shutdown
+//! wait for that handover, so none of them is overtaken by an older copy. Failed connection
+//! attempts ([`Deferred::connect_failed`]) are the registry's failures until then.
 //!
 //! Architecture invariant: this module knows nothing about etcd; it wraps any [`Registry`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -33,6 +36,11 @@ pub struct Deferred {
     /// Registrations waiting for the registry, one node each by (service, node id),
     /// registered once it is set.
     early_registrations: Mutex<BTreeMap<(String, String), Service>>,
+    /// Held by `set` from before the registry is visible until the early registrations are
+    /// handed over; calls that change registrations on the registry take it first.
+    handover: tokio::sync::Mutex<()>,
+    /// The last failed attempt to connect, reported as the registry's last failure.
+    connect_failed_at: Mutex<Option<Instant>>,
     /// Set by shutdown before the registry exists: it is then shut down as soon as it comes.
     shut: Mutex<bool>,
 }
@@ -46,6 +54,7 @@ impl Deferred {
     /// Puts `registry` behind this one and starts feeding earlier watchers. Returns `false`
     /// (and shuts `registry` down) if one was already set or shutdown already began.
     pub async fn set(&self, registry: Arc<dyn Registry>) -> bool {
+        let _handing_over = self.handover.lock().await;
         // `shut` is held across the check and the set, and `shutdown` flips it and reads
         // `inner` under the same lock: whichever comes second sees the other, so a registry
         // that wins the race with shutdown is still shut down (its lease revoked).
@@ -57,18 +66,6 @@ impl Deferred {
             registry.shutdown().await;
             return false;
         }
-        // Taken after `inner` is set, under the lock `register` holds while it checks `inner`:
-        // every early registration is either here or went to `registry` itself.
-        let early = std::mem::take(&mut *self.early_registrations.lock().unwrap());
-        for service in early.into_values() {
-            match registry.register(&service).await {
-                Ok(Registered::Now) => {}
-                Ok(Registered::Later(e)) => {
-                    tracing::warn!(service = %service.name, "registration kept for later: {e}")
-                }
-                Err(e) => tracing::warn!(service = %service.name, "registration refused: {e}"),
-            }
-        }
         for tx in self.pending.lock().unwrap().drain(..) {
             let mut rx = registry.watch();
             tokio::spawn(async move {
@@ -79,7 +76,41 @@ impl Deferred {
                 }
             });
         }
+        // `register` checks `inner` under this lock, so every early registration is here; the
+        // map is emptied only once all of them are handed over, for `registrations` to list.
+        let early: Vec<Service> = self
+            .early_registrations
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        for service in early {
+            if *self.shut.lock().unwrap() {
+                break;
+            }
+            match registry.register(&service).await {
+                Ok(Registered::Now) => {}
+                Ok(Registered::Later(e)) => {
+                    tracing::warn!(service = %service.name, "registration kept for later: {e}")
+                }
+                Err(e) => tracing::warn!(service = %service.name, "registration refused: {e}"),
+            }
+        }
+        self.early_registrations.lock().unwrap().clear();
         true
+    }
+
+    /// Records a failed attempt to connect the registry.
+    pub fn connect_failed(&self) {
+        *self.connect_failed_at.lock().unwrap() = Some(Instant::now());
+    }
+
+    /// The registry, once set and its early registrations handed over.
+    async fn settled(&self) -> Option<Arc<dyn Registry>> {
+        let inner = self.inner.get()?.clone();
+        drop(self.handover.lock().await);
+        Some(inner)
     }
 
     fn inner(&self, op: &'static str) -> Result<&Arc<dyn Registry>, RegistryError> {
@@ -99,38 +130,34 @@ fn not_connected(op: &'static str) -> RegistryError {
 impl Registry for Deferred {
     async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
         check_registration(service)?;
-        let inner = {
+        {
             let mut early = self.early_registrations.lock().unwrap();
-            match self.inner.get() {
-                Some(inner) => inner.clone(),
-                None => {
-                    for node in &service.nodes {
-                        early.insert(
-                            (service.name.clone(), node.id.clone()),
-                            service.with_single_node(node),
-                        );
-                    }
-                    return Ok(Registered::Later(not_connected("register")));
+            if self.inner.get().is_none() {
+                for node in &service.nodes {
+                    early.insert(
+                        (service.name.clone(), node.id.clone()),
+                        service.with_single_node(node),
+                    );
                 }
+                return Ok(Registered::Later(not_connected("register")));
             }
-        };
+        }
+        let inner = self.settled().await.expect("set before it was seen");
         inner.register(service).await
     }
 
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
-        let inner = {
+        {
             let mut early = self.early_registrations.lock().unwrap();
-            match self.inner.get() {
-                Some(inner) => inner.clone(),
-                None => {
-                    let key = (service.to_string(), node_id.to_string());
-                    return match early.remove(&key) {
-                        Some(_) => Ok(()),
-                        None => Err(not_connected("deregister")),
-                    };
-                }
+            if self.inner.get().is_none() {
+                let key = (service.to_string(), node_id.to_string());
+                return match early.remove(&key) {
+                    Some(_) => Ok(()),
+                    None => Err(not_connected("deregister")),
+                };
             }
-        };
+        }
+        let inner = self.settled().await.expect("set before it was seen");
         inner.deregister(service, node_id).await
     }
 
@@ -154,27 +181,36 @@ impl Registry for Deferred {
     }
 
     fn health(&self) -> Health {
+        let connect_failed_at = *self.connect_failed_at.lock().unwrap();
         match self.inner.get() {
-            Some(inner) => inner.health(),
+            Some(inner) => {
+                let health = inner.health();
+                Health {
+                    last_failure: health.last_failure.max(connect_failed_at),
+                    ..health
+                }
+            }
             None => Health {
                 watch_connected: false,
                 last_contact: None,
-                last_failure: None,
+                last_failure: connect_failed_at,
             },
         }
     }
 
+    /// Before the registry is set, the early registrations; during the handover, the
+    /// registry's and those not handed over yet; then the registry's.
     fn registrations(&self) -> Vec<Service> {
-        match self.inner.get() {
-            Some(inner) => inner.registrations(),
-            None => self
-                .early_registrations
-                .lock()
-                .unwrap()
-                .values()
-                .cloned()
-                .collect(),
+        let mut all: BTreeMap<(String, String), Service> =
+            self.early_registrations.lock().unwrap().clone();
+        if let Some(inner) = self.inner.get() {
+            for service in inner.registrations() {
+                if let Some(node) = service.nodes.first() {
+                    all.insert((service.name.clone(), node.id.clone()), service);
+                }
+            }
         }
+        all.into_values().collect()
     }
 
     async fn shutdown(&self) {
@@ -184,6 +220,9 @@ impl Registry for Deferred {
             self.inner.get().cloned()
         };
         self.pending.lock().unwrap().clear();
+        // A handover in progress stops at its next registration (`shut` is set); wait for it,
+        // so that nothing is registered after the lease is revoked.
+        drop(self.handover.lock().await);
         self.early_registrations.lock().unwrap().clear();
         if let Some(inner) = inner {
             inner.shutdown().await;
@@ -261,6 +300,37 @@ mod tests {
             .collect();
         assert_eq!(ids, ["n1"]);
         assert_eq!(deferred.get_service("greeter").await.unwrap().len(), 1);
+    }
+
+    /// A deregistration made while early registrations are being handed over waits for the
+    /// handover: the node is not written back after it was deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deregistration_during_the_handover_is_not_overtaken() {
+        let deferred = Arc::new(Deferred::new());
+        deferred.connect_failed();
+        assert!(deferred.health().last_failure.is_some());
+        let _ = deferred.register(&service()).await.unwrap();
+        let memory = Arc::new(MemoryRegistry::new());
+        memory.set_latency(std::time::Duration::from_millis(300));
+        let setter = {
+            let (deferred, memory) = (deferred.clone(), memory.clone());
+            tokio::spawn(async move { deferred.set(memory).await })
+        };
+        // Once the registry is visible, the handover is under way (or done).
+        while deferred.inner.get().is_none() {
+            tokio::task::yield_now().await;
+        }
+        deferred.deregister("greeter", "n1").await.unwrap();
+        assert!(setter.await.unwrap());
+        assert!(
+            memory.registrations().is_empty(),
+            "deleted, and stays deleted"
+        );
+        assert!(deferred.registrations().is_empty());
+        assert!(
+            deferred.health().last_failure.is_some(),
+            "failed connects still count"
+        );
     }
 
     /// `set` racing `shutdown` on two threads: whichever wins, the registry ends up shut down
