@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use regcache::cache::{LookupError, Source};
-use regcache::registry::{ErrorKind, Registry};
+use regcache::registry::{ErrorKind, Registered, Registry};
 use regcache_tests::cache::{cache, engine, ranges, registry, spec};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{init_logging, service};
@@ -19,6 +19,7 @@ async fn concurrent_lookups_of_an_uncached_service_are_one_range() {
     publisher
         .register(&service("greeter", "1.0", "n1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     let cache = cache(registry(&etcd).await, &engine(spec("default", &[])));
     let before = ranges(&etcd);
@@ -48,6 +49,7 @@ async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
     publisher
         .register(&service("greeter", "1.0", "n1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     let interval = Duration::from_millis(1000);
     let cache = cache(
@@ -154,6 +156,7 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     publisher
         .register(&service("greeter", "1.0", "n1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     // The interval is long enough that the fast phase below cannot outlast it even on a
     // loaded machine (it takes a handful of non-waiting lookups).

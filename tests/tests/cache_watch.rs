@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::PutOptions;
 use regcache::cache::{LookupError, RegistryCache, Source};
-use regcache::registry::Registry;
+use regcache::registry::{Registered, Registry};
 use regcache_tests::cache::{cache, engine, registry, registry_with, spec};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{fast_config, init_logging, raw_client, service};
@@ -214,6 +214,7 @@ async fn a_registration_appears_through_the_watch_without_a_refresh() {
     publisher
         .register(&service("greeter", "1.0", "n1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     let cache = cache(registry(&etcd).await, &engine(spec("default", &[])));
     assert_eq!(node_ids(&cache, "greeter").await.0, ["n1"]);
@@ -222,6 +223,7 @@ async fn a_registration_appears_through_the_watch_without_a_refresh() {
     publisher
         .register(&service("greeter", "1.0", "n2"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     assert!(until_nodes(&cache, "greeter", (&["n1", "n2"], &[])).await);
     println!("watch-driven update visible after {:?}", start.elapsed());
@@ -237,6 +239,7 @@ async fn swapping_policies_changes_the_very_next_lookup() {
     publisher
         .register(&service("greeter", "1.0", "n1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     // Short TTL, long retry interval: the entry is soon past its TTL and cannot be refreshed,
     // which the two policies answer differently (default: serve stale and refresh; strict,
@@ -319,6 +322,7 @@ async fn lookups_watch_events_and_swaps_interleave_safely() {
         publisher
             .register(&service(name, "1.0", "base"))
             .await
+            .and_then(Registered::written)
             .unwrap();
     }
     let config = [("ttl-ms", "200"), ("min-retry-interval-ms", "100")];
@@ -361,7 +365,7 @@ async fn lookups_watch_events_and_swaps_interleave_safely() {
             let name = &names[n % names.len()];
             let mut s = service(name, "1.0", &format!("node-{n}"));
             s.nodes[0].metadata.insert("round".into(), n.to_string());
-            p.register(&s).await.unwrap();
+            p.register(&s).await.and_then(Registered::written).unwrap();
             n += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{Registry, WatchEvent};
+use regcache::registry::{Registered, Registry, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{View, fast_config, init_logging, service};
 
@@ -26,8 +26,16 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
         .await
         .unwrap();
     let mut rx = registry.watch();
-    registry.register(&service("a", "1", "a1")).await.unwrap();
-    registry.register(&service("b", "1", "b1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
+    registry
+        .register(&service("b", "1", "b1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     for _ in 0..20 {
         registry.get_service("a").await.unwrap();
     }
@@ -68,7 +76,11 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
     for _ in 0..10 {
         registry.get_service("b").await.unwrap();
     }
-    registry.register(&service("c", "1", "c1")).await.unwrap();
+    registry
+        .register(&service("c", "1", "c1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     assert!(
         view.until(&mut rx, Duration::from_secs(5), |v| v.events.iter().any(
             |e| matches!(e, WatchEvent::Put { service, .. } if service.name == "c")
@@ -119,13 +131,21 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
         .unwrap();
     let mut rx = registry.watch();
     let mut view = View::default();
-    registry.register(&service("a", "1", "a1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let auth_at_start = etcd.grpc_started(0, AUTH, "Authenticate").unwrap();
 
     // Idle past the token TTL (only heartbeats flow), then use everything again.
     tokio::time::sleep(Duration::from_secs(4)).await;
     registry.get_service("a").await.unwrap();
-    registry.register(&service("b", "1", "b1")).await.unwrap();
+    registry
+        .register(&service("b", "1", "b1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     assert!(
         view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 2)
             .await,
@@ -166,7 +186,11 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
         registry.get_service("b").await.unwrap()[0].nodes[0].id,
         "b1"
     );
-    registry.register(&service("d", "1", "d1")).await.unwrap();
+    registry
+        .register(&service("d", "1", "d1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     assert!(
         view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 4)
             .await

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use regcache::model::Service;
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{ErrorKind, Registry, WatchEvent};
+use regcache::registry::{ErrorKind, Registered, Registry, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{View, etcd_view, fast_config, init_logging, raw_client, service};
 
@@ -23,14 +23,20 @@ async fn register_get_list_watch_deregister_and_shutdown() {
     two_nodes
         .nodes
         .push(service("x", "", "n2").nodes[0].clone());
-    registry.register(&two_nodes).await.unwrap();
+    registry
+        .register(&two_nodes)
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     registry
         .register(&service("go.micro/greeter", "2.0", "n3"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     registry
         .register(&service("other", "1", "o/1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
 
     // go-micro's layout: `/` in names becomes `-`, one node per key, all on one lease.
@@ -168,7 +174,11 @@ async fn reads_go_micro_values_written_by_etcdctl_and_writes_what_go_micro_reads
 
     // What regcache writes: go-micro's lowercase field names, decodable by the same rules.
     let mine = service("regcache.test", "v1", "me-1");
-    registry.register(&mine).await.unwrap();
+    registry
+        .register(&mine)
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let raw = etcd
         .etcdctl(
             None,
@@ -284,7 +294,11 @@ async fn an_owned_key_deleted_by_someone_else_is_put_back() {
     init_logging();
     let etcd = EtcdCluster::start(1).await.unwrap();
     let registry = EtcdRegistry::connect(fast_config(&etcd)).await.unwrap();
-    registry.register(&service("svc", "1", "n1")).await.unwrap();
+    registry
+        .register(&service("svc", "1", "n1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let mut raw = raw_client(&etcd, None).await;
     raw.delete("/micro/registry/svc/n1", None).await.unwrap();
     let back = wait_for(Duration::from_secs(3), || {
@@ -347,6 +361,7 @@ async fn list_services_answers_from_the_watch_mirror_while_connected() {
     registry
         .register(&service("ours", "1", "o1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     assert!(
         wait_for(Duration::from_secs(5), || async {

@@ -30,7 +30,11 @@ async fn cluster() -> (Arc<Mutex<EtcdCluster>>, Arc<EtcdRegistry>) {
         .lease_ttl(LEASE_TTL)
         .request_timeout(REQUEST_TIMEOUT);
     let registry = Arc::new(EtcdRegistry::connect(config).await.unwrap());
-    registry.register(&service("a", "1", "a1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     (Arc::new(Mutex::new(etcd)), registry)
 }
 

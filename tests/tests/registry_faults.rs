@@ -22,8 +22,16 @@ async fn sigstop_past_the_lease_ttl_bounds_every_call_and_keys_return_within_a_s
     let timeout = Duration::from_secs(1);
     let config = fast_config(&etcd).request_timeout(timeout);
     let registry = EtcdRegistry::connect(config).await.unwrap();
-    registry.register(&service("a", "1", "a1")).await.unwrap();
-    registry.register(&service("b", "1", "b1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
+    registry
+        .register(&service("b", "1", "b1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let mut raw = raw_client(&etcd, None).await;
     assert!(all_registered(&mut raw, &registry).await);
     let lease_before = registry.lease_id();
@@ -118,8 +126,16 @@ async fn a_failed_deregistration_can_be_retried_and_the_key_goes() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let config = fast_config(&etcd).request_timeout(Duration::from_millis(500));
     let registry = EtcdRegistry::connect(config).await.unwrap();
-    registry.register(&service("a", "1", "a1")).await.unwrap();
-    registry.register(&service("b", "1", "b1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
+    registry
+        .register(&service("b", "1", "b1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let key = registry.node_key("a", "a1");
 
     etcd.stop(0).unwrap();
@@ -174,7 +190,11 @@ async fn kill_and_restart_resumes_the_watch_without_losing_or_duplicating_an_eve
     let registry = EtcdRegistry::connect(fast_config(&etcd)).await.unwrap();
     let mut rx = registry.watch();
     let mut view = View::default();
-    registry.register(&service("a", "1", "a1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let mut raw = raw_client(&etcd, None).await;
     for i in 0..10 {
         let s = service("w", "1", &format!("w{i}"));
@@ -294,7 +314,11 @@ async fn a_watch_cut_off_through_a_compaction_relists_and_matches_etcd() {
     let registry = EtcdRegistry::connect(config).await.unwrap();
     let mut rx = registry.watch();
     let mut view = View::default();
-    registry.register(&service("a", "1", "a1")).await.unwrap();
+    registry
+        .register(&service("a", "1", "a1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     let mut raw = raw_client(&etcd, None).await;
     let put = |i: usize| {
         (

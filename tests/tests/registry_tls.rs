@@ -2,7 +2,7 @@
 //! demands one, and a clear error for a CA that did not sign etcd's certificate.
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{ErrorKind, Registry};
+use regcache::registry::{ErrorKind, Registered, Registry};
 use regcache_tests::etcd::{EtcdCluster, TlsFiles};
 use regcache_tests::registry::{fast_config, init_logging, service};
 
@@ -20,7 +20,11 @@ async fn connects_with_a_ca_and_with_a_client_certificate_and_refuses_a_wrong_ca
     let registry = EtcdRegistry::connect(fast_config(&etcd).tls_ca(&files.ca))
         .await
         .unwrap();
-    registry.register(&service("tls", "1", "t1")).await.unwrap();
+    registry
+        .register(&service("tls", "1", "t1"))
+        .await
+        .and_then(Registered::written)
+        .unwrap();
     assert_eq!(
         registry.get_service("tls").await.unwrap()[0].nodes[0].id,
         "t1"
@@ -54,6 +58,7 @@ async fn connects_with_a_ca_and_with_a_client_certificate_and_refuses_a_wrong_ca
     registry
         .register(&service("mtls", "1", "m1"))
         .await
+        .and_then(Registered::written)
         .unwrap();
     assert_eq!(
         registry.list_services().await.unwrap(),

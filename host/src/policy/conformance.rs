@@ -125,12 +125,22 @@ fn evictions() -> Vec<(String, EvictionContext<'static>)> {
         health: HealthView {
             watch_connected: true,
             since_last_contact_ms: Some(10),
-            since_failure_ms: Some(1_000),
+            since_failure_ms: None,
         },
         reason: EvictionReason::WatchDelete,
     };
     vec![
         ("single deregistration".into(), base),
+        (
+            "single removal soon after a registry failure".into(),
+            EvictionContext {
+                health: HealthView {
+                    since_failure_ms: Some(1_000),
+                    ..base.health
+                },
+                ..base
+            },
+        ),
         (
             "mass deletion".into(),
             EvictionContext {
