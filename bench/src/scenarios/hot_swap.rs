@@ -187,8 +187,9 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
             ),
         ],
         notes: vec![
-            "The file watcher waits 100 ms for writes to settle before loading, so that a \
-             half-written file is not loaded; that wait is most of the write-to-decision time."
+            "The file watcher loads as soon as the writer closes the file (or renames it into \
+             place); a file still open for writing is loaded once its writes have settled for \
+             100 ms."
                 .into(),
         ],
     })

@@ -170,7 +170,8 @@ pub trait Registry: Send + Sync + 'static {
     /// Reads every version of a service; `NotFound` when it has no node.
     async fn get_service(&self, name: &str) -> Result<Vec<Service>, RegistryError>;
 
-    /// Lists the names of all registered services, sorted.
+    /// Lists the names of all registered services, sorted; this host's own registrations are
+    /// included even while they wait to be written ([`Registered::Later`]).
     async fn list_services(&self) -> Result<Vec<String>, RegistryError>;
 
     /// Starts a watch of the whole prefix. The stream resumes by itself after any loss and
