@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use regcache::cache::RegistryCache;
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
-use regcache::registry::Registry;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
+use regcache::registry::{Registered, Registry};
 
 use crate::etcd::{EtcdCluster, wait_for};
 use crate::policies::policy_wasm;
-use crate::registry::fast_config;
+use crate::registry::{fast_config, service};
 
 /// The operator configuration `pairs` as the engine takes it.
 pub fn config(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -36,6 +36,19 @@ pub fn spec(name: &str, pairs: &[(&str, &str)]) -> PolicySpec {
 /// An engine whose first policy is `spec`.
 pub fn engine(spec: PolicySpec) -> PolicyEngine {
     PolicyEngine::new(EngineOptions::default(), spec).expect("policy loads")
+}
+
+/// A one-member etcd where another host (the returned registry, to be kept alive: it holds
+/// the lease) registered `greeter`/`n1`.
+pub async fn etcd_with_greeter() -> (EtcdCluster, Arc<EtcdRegistry>) {
+    let etcd = EtcdCluster::start(1).await.expect("etcd starts");
+    let publisher = registry(&etcd).await;
+    publisher
+        .register(&service("greeter", "1.0", "n1"))
+        .await
+        .and_then(Registered::written)
+        .expect("greeter registered");
+    (etcd, publisher)
 }
 
 /// A registry on `etcd` with the fast test configuration, once its watch is connected.

@@ -6,21 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use regcache::cache::{LookupError, Source};
-use regcache::registry::{ErrorKind, Registered, Registry};
-use regcache_tests::cache::{cache, engine, ranges, registry, spec};
+use regcache::registry::ErrorKind;
+use regcache_tests::cache::{cache, engine, etcd_with_greeter, ranges, registry, spec};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::registry::{init_logging, service};
+use regcache_tests::registry::init_logging;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_lookups_of_an_uncached_service_are_one_range() {
     init_logging();
-    let etcd = EtcdCluster::start(1).await.unwrap();
-    let publisher = registry(&etcd).await;
-    publisher
-        .register(&service("greeter", "1.0", "n1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    let (etcd, _publisher) = etcd_with_greeter().await;
     let cache = cache(registry(&etcd).await, &engine(spec("default", &[])));
     let before = ranges(&etcd);
     let lookups: Vec<_> = (0..500)
@@ -44,13 +38,7 @@ async fn concurrent_lookups_of_an_uncached_service_are_one_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
     init_logging();
-    let etcd = EtcdCluster::start(1).await.unwrap();
-    let publisher = registry(&etcd).await;
-    publisher
-        .register(&service("greeter", "1.0", "n1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    let (etcd, _publisher) = etcd_with_greeter().await;
     let interval = Duration::from_millis(1000);
     let cache = cache(
         registry(&etcd).await,
@@ -151,13 +139,7 @@ async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_through() {
     init_logging();
-    let etcd = EtcdCluster::start(1).await.unwrap();
-    let publisher = registry(&etcd).await;
-    publisher
-        .register(&service("greeter", "1.0", "n1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    let (etcd, _publisher) = etcd_with_greeter().await;
     // The interval is long enough that the fast phase below cannot outlast it even on a
     // loaded machine (it takes a handful of non-waiting lookups).
     let cache = cache(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use etcd_client::PutOptions;
 use regcache::cache::{LookupError, RegistryCache, Source};
 use regcache::registry::{Registered, Registry};
-use regcache_tests::cache::{cache, engine, registry, registry_with, spec};
+use regcache_tests::cache::{cache, engine, etcd_with_greeter, registry, registry_with, spec};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{fast_config, init_logging, raw_client, service};
 
@@ -209,13 +209,7 @@ async fn a_lease_expired_by_a_frozen_etcd_is_kept_until_its_owner_puts_it_back()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_appears_through_the_watch_without_a_refresh() {
     init_logging();
-    let etcd = EtcdCluster::start(1).await.unwrap();
-    let publisher = registry(&etcd).await;
-    publisher
-        .register(&service("greeter", "1.0", "n1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    let (etcd, publisher) = etcd_with_greeter().await;
     let cache = cache(registry(&etcd).await, &engine(spec("default", &[])));
     assert_eq!(node_ids(&cache, "greeter").await.0, ["n1"]);
     let requests = cache.stats().get_service.total();
@@ -234,13 +228,7 @@ async fn a_registration_appears_through_the_watch_without_a_refresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_policies_changes_the_very_next_lookup() {
     init_logging();
-    let etcd = EtcdCluster::start(1).await.unwrap();
-    let publisher = registry(&etcd).await;
-    publisher
-        .register(&service("greeter", "1.0", "n1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    let (etcd, _publisher) = etcd_with_greeter().await;
     // Short TTL, long retry interval: the entry is soon past its TTL and cannot be refreshed,
     // which the two policies answer differently (default: serve stale and refresh; strict,
     // past its 1 ms stale bound: refresh and wait, which the host's rate limit answers from
