@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use regcache::cache::RegistryCache;
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
+use regcache::registry::Registry;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
-use regcache::registry::{Registered, Registry};
 
 use crate::etcd::{EtcdCluster, wait_for};
 use crate::policies::policy_wasm;
-use crate::registry::{fast_config, service};
+use crate::registry::{fast_config, register_now, service};
 
 /// The operator configuration `pairs` as the engine takes it.
 pub fn config(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -43,11 +43,7 @@ pub fn engine(spec: PolicySpec) -> PolicyEngine {
 pub async fn etcd_with_greeter() -> (EtcdCluster, Arc<EtcdRegistry>) {
     let etcd = EtcdCluster::start(1).await.expect("etcd starts");
     let publisher = registry(&etcd).await;
-    publisher
-        .register(&service("greeter", "1.0", "n1"))
-        .await
-        .and_then(Registered::written)
-        .expect("greeter registered");
+    register_now(&*publisher, &service("greeter", "1.0", "n1")).await;
     (etcd, publisher)
 }
 

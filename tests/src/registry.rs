@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use etcd_client::{PutOptions, Txn, TxnOp};
 use regcache::model::{Node, Service};
-use regcache::registry::Registry;
 use regcache::registry::WatchEvent;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
+use regcache::registry::{Registered, Registry};
 use tokio::sync::mpsc;
 
 use crate::etcd::EtcdCluster;
@@ -74,6 +74,15 @@ pub async fn fill_scale(
         client.txn(Txn::new().and_then(chunk.to_vec())).await?;
     }
     Ok(())
+}
+
+/// Registers `service` through `registry` and insists it was written now, not kept for later.
+pub async fn register_now<R: Registry + ?Sized>(registry: &R, service: &Service) {
+    registry
+        .register(service)
+        .await
+        .and_then(Registered::written)
+        .unwrap_or_else(|e| panic!("{} not registered now: {e}", service.name));
 }
 
 /// A configuration for tests: short lease (3 s, renewed every second), 2 s request timeout, and

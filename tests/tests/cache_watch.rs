@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use etcd_client::PutOptions;
 use regcache::cache::{LookupError, RegistryCache, Source};
-use regcache::registry::{Registered, Registry};
+use regcache::registry::Registry;
 use regcache_tests::cache::{cache, engine, etcd_with_greeter, registry, registry_with, spec};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::registry::{fast_config, init_logging, raw_client, service};
+use regcache_tests::registry::{fast_config, init_logging, raw_client, register_now, service};
 
 const PREFIX: &str = "/micro/registry/";
 
@@ -214,11 +214,7 @@ async fn a_registration_appears_through_the_watch_without_a_refresh() {
     assert_eq!(node_ids(&cache, "greeter").await.0, ["n1"]);
     let requests = cache.stats().get_service.total();
     let start = Instant::now();
-    publisher
-        .register(&service("greeter", "1.0", "n2"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&*publisher, &service("greeter", "1.0", "n2")).await;
     assert!(until_nodes(&cache, "greeter", (&["n1", "n2"], &[])).await);
     println!("watch-driven update visible after {:?}", start.elapsed());
     assert_eq!(cache.stats().get_service.total(), requests, "no refresh");
@@ -307,11 +303,7 @@ async fn lookups_watch_events_and_swaps_interleave_safely() {
     let publisher = registry(&etcd).await;
     let services: Vec<String> = (0..10).map(|i| format!("svc-{i}")).collect();
     for name in &services {
-        publisher
-            .register(&service(name, "1.0", "base"))
-            .await
-            .and_then(Registered::written)
-            .unwrap();
+        register_now(&*publisher, &service(name, "1.0", "base")).await;
     }
     let config = [("ttl-ms", "200"), ("min-retry-interval-ms", "100")];
     let engine = engine(spec("default", &config));
@@ -353,7 +345,7 @@ async fn lookups_watch_events_and_swaps_interleave_safely() {
             let name = &names[n % names.len()];
             let mut s = service(name, "1.0", &format!("node-{n}"));
             s.nodes[0].metadata.insert("round".into(), n.to_string());
-            p.register(&s).await.and_then(Registered::written).unwrap();
+            register_now(&*p, &s).await;
             n += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{Registered, Registry, WatchEvent};
+use regcache::registry::{Registry, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::registry::{View, fast_config, init_logging, service};
+use regcache_tests::registry::{View, fast_config, init_logging, register_now, service};
 
 const AUTH: &str = "etcdserverpb.Auth";
 const LEASE: &str = "etcdserverpb.Lease";
@@ -26,16 +26,8 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
         .await
         .unwrap();
     let mut rx = registry.watch();
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
-    registry
-        .register(&service("b", "1", "b1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("a", "1", "a1")).await;
+    register_now(&registry, &service("b", "1", "b1")).await;
     for _ in 0..20 {
         registry.get_service("a").await.unwrap();
     }
@@ -76,11 +68,7 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
     for _ in 0..10 {
         registry.get_service("b").await.unwrap();
     }
-    registry
-        .register(&service("c", "1", "c1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("c", "1", "c1")).await;
     assert!(
         view.until(&mut rx, Duration::from_secs(5), |v| v.events.iter().any(
             |e| matches!(e, WatchEvent::Put { service, .. } if service.name == "c")
@@ -131,21 +119,13 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
         .unwrap();
     let mut rx = registry.watch();
     let mut view = View::default();
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("a", "1", "a1")).await;
     let auth_at_start = etcd.grpc_started(0, AUTH, "Authenticate").unwrap();
 
     // Idle past the token TTL (only heartbeats flow), then use everything again.
     tokio::time::sleep(Duration::from_secs(4)).await;
     registry.get_service("a").await.unwrap();
-    registry
-        .register(&service("b", "1", "b1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("b", "1", "b1")).await;
     assert!(
         view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 2)
             .await,
@@ -186,11 +166,7 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
         registry.get_service("b").await.unwrap()[0].nodes[0].id,
         "b1"
     );
-    registry
-        .register(&service("d", "1", "d1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("d", "1", "d1")).await;
     assert!(
         view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 4)
             .await

@@ -5,9 +5,11 @@ use std::time::{Duration, Instant};
 
 use regcache::model::Service;
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{ErrorKind, Registered, Registry, WatchEvent};
+use regcache::registry::{ErrorKind, Registry, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::registry::{View, etcd_view, fast_config, init_logging, raw_client, service};
+use regcache_tests::registry::{
+    View, etcd_view, fast_config, init_logging, raw_client, register_now, service,
+};
 
 const PREFIX: &str = "/micro/registry/";
 
@@ -23,21 +25,9 @@ async fn register_get_list_watch_deregister_and_shutdown() {
     two_nodes
         .nodes
         .push(service("x", "", "n2").nodes[0].clone());
-    registry
-        .register(&two_nodes)
-        .await
-        .and_then(Registered::written)
-        .unwrap();
-    registry
-        .register(&service("go.micro/greeter", "2.0", "n3"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
-    registry
-        .register(&service("other", "1", "o/1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &two_nodes).await;
+    register_now(&registry, &service("go.micro/greeter", "2.0", "n3")).await;
+    register_now(&registry, &service("other", "1", "o/1")).await;
 
     // go-micro's layout: `/` in names becomes `-`, one node per key, all on one lease.
     let mut raw = raw_client(&etcd, None).await;
@@ -174,11 +164,7 @@ async fn reads_go_micro_values_written_by_etcdctl_and_writes_what_go_micro_reads
 
     // What regcache writes: go-micro's lowercase field names, decodable by the same rules.
     let mine = service("regcache.test", "v1", "me-1");
-    registry
-        .register(&mine)
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &mine).await;
     let raw = etcd
         .etcdctl(
             None,
@@ -294,11 +280,7 @@ async fn an_owned_key_deleted_by_someone_else_is_put_back() {
     init_logging();
     let etcd = EtcdCluster::start(1).await.unwrap();
     let registry = EtcdRegistry::connect(fast_config(&etcd)).await.unwrap();
-    registry
-        .register(&service("svc", "1", "n1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("svc", "1", "n1")).await;
     let mut raw = raw_client(&etcd, None).await;
     raw.delete("/micro/registry/svc/n1", None).await.unwrap();
     let back = wait_for(Duration::from_secs(3), || {
@@ -358,11 +340,7 @@ async fn list_services_answers_from_the_watch_mirror_while_connected() {
     )
     .await
     .unwrap();
-    registry
-        .register(&service("ours", "1", "o1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("ours", "1", "o1")).await;
     assert!(
         wait_for(Duration::from_secs(5), || async {
             registry.list_services().await.unwrap() == ["ours", "theirs"]

@@ -12,7 +12,7 @@ use regcache::registry::etcd::EtcdRegistry;
 use regcache::registry::{ErrorKind, Registered, Registry, RegistryError, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::registry::{
-    View, all_registered, fast_config, init_logging, raw_client, service,
+    View, all_registered, fast_config, init_logging, raw_client, register_now, service,
 };
 use tokio::sync::Mutex;
 
@@ -30,11 +30,7 @@ async fn cluster() -> (Arc<Mutex<EtcdCluster>>, Arc<EtcdRegistry>) {
         .lease_ttl(LEASE_TTL)
         .request_timeout(REQUEST_TIMEOUT);
     let registry = Arc::new(EtcdRegistry::connect(config).await.unwrap());
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&*registry, &service("a", "1", "a1")).await;
     (Arc::new(Mutex::new(etcd)), registry)
 }
 
@@ -295,11 +291,7 @@ async fn hang(etcd: &Mutex<EtcdCluster>, registry: &Arc<EtcdRegistry>, member: u
     // A change made now must arrive well before HTTP/2 pings (10 s + 5 s) would have ended a
     // watch stream stuck on the hung member.
     let node = format!("during-{role}");
-    registry
-        .register(&service("b", "1", &node))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(registry.as_ref(), &service("b", "1", &node)).await;
     let seen = |v: &View| {
         v.events
             .iter()

@@ -10,7 +10,7 @@ use regcache::registry::{ErrorKind, Registered, Registry, WatchEvent};
 use regcache_tests::etcd::{EtcdCluster, wait_for};
 use regcache_tests::proxy::TcpProxy;
 use regcache_tests::registry::{
-    View, all_registered, etcd_view, fast_config, init_logging, raw_client, service,
+    View, all_registered, etcd_view, fast_config, init_logging, raw_client, register_now, service,
 };
 
 const PREFIX: &str = "/micro/registry/";
@@ -22,16 +22,8 @@ async fn sigstop_past_the_lease_ttl_bounds_every_call_and_keys_return_within_a_s
     let timeout = Duration::from_secs(1);
     let config = fast_config(&etcd).request_timeout(timeout);
     let registry = EtcdRegistry::connect(config).await.unwrap();
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
-    registry
-        .register(&service("b", "1", "b1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("a", "1", "a1")).await;
+    register_now(&registry, &service("b", "1", "b1")).await;
     let mut raw = raw_client(&etcd, None).await;
     assert!(all_registered(&mut raw, &registry).await);
     let lease_before = registry.lease_id();
@@ -126,16 +118,8 @@ async fn a_failed_deregistration_can_be_retried_and_the_key_goes() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let config = fast_config(&etcd).request_timeout(Duration::from_millis(500));
     let registry = EtcdRegistry::connect(config).await.unwrap();
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
-    registry
-        .register(&service("b", "1", "b1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("a", "1", "a1")).await;
+    register_now(&registry, &service("b", "1", "b1")).await;
     let key = registry.node_key("a", "a1");
 
     etcd.stop(0).unwrap();
@@ -190,11 +174,7 @@ async fn kill_and_restart_resumes_the_watch_without_losing_or_duplicating_an_eve
     let registry = EtcdRegistry::connect(fast_config(&etcd)).await.unwrap();
     let mut rx = registry.watch();
     let mut view = View::default();
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("a", "1", "a1")).await;
     let mut raw = raw_client(&etcd, None).await;
     for i in 0..10 {
         let s = service("w", "1", &format!("w{i}"));
@@ -314,11 +294,7 @@ async fn a_watch_cut_off_through_a_compaction_relists_and_matches_etcd() {
     let registry = EtcdRegistry::connect(config).await.unwrap();
     let mut rx = registry.watch();
     let mut view = View::default();
-    registry
-        .register(&service("a", "1", "a1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("a", "1", "a1")).await;
     let mut raw = raw_client(&etcd, None).await;
     let put = |i: usize| {
         (

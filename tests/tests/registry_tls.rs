@@ -2,9 +2,9 @@
 //! demands one, and a clear error for a CA that did not sign etcd's certificate.
 
 use regcache::registry::etcd::EtcdRegistry;
-use regcache::registry::{ErrorKind, Registered, Registry};
+use regcache::registry::{ErrorKind, Registry};
 use regcache_tests::etcd::{EtcdCluster, TlsFiles};
-use regcache_tests::registry::{fast_config, init_logging, service};
+use regcache_tests::registry::{fast_config, init_logging, register_now, service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_with_a_ca_and_with_a_client_certificate_and_refuses_a_wrong_ca() {
@@ -20,11 +20,7 @@ async fn connects_with_a_ca_and_with_a_client_certificate_and_refuses_a_wrong_ca
     let registry = EtcdRegistry::connect(fast_config(&etcd).tls_ca(&files.ca))
         .await
         .unwrap();
-    registry
-        .register(&service("tls", "1", "t1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("tls", "1", "t1")).await;
     assert_eq!(
         registry.get_service("tls").await.unwrap()[0].nodes[0].id,
         "t1"
@@ -55,11 +51,7 @@ async fn connects_with_a_ca_and_with_a_client_certificate_and_refuses_a_wrong_ca
     )
     .await
     .unwrap();
-    registry
-        .register(&service("mtls", "1", "m1"))
-        .await
-        .and_then(Registered::written)
-        .unwrap();
+    register_now(&registry, &service("mtls", "1", "m1")).await;
     assert_eq!(
         registry.list_services().await.unwrap(),
         vec!["mtls".to_string()]
