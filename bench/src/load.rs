@@ -1,7 +1,7 @@
 //! A closed-loop HTTP/1.1 load generator: a fixed number of keep-alive connections, each sending
 //! its next request as soon as the previous answer arrives, for a fixed time (or until every
 //! path was asked once). Used for both regcache and etcd's JSON gateway so that the two are
-//! driven identically.
+//! driven identically; `range_load.rs` drives etcd's gRPC the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,6 +85,19 @@ impl Outcome {
     pub fn p(&self, q: f64) -> Duration {
         percentile(&self.latencies, q)
     }
+
+    /// The callers' parts of one run that began at `started`, as one outcome.
+    pub fn combine(parts: Vec<Outcome>, started: Instant) -> Outcome {
+        let mut outcome = Outcome::default();
+        for part in parts {
+            outcome.ok += part.ok;
+            outcome.failed += part.failed;
+            outcome.latencies.extend(part.latencies);
+        }
+        outcome.latencies.sort_unstable();
+        outcome.seconds = started.elapsed().as_secs_f64();
+        outcome
+    }
 }
 
 /// Drives `target` with `connections` connections for `duration`.
@@ -104,16 +117,11 @@ pub async fn drive(target: &Target, connections: usize, until: Until) -> Outcome
     let workers: Vec<_> = (0..connections)
         .map(|c| tokio::spawn(connection(target.clone(), c, connections, until)))
         .collect();
-    let mut outcome = Outcome::default();
+    let mut parts = Vec::with_capacity(workers.len());
     for worker in workers {
-        let part = worker.await.expect("load worker panicked");
-        outcome.ok += part.ok;
-        outcome.failed += part.failed;
-        outcome.latencies.extend(part.latencies);
+        parts.push(worker.await.expect("load worker panicked"));
     }
-    outcome.latencies.sort_unstable();
-    outcome.seconds = started.elapsed().as_secs_f64();
-    outcome
+    Outcome::combine(parts, started)
 }
 
 async fn connection(target: Arc<Target>, first: usize, stride: usize, until: Until) -> Outcome {

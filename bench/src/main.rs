@@ -1,11 +1,14 @@
 //! `regcache-bench`: runs the benchmark scenarios and writes `results/latest.{md,json}`.
 //!
-//! Every claim is a ratio against a baseline measured in the same run. `--quick` runs each
+//! Every claim is a ratio against a baseline measured in the same run, interleaved with it round
+//! by round (`compare.rs`). `--quick` runs each
 //! scenario briefly, for CI's smoke check; its numbers are not claims.
 
+mod compare;
 mod host;
 mod load;
 mod measure;
+mod range_load;
 mod report;
 mod scenarios;
 

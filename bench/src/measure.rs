@@ -1,5 +1,5 @@
-//! Timing primitives. Machines here are shared and noisy, so every claim is a ratio between
-//! two measurements taken in the same run, each the median of several samples.
+//! Timing of in-process operations: nanoseconds per call, the median of a few samples. One such
+//! measurement is one arm of one round (`compare.rs`); the rounds carry the claims.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 /// How hard to measure.
 #[derive(Debug, Clone, Copy)]
 pub struct Effort {
+    /// Rounds of every comparison (`compare::rounds`).
+    pub rounds: usize,
     /// Samples per measurement; the median is reported.
     pub samples: usize,
     /// Minimum time of one sample.
@@ -17,13 +19,15 @@ impl Effort {
     pub fn new(quick: bool) -> Self {
         if quick {
             Effort {
-                samples: 3,
-                sample_time: Duration::from_millis(20),
+                rounds: 3,
+                samples: 1,
+                sample_time: Duration::from_millis(10),
             }
         } else {
             Effort {
-                samples: 11,
-                sample_time: Duration::from_millis(200),
+                rounds: 12,
+                samples: 3,
+                sample_time: Duration::from_millis(100),
             }
         }
     }

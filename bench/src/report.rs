@@ -4,6 +4,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::compare::Spread;
+
 /// One measured quantity.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -14,6 +16,8 @@ pub struct Row {
     pub target: Option<String>,
     /// Whether the target was met, if there is one.
     pub met: Option<bool>,
+    /// For a figure measured round by round: its spread over the rounds (`value` is the median).
+    pub spread: Option<Spread>,
 }
 
 impl Row {
@@ -24,6 +28,15 @@ impl Row {
             unit,
             target: None,
             met: None,
+            spread: None,
+        }
+    }
+
+    /// A figure measured round by round: the median, shown with its spread over the rounds.
+    pub fn rounds(metric: impl Into<String>, spread: Spread, unit: &'static str) -> Self {
+        Row {
+            spread: Some(spread),
+            ..Row::new(metric, spread.median, unit)
         }
     }
 
@@ -46,6 +59,8 @@ impl Row {
 #[derive(Debug, Clone, Serialize)]
 pub struct Section {
     pub title: String,
+    /// Where the figures are measured: in process, or over which protocol with which client.
+    pub measured: String,
     pub rows: Vec<Row>,
     pub notes: Vec<String>,
 }
@@ -73,24 +88,31 @@ impl Report {
         );
         for section in &self.sections {
             out.push_str(&format!(
-                "\n## {}\n\n| metric | value | target | met |\n|---|---:|---|---|\n",
-                section.title
+                "\n## {}\n\nMeasured {}.\n\n\
+                 | metric | value | per-round spread | target | met |\n|---|---:|---|---|---|\n",
+                section.title, section.measured
             ));
             for row in &section.rows {
-                let value = if row.value.abs() >= 100.0 {
-                    format!("{:.0} {}", row.value, row.unit)
-                } else {
-                    format!("{:.3} {}", row.value, row.unit)
-                };
                 let met = match row.met {
                     Some(true) => "yes",
                     Some(false) => "**no**",
                     None => "",
                 };
+                let spread = row.spread.map_or(String::new(), |s| {
+                    format!(
+                        "{}–{} (IQR {}–{}, {} rounds)",
+                        number(s.min),
+                        number(s.max),
+                        number(s.q1),
+                        number(s.q3),
+                        s.rounds
+                    )
+                });
                 out.push_str(&format!(
-                    "| {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} |\n",
                     row.metric,
-                    value.trim(),
+                    format!("{} {}", number(row.value), row.unit).trim(),
+                    spread,
                     row.target.as_deref().unwrap_or(""),
                     met
                 ));
@@ -107,5 +129,14 @@ impl Report {
         std::fs::write(dir.join("latest.md"), self.markdown())?;
         std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(self)?)?;
         Ok(())
+    }
+}
+
+/// Three decimals for small figures, none for large ones.
+fn number(value: f64) -> String {
+    if value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
     }
 }

@@ -1,7 +1,8 @@
 //! Auth load on etcd (scenario 5): N simulated hosts registering and heart-beating for a fixed
 //! time against an etcd with auth on, with regcache's registry (one connection and one
 //! long-lived KeepAlive stream per host) versus the one-shot pattern of the fleets that failed
-//! (a new client and a new keep-alive per beat). Counts come from etcd's own metrics.
+//! (a new client and a new keep-alive per beat), the two interleaved round by round. Counts
+//! come from etcd's own metrics.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::service;
 
+use crate::compare::{Rounds, rounds};
 use crate::report::{Row, Section};
 
 const USER: &str = "root";
@@ -61,6 +63,10 @@ impl Load {
     fn authenticate_per_s(&self) -> f64 {
         self.authenticate as f64 / self.seconds
     }
+
+    fn cpu_per_s(&self) -> f64 {
+        self.cpu_seconds / self.seconds
+    }
 }
 
 /// regcache: each host connects once and registers; its lease keeper then renews on one
@@ -94,11 +100,13 @@ async fn regcache_hosts(
 }
 
 /// The failing pattern: every beat, a new authenticated client and a one-shot keep-alive.
+/// Returns what etcd did while the hosts registered and while they heart-beat.
 async fn one_shot_hosts(
     etcd: &EtcdCluster,
     hosts: usize,
     duration: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Load, Load)> {
+    let before = Counters::read(etcd)?;
     let endpoints = etcd.endpoints();
     let options = || Some(ConnectOptions::new().with_user(USER, PASSWORD));
     let mut client = Client::connect(&endpoints, options()).await?;
@@ -111,6 +119,7 @@ async fn one_shot_hosts(
             .await?;
         leases.push(lease);
     }
+    let connected = Counters::read(etcd)?;
     let deadline = Instant::now() + duration;
     let beats = leases.into_iter().map(|lease| {
         let endpoints = endpoints.clone();
@@ -130,80 +139,102 @@ async fn one_shot_hosts(
     for beat in beats.collect::<Vec<_>>() {
         beat.await?;
     }
-    Ok(())
+    Ok((
+        connected.since(&before),
+        Counters::read(etcd)?.since(&connected),
+    ))
 }
+
+// The arms of each round.
+const REGCACHE: usize = 0;
+const ONE_SHOT: usize = 1;
 
 pub fn run(quick: bool) -> anyhow::Result<Section> {
     let hosts = if quick { 10 } else { 100 };
-    let duration = Duration::from_secs(if quick { 3 } else { 20 });
+    let (count, window) = if quick {
+        (2, Duration::from_millis(1_500))
+    } else {
+        (4, Duration::from_secs(5))
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let etcd = EtcdCluster::start(1).await?;
         etcd.enable_auth(USER, PASSWORD).await?;
-
-        let (connect, steady) = regcache_hosts(&etcd, hosts, duration).await?;
-        let before = Counters::read(&etcd)?;
-        one_shot_hosts(&etcd, hosts, duration).await?;
-        let one_shot = Counters::read(&etcd)?.since(&before);
+        let loads: Rounds<(Load, Load), 2> = rounds(count, async |arm| match arm {
+            REGCACHE => regcache_hosts(&etcd, hosts, window).await,
+            _ => one_shot_hosts(&etcd, hosts, window).await,
+        })
+        .await
+        .transpose()?;
 
         let scale = FLEET / hosts as f64;
-        let regcache_rate = steady.authenticate_per_s();
+        let steady = |arm: usize, f: fn(&Load) -> f64| loads.per_round(|r| f(&r[arm].1));
+        let auth_per_s = |arm: usize| steady(arm, Load::authenticate_per_s);
+        let extrapolated = |arm: usize| loads.per_round(|r| r[arm].1.authenticate_per_s() * scale);
         Ok(Section {
             title: format!(
-                "Auth load: {hosts} hosts heart-beating every {}s for {}s, etcd auth on",
-                BEAT.as_secs(),
-                duration.as_secs()
+                "Auth load: {hosts} hosts heart-beating every {}s, etcd auth on",
+                BEAT.as_secs()
+            ),
+            measured: format!(
+                "against one etcd over gRPC (etcd-client), counted by etcd's /metrics; per \
+                 round the {hosts} hosts connect and heart-beat for {:.1} s, first as regcache's \
+                 registry then in the one-shot pattern, the order alternating, {count} rounds",
+                window.as_secs_f64()
             ),
             rows: vec![
-                Row::new(
+                Row::rounds(
                     "regcache: Authenticate calls to connect all hosts",
-                    connect.authenticate as f64,
+                    loads.per_round(|r| r[REGCACHE].0.authenticate as f64),
                     "",
                 ),
-                Row::new(
+                Row::rounds(
                     "regcache: Authenticate/s while heart-beating",
-                    regcache_rate,
+                    auth_per_s(REGCACHE),
                     "/s",
                 ),
-                Row::new(
+                Row::rounds(
                     "one-shot: Authenticate/s while heart-beating",
-                    one_shot.authenticate_per_s(),
+                    auth_per_s(ONE_SHOT),
                     "/s",
                 ),
-                Row::new(
+                Row::rounds(
                     "regcache: Authenticate/s extrapolated to 4,000 hosts",
-                    regcache_rate * scale,
+                    extrapolated(REGCACHE),
                     "/s",
                 ),
-                Row::new(
+                Row::rounds(
                     "one-shot: Authenticate/s extrapolated to 4,000 hosts",
-                    one_shot.authenticate_per_s() * scale,
+                    extrapolated(ONE_SHOT),
                     "/s",
                 ),
-                Row::new(
+                Row::rounds(
                     "regcache: LeaseKeepAlive streams opened (connect + heartbeats)",
-                    (connect.keepalive_streams + steady.keepalive_streams) as f64,
+                    loads.per_round(|r| {
+                        (r[REGCACHE].0.keepalive_streams + r[REGCACHE].1.keepalive_streams) as f64
+                    }),
                     "",
                 ),
-                Row::new(
-                    "one-shot: LeaseKeepAlive streams opened",
-                    one_shot.keepalive_streams as f64,
+                Row::rounds(
+                    "one-shot: LeaseKeepAlive streams opened while heart-beating",
+                    steady(ONE_SHOT, |l| l.keepalive_streams as f64),
                     "",
                 ),
-                Row::new(
-                    "regcache: etcd CPU seconds while heart-beating",
-                    steady.cpu_seconds,
-                    "s",
+                Row::rounds(
+                    "regcache: etcd CPU seconds per second of heartbeats",
+                    steady(REGCACHE, Load::cpu_per_s),
+                    "CPU s/s",
                 ),
-                Row::new(
-                    "one-shot: etcd CPU seconds while heart-beating",
-                    one_shot.cpu_seconds,
-                    "s",
+                Row::rounds(
+                    "one-shot: etcd CPU seconds per second of heartbeats",
+                    steady(ONE_SHOT, Load::cpu_per_s),
+                    "CPU s/s",
                 ),
-                Row::new(
+                Row::rounds(
                     "etcd CPU per second of heartbeats, one-shot / regcache",
-                    (one_shot.cpu_seconds / one_shot.seconds)
-                        / (steady.cpu_seconds / steady.seconds).max(1e-6),
+                    loads.per_round(|r| {
+                        r[ONE_SHOT].1.cpu_per_s() / r[REGCACHE].1.cpu_per_s().max(1e-6)
+                    }),
                     "x",
                 ),
             ],

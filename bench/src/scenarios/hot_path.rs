@@ -1,14 +1,12 @@
 //! The lookup hot path in process (scenario 1): a cache hit answered by the registry cache with
 //! the wasm policy consulted, against its parts measured alone in the same run (a bare sharded
 //! map hit, the bare component call) and against the same cache with a native Rust policy; and
-//! lookups per second on 1 and 2 threads (no shared lock on the hit path, so ~2x).
+//! lookups per second on 1 and 2 threads (no shared lock on the hit path, so ~2x). Both
+//! comparisons are interleaved round by round.
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -23,19 +21,12 @@ use regcache::registry::memory::MemoryRegistry;
 use regcache_tests::registry::service;
 
 use super::policy_cost::fresh_hit;
+use crate::compare::{Rounds, now_or_never, rounds_now};
 use crate::measure::{Effort, ns_per_op};
 use crate::report::{Row, Section};
 
 const SERVICES: usize = 100;
 const NODES: usize = 10;
-
-/// Polls a future that must complete without waiting, as a cache hit does.
-pub fn now_or_never<F: Future>(future: F) -> F::Output {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("a cache hit waited"),
-    }
-}
 
 /// The default policy's hit-path rule in Rust, behind the same `Decide` trait.
 struct NativePolicy(Arc<PolicyInfo>);
@@ -119,6 +110,12 @@ fn lookups_per_second(cache: &RegistryCache, threads: usize, duration: Duration)
     total as f64 / started.elapsed().as_secs_f64()
 }
 
+// The arms of each single-thread round.
+const BARE_HIT: usize = 0;
+const BARE_CALL: usize = 1;
+const NATIVE: usize = 2;
+const WASM: usize = 3;
+
 pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
     let runtime = tokio::runtime::Runtime::new()?;
     let _entered = runtime.enter();
@@ -134,45 +131,67 @@ pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
     let bare_map: DashMap<Arc<str>, Arc<Vec<Service>>> = DashMap::new();
     let answer = Arc::new(now_or_never(wasm_cache.lookup(name))?.services().to_vec());
     bare_map.insert(Arc::from(name), answer);
-    let bare_hit = ns_per_op(effort, || {
-        black_box(bare_map.get(black_box(name)).map(|e| e.value().clone()));
-    });
     let mut direct = engine.direct_instance()?;
     let ctx = fresh_hit(name);
-    let bare_call = ns_per_op(effort, || {
-        black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+    let per_op: Rounds<f64, 4> = rounds_now(effort.rounds, |arm| match arm {
+        BARE_HIT => ns_per_op(effort, || {
+            black_box(bare_map.get(black_box(name)).map(|e| e.value().clone()));
+        }),
+        BARE_CALL => ns_per_op(effort, || {
+            black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+        }),
+        NATIVE => ns_per_op(effort, || {
+            black_box(now_or_never(native_cache.lookup(black_box(name))).unwrap());
+        }),
+        _ => ns_per_op(effort, || {
+            black_box(now_or_never(wasm_cache.lookup(black_box(name))).unwrap());
+        }),
     });
-    let native = ns_per_op(effort, || {
-        black_box(now_or_never(native_cache.lookup(black_box(name))).unwrap());
-    });
-    let wasm = ns_per_op(effort, || {
-        black_box(now_or_never(wasm_cache.lookup(black_box(name))).unwrap());
-    });
+    let ns = |i: usize| per_op.per_round(|r| r[i]);
 
-    let window = Duration::from_millis(if quick { 200 } else { 2_000 });
-    let one = lookups_per_second(&wasm_cache, 1, window);
-    let two = lookups_per_second(&wasm_cache, 2, window);
+    let window = Duration::from_millis(if quick { 100 } else { 1_000 });
+    let threads: Rounds<f64, 2> = rounds_now(effort.rounds, |arm| {
+        lookups_per_second(&wasm_cache, arm + 1, window)
+    });
 
     Ok(Section {
         title: format!("Lookup hot path in process ({SERVICES} services x {NODES} nodes cached)"),
+        measured: format!(
+            "in process, no HTTP; the four single-thread arms interleaved round by round, then \
+             1 and 2 threads interleaved ({} s windows)",
+            window.as_secs_f64()
+        ),
         rows: vec![
-            Row::new(
+            Row::rounds(
                 "bare sharded-map hit sharing the answer (no policy)",
-                bare_hit,
+                ns(BARE_HIT),
                 "ns",
             ),
-            Row::new("bare component call (decide-lookup)", bare_call, "ns"),
-            Row::new("cache hit, native Rust policy", native, "ns"),
-            Row::new("cache hit, wasm policy consulted", wasm, "ns"),
-            Row::new(
+            Row::rounds("bare component call (decide-lookup)", ns(BARE_CALL), "ns"),
+            Row::rounds("cache hit, native Rust policy", ns(NATIVE), "ns"),
+            Row::rounds("cache hit, wasm policy consulted", ns(WASM), "ns"),
+            Row::rounds(
                 "wasm lookup / (bare hit + bare component call)",
-                wasm / (bare_hit + bare_call),
+                per_op.per_round(|r| r[WASM] / (r[BARE_HIT] + r[BARE_CALL])),
                 "x",
             )
             .at_most(1.25),
-            Row::new("lookups/s, 1 thread (wasm policy)", one, "/s"),
-            Row::new("lookups/s, 2 threads (wasm policy)", two, "/s"),
-            Row::new("scaling, 2 threads / 1 thread", two / one, "x").at_least(1.8),
+            Row::rounds(
+                "lookups/s, 1 thread (wasm policy)",
+                threads.per_round(|r| r[0]),
+                "/s",
+            ),
+            Row::rounds(
+                "lookups/s, 2 threads (wasm policy)",
+                threads.per_round(|r| r[1]),
+                "/s",
+            ),
+            Row::rounds(
+                "scaling, 2 threads / 1 thread",
+                threads.per_round(|r| r[1] / r[0]),
+                "x",
+            )
+            .at_least(1.8),
         ],
         notes: vec![],
     })

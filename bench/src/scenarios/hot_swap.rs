@@ -16,7 +16,7 @@ use regcache::registry::memory::MemoryRegistry;
 use regcache_tests::policies::policy_wasm;
 use regcache_tests::registry::service;
 
-use super::hot_path::now_or_never;
+use crate::compare::now_or_never;
 use crate::load::percentile;
 use crate::report::{Row, Section};
 
@@ -151,6 +151,9 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     Ok(Section {
         title: format!("Hot swap: {swaps} policy file rewrites while 2 threads look up"),
+        measured: "in process: the cache and its engine called directly, the policy file \
+                   rewritten on disk and picked up by the file watcher; no HTTP"
+            .into(),
         rows: vec![
             Row::new(
                 "file write -> first lookup on the new generation: p50",

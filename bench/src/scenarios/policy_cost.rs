@@ -1,12 +1,14 @@
 //! What consulting the wasm policy costs per lookup: the same rule as native Rust, the bare
 //! typed component call, and the engine's full path (per-thread instance, generation check,
-//! epoch deadline, fail-safe handling). The engine's claim is a ratio to the bare call.
+//! epoch deadline, fail-safe handling), interleaved round by round. The engine's claim is a
+//! ratio to the bare call.
 
 use std::hint::black_box;
 
 use regcache::decision::{Decide, HealthView, LookupContext, LookupDecision};
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
 
+use crate::compare::{Rounds, rounds_now};
 use crate::measure::{Effort, ns_per_op};
 use crate::report::{Row, Section};
 
@@ -44,6 +46,11 @@ fn native_default(ctx: &LookupContext<'_>, ttl_ms: u64) -> LookupDecision {
     }
 }
 
+// The arms of each round.
+const NATIVE: usize = 0;
+const BARE: usize = 1;
+const ENGINE: usize = 2;
+
 pub fn run(effort: Effort) -> anyhow::Result<Section> {
     let engine = PolicyEngine::new(
         EngineOptions::default(),
@@ -52,24 +59,41 @@ pub fn run(effort: Effort) -> anyhow::Result<Section> {
     let ctx = fresh_hit("greeter.service");
     let ttl_ms = engine.active().settings.ttl.as_millis() as u64;
 
-    let native = ns_per_op(effort, || {
-        black_box(native_default(black_box(&ctx), ttl_ms));
-    });
     let mut direct = engine.direct_instance()?;
-    let bare = ns_per_op(effort, || {
-        black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+    let rounds: Rounds<f64, 3> = rounds_now(effort.rounds, |arm| match arm {
+        NATIVE => ns_per_op(effort, || {
+            black_box(native_default(black_box(&ctx), ttl_ms));
+        }),
+        BARE => ns_per_op(effort, || {
+            black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+        }),
+        _ => ns_per_op(effort, || {
+            black_box(engine.decide_lookup(black_box(&ctx)));
+        }),
     });
-    let full = ns_per_op(effort, || {
-        black_box(engine.decide_lookup(black_box(&ctx)));
-    });
+    let arm = |i: usize| rounds.per_round(|r| r[i]);
     Ok(Section {
         title: "Policy cost per lookup (default policy, record + string argument)".into(),
+        measured: "in process, one thread; the three arms interleaved round by round".into(),
         rows: vec![
-            Row::new("native Rust rule", native, "ns"),
-            Row::new("bare component call (typed bindgen call)", bare, "ns"),
-            Row::new("engine: wasm policy consulted per lookup", full, "ns"),
-            Row::new("engine / bare component call", full / bare, "x").at_most(1.25),
-            Row::new("bare component call / native rule", bare / native, "x"),
+            Row::rounds("native Rust rule", arm(NATIVE), "ns"),
+            Row::rounds("bare component call (typed bindgen call)", arm(BARE), "ns"),
+            Row::rounds(
+                "engine: wasm policy consulted per lookup",
+                arm(ENGINE),
+                "ns",
+            ),
+            Row::rounds(
+                "engine / bare component call",
+                rounds.per_round(|r| r[ENGINE] / r[BARE]),
+                "x",
+            )
+            .at_most(1.25),
+            Row::rounds(
+                "bare component call / native rule",
+                rounds.per_round(|r| r[BARE] / r[NATIVE]),
+                "x",
+            ),
         ],
         notes: vec![],
     })

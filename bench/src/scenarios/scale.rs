@@ -66,6 +66,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok(Section {
             title: format!("Scale and memory: {services} services x {NODES} nodes, all looked up through `regcache run`"),
+            measured: "over HTTP/1.1 against `regcache run`, with the bench's closed-loop client (load.rs); RSS from /proc".into(),
             rows: vec![
                 Row::new("host RSS after start (etcd mirror loaded)", rss_started as f64 / MIB, "MiB"),
                 Row::new("host RSS with every service cached", rss_cached as f64 / MIB, "MiB").at_most(64.0),
