@@ -107,7 +107,14 @@ impl Service {
         }
         let json: Json =
             serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let obj = as_object(&json, "service")?;
+        Service::from_json(&json)
+    }
+
+    /// Decodes a service from parsed JSON with [`Service::decode`]'s rules but no size limit:
+    /// for services that merge many etcd values (a cache snapshot holds a whole service, of
+    /// thousands of nodes, as one value), whose size the caller bounds.
+    pub fn from_json(json: &Json) -> Result<Service, DecodeError> {
+        let obj = as_object(json, "service")?;
         let name = string_field(obj, "name")?;
         if name.is_empty() {
             return Err(DecodeError::Missing("name"));

@@ -6,26 +6,39 @@
 //!
 //! Writes are atomic ([`crate::fsutil::write_atomically`]): a crash leaves either the old or the
 //! new snapshot, never a mix, and concurrent writes (a periodic one still running when the
-//! shutdown one starts) each use their own temporary file. Reads are suspicious: the file starts with a header line carrying the payload's
-//! length and sha256, and a file that is truncated, corrupt, or of another format is refused
-//! with a [`SnapshotError`] (the daemon logs it and starts empty).
+//! shutdown one starts) each use their own temporary file. Writes and reads are streamed, so
+//! the format has no size limit of its own: whatever the cache holds can be written and read
+//! back. Reads are suspicious: only a regular file is read, never past the size it had when
+//! opened; the file starts with a header line carrying the payload's length and sha256, and a
+//! file that is truncated, corrupt, or of another format is refused with a [`SnapshotError`]
+//! (the daemon logs it and starts empty).
 //!
 //! Architecture invariant: this module knows the file format only; what the payload holds is the
 //! cache's business.
 
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::write_atomically;
+use crate::fsutil::write_atomically_with;
 
 /// File name of the snapshot inside the state dir.
 pub const FILE_NAME: &str = "cache.snapshot";
 
 /// First word of the header line; the version changes with the format.
 const MAGIC: &str = "regcache-snapshot/1";
+
+/// Digits of the payload length in the header. The length is zero-padded to a fixed width so
+/// that the header can be written last, over a placeholder of the same size, once the streamed
+/// payload's length and checksum are known.
+const LENGTH_DIGITS: usize = 20;
+
+/// Longest header line a reader accepts (the fixed-width header is 106 bytes).
+const MAX_HEADER: u64 = 256;
 
 /// Why a snapshot could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +51,7 @@ pub enum SnapshotError {
         /// The file.
         path: PathBuf,
         /// The error.
-        error: std::io::Error,
+        error: io::Error,
     },
     /// The file is not a (complete, intact) snapshot.
     #[error("{} is not a valid snapshot: {reason}", path.display())]
@@ -69,73 +82,136 @@ impl SnapshotFile {
         &self.path
     }
 
-    /// Writes `payload` atomically and durably ([`write_atomically`]).
+    /// Writes `payload` atomically and durably, streamed: the encoded payload is never held
+    /// in memory, however many services and nodes it carries.
     pub fn write<T: Serialize>(&self, payload: &T) -> Result<(), SnapshotError> {
-        let body = serde_json::to_vec(payload).map_err(|e| SnapshotError::Invalid {
-            path: self.path.clone(),
-            reason: format!("cannot encode: {e}"),
-        })?;
-        let mut bytes =
-            format!("{MAGIC} {} {}\n", body.len(), hex(&Sha256::digest(&body))).into_bytes();
-        bytes.extend_from_slice(&body);
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|error| SnapshotError::Io {
             op: "create",
             path: dir.to_path_buf(),
             error,
         })?;
-        write_atomically(&self.path, &bytes).map_err(|error| SnapshotError::Io {
+        write_atomically_with(&self.path, |file| {
+            file.write_all(header(0, &[0; 32]).as_bytes())?;
+            let (len, digest) = {
+                let mut body = HashingWriter {
+                    inner: BufWriter::new(&mut *file),
+                    hasher: Sha256::new(),
+                    len: 0,
+                };
+                serde_json::to_writer(&mut body, payload)?;
+                body.inner.flush()?;
+                (body.len, body.hasher.finalize())
+            };
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(header(len, &digest).as_bytes())
+        })
+        .map_err(|error| SnapshotError::Io {
             op: "write",
             path: self.path.clone(),
             error,
         })
     }
 
-    /// Reads the snapshot: `Ok(None)` if there is none, an error if it is unreadable or not
-    /// intact.
+    /// Reads the snapshot: `Ok(None)` if there is none, an error if it is unreadable, not a
+    /// regular file, or not intact. Reading is bounded by the file's size when opened; the
+    /// payload is checked against its checksum in a first pass, then decoded streaming.
     pub fn read<T: DeserializeOwned>(&self) -> Result<Option<T>, SnapshotError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => {
-                return Err(SnapshotError::Io {
-                    op: "read",
-                    path: self.path.clone(),
-                    error,
-                });
+        let io_error = |op: &'static str| {
+            move |error: io::Error| SnapshotError::Io {
+                op,
+                path: self.path.clone(),
+                error,
             }
         };
         let invalid = |reason: String| SnapshotError::Invalid {
             path: self.path.clone(),
             reason,
         };
-        let newline = bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| invalid("no header line".into()))?;
-        let header = std::str::from_utf8(&bytes[..newline])
+        // Checked before opening too: opening a FIFO for reading would wait for a writer.
+        match std::fs::metadata(&self.path) {
+            Ok(metadata) if !metadata.is_file() => {
+                return Err(invalid("not a regular file".into()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(io_error("inspect")(error)),
+        }
+        let file = File::open(&self.path).map_err(io_error("open"))?;
+        let metadata = file.metadata().map_err(io_error("inspect"))?;
+        if !metadata.is_file() {
+            return Err(invalid("not a regular file".into()));
+        }
+        let size = metadata.len();
+        let mut reader = BufReader::new(file.take(size));
+
+        let mut header_line = Vec::new();
+        (&mut reader)
+            .take(MAX_HEADER)
+            .read_until(b'\n', &mut header_line)
+            .map_err(io_error("read"))?;
+        if header_line.pop() != Some(b'\n') {
+            return Err(invalid("no header line".into()));
+        }
+        let header_line = std::str::from_utf8(&header_line)
             .map_err(|_| invalid("the header is not text".into()))?;
-        let body = &bytes[newline + 1..];
-        let mut words = header.split(' ');
+        let mut words = header_line.split(' ');
         if words.next() != Some(MAGIC) {
             return Err(invalid(format!("the header does not start with {MAGIC}")));
         }
-        let len: usize = words
+        let len: u64 = words
             .next()
             .and_then(|w| w.parse().ok())
             .ok_or_else(|| invalid("the header has no length".into()))?;
-        if body.len() != len {
+        let checksum = words
+            .next()
+            .ok_or_else(|| invalid("the header has no checksum".into()))?
+            .to_owned();
+        let body_start = header_line.len() as u64 + 1;
+        let body_len = size - body_start;
+        if body_len != len {
             return Err(invalid(format!(
-                "truncated or extended: {} bytes of payload, the header says {len}",
-                body.len()
+                "truncated or extended: {body_len} bytes of payload, the header says {len}"
             )));
         }
-        if words.next() != Some(hex(&Sha256::digest(body)).as_str()) {
+
+        let mut hasher = Sha256::new();
+        let hashed = io::copy(&mut reader, &mut hasher).map_err(io_error("read"))?;
+        if hashed != len || hex(&hasher.finalize()) != checksum {
             return Err(invalid("checksum mismatch".into()));
         }
-        serde_json::from_slice(body)
+
+        let mut file = reader.into_inner().into_inner();
+        file.seek(SeekFrom::Start(body_start))
+            .map_err(io_error("read"))?;
+        serde_json::from_reader(BufReader::new(file.take(len)))
             .map(Some)
             .map_err(|e| invalid(format!("cannot decode: {e}")))
+    }
+}
+
+/// The header line: magic, zero-padded payload length, payload sha256.
+fn header(len: u64, digest: &[u8]) -> String {
+    format!("{MAGIC} {len:0LENGTH_DIGITS$} {}\n", hex(digest))
+}
+
+/// Passes the payload through to the file while measuring and hashing it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -174,6 +250,52 @@ mod tests {
         file.write(&payload).unwrap();
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file stays behind");
+    }
+
+    /// Far beyond any single etcd value: the format itself has no size limit.
+    #[test]
+    fn a_large_payload_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        let payload: Vec<String> = (0..200_000).map(|i| format!("node-{i}")).collect();
+        file.write(&payload).unwrap();
+        assert!(std::fs::metadata(file.path()).unwrap().len() > 2_000_000);
+        assert_eq!(file.read::<Vec<String>>().unwrap(), Some(payload));
+    }
+
+    /// A FIFO would block the start waiting for a writer, and a link to a device would be read
+    /// without end: only regular files are read.
+    #[test]
+    fn files_that_are_not_regular_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        let status = std::process::Command::new("mkfifo")
+            .arg(file.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let err = file.read::<Vec<String>>().unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+
+        std::fs::remove_file(file.path()).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", file.path()).unwrap();
+        let err = file.read::<Vec<String>>().unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+
+        std::fs::remove_file(file.path()).unwrap();
+        std::fs::create_dir(file.path()).unwrap();
+        let err = file.read::<Vec<String>>().unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    /// A header line that never ends is not read past its bound.
+    #[test]
+    fn an_endless_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        std::fs::write(file.path(), vec![b'x'; 1 << 20]).unwrap();
+        let err = file.read::<Vec<String>>().unwrap_err().to_string();
+        assert!(err.contains("no header line"), "{err}");
     }
 
     /// A periodic write still running on its blocking thread when the shutdown write starts.

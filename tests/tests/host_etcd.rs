@@ -1,12 +1,13 @@
 //! The host against real etcd: registrations through the API survive an etcd outage and a lost
 //! lease, lookups are answered stale while etcd is down, SIGTERM revokes the lease at once, a
-//! host restarted while etcd is down answers from its snapshot, and go-micro values written by
+//! host restarted while etcd is down answers from its snapshot (of any size), and go-micro values written by
 //! `etcdctl` are served.
 
 use std::time::{Duration, Instant};
 
 use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::host::{Host, poll, service_json};
+use regcache_tests::registry::{fill_scale, raw_client};
 use serde_json::Value;
 
 const PREFIX: &str = "/micro/registry/";
@@ -324,6 +325,57 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
     let (status, answer) = lookup(&third, "billing");
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["provenance"]["snapshot"], false);
+}
+
+/// The snapshot is what a host serves exactly when etcd cannot answer, so it must hold
+/// whatever the cache held: here a service of 10,000 nodes, whose snapshot form is far beyond
+/// the size limit of a single etcd value, beside a small one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_service_of_ten_thousand_nodes_is_served_after_a_restart() {
+    let mut etcd = EtcdCluster::start(1).await.unwrap();
+    let mut client = raw_client(&etcd, None).await;
+    fill_scale(&mut client, 1, 10_000).await.unwrap();
+    etcd.etcdctl(
+        None,
+        &[
+            "put",
+            &format!("{PREFIX}billing/b1"),
+            &service_json("billing", "3", "b1", "10.0.0.3:9000"),
+        ],
+    )
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let endpoint = etcd.endpoint(0);
+
+    let mut first = Host::start(&host_args(&endpoint, state_dir)).unwrap();
+    for (name, nodes) in [("svc-00000", 10_000), ("billing", 1)] {
+        let (status, answer) = lookup(&first, name);
+        assert_eq!(status, 200, "{}", first.log());
+        assert_eq!(node_count(&answer), nodes);
+    }
+    first.signal("TERM").unwrap();
+    assert!(first.wait_exit(Duration::from_secs(20)).unwrap().success());
+    etcd.kill(0).unwrap();
+
+    let second = Host::start(&host_args(&endpoint, state_dir)).unwrap();
+    assert!(second.log().contains("snapshot loaded"), "{}", second.log());
+    for (name, nodes) in [("svc-00000", 10_000), ("billing", 1)] {
+        let (status, answer) = lookup(&second, name);
+        assert_eq!(status, 200, "{name}: {}", second.log());
+        assert_eq!(node_count(&answer), nodes, "{name}");
+        assert_eq!(answer["provenance"]["source"], "stale");
+        assert_eq!(answer["provenance"]["snapshot"], true);
+    }
+}
+
+fn node_count(answer: &Value) -> usize {
+    answer["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["nodes"].as_array().unwrap().len())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

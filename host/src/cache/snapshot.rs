@@ -41,9 +41,14 @@ pub struct SnapshotEntry {
     pub suspect_nodes: Vec<String>,
 }
 
+/// A snapshot's services are go-micro JSON, decoded one service at a time with the model's
+/// rules but without the per-etcd-value size limit: a cached service merges every node's
+/// value, and one of thousands of nodes is far larger than any single value may be.
 mod go_micro_json {
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::fmt;
+
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serialize, Serializer};
 
     use crate::model::Service;
 
@@ -52,14 +57,25 @@ mod go_micro_json {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Service>, D::Error> {
-        let values = Vec::<serde_json::Value>::deserialize(d)?;
-        values
-            .into_iter()
-            .map(|v| {
-                let bytes = serde_json::to_vec(&v).map_err(D::Error::custom)?;
-                Service::decode(&bytes).map_err(D::Error::custom)
-            })
-            .collect()
+        d.deserialize_seq(Services)
+    }
+
+    struct Services;
+
+    impl<'de> Visitor<'de> for Services {
+        type Value = Vec<Service>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of go-micro services")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Service>, A::Error> {
+            let mut services = Vec::new();
+            while let Some(json) = seq.next_element::<serde_json::Value>()? {
+                services.push(Service::from_json(&json).map_err(A::Error::custom)?);
+            }
+            Ok(services)
+        }
     }
 }
 

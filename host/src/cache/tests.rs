@@ -630,6 +630,26 @@ async fn a_snapshot_is_served_stale_while_the_registry_is_down() {
     assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["a", "b"]);
 }
 
+/// A cached service merges every node's etcd value: its snapshot form is far beyond the size
+/// limit of one value, and must still be read back.
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_of_a_service_larger_than_any_etcd_value_is_read_back() {
+    let f = fixture(SETTINGS);
+    let ids: Vec<String> = (0..10_000).map(|i| format!("node-{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    f.registry.register(&service("big", &ids)).await.unwrap();
+    f.cache.lookup("big").await.unwrap();
+    let json = serde_json::to_vec(&f.cache.export()).unwrap();
+    assert!(json.len() > crate::model::MAX_VALUE_BYTES);
+
+    let snapshot: CacheSnapshot = serde_json::from_slice(&json).unwrap();
+    let g = fixture(SETTINGS);
+    g.registry.set_failure(Some(ErrorKind::Unavailable));
+    assert_eq!(g.cache.import(&snapshot), 1);
+    let answer = g.cache.lookup("big").await.unwrap();
+    assert_eq!(answer.node_ids().count(), 10_000);
+}
+
 #[tokio::test(start_paused = true)]
 async fn answers_carry_the_deciding_generation() {
     let f = fixture(SETTINGS);
@@ -653,11 +673,12 @@ struct Scripted {
 
 #[async_trait::async_trait]
 impl Registry for Scripted {
-    async fn register(
+    async fn register_with(
         &self,
         service: &Service,
+        takeover: crate::registry::Takeover,
     ) -> Result<crate::registry::Registered, crate::registry::RegistryError> {
-        self.inner.register(service).await
+        self.inner.register_with(service, takeover).await
     }
     async fn deregister(
         &self,
@@ -687,6 +708,9 @@ impl Registry for Scripted {
     }
     fn registrations(&self) -> Vec<Service> {
         self.inner.registrations()
+    }
+    fn conflicts(&self) -> Vec<crate::registry::Conflict> {
+        self.inner.conflicts()
     }
     async fn shutdown(&self) {
         self.inner.shutdown().await
