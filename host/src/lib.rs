@@ -12,6 +12,7 @@
 //! - [`http`]: the HTTP API, the only code that knows JSON request/response shapes.
 //! - [`metrics`]: Prometheus metrics, collected from the components' counters at scrape time.
 //! - [`snapshot`]: the cache's snapshot on disk, written atomically.
+//! - [`state_dir`]: the state directory, and running without it when it cannot be written.
 //! - [`fsutil`]: the one atomic, durable file write (snapshot and policy artifacts).
 //! - [`daemon`]: `regcache run`'s run loop: build, serve, drain, stop.
 #![deny(missing_docs)]
@@ -27,3 +28,4 @@ pub mod model;
 pub mod policy;
 pub mod registry;
 pub mod snapshot;
+pub mod state_dir;

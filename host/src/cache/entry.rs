@@ -19,8 +19,9 @@ use crate::registry::{ErrorKind, RegistryError};
 /// What lookups see of an entry: immutable, shared by every answer given from it.
 #[derive(Debug, Default)]
 pub(crate) struct View {
-    /// Versions with their nodes (suspects included), sorted by version then node id.
-    pub services: Vec<Service>,
+    /// Versions with their nodes (suspects included), sorted by version then node id; shared
+    /// with snapshot exports, which thus copy no node.
+    pub services: Arc<[Service]>,
     /// Suspect node ids, sorted.
     pub suspects: Vec<String>,
     pub versions: u32,
@@ -153,7 +154,7 @@ impl EntryState {
         View {
             versions: services.len() as u32,
             nodes: self.nodes.len() as u32,
-            services,
+            services: services.into(),
             suspects,
             negative: self.negative && self.nodes.is_empty(),
             refreshed_at: self.refreshed_at,

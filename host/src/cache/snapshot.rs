@@ -33,9 +33,9 @@ pub struct SnapshotEntry {
     pub service: String,
     /// Time since the registry last answered for it, at export; `None` if unknown.
     pub age_ms: Option<u64>,
-    /// Its versions and nodes, in go-micro's JSON.
+    /// Its versions and nodes, in go-micro's JSON; an export shares them with the cache.
     #[serde(with = "go_micro_json")]
-    pub services: Vec<Service>,
+    pub services: Arc<[Service]>,
     /// Nodes that were suspect at export.
     #[serde(default)]
     pub suspect_nodes: Vec<String>,
@@ -46,6 +46,7 @@ pub struct SnapshotEntry {
 /// value, and one of thousands of nodes is far larger than any single value may be.
 mod go_micro_json {
     use std::fmt;
+    use std::sync::Arc;
 
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serialize, Serializer};
@@ -56,8 +57,8 @@ mod go_micro_json {
         services.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Service>, D::Error> {
-        d.deserialize_seq(Services)
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[Service]>, D::Error> {
+        d.deserialize_seq(Services).map(Arc::from)
     }
 
     struct Services;
@@ -130,7 +131,7 @@ impl RegistryCache {
                     let entry = Entry::new(&item.service);
                     {
                         let mut state = entry.lock();
-                        for service in &item.services {
+                        for service in item.services.iter() {
                             state.upsert(service, now);
                         }
                         state.refreshed_at = refreshed_at;

@@ -20,6 +20,7 @@
 //! answer (503), or etcd did not answer in time (504), never bad input.
 
 mod admin;
+mod nodes;
 mod services;
 
 use std::sync::Arc;

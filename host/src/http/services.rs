@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::nodes::check_nodes;
 use super::{ApiError, AppState, check_name};
 use crate::cache::{Answer, LookupError, Source};
 use crate::decision::PolicyInfo;
@@ -210,15 +211,7 @@ pub(super) async fn register(
             "a registration needs at least one node",
         ));
     }
-    for node in &service.nodes {
-        check_name("node id", &node.id)?;
-        if node.address.is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "node {:?} has no address",
-                node.id
-            )));
-        }
-    }
+    check_nodes(&service.nodes)?;
     let (status, pending) = match state.registry.register(&service).await? {
         registry::Registered::Now => (StatusCode::CREATED, None),
         registry::Registered::Later(e) => (StatusCode::ACCEPTED, Some(e.to_string())),

@@ -5,6 +5,13 @@
 //! policy's digest and the engine's compatibility hash (a restart costs a `deserialize`, ~0.1 ms
 //! instead of ~20 ms).
 //!
+//! The directory is bounded: an artifact is written (or, already there, marked used) only when
+//! its policy becomes active, so a refused policy leaves nothing on disk; then the least
+//! recently activated artifacts beyond [`ON_DISK`] are removed, never the active policy's. An
+//! upgrade of wasmtime changes the compatibility hash, and the old artifacts age out the same
+//! way. The directory being an optimisation, a failure to create or use it is a warning, and the
+//! host compiles instead.
+//!
 //! Deserializing is `unsafe` in wasmtime because the bytes are trusted to be wasmtime's own
 //! output. So the host only reads artifacts from a directory nobody else can write: it creates
 //! it with mode 0700, and refuses to use one (compiling every time instead) that is not owned by
@@ -14,6 +21,7 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -23,6 +31,14 @@ use crate::fsutil::write_atomically;
 
 /// Components kept in memory; policies are small, and operators rarely juggle more.
 const IN_MEMORY: usize = 16;
+
+/// Artifacts kept on disk, the active policy's included. An artifact weighs a few times its
+/// policy (the default policy's is about 1 MiB); eight cover the active policy, rollbacks to
+/// the last few, and an upgrade's leftovers, without a setting operators would have to size.
+pub(crate) const ON_DISK: usize = 8;
+
+/// File name suffix of an artifact (its checksum is `<artifact>.sha256`).
+const ARTIFACT_SUFFIX: &str = ".cwasm";
 
 pub(crate) struct ArtifactCache {
     dir: Option<PathBuf>,
@@ -42,30 +58,32 @@ pub enum Origin {
 }
 
 impl ArtifactCache {
-    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> std::io::Result<Self> {
-        let dir = match dir {
-            Some(dir) => {
-                create_private_dir(&dir)?;
-                match check_private(&dir) {
-                    Ok(()) => Some(dir),
-                    Err(reason) => {
-                        tracing::warn!(path = %dir.display(), "not using the precompiled-policy cache: {reason}");
-                        None
-                    }
+    /// A cache that keeps artifacts in `dir` if it can (created with mode 0700 if missing);
+    /// in memory only otherwise, with a warning saying why.
+    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
+        let dir = dir.and_then(|dir| {
+            let usable = create_private_dir(&dir)
+                .map_err(|e| format!("cannot create it: {e}"))
+                .and_then(|()| check_private(&dir));
+            match usable {
+                Ok(()) => Some(dir),
+                Err(reason) => {
+                    tracing::warn!(path = %dir.display(), "not using the precompiled-policy cache: {reason}");
+                    None
                 }
             }
-            None => None,
-        };
+        });
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(ArtifactCache {
+        ArtifactCache {
             dir,
             compatibility: format!("{:016x}", hasher.finish()),
             compiled: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     /// The component for `bytes` (whose sha256 is `digest`), from memory, disk or cranelift.
+    /// Nothing is written to disk: see [`ArtifactCache::keep`].
     pub(crate) fn component(
         &self,
         engine: &Engine,
@@ -83,11 +101,7 @@ impl ArtifactCache {
         }
         let (component, origin) = match self.read(engine, digest) {
             Some(component) => (component, Origin::Disk),
-            None => {
-                let component = Component::new(engine, bytes)?;
-                self.write(&component, digest);
-                (component, Origin::Compiled)
-            }
+            None => (Component::new(engine, bytes)?, Origin::Compiled),
         };
         let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
         if compiled.len() >= IN_MEMORY {
@@ -99,8 +113,8 @@ impl ArtifactCache {
 
     fn paths(&self, digest: &str) -> Option<(PathBuf, PathBuf)> {
         let dir = self.dir.as_ref()?;
-        let artifact = dir.join(format!("{digest}-{}.cwasm", self.compatibility));
-        let checksum = artifact.with_extension("cwasm.sha256");
+        let artifact = dir.join(format!("{digest}-{}{ARTIFACT_SUFFIX}", self.compatibility));
+        let checksum = checksum_path(&artifact);
         Some((artifact, checksum))
     }
 
@@ -123,22 +137,80 @@ impl ArtifactCache {
         }
     }
 
-    fn write(&self, component: &Component, digest: &str) {
+    /// Records that the policy `digest` (compiled as `component`) became active: its artifact
+    /// is written, or marked used if it is on disk already, and the least recently used
+    /// artifacts beyond [`ON_DISK`] are removed. Called on activation only, so that a refused
+    /// policy is never stored.
+    pub(crate) fn keep(&self, component: &Component, digest: &str) {
         let Some((artifact, checksum)) = self.paths(digest) else {
             return;
         };
-        let result = component
-            .serialize()
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                write_atomically(&artifact, &bytes)?;
-                write_atomically(&checksum, hex_sha256(&bytes).as_bytes())
-            });
+        let result = if artifact.is_file() && checksum.is_file() {
+            // Reading does not count as a use to the file system (noatime): the modification
+            // time is the "last activated" stamp.
+            std::fs::File::open(&artifact).and_then(|f| f.set_modified(SystemTime::now()))
+        } else {
+            component
+                .serialize()
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| {
+                    write_atomically(&artifact, &bytes)?;
+                    write_atomically(&checksum, hex_sha256(&bytes).as_bytes())
+                })
+        };
         if let Err(err) = result {
             // The cache is an optimisation: failing to fill it costs a compile next time.
             tracing::warn!(path = %artifact.display(), "cannot store precompiled policy: {err}");
         }
+        if let Some(dir) = &self.dir {
+            prune(dir, ON_DISK, &artifact);
+        }
     }
+}
+
+/// Removes the least recently used artifacts of `dir` (and their checksums) beyond `limit`,
+/// never `active`.
+fn prune(dir: &Path, limit: usize, active: &Path) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) => {
+            tracing::warn!(path = %dir.display(), "cannot list precompiled policies: {err}");
+            return;
+        }
+    };
+    let mut others: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(ARTIFACT_SUFFIX))
+        .map(|e| e.path())
+        .filter(|path| path != active)
+        .map(|path| {
+            let used = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            (used, path)
+        })
+        .collect();
+    // Newest first; the active artifact takes one of the `limit` places.
+    others.sort_by(|a, b| b.cmp(a));
+    for (_, path) in others.into_iter().skip(limit.saturating_sub(1)) {
+        let checksum = checksum_path(&path);
+        for file in [&path, &checksum] {
+            match std::fs::remove_file(file) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::warn!(path = %file.display(), "cannot remove an old precompiled policy: {err}")
+                }
+            }
+        }
+        tracing::debug!(path = %path.display(), "old precompiled policy removed");
+    }
+}
+
+fn checksum_path(artifact: &Path) -> PathBuf {
+    let mut name = artifact.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
 }
 
 pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
@@ -177,4 +249,137 @@ fn check_private(dir: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const EMPTY: &[u8] = b"(component)";
+
+    fn artifacts(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Stamps `digest`'s artifact as used `seconds` after the epoch: file systems stamp times
+    /// with a coarse clock, so keeps in a quick loop may share one.
+    fn stamp(cache: &ArtifactCache, digest: &str, seconds: u64) {
+        let (artifact, _) = cache.paths(digest).unwrap();
+        std::fs::File::open(artifact)
+            .unwrap()
+            .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_artifact_is_written_only_when_its_policy_is_kept() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifacts");
+        let cache = ArtifactCache::new(&engine, Some(path.clone()));
+        let (component, origin) = cache.component(&engine, EMPTY, "d1").unwrap();
+        assert_eq!(origin, Origin::Compiled);
+        assert!(
+            artifacts(&path).is_empty(),
+            "compiled, validated or not, is not stored"
+        );
+        cache.keep(&component, "d1");
+        let names = artifacts(&path);
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].starts_with("d1-") && names[0].ends_with(".cwasm"));
+        assert_eq!(names[1], format!("{}.sha256", names[0]));
+
+        // The next process finds it on disk.
+        let restarted = ArtifactCache::new(&engine, Some(path.clone()));
+        let (_, origin) = restarted.component(&engine, EMPTY, "d1").unwrap();
+        assert_eq!(origin, Origin::Disk);
+    }
+
+    #[test]
+    fn the_least_recently_kept_go_beyond_the_limit() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifacts");
+        let cache = ArtifactCache::new(&engine, Some(path.clone()));
+        let component = Component::new(&engine, EMPTY).unwrap();
+        let total = ON_DISK + 3;
+        for i in 0..total {
+            let digest = format!("d{i:02}");
+            cache.keep(&component, &digest);
+            stamp(&cache, &digest, 1_000 + i as u64);
+        }
+        let kept: Vec<String> = artifacts(&path)
+            .into_iter()
+            .filter(|n| n.ends_with(ARTIFACT_SUFFIX))
+            .map(|n| n[..3].to_string())
+            .collect();
+        let newest: Vec<String> = (total - ON_DISK..total)
+            .map(|i| format!("d{i:02}"))
+            .collect();
+        assert_eq!(kept, newest);
+        assert_eq!(
+            artifacts(&path).len(),
+            2 * ON_DISK,
+            "checksums go with their artifacts"
+        );
+
+        // Keeping the oldest again makes it the most recently used: when a new one comes, the
+        // second oldest goes instead.
+        let oldest = newest[0].clone();
+        cache.keep(&component, &oldest);
+        cache.keep(&component, "new");
+        assert!(cache.paths(&oldest).unwrap().0.exists());
+        assert!(cache.paths("new").unwrap().0.exists());
+        assert!(!cache.paths(&newest[1]).unwrap().0.exists());
+        assert_eq!(artifacts(&path).len(), 2 * ON_DISK);
+    }
+
+    #[test]
+    fn the_active_artifact_is_never_removed() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifacts");
+        let cache = ArtifactCache::new(&engine, Some(path.clone()));
+        let component = Component::new(&engine, EMPTY).unwrap();
+        for i in 0..ON_DISK {
+            let digest = format!("d{i:02}");
+            cache.keep(&component, &digest);
+            stamp(&cache, &digest, 1_000 + i as u64);
+        }
+        // The active artifact looks the oldest (a clock set back, a copied directory): the
+        // others make room, not it.
+        stamp(&cache, "d00", 1);
+        let (active, _) = cache.paths("d00").unwrap();
+        prune(&path, 2, &active);
+        assert!(active.exists());
+        assert!(
+            cache
+                .paths(&format!("d{:02}", ON_DISK - 1))
+                .unwrap()
+                .0
+                .exists()
+        );
+        assert_eq!(artifacts(&path).len(), 4, "{:?}", artifacts(&path));
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_created_means_memory_only() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let cache = ArtifactCache::new(&engine, Some(file.join("artifacts")));
+        let (component, origin) = cache.component(&engine, EMPTY, "d1").unwrap();
+        assert_eq!(origin, Origin::Compiled);
+        cache.keep(&component, "d1");
+        let (_, origin) = cache.component(&engine, EMPTY, "d1").unwrap();
+        assert_eq!(origin, Origin::Memory);
+    }
 }

@@ -38,7 +38,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use wasmtime::Engine;
-use wasmtime::component::Linker;
+use wasmtime::component::{Component, Linker};
 
 pub use artifacts::Origin;
 pub use conformance::ConformanceFailure;
@@ -324,6 +324,8 @@ static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 /// Which validated bytes and settings a load produced.
 struct Validated {
     pre: PolicyPre<InstanceState>,
+    /// Kept to store its artifact once the policy is activated.
+    component: Component,
     digest: String,
     settings: Settings,
 }
@@ -334,9 +336,9 @@ impl PolicyEngine {
         let internal = |e: wasmtime::Error| PolicyError::Compile(format!("engine setup: {e:#}"));
         let engine = sandbox::engine(&options.limits).map_err(internal)?;
         let linker = sandbox::linker(&engine).map_err(internal)?;
-        let artifacts = artifacts::ArtifactCache::new(&engine, options.artifact_dir)
-            .map_err(|e| internal(wasmtime::Error::from(e)))?;
+        let artifacts = artifacts::ArtifactCache::new(&engine, options.artifact_dir);
         let validated = validate(&engine, &linker, &artifacts, &options.limits, &initial)?;
+        artifacts.keep(&validated.component, &validated.digest);
         let generation = make_generation(validated, initial, 1);
         let shared = Arc::new(Shared {
             id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
@@ -389,9 +391,12 @@ impl PolicyEngine {
             }
         };
         *last_generation += 1;
+        let component = validated.component.clone();
         let generation = make_generation(validated, spec, *last_generation);
         let info = generation.info.clone();
         shared.active.store(Arc::new(generation));
+        // After the store, so lookups move to the new policy without waiting for the disk.
+        shared.artifacts.keep(&component, &info.digest);
         shared.stats.swaps_applied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(policy = %info, "policy swapped in");
         Ok(info)
@@ -586,6 +591,7 @@ fn validate(
     }
     Ok(Validated {
         pre,
+        component,
         digest,
         settings: raw.into_settings(),
     })

@@ -45,13 +45,17 @@ mod lease;
 mod stats;
 mod watch;
 
-pub use config::{ConfigError, EtcdConfig, MIN_HTTP2_KEEPALIVE, TlsPaths};
+pub use config::{
+    ConfigError, EtcdConfig, LEASE_TTL_RANGE, MIN_HTTP2_KEEPALIVE, REQUEST_TIMEOUT_RANGE, TlsPaths,
+};
 pub use stats::StatsSnapshot;
 
+mod tls;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+pub use tls::{TlsFile, TlsFileError, TlsProblem};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -218,20 +222,13 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, RegistryError>
         // ones share a single Authenticate.
         .with_auto_token_refresh(true);
     if let Some(tls) = config.tls.as_ref() {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| {
-                RegistryError::new(
-                    ErrorKind::InvalidInput,
-                    "connect",
-                    format!("reading {}: {e}", path.display()),
-                )
-            })
-        };
+        let files = tls
+            .load()
+            .map_err(|e| RegistryError::new(ErrorKind::InvalidInput, "connect", e.to_string()))?;
         let mut tls_options = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
-        if let Some((cert, key)) = &tls.client {
-            tls_options =
-                tls_options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            .ca_certificate(etcd_client::Certificate::from_pem(files.ca));
+        if let Some((cert, key)) = files.client {
+            tls_options = tls_options.identity(etcd_client::Identity::from_pem(cert, key));
         }
         options = options.with_tls(tls_options);
     }

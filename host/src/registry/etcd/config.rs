@@ -4,6 +4,7 @@
 //! before anything runs, and [`EtcdRegistry::connect`](super::EtcdRegistry::connect) is the
 //! separate step that reads the TLS files and dials etcd.
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,14 +13,30 @@ use std::time::Duration;
 /// watches first. Below this, keep-alive would do more harm than good.
 pub const MIN_HTTP2_KEEPALIVE: Duration = Duration::from_secs(5);
 
+/// Accepted request (and connect) timeouts. Below 100 ms an attempt's own floor (a third of the
+/// request timeout, at least 100 ms) would outlast the whole request; beyond 5 minutes a caller
+/// (and every lookup that waits on a refresh) would be left hanging on a dead etcd for longer
+/// than any operator means.
+pub const REQUEST_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(300);
+
+/// Accepted lease TTLs. etcd counts in whole seconds; beyond an hour a host that dies leaves its
+/// services registered (and looked up, and called) for longer than any operator means.
+pub const LEASE_TTL_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// No endpoint was given.
     #[error("at least one etcd endpoint is required")]
     NoEndpoints,
-    /// An endpoint is not `host:port`, `http://host:port` or `https://host:port`.
-    #[error("endpoint `{0}` is not host:port with an optional http:// or https:// scheme")]
+    /// An endpoint is not `host:port`, `http://host:port` or `https://host:port` with a port
+    /// from 1 to 65535.
+    #[error(
+        "endpoint `{0}` is not host:port (port 1 to 65535) with an optional http:// or https:// \
+         scheme"
+    )]
     BadEndpoint(String),
     /// An `http://` endpoint was given while TLS is configured (or `https://` without TLS).
     #[error("endpoint `{endpoint}` does not match the TLS setting (TLS {tls})")]
@@ -214,15 +231,36 @@ impl EtcdConfig {
                 Ok(())
             }
         };
-        positive("request_timeout", self.request_timeout)?;
-        positive("connect_timeout", self.connect_timeout)?;
+        let within = |setting: &'static str, d: Duration, range: &RangeInclusive<Duration>| {
+            if range.contains(&d) {
+                Ok(())
+            } else {
+                Err(ConfigError::BadDuration {
+                    setting,
+                    message: format!("must be between {:?} and {:?}", range.start(), range.end()),
+                })
+            }
+        };
+        within(
+            "request_timeout",
+            self.request_timeout,
+            &REQUEST_TIMEOUT_RANGE,
+        )?;
+        within(
+            "connect_timeout",
+            self.connect_timeout,
+            &REQUEST_TIMEOUT_RANGE,
+        )?;
         positive("retry_backoff_max", self.retry_backoff_max)?;
         positive("endpoint_probe_interval", self.endpoint_probe_interval)?;
         positive("http2_keepalive_timeout", self.http2_keepalive_timeout)?;
-        if self.lease_ttl < Duration::from_secs(1) || self.lease_ttl.subsec_nanos() != 0 {
+        if !LEASE_TTL_RANGE.contains(&self.lease_ttl) || self.lease_ttl.subsec_nanos() != 0 {
             return Err(ConfigError::BadDuration {
                 setting: "lease_ttl",
-                message: "must be a whole number of seconds, at least 1".into(),
+                message: format!(
+                    "must be a whole number of seconds, at least 1 and at most {}",
+                    LEASE_TTL_RANGE.end().as_secs()
+                ),
             });
         }
         let interval = self.effective_keep_alive_interval();
@@ -263,7 +301,8 @@ impl EtcdConfig {
         }
         let rest = rest.trim_end_matches('/');
         match rest.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            // Port 0 means "any port" to a listener, and nothing to a client: it cannot be dialled.
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
                 Ok(format!("{scheme}://{rest}"))
             }
             _ => Err(ConfigError::BadEndpoint(endpoint.into())),
@@ -331,11 +370,32 @@ mod tests {
                 base().keep_alive_interval(Duration::from_secs(15)),
                 "below the lease TTL",
             ),
+            (EtcdConfig::new(["127.0.0.1:0"]), "port 1 to 65535"),
+            (EtcdConfig::new(["http://a:0/"]), "port 1 to 65535"),
+            (EtcdConfig::new(["a:65536"]), "port 1 to 65535"),
             (
                 base().http2_keepalive(Duration::from_secs(1), Duration::from_secs(1)),
                 "GOAWAY",
             ),
-            (base().request_timeout(Duration::ZERO), "positive"),
+            (
+                base().request_timeout(Duration::ZERO),
+                "between 100ms and 300s",
+            ),
+            (
+                base().request_timeout(Duration::from_millis(99)),
+                "between 100ms and 300s",
+            ),
+            (
+                base().request_timeout(Duration::from_secs(301)),
+                "between 100ms and 300s",
+            ),
+            (
+                base().connect_timeout(Duration::from_secs(3600)),
+                "connect_timeout must be between",
+            ),
+            (base().lease_ttl(Duration::from_secs(3601)), "at most 3600"),
+            (base().lease_ttl(Duration::ZERO), "at least 1"),
+            (base().retry_backoff_max(Duration::ZERO), "positive"),
             (base().user("", "x"), "user name"),
             (base().tls_client("/c.pem", "/k.pem"), "certificate needs"),
         ];
@@ -355,3 +415,15 @@ mod tests {
         );
     }
 }
+    #[test]
+    fn accepts_the_bounds_of_every_range() {
+        let base = || EtcdConfig::new(["127.0.0.1:1", "[::1]:65535"]);
+        for timeout in [*REQUEST_TIMEOUT_RANGE.start(), *REQUEST_TIMEOUT_RANGE.end()] {
+            base().request_timeout(timeout).validate().unwrap();
+            base().connect_timeout(timeout).validate().unwrap();
+        }
+        for ttl in [*LEASE_TTL_RANGE.start(), *LEASE_TTL_RANGE.end()] {
+            base().lease_ttl(ttl).validate().unwrap();
+        }
+    }
+
