@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +36,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A configuration refused: the field (as named in the TOML file) and what is wrong with it.
+/// Accepted snapshot intervals: more often than every 100 ms the writes (each fsynced) would
+/// cost more than they save; less often than hourly a restart would serve an hour-old cache.
+pub const SNAPSHOT_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+
 /// Its one-line display also names the flag and the environment variable of the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -45,7 +51,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: &str, message: impl Into<String>) -> Self {
+    /// `field` (dotted, as in the TOML file) refused for `message`.
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
         ConfigError {
             field: field.into(),
             message: message.into(),
@@ -201,19 +208,21 @@ impl fmt::Debug for Secret {
 
 impl Secret {
     /// The secret's value, reading the file if need be (I/O: call it when building, not when
-    /// validating). `field` names the setting in the error.
+    /// validating). `field` names the inline setting in the error (`admin_token`); a file's
+    /// errors name its `_file` twin (`admin_token_file`), the setting that gave the path.
     pub fn read(&self, field: &str) -> Result<String, ConfigError> {
-        let value = match self {
-            Secret::Inline(value) => value.clone(),
-            Secret::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| {
-                    ConfigError::new(field, format!("cannot read {}: {e}", path.display()))
-                })?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
+        let (value, field) = match self {
+            Secret::Inline(value) => (value.clone(), field.to_string()),
+            Secret::File(path) => {
+                let field = format!("{field}_file");
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(&field, format!("cannot read {}: {e}", path.display()))
+                })?;
+                (text.trim_end_matches(['\n', '\r']).to_string(), field)
+            }
         };
         if value.is_empty() {
-            return Err(ConfigError::new(field, "is empty"));
+            return Err(ConfigError::new(&field, "is empty"));
         }
         Ok(value)
     }
@@ -300,6 +309,28 @@ impl ConfigLayer {
 
     /// This layer with `self`'s fields winning over `lower`'s.
     pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+
+    /// Reads and parses the TLS files (I/O: call it when building, not when validating), so
+    /// that a file etcd's client would skip (not PEM, no certificate, a key of another
+    /// certificate) stops the start with one line naming its setting, rather than leaving the
+    /// host retrying handshakes that fail with "UnknownIssuer".
+    pub fn check_tls_files(&self) -> Result<(), ConfigError> {
+        let Some(ca) = &self.ca else {
+            return Ok(());
+        };
+        let paths = etcd::TlsPaths {
+            ca: ca.clone(),
+            client: self.client.clone(),
+        };
+        paths.check().map_err(|e| {
+            let field = match e.file {
+                etcd::TlsFile::Ca => "etcd.ca",
+                etcd::TlsFile::Cert => "etcd.cert",
+                etcd::TlsFile::Key => "etcd.key",
+            };
+            ConfigError::new(field, e.to_string())
+        })
+    }
         let (e, l) = (self.etcd, lower.etcd);
         let (p, lp) = (self.policy, lower.policy);
         ConfigLayer {
@@ -355,7 +386,7 @@ impl ConfigLayer {
         )?;
         let snapshot_interval = match self.snapshot_interval.as_deref() {
             None => DEFAULT_SNAPSHOT_INTERVAL,
-            Some(text) => positive_duration("snapshot_interval", text)?,
+            Some(text) => duration_within("snapshot_interval", text, &SNAPSHOT_INTERVAL_RANGE)?,
         };
         if let Some(dir) = &self.state_dir
             && dir.as_os_str().is_empty()
@@ -487,15 +518,15 @@ fn validate_etcd(layer: EtcdLayer) -> Result<Option<EtcdSettings>, ConfigError> 
         prefix: layer.prefix.unwrap_or_else(|| "/micro/registry/".into()),
         request_timeout: match layer.request_timeout.as_deref() {
             None => Duration::from_secs(5),
-            Some(text) => positive_duration("etcd.request_timeout", text)?,
+            Some(text) => duration("etcd.request_timeout", text)?,
         },
         lease_ttl: match layer.lease_ttl.as_deref() {
             None => Duration::from_secs(15),
-            Some(text) => positive_duration("etcd.lease_ttl", text)?,
+            Some(text) => duration("etcd.lease_ttl", text)?,
         },
     };
-    // The registry's own rules (endpoint syntax, TLS scheme, prefix, TTL granularity), checked
-    // without I/O; the placeholder password is never used.
+    // The registry's own rules (endpoint syntax and ports, TLS scheme, prefix, the ranges of the
+    // timeout and the TTL), checked without I/O; the placeholder password is never used.
     let password = settings.user.as_ref().map(|_| "unused".to_string());
     settings.registry_config(password).validate().map_err(|e| {
         use etcd::ConfigError as E;
@@ -514,12 +545,25 @@ fn validate_etcd(layer: EtcdLayer) -> Result<Option<EtcdSettings>, ConfigError> 
     Ok(Some(settings))
 }
 
-fn positive_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    let duration = parse_duration(text).map_err(|message| ConfigError::new(field, message))?;
-    if duration.is_zero() {
-        return Err(ConfigError::new(field, "must be positive"));
+fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).map_err(|message| ConfigError::new(field, message))
+}
+
+/// A duration setting with its accepted range (stated in the error).
+fn duration_within(
+    field: &str,
+    text: &str,
+    range: &RangeInclusive<Duration>,
+) -> Result<Duration, ConfigError> {
+    let value = duration(field, text)?;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("must be between {:?} and {:?}", range.start(), range.end()),
+        ))
     }
-    Ok(duration)
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (one number, one unit).
@@ -633,7 +677,37 @@ mod tests {
             (
                 "snapshot_interval = \"0s\"",
                 "snapshot_interval",
-                "positive",
+                "between 100ms and 3600s",
+            ),
+            (
+                "snapshot_interval = \"2h\"",
+                "snapshot_interval",
+                "between 100ms and 3600s",
+            ),
+            (
+                "[etcd]\nendpoints = [\"a:0\"]",
+                "etcd.endpoints",
+                "port 1 to 65535",
+            ),
+            (
+                "[etcd]\nendpoints = [\"a:1\"]\nrequest_timeout = \"0s\"",
+                "etcd.request_timeout",
+                "between 100ms and 300s",
+            ),
+            (
+                "[etcd]\nendpoints = [\"a:1\"]\nrequest_timeout = \"1h\"",
+                "etcd.request_timeout",
+                "--etcd-request-timeout",
+            ),
+            (
+                "[etcd]\nendpoints = [\"a:1\"]\nlease_ttl = \"0s\"",
+                "etcd.lease_ttl",
+                "at least 1",
+            ),
+            (
+                "[etcd]\nendpoints = [\"a:1\"]\nlease_ttl = \"2h\"",
+                "etcd.lease_ttl",
+                "at most 3600",
             ),
         ];
         for (text, field, want) in cases {
@@ -669,3 +743,46 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
     }
 }
+    #[test]
+    fn file_errors_name_the_setting_that_gave_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let etcd = |extra: &str| {
+            toml(&format!(
+                "[etcd]\nendpoints = [\"a:1\"]\nca = \"{}\"\n{extra}",
+                not_pem.display()
+            ))
+            .unwrap()
+            .etcd
+            .unwrap()
+        };
+        let err = etcd("").check_tls_files().unwrap_err();
+        assert_eq!(err.field, "etcd.ca");
+        let line = err.to_string();
+        for want in [
+            "--etcd-ca",
+            "REGCACHE_ETCD_CA",
+            &not_pem.display().to_string(),
+        ] {
+            assert!(line.contains(want), "{line}");
+        }
+
+        let missing = dir.path().join("missing");
+        let secret = Secret::File(missing.clone());
+        let err = secret.read("admin_token").unwrap_err();
+        assert_eq!(err.field, "admin_token_file");
+        assert!(err.to_string().contains(&missing.display().to_string()));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let err = Secret::File(empty).read("etcd.password").unwrap_err();
+        assert_eq!(err.field, "etcd.password_file");
+        assert_eq!(
+            Secret::Inline(String::new())
+                .read("admin_token")
+                .unwrap_err()
+                .field,
+            "admin_token"
+        );
+    }
+

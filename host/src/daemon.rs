@@ -1,7 +1,10 @@
 //! The host's run loop: build everything from a validated [`HostConfig`], serve, drain, stop.
 //!
 //! 1. Logging (text or JSON); the first line says which registry and policy the host runs on.
-//! 2. Secrets are read (the only file reads of configuration happen here, not in validation).
+//! 2. Secrets are read and the TLS files parsed (the only file reads of configuration happen
+//!    here, not in validation): a bad one stops the start with one line naming its setting.
+//!    The state dir is prepared; one that cannot be written is a warning, and the host runs
+//!    without what it keeps there ([`StateDir`]).
 //! 3. The registry: etcd behind a [`Deferred`] that connects in the background (so a host
 //!    started while etcd is down still serves its snapshot), or the embedded memory registry.
 //! 4. The policy engine: the embedded default or a file (watched, and reloaded on SIGHUP).
@@ -19,6 +22,7 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cache::{CacheSnapshot, RegistryCache};
+use crate::config::ConfigError;
 use crate::config::{HostConfig, LogFormat};
 use crate::decision::Decide;
 use crate::http;
@@ -30,6 +34,7 @@ use crate::registry::etcd::EtcdRegistry;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::{ErrorKind, Registry};
 use crate::snapshot::SnapshotFile;
+use crate::state_dir::StateDir;
 
 /// Longest wait for requests in flight at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +69,9 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
         .as_ref()
         .map(|s| s.read("admin_token"))
         .transpose()?;
+    if let Some(etcd) = &config.etcd {
+        etcd.check_tls_files()?;
+    }
     let registry_desc = match &config.etcd {
         Some(etcd) => format!("etcd at {}", etcd.endpoints.join(",")),
         None => "an embedded in-memory registry (no etcd configured: registrations live only \
@@ -82,11 +90,13 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     // The policy first: a policy that does not load is a start-up error, before any port or
     // registry connection is opened.
     let spec = match &config.policy_file {
-        Some(path) => PolicySpec::from_file(path, config.policy_config.clone())?,
+        Some(path) => PolicySpec::from_file(path, config.policy_config.clone())
+            .map_err(|e| ConfigError::new("policy.file", e.to_string()))?,
         None => PolicySpec::embedded_default(config.policy_config.clone()),
     };
+    let state_dir = config.state_dir.as_deref().map(StateDir::open);
     let options = EngineOptions {
-        artifact_dir: config.state_dir.as_ref().map(|d| d.join("artifacts")),
+        artifact_dir: state_dir.as_ref().and_then(StateDir::artifact_dir),
         ..Default::default()
     };
     let engine = tokio::task::spawn_blocking(move || PolicyEngine::new(options, spec))
@@ -99,9 +109,9 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     let cache = RegistryCache::builder(registry.clone(), Arc::new(engine.clone()))
         .refresh_timeout(refresh_timeout(&config))
         .build();
-    let snapshot_file = config.state_dir.as_deref().map(SnapshotFile::in_dir);
+    let snapshot_file = state_dir.as_ref().and_then(StateDir::snapshot_to_write);
     let serving_snapshot = Arc::new(AtomicBool::new(false));
-    if let Some(file) = &snapshot_file {
+    if let Some(file) = state_dir.as_ref().and_then(StateDir::snapshot_to_read) {
         match file.read::<CacheSnapshot>() {
             Ok(Some(snapshot)) => {
                 let imported = cache.import(&snapshot);

@@ -25,8 +25,8 @@ pub struct RunArgs {
     #[arg(long, env = "REGCACHE_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
 
-    /// [etcd.endpoints] etcd endpoints, host:port or http(s)://host:port, comma-separated
-    /// [default: none: an embedded in-memory registry]
+    /// [etcd.endpoints] etcd endpoints, host:port or http(s)://host:port (port 1 to 65535),
+    /// comma-separated [default: none: an embedded in-memory registry]
     #[arg(
         long,
         env = "REGCACHE_ETCD_ENDPOINTS",
@@ -52,7 +52,9 @@ pub struct RunArgs {
     #[arg(long, env = "REGCACHE_ETCD_PASSWORD_FILE", value_name = "FILE")]
     etcd_password_file: Option<PathBuf>,
 
-    /// [etcd.ca] CA of etcd's server certificate (PEM); turns TLS on
+    /// [etcd.ca] CA of etcd's server certificate (PEM); turns TLS on. The TLS files are read
+    /// and parsed at start: one that is not PEM, holds no certificate, or a key that is not the
+    /// certificate's stops the start
     #[arg(long, env = "REGCACHE_ETCD_CA", value_name = "FILE")]
     etcd_ca: Option<PathBuf>,
 
@@ -68,11 +70,12 @@ pub struct RunArgs {
     #[arg(long, env = "REGCACHE_ETCD_PREFIX", value_name = "PREFIX")]
     etcd_prefix: Option<String>,
 
-    /// [etcd.request_timeout] Bound of every etcd call, e.g. 5s or 500ms [default: 5s]
+    /// [etcd.request_timeout] Bound of every etcd call, e.g. 5s or 500ms; 100ms to 5m
+    /// [default: 5s]
     #[arg(long, env = "REGCACHE_ETCD_REQUEST_TIMEOUT", value_name = "DURATION")]
     etcd_request_timeout: Option<String>,
 
-    /// [etcd.lease_ttl] TTL of the host's lease, whole seconds [default: 15s]
+    /// [etcd.lease_ttl] TTL of the host's lease, whole seconds, 1s to 1h [default: 15s]
     #[arg(long, env = "REGCACHE_ETCD_LEASE_TTL", value_name = "DURATION")]
     etcd_lease_ttl: Option<String>,
 
@@ -104,11 +107,13 @@ pub struct RunArgs {
     #[arg(long, env = "REGCACHE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
 
-    /// [state_dir] Directory for the cache snapshot and precompiled policies [default: none]
+    /// [state_dir] Directory for the cache snapshot and precompiled policies (created if
+    /// missing). If it cannot be written the host warns and runs without them (a snapshot
+    /// there is still read) [default: none]
     #[arg(long, env = "REGCACHE_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
-    /// [snapshot_interval] How often the snapshot is written [default: 30s]
+    /// [snapshot_interval] How often the snapshot is written, 100ms to 1h [default: 30s]
     #[arg(long, env = "REGCACHE_SNAPSHOT_INTERVAL", value_name = "DURATION")]
     snapshot_interval: Option<String>,
 
