@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use regcache_tests::binary::regcache_bin;
+use regcache_tests::etcd::TlsFiles;
 use regcache_tests::host::{
     Host, Response, poll, request_head_only, service_json, write_atomically,
 };
@@ -150,6 +151,88 @@ fn registers_and_looks_up_on_the_embedded_registry() {
     assert_eq!(host.get("/healthz").unwrap().status, 200);
     let ready = host.get("/readyz").unwrap();
     assert_eq!(ready.status, 200, "{}", ready.text());
+}
+
+/// Node addresses must be what a go-micro client can dial, `host:port`, and node ids unique
+/// within a registration: anything else is a 400 naming the node, and nothing is registered.
+#[test]
+fn registrations_need_dialable_addresses_and_distinct_node_ids() {
+    let host = Host::start(&[]).unwrap();
+    let two_nodes = |a: (&str, &str), b: (&str, &str)| {
+        serde_json::json!({
+            "name": "greeter",
+            "version": "1",
+            "nodes": [
+                { "id": a.0, "address": a.1 },
+                { "id": b.0, "address": b.1 },
+            ],
+        })
+        .to_string()
+    };
+    let cases = [
+        (
+            service_json("greeter", "1", "n1", "10.0.0.1"),
+            "node \"n1\" has an invalid address \"10.0.0.1\"",
+        ),
+        (
+            service_json("greeter", "1", "n1", "10.0.0.1:0"),
+            "port must be from 1 to 65535",
+        ),
+        (
+            service_json("greeter", "1", "n1", "10.0.0.1:70000"),
+            "port must be from 1 to 65535",
+        ),
+        (
+            service_json("greeter", "1", "n1", "::1:8080"),
+            "[ipv6]:port",
+        ),
+        (
+            service_json("greeter", "1", "n1", "http://10.0.0.1:80"),
+            "invalid address",
+        ),
+        (
+            service_json("greeter", "1", "n1", "10.0.0.300:80"),
+            "not an IPv4 address",
+        ),
+        (
+            two_nodes(("n1", "10.0.0.1:80"), ("n1", "10.0.0.2:80")),
+            "node id \"n1\" appears more than once",
+        ),
+        (
+            two_nodes(("n1", "10.0.0.1:80"), ("n2", "10.0.0.2")),
+            "node \"n2\" has an invalid address",
+        ),
+    ];
+    for (body, want) in cases {
+        let response = post_service(&host, &body);
+        assert_eq!(response.status, 400, "{body}: {}", response.text());
+        let json = response.json();
+        assert_eq!(json["error"], "bad_request", "{json}");
+        let message = json["message"].as_str().unwrap();
+        assert!(message.contains(want), "{body}: want {want}: {message}");
+    }
+    let registered = host.get("/v1/registrations").unwrap().json();
+    assert_eq!(
+        registered["registrations"],
+        serde_json::json!([]),
+        "{registered}"
+    );
+
+    // What go-micro registers passes: IPv4, host names, bracketed IPv6.
+    for (i, address) in [
+        "10.0.0.7:41231",
+        "greeter-0.greeter.default.svc:8080",
+        "[::1]:9090",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = service_json("greeter", "1", &format!("n{i}"), address);
+        let response = post_service(&host, &body);
+        assert_eq!(response.status, 201, "{address}: {}", response.text());
+    }
+    let found = lookup(&host, "greeter");
+    assert_eq!(node_ids(&found.json()), ["n0", "n1", "n2"]);
 }
 
 #[test]
@@ -657,6 +740,34 @@ fn bad_config_fails_with_one_line_naming_the_field() {
             vec![],
             "/nonexistent/policy.wasm",
         ),
+        (
+            vec!["--policy-file", "/nonexistent/policy.wasm"],
+            vec![],
+            "`policy.file` (--policy-file / REGCACHE_POLICY_FILE)",
+        ),
+        (
+            vec!["--etcd-endpoints", "127.0.0.1:0"],
+            vec![],
+            "`etcd.endpoints` (--etcd-endpoints / REGCACHE_ETCD_ENDPOINTS): endpoint `127.0.0.1:0` \
+             is not host:port (port 1 to 65535)",
+        ),
+        (
+            vec!["--etcd-endpoints", "a:1", "--etcd-request-timeout", "0s"],
+            vec![],
+            "`etcd.request_timeout` (--etcd-request-timeout / REGCACHE_ETCD_REQUEST_TIMEOUT): \
+             request_timeout must be between 100ms and 300s",
+        ),
+        (
+            vec!["--etcd-endpoints", "a:1"],
+            vec![("REGCACHE_ETCD_LEASE_TTL", "2h")],
+            "`etcd.lease_ttl` (--etcd-lease-ttl / REGCACHE_ETCD_LEASE_TTL)",
+        ),
+        (
+            vec!["--snapshot-interval", "0s"],
+            vec![],
+            "`snapshot_interval` (--snapshot-interval / REGCACHE_SNAPSHOT_INTERVAL): must be \
+             between 100ms and 3600s",
+        ),
     ];
     for (args, env, want) in cases {
         let (code, stderr) = run_bad(&args, &env);
@@ -668,6 +779,120 @@ fn bad_config_fails_with_one_line_naming_the_field() {
         assert_eq!(lines.len(), 1, "{args:?}: one error line:\n{stderr}");
         assert!(lines[0].contains(want), "{args:?}: {stderr}");
     }
+}
+
+/// TLS files are parsed at start: one etcd's client would skip (not PEM, no certificate, a
+/// key that is not the certificate's) stops the start with one line naming the setting, its
+/// flag, its variable and the path, instead of a host that stays unready saying "UnknownIssuer".
+#[test]
+fn bad_tls_files_stop_the_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles::generate(dir.path()).unwrap();
+    let not_pem = dir.path().join("ca.der");
+    std::fs::write(&not_pem, b"\x30\x82\x01\x0a not PEM at all").unwrap();
+    let not_pem = not_pem.to_str().unwrap();
+    let (ca, cert, key) = (
+        files.ca.to_str().unwrap(),
+        files.client_cert.to_str().unwrap(),
+        files.client_key.to_str().unwrap(),
+    );
+    let server_key = files.server_key.to_str().unwrap();
+    // No etcd runs at this endpoint: the files are checked before anything dials.
+    let endpoint = ["--etcd-endpoints", "127.0.0.1:9"];
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["--etcd-ca", not_pem],
+            format!(
+                "`etcd.ca` (--etcd-ca / REGCACHE_ETCD_CA): {not_pem}: no PEM certificate in it"
+            ),
+        ),
+        (
+            vec!["--etcd-ca", ca, "--etcd-cert", key, "--etcd-key", key],
+            format!("`etcd.cert` (--etcd-cert / REGCACHE_ETCD_CERT): {key}: no PEM certificate"),
+        ),
+        (
+            vec![
+                "--etcd-ca",
+                ca,
+                "--etcd-cert",
+                cert,
+                "--etcd-key",
+                server_key,
+            ],
+            format!(
+                "`etcd.key` (--etcd-key / REGCACHE_ETCD_KEY): {server_key}: the private key does \
+                 not match the client certificate {cert}"
+            ),
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = endpoint.iter().copied().chain(args).collect();
+        let (code, stderr) = run_bad(&args, &[]);
+        assert_ne!(code, 0, "{args:?} must fail");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("regcache:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one error line:\n{stderr}");
+        assert!(lines[0].contains(&want), "{args:?}: want {want}\n{stderr}");
+    }
+    // The good files pass the check (then the host starts and waits for etcd).
+    let host = Host::start(&[
+        endpoint[0],
+        endpoint[1],
+        "--etcd-ca",
+        ca,
+        "--etcd-cert",
+        cert,
+        "--etcd-key",
+        key,
+    ])
+    .unwrap();
+    assert_eq!(host.get("/healthz").unwrap().status, 200);
+}
+
+/// A state dir the host cannot write costs it its precompiled-policy cache and its snapshot
+/// writes, not its start: it warns, naming the setting and the path, and serves.
+///
+/// The tests run as root, which writes through permission bits (`chmod 0555` stops nobody),
+/// and a read-only mount needs privileges a test should not take. What the host meets in both
+/// cases is the same: the directory cannot be created or written in. A state dir that is a
+/// regular file, and one under a regular file, make that true for root too.
+#[test]
+fn a_state_dir_that_cannot_be_written_is_a_warning_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state");
+    std::fs::write(&file, "not a directory").unwrap();
+    for state_dir in [file.clone(), file.join("nested")] {
+        let state_dir = state_dir.to_str().unwrap();
+        let mut host = Host::start(&["--state-dir", state_dir, "--snapshot-interval", "100ms"])
+            .unwrap_or_else(|e| panic!("{state_dir}: {e:#}"));
+        let warning = host
+            .log()
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(&format!("state_dir {state_dir}")))
+            .map(str::to_string);
+        let warning = warning.unwrap_or_else(|| panic!("no warning:\n{}", host.log()));
+        assert!(
+            warning.contains("without the precompiled-policy cache")
+                && warning.contains("without writing snapshots"),
+            "{warning}"
+        );
+        let created = post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:8080"));
+        assert_eq!(created.status, 201, "{}", created.text());
+        let found = lookup(&host, "greeter");
+        assert_eq!(found.status, 200, "{}", found.text());
+        assert_eq!(node_ids(&found.json()), ["n1"]);
+        // Past a few snapshot intervals, and through the shutdown's write: no attempt at all.
+        std::thread::sleep(Duration::from_millis(300));
+        host.signal("TERM").unwrap();
+        assert!(host.wait_exit(Duration::from_secs(15)).unwrap().success());
+        let log = host.log();
+        assert!(!log.contains("cannot write the snapshot"), "{log}");
+        assert!(!log.contains("cannot store precompiled policy"), "{log}");
+        assert!(!log.contains("ignoring the snapshot"), "{log}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
 }
 
 #[test]
