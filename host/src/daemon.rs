@@ -246,7 +246,10 @@ async fn build_registry(
         .as_ref()
         .map(|(_, secret)| secret.read("etcd.password"))
         .transpose()?;
-    let etcd_config = etcd.registry_config(password);
+    let mut etcd_config = etcd.registry_config(password);
+    if let Some(dir) = &config.state_dir {
+        etcd_config = etcd_config.state_dir(dir);
+    }
     let deferred = Arc::new(Deferred::new());
     let connected: Arc<std::sync::OnceLock<Arc<EtcdRegistry>>> = Arc::default();
 

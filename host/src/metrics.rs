@@ -253,6 +253,12 @@ impl Collector for Sources {
             "Registry values skipped as malformed.",
             r.malformed_values,
         )?;
+        counter(
+            &mut e,
+            "regcache_registration_conflicts",
+            "This host's registrations found held by another host's lease (not written back).",
+            r.conflicts,
+        )?;
         Ok(())
     }
 }

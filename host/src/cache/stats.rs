@@ -101,7 +101,8 @@ impl Counters {
             Err(ErrorKind::Timeout) => Counter::GetTimeout,
             Err(ErrorKind::Unavailable) => Counter::GetUnavailable,
             Err(ErrorKind::Unauthenticated) => Counter::GetUnauthenticated,
-            Err(ErrorKind::InvalidInput) => Counter::GetInvalidInput,
+            // `get_service` never conflicts (only registrations do).
+            Err(ErrorKind::InvalidInput | ErrorKind::Conflict { .. }) => Counter::GetInvalidInput,
         });
     }
 

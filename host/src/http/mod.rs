@@ -16,7 +16,8 @@
 //! Every error is JSON (`{"error": "...", "message": "..."}`) with a 4xx status for anything the
 //! client got wrong: malformed JSON, odd names, oversized bodies (413), unknown routes (404),
 //! wrong methods (405), missing or wrong admin token (401), admin endpoints with no token
-//! configured (403: disabled, never open). 5xx means the registry or the lookup could not
+//! configured (403: disabled, never open), a registration of a node another host's lease holds
+//! (409, the owner's lease in `details`; `?force=true` takes it). 5xx means the registry or the lookup could not
 //! answer (503), or etcd did not answer in time (504), never bad input.
 
 mod admin;
@@ -171,6 +172,15 @@ impl From<RegistryError> for ApiError {
             ErrorKind::Unavailable | ErrorKind::Unauthenticated => {
                 (StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable")
             }
+            ErrorKind::Conflict { owner_lease } => {
+                // Both spellings: etcdctl shows leases in hex, etcd's JSON in decimal.
+                let details = serde_json::json!({
+                    "owner_lease": owner_lease,
+                    "owner_lease_hex": format!("{owner_lease:x}"),
+                });
+                return ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+                    .with_details(details);
+            }
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -227,6 +237,17 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conflict_is_409_with_the_owners_lease_in_both_spellings() {
+        let e = ApiError::from(RegistryError::conflict("register", "svc", "n1", 255));
+        assert_eq!((e.status, e.body.error), (StatusCode::CONFLICT, "conflict"));
+        assert_eq!(
+            e.body.details,
+            Some(serde_json::json!({"owner_lease": 255, "owner_lease_hex": "ff"}))
+        );
+        assert!(e.body.message.contains("svc/n1"), "{}", e.body.message);
+    }
 
     #[test]
     fn names() {

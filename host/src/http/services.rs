@@ -4,18 +4,18 @@ use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::nodes::check_nodes;
 use super::{ApiError, AppState, check_name};
 use crate::cache::{Answer, LookupError, Source};
 use crate::decision::PolicyInfo;
 use crate::model::Service;
-use crate::registry::{self, ErrorKind};
+use crate::registry::{self, ErrorKind, Takeover};
 
 /// `GET /v1/services/{name}`.
 #[derive(Serialize)]
@@ -177,13 +177,45 @@ pub(super) async fn list(State(state): State<AppState>) -> Json<ServiceList> {
 #[derive(Serialize)]
 pub(super) struct Registrations {
     registrations: Vec<Service>,
+    /// Those of `registrations` another host's lease holds now: not written back while it
+    /// does.
+    conflicts: Vec<ConflictBody>,
+}
+
+#[derive(Serialize)]
+struct ConflictBody {
+    service: String,
+    node: String,
+    owner_lease: i64,
+    owner_lease_hex: String,
 }
 
 /// `GET /v1/registrations`.
 pub(super) async fn registrations(State(state): State<AppState>) -> Json<Registrations> {
+    let conflicts = state
+        .registry
+        .conflicts()
+        .into_iter()
+        .map(|c| ConflictBody {
+            owner_lease_hex: format!("{:x}", c.owner_lease),
+            service: c.service,
+            node: c.node_id,
+            owner_lease: c.owner_lease,
+        })
+        .collect();
     Json(Registrations {
         registrations: state.registry.registrations(),
+        conflicts,
     })
+}
+
+/// `POST /v1/registrations` options.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RegisterOptions {
+    /// Take over nodes another host's lease holds (else 409).
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Serialize)]
@@ -196,11 +228,13 @@ pub(super) struct Registered {
     pending: Option<String>,
 }
 
-/// `POST /v1/registrations` with a go-micro service of at least one node.
+/// `POST /v1/registrations[?force=true]` with a go-micro service of at least one node.
 pub(super) async fn register(
     State(state): State<AppState>,
+    options: Result<Query<RegisterOptions>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    let Query(options) = options?;
     let body = body?;
     // Service::decode is go-micro's tolerant reader (null maps, mixed-case keys); it refuses
     // what is not a JSON object with a name.
@@ -212,7 +246,12 @@ pub(super) async fn register(
         ));
     }
     check_nodes(&service.nodes)?;
-    let (status, pending) = match state.registry.register(&service).await? {
+    let takeover = if options.force {
+        Takeover::Force
+    } else {
+        Takeover::Refuse
+    };
+    let (status, pending) = match state.registry.register_with(&service, takeover).await? {
         registry::Registered::Now => (StatusCode::CREATED, None),
         registry::Registered::Later(e) => (StatusCode::ACCEPTED, Some(e.to_string())),
     };

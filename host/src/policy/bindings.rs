@@ -37,6 +37,9 @@ fn error_kind(kind: ErrorKind) -> wit::ErrorKind {
         ErrorKind::Unauthenticated => wit::ErrorKind::Unauthenticated,
         ErrorKind::NotFound => wit::ErrorKind::NotFound,
         ErrorKind::InvalidInput => wit::ErrorKind::InvalidInput,
+        // Only registrations conflict, and a policy is asked about lookups: never reached.
+        // The nearest kind keeps the WIT (and every built policy) unchanged.
+        ErrorKind::Conflict { .. } => wit::ErrorKind::InvalidInput,
     }
 }
 

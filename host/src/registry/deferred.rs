@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent, check_registration,
+    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
+    check_registration,
 };
 use crate::model::Service;
 
@@ -33,9 +34,10 @@ pub struct Deferred {
     inner: OnceLock<Arc<dyn Registry>>,
     /// Watchers waiting for the registry, fed once it is set.
     pending: Mutex<Vec<mpsc::Sender<WatchEvent>>>,
-    /// Registrations waiting for the registry, one node each by (service, node id),
-    /// registered once it is set.
-    early_registrations: Mutex<BTreeMap<(String, String), Service>>,
+    /// Registrations waiting for the registry, one node each by (service, node id), with
+    /// whether they may take over another host's node, registered once it is set (a conflict
+    /// met then is logged: the caller was answered already).
+    early_registrations: Mutex<BTreeMap<(String, String), (Service, Takeover)>>,
     /// Held by `set` from before the registry is visible until the early registrations are
     /// handed over; calls that change registrations on the registry take it first.
     handover: tokio::sync::Mutex<()>,
@@ -78,18 +80,18 @@ impl Deferred {
         }
         // `register` checks `inner` under this lock, so every early registration is here; the
         // map is emptied only once all of them are handed over, for `registrations` to list.
-        let early: Vec<Service> = self
+        let early: Vec<(Service, Takeover)> = self
             .early_registrations
             .lock()
             .unwrap()
             .values()
             .cloned()
             .collect();
-        for service in early {
+        for (service, takeover) in early {
             if *self.shut.lock().unwrap() {
                 break;
             }
-            match registry.register(&service).await {
+            match registry.register_with(&service, takeover).await {
                 Ok(Registered::Now) => {}
                 Ok(Registered::Later(e)) => {
                     tracing::warn!(service = %service.name, "registration kept for later: {e}")
@@ -128,7 +130,11 @@ fn not_connected(op: &'static str) -> RegistryError {
 
 #[async_trait]
 impl Registry for Deferred {
-    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
+    async fn register_with(
+        &self,
+        service: &Service,
+        takeover: Takeover,
+    ) -> Result<Registered, RegistryError> {
         check_registration(service)?;
         {
             let mut early = self.early_registrations.lock().unwrap();
@@ -136,14 +142,14 @@ impl Registry for Deferred {
                 for node in &service.nodes {
                     early.insert(
                         (service.name.clone(), node.id.clone()),
-                        service.with_single_node(node),
+                        (service.with_single_node(node), takeover),
                     );
                 }
                 return Ok(Registered::Later(not_connected("register")));
             }
         }
         let inner = self.settled().await.expect("set before it was seen");
-        inner.register(service).await
+        inner.register_with(service, takeover).await
     }
 
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
@@ -201,8 +207,13 @@ impl Registry for Deferred {
     /// Before the registry is set, the early registrations; during the handover, the
     /// registry's and those not handed over yet; then the registry's.
     fn registrations(&self) -> Vec<Service> {
-        let mut all: BTreeMap<(String, String), Service> =
-            self.early_registrations.lock().unwrap().clone();
+        let mut all: BTreeMap<(String, String), Service> = self
+            .early_registrations
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(key, (service, _))| (key.clone(), service.clone()))
+            .collect();
         if let Some(inner) = self.inner.get() {
             for service in inner.registrations() {
                 if let Some(node) = service.nodes.first() {
@@ -211,6 +222,12 @@ impl Registry for Deferred {
             }
         }
         all.into_values().collect()
+    }
+
+    fn conflicts(&self) -> Vec<Conflict> {
+        self.inner
+            .get()
+            .map_or_else(Vec::new, |inner| inner.conflicts())
     }
 
     async fn shutdown(&self) {

@@ -9,8 +9,12 @@
 //! - [`watch`]: one prefix watch (with `prev_kv`) that mirrors the registry, fans events out to
 //!   every [`Registry::watch`] receiver, resumes from the last revision after a loss, re-lists
 //!   and sends [`WatchEvent::Resync`] after a compaction, feeds [`Registry::health`], and asks
-//!   the lease task to re-put an owned key it sees deleted. A small timer task resyncs
+//!   the lease task to re-put an owned key it sees deleted or changed by someone else. A small timer task resyncs
 //!   receivers that fell behind even when no further event comes.
+//! - [`ownership`]: which leases are this host's (remembered in the state dir across restarts)
+//!   and the transactions that write an owned key only while no other host's lease holds it,
+//!   so that a registration never takes over another host's node (unless forced) and a re-put
+//!   yields to one that did.
 //! - [`endpoints`]: with several endpoints, takes a member that stopped answering (killed or
 //!   hung) out of the client's balancer (else about a third of calls keep failing or waiting)
 //!   and puts it back once it answers again.
@@ -42,31 +46,34 @@
 mod config;
 mod endpoints;
 mod lease;
+mod ownership;
 mod stats;
+mod tls;
 mod watch;
 
 pub use config::{
     ConfigError, EtcdConfig, LEASE_TTL_RANGE, MIN_HTTP2_KEEPALIVE, REQUEST_TIMEOUT_RANGE, TlsPaths,
 };
 pub use stats::StatsSnapshot;
+pub use tls::{TlsFile, TlsFileError, TlsProblem};
 
-mod tls;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-pub use tls::{TlsFile, TlsFileError, TlsProblem};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions};
 use tokio::sync::{mpsc, watch as signal};
 use tokio::task::JoinHandle;
 
 use super::{
-    ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent, check_registration,
+    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
+    check_registration,
 };
 use crate::model::{Service, group_by_version, key_segment};
+use ownership::{Foreign, HostLeases};
 use stats::Stats;
 
 /// Largest gRPC message the client accepts. A full list of a large registry (thousands of
@@ -88,6 +95,8 @@ pub struct EtcdRegistry {
 pub(crate) struct Owned {
     service: Service,
     value: Vec<u8>,
+    /// Another host's lease that holds the key now: it is not written back while so.
+    conflict: Option<i64>,
 }
 
 /// State shared by the registry handle and its background tasks.
@@ -97,6 +106,8 @@ pub(crate) struct Shared {
     stats: Stats,
     /// Keys this host owns, by full etcd key.
     owned: Mutex<BTreeMap<String, Owned>>,
+    /// This host's leases, the current one and an earlier run's.
+    leases: HostLeases,
     /// The current lease; held across grant and re-put so that one writer at a time decides
     /// which lease the owned keys are on.
     lease: tokio::sync::Mutex<Option<i64>>,
@@ -142,11 +153,13 @@ impl EtcdRegistry {
             .map_err(|e| error("connect", &e))?;
         let (lease_id, _) = signal::channel(None);
         let (shutdown, _) = signal::channel(false);
+        let leases = HostLeases::load(config.state_dir.as_deref());
         let shared = Arc::new(Shared {
             client,
             config,
             stats: Stats::default(),
             owned: Mutex::new(BTreeMap::new()),
+            leases,
             lease: tokio::sync::Mutex::new(None),
             lease_id,
             repairs: Mutex::new(Vec::new()),
@@ -509,12 +522,15 @@ impl Shared {
 
     /// Puts owned keys on the current lease, granting one first if there is none. If etcd
     /// says the lease is gone, grants a new one and puts every owned key on it. `keys: None`
-    /// puts every owned key. The caller holds the lease lock.
+    /// puts every owned key. Keys another host's lease holds are refused, yielded (marked in
+    /// conflict) or taken, as `foreign` says (see [`ownership`]). The caller holds the lease
+    /// lock.
     pub(crate) async fn put_owned(
         &self,
         lease: &mut Option<i64>,
         keys: Option<Vec<String>>,
         op: &'static str,
+        foreign: Foreign,
     ) -> Result<(), RegistryError> {
         let mut keys = keys;
         for _ in 0..2 {
@@ -527,59 +543,43 @@ impl Shared {
                     .await?;
                 Stats::bump(&self.stats.lease_grants);
                 tracing::info!(lease = granted.id(), ttl = granted.ttl(), "granted lease");
+                // Recorded before any key is on it: a crash from here on leaves a lease that
+                // the next run recognizes as its own.
+                self.leases.add(granted.id()).await;
                 *lease = Some(granted.id());
                 self.lease_id.send_replace(*lease);
                 keys = None;
             }
             let id = lease.expect("granted above");
-            let targets: Vec<(String, Vec<u8>)> = {
+            // The lease lock keeps deregistrations out until the writes are done, so a key
+            // deregistered meanwhile is not written back.
+            let targets: Vec<(String, Owned)> = {
                 let owned = self.owned.lock().unwrap();
                 match &keys {
-                    None => owned
-                        .iter()
-                        .map(|(k, o)| (k.clone(), o.value.clone()))
-                        .collect(),
+                    None => owned.iter().map(|(k, o)| (k.clone(), o.clone())).collect(),
                     Some(keys) => keys
                         .iter()
-                        .filter_map(|k| owned.get(k).map(|o| (k.clone(), o.value.clone())))
+                        .filter_map(|k| owned.get(k).map(|o| (k.clone(), o.clone())))
                         .collect(),
                 }
             };
-            let mut lost = false;
-            for (key, value) in targets {
-                // Re-checked per key: the puts take time, and a key deregistered meanwhile must
-                // not be written back (deregister also holds the lease lock; this is the
-                // belt to its braces).
-                if !self.owned.lock().unwrap().contains_key(&key) {
-                    continue;
-                }
-                let put = self
-                    .call(op, |mut c| {
-                        let (key, value) = (key.clone(), value.clone());
-                        async move {
-                            c.put(key, value, Some(PutOptions::new().with_lease(id)))
-                                .await
-                        }
-                    })
-                    .await;
-                match put {
-                    Ok(_) => {
-                        if op == "reput" {
-                            Stats::bump(&self.stats.reputs);
-                        }
+            let checked: Vec<String> = targets.iter().map(|(k, _)| k.clone()).collect();
+            match ownership::write(self, op, id, targets, foreign).await {
+                Ok(written) => {
+                    if op == "reput" {
+                        let count = written.count as u64;
+                        self.stats.reputs.fetch_add(count, Ordering::Relaxed);
                     }
-                    Err(e) if lease_not_found(&e) => {
-                        tracing::warn!(lease = id, "lease gone while putting; granting a new one");
-                        Stats::bump(&self.stats.lease_regrants);
-                        *lease = None;
-                        lost = true;
-                        break;
-                    }
-                    Err(e) => return Err(e),
+                    self.mark_conflicts(&checked, &written.yielded);
+                    return Ok(());
                 }
-            }
-            if !lost {
-                return Ok(());
+                Err(e) if lease_not_found(&e) => {
+                    tracing::warn!(lease = id, "lease gone while putting; granting a new one");
+                    Stats::bump(&self.stats.lease_regrants);
+                    self.leases.forget(&[id]).await;
+                    *lease = None;
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(RegistryError::new(
@@ -587,6 +587,59 @@ impl Shared {
             op,
             "the lease was lost twice in a row",
         ))
+    }
+
+    /// Records which of the `checked` keys another lease holds (`yielded`): those are reported
+    /// once, when the conflict starts, and not written back while it lasts; the others are
+    /// this host's again.
+    fn mark_conflicts(&self, checked: &[String], yielded: &[(String, i64)]) {
+        let yielded: BTreeMap<&str, i64> = yielded.iter().map(|(k, l)| (k.as_str(), *l)).collect();
+        let mut owned = self.owned.lock().unwrap();
+        for key in checked {
+            let Some(entry) = owned.get_mut(key) else {
+                continue;
+            };
+            let now = yielded.get(key.as_str()).copied();
+            if now.is_some() && now != entry.conflict {
+                Stats::bump(&self.stats.conflicts);
+                tracing::warn!(
+                    key,
+                    owner_lease = now,
+                    "a registration of this host is held by another lease; not writing it back \
+                     while that lease holds it"
+                );
+            }
+            entry.conflict = now;
+        }
+    }
+
+    /// At shutdown: deletes this host's `owned` keys and revokes its lease, so that none is
+    /// left in etcd. The revocation takes the keys on the lease with it, but not an owned key
+    /// someone rewrote on no lease (`etcdctl put`) and that was not put back yet: it would stay
+    /// for ever. Hence the guarded deletes first (never of another host's key). The caller
+    /// holds the lease lock.
+    async fn release(&self, lease: &mut Option<i64>, owned: &[String]) {
+        if let Err(e) = ownership::delete_own(self, "shutdown_delete", owned, *lease).await {
+            tracing::warn!(error = %e, "could not delete this host's keys; those on its lease expire by TTL");
+        }
+        let Some(id) = lease.take() else {
+            return;
+        };
+        let revoked = self
+            .call(
+                "lease_revoke",
+                |mut c| async move { c.lease_revoke(id).await },
+            )
+            .await;
+        match revoked {
+            Ok(_) => {
+                tracing::info!(lease = id, "revoked lease");
+                self.leases.forget(&[id]).await;
+            }
+            Err(e) => {
+                tracing::warn!(lease = id, error = %e, "could not revoke lease; it expires by TTL")
+            }
+        }
     }
 }
 
@@ -604,7 +657,11 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 #[async_trait]
 impl Registry for EtcdRegistry {
-    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
+    async fn register_with(
+        &self,
+        service: &Service,
+        takeover: Takeover,
+    ) -> Result<Registered, RegistryError> {
         check_registration(service)?;
         let shared = &self.shared;
         let mut keys = Vec::new();
@@ -620,6 +677,7 @@ impl Registry for EtcdRegistry {
                     Owned {
                         service: single,
                         value,
+                        conflict: None,
                     },
                 );
                 replaced.push((key.clone(), previous));
@@ -627,15 +685,17 @@ impl Registry for EtcdRegistry {
             }
         }
         // The keys stay owned if this first write meets an outage: the lease task puts them as
-        // soon as etcd answers, which is what "registered until deregistered" means then. A
-        // refusal (too large, permission denied) would be refused forever: undo and report it.
+        // soon as etcd answers, which is what "registered until deregistered" means then (a
+        // node another host took meanwhile is then reported as a conflict, not refused). A
+        // refusal (too large, permission denied, another host's node) would be refused
+        // forever: undo and report it.
         // One bound for the whole registration: waiting for the lease lock, a grant and the
         // puts are each bounded too, but their sum must not exceed what the caller configured.
         let bound = shared.config.request_timeout;
         let attempt = async {
             let mut lease = shared.lease.lock().await;
             shared
-                .put_owned(&mut lease, Some(keys.clone()), "register")
+                .put_owned(&mut lease, Some(keys.clone()), "register", takeover.into())
                 .await
         };
         let result = match tokio::time::timeout(bound, attempt).await {
@@ -687,19 +747,15 @@ impl Registry for EtcdRegistry {
         // an error and can retry, and the lease keeps the key alive meanwhile rather than
         // orphaning it under a lease nobody will ever delete it from. The lease lock keeps a
         // re-put (lease task, repair) from writing the key back between the delete and the
-        // removal from `owned`. One bound for the wait on the lock and the delete.
+        // removal from `owned`. One bound for the wait on the lock and the delete. A key
+        // another host's lease took over is that host's now: it is left alone.
         let bound = shared.config.request_timeout;
         let attempt = async {
-            let _lease = shared.lease.lock().await;
+            let lease = shared.lease.lock().await;
             if !shared.owned.lock().unwrap().contains_key(&key) {
                 return Err(not_registered()); // a concurrent deregister won
             }
-            shared
-                .call("deregister", |mut c| {
-                    let key = key.clone();
-                    async move { c.delete(key, None).await }
-                })
-                .await?;
+            ownership::delete_own(shared, "deregister", std::slice::from_ref(&key), *lease).await?;
             shared.owned.lock().unwrap().remove(&key);
             Ok(())
         };
@@ -794,6 +850,20 @@ impl Registry for EtcdRegistry {
         owned.values().map(|o| o.service.clone()).collect()
     }
 
+    fn conflicts(&self) -> Vec<Conflict> {
+        let owned = self.shared.owned.lock().unwrap();
+        owned
+            .values()
+            .filter_map(|o| {
+                Some(Conflict {
+                    service: o.service.name.clone(),
+                    node_id: o.service.nodes.first()?.id.clone(),
+                    owner_lease: o.conflict?,
+                })
+            })
+            .collect()
+    }
+
     async fn shutdown(&self) {
         let shared = &self.shared;
         // Stop the tasks first so that nothing re-puts what the revocation deletes.
@@ -801,23 +871,15 @@ impl Registry for EtcdRegistry {
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
-        shared.owned.lock().unwrap().clear();
+        let owned: Vec<String> = std::mem::take(&mut *shared.owned.lock().unwrap())
+            .into_iter()
+            .filter(|(_, o)| o.conflict.is_none())
+            .map(|(key, _)| key)
+            .collect();
         let bound = shared.config.request_timeout;
-        if let Ok(mut lease) = tokio::time::timeout(bound, shared.lease.lock()).await
-            && let Some(id) = lease.take()
-        {
-            let revoked = shared
-                .call(
-                    "lease_revoke",
-                    |mut c| async move { c.lease_revoke(id).await },
-                )
-                .await;
-            match revoked {
-                Ok(_) => tracing::info!(lease = id, "revoked lease"),
-                Err(e) => {
-                    tracing::warn!(lease = id, error = %e, "could not revoke lease; it expires by TTL")
-                }
-            }
+        match tokio::time::timeout(bound, shared.lease.lock()).await {
+            Ok(mut lease) => shared.release(&mut lease, &owned).await,
+            Err(_) => tracing::warn!("the lease stayed busy at shutdown; it expires by TTL"),
         }
         shared.hub.lock().unwrap().close();
         shared.watch_connected.store(false, Ordering::Relaxed);

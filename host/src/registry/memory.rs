@@ -3,17 +3,25 @@
 //! It keeps the same contract as etcd (nodes keyed by service and node id, grouped by version
 //! on read, a watch of every change) and adds what tests need to stand in for a sick etcd: a
 //! switchable failure and an artificial latency, plus a count of `get_service` calls.
+//!
+//! Ownership is modelled as on etcd: each registry stands for one host with a lease of its own
+//! (an id unique in the process), and [`MemoryRegistry::put_as`] writes nodes as another host's
+//! lease would. A registration refuses a node held by another lease (unless forced), and a node
+//! of this host's that another lease takes over is reported in [`Registry::conflicts`] and left
+//! to it. Unlike etcd's, this registry does not write back a node of its own that was deleted
+//! or taken over: nobody but the test at hand writes into it.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    ErrorKind, Health, Registered, Registry, RegistryError, WatchEvent, check_registration,
+    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
+    check_registration,
 };
 use crate::model::{Service, group_by_version};
 
@@ -22,18 +30,37 @@ use crate::model::{Service, group_by_version};
 const WATCH_QUEUE: usize = 4096;
 
 /// A registry held in memory.
-#[derive(Default)]
 pub struct MemoryRegistry {
     state: Mutex<State>,
     get_calls: AtomicU64,
+    /// This registry's lease: the identity of the host it stands for.
+    lease: i64,
 }
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        // Unique in the process, so that two registries never take each other for the same host.
+        static NEXT_LEASE: AtomicI64 = AtomicI64::new(1);
+        MemoryRegistry {
+            state: Mutex::default(),
+            get_calls: AtomicU64::new(0),
+            lease: NEXT_LEASE.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+type Key = (String, String);
 
 #[derive(Default)]
 struct State {
     /// Single-node services keyed by (service, node id).
-    nodes: BTreeMap<(String, String), Service>,
+    nodes: BTreeMap<Key, Service>,
+    /// The lease each node in `nodes` is on.
+    holders: BTreeMap<Key, i64>,
     /// Keys registered through this handle, as a host's own registrations.
-    owned: BTreeMap<(String, String), Service>,
+    owned: BTreeMap<Key, Service>,
+    /// Owned keys another lease took over, with that lease.
+    conflicts: BTreeMap<Key, i64>,
     watchers: Vec<mpsc::Sender<WatchEvent>>,
     revision: i64,
     failure: Option<ErrorKind>,
@@ -58,11 +85,14 @@ impl MemoryRegistry {
             let stale: Vec<Service> = state
                 .owned
                 .iter()
-                .filter(|(key, service)| state.nodes.get(*key) != Some(*service))
+                .filter(|(key, service)| {
+                    state.nodes.get(*key) != Some(*service) && !state.conflicts.contains_key(*key)
+                })
                 .map(|(_, service)| service.clone())
                 .collect();
+            let lease = self.lease;
             for service in stale {
-                state.put(service);
+                state.put(service, lease);
             }
         }
     }
@@ -77,10 +107,29 @@ impl MemoryRegistry {
         self.get_calls.load(Ordering::SeqCst)
     }
 
+    /// This registry's lease (its host's identity).
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// Writes every node of `service` as another host holding `lease` would (a registration
+    /// elsewhere, forced or not): this registry's own nodes among them become conflicts.
+    pub fn put_as(&self, service: &Service, lease: i64) {
+        let mut state = self.state.lock().unwrap();
+        for node in &service.nodes {
+            let key = (service.name.clone(), node.id.clone());
+            if state.owned.contains_key(&key) && lease != self.lease {
+                state.conflicts.insert(key, lease);
+            }
+            state.put(service.with_single_node(node), lease);
+        }
+    }
+
     /// Removes a node as a lease expiry would, whoever registered it.
     pub fn expire(&self, service: &str, node_id: &str) {
         let mut state = self.state.lock().unwrap();
         let key = (service.to_string(), node_id.to_string());
+        state.holders.remove(&key);
         if state.nodes.remove(&key).is_some() {
             state.revision += 1;
             let event = WatchEvent::Delete {
@@ -114,32 +163,59 @@ impl State {
             .retain(|w| w.try_send(event.clone()).is_ok() || !w.is_closed());
     }
 
-    fn put(&mut self, service: Service) {
-        let node_id = service.nodes[0].id.clone();
+    fn put(&mut self, service: Service, lease: i64) {
+        let key = (service.name.clone(), service.nodes[0].id.clone());
         self.revision += 1;
         let revision = self.revision;
-        self.nodes
-            .insert((service.name.clone(), node_id), service.clone());
+        self.holders.insert(key.clone(), lease);
+        self.nodes.insert(key, service.clone());
         self.publish(WatchEvent::Put { service, revision });
     }
 }
 
 #[async_trait]
 impl Registry for MemoryRegistry {
-    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
+    async fn register_with(
+        &self,
+        service: &Service,
+        takeover: Takeover,
+    ) -> Result<Registered, RegistryError> {
         check_registration(service)?;
         let entered = match self.enter("register").await {
             Err(e) if !e.kind.is_outage() => return Err(e),
             entered => entered,
         };
         let mut state = self.state.lock().unwrap();
+        // Every node is checked before any is written, as etcd's transaction does.
+        for node in &service.nodes {
+            let key = (service.name.clone(), node.id.clone());
+            match state.holders.get(&key) {
+                Some(&owner) if owner != self.lease && entered.is_ok() => match takeover {
+                    Takeover::Refuse => {
+                        return Err(RegistryError::conflict(
+                            "register",
+                            &service.name,
+                            &node.id,
+                            owner,
+                        ));
+                    }
+                    Takeover::Force => tracing::warn!(
+                        service = %service.name,
+                        node = %node.id,
+                        owner_lease = owner,
+                        "forced registration: taking over a node another host's lease holds"
+                    ),
+                },
+                _ => {}
+            }
+        }
         for node in &service.nodes {
             let single = service.with_single_node(node);
-            state
-                .owned
-                .insert((service.name.clone(), node.id.clone()), single.clone());
+            let key = (service.name.clone(), node.id.clone());
+            state.owned.insert(key.clone(), single.clone());
             if entered.is_ok() {
-                state.put(single);
+                state.conflicts.remove(&key);
+                state.put(single, self.lease);
             }
         }
         Ok(match entered {
@@ -151,7 +227,11 @@ impl Registry for MemoryRegistry {
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError> {
         self.enter("deregister").await?;
         let key = (service.to_string(), node_id.to_string());
-        let owned = self.state.lock().unwrap().owned.remove(&key).is_some();
+        let (owned, taken) = {
+            let mut state = self.state.lock().unwrap();
+            let taken = state.conflicts.remove(&key).is_some();
+            (state.owned.remove(&key).is_some(), taken)
+        };
         if !owned {
             return Err(RegistryError::new(
                 ErrorKind::NotFound,
@@ -159,7 +239,10 @@ impl Registry for MemoryRegistry {
                 format!("{service}/{node_id} is not registered by this host"),
             ));
         }
-        self.expire(service, node_id);
+        // A node another lease took over is that host's now: it stays.
+        if !taken {
+            self.expire(service, node_id);
+        }
         Ok(())
     }
 
@@ -210,10 +293,27 @@ impl Registry for MemoryRegistry {
         self.state.lock().unwrap().owned.values().cloned().collect()
     }
 
+    fn conflicts(&self) -> Vec<Conflict> {
+        let state = self.state.lock().unwrap();
+        state
+            .conflicts
+            .iter()
+            .map(|((service, node_id), owner_lease)| Conflict {
+                service: service.clone(),
+                node_id: node_id.clone(),
+                owner_lease: *owner_lease,
+            })
+            .collect()
+    }
+
     async fn shutdown(&self) {
         let owned: Vec<(String, String)> = {
             let mut state = self.state.lock().unwrap();
-            std::mem::take(&mut state.owned).into_keys().collect()
+            let conflicts = std::mem::take(&mut state.conflicts);
+            std::mem::take(&mut state.owned)
+                .into_keys()
+                .filter(|key| !conflicts.contains_key(key))
+                .collect()
         };
         for (service, node_id) in owned {
             self.expire(&service, &node_id);
@@ -257,6 +357,47 @@ mod tests {
         let err = registry.get_service("nope").await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotFound);
         assert_eq!(registry.get_service_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn another_hosts_node_is_refused_unless_forced_and_a_taken_node_is_yielded() {
+        let registry = MemoryRegistry::new();
+        let other = registry.lease() + 1_000;
+        registry.put_as(&service("a", "1", "n1"), other);
+        let err = registry
+            .register(&service("a", "1", "n1"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Conflict { owner_lease: other });
+        assert!(
+            registry.registrations().is_empty(),
+            "nothing was registered"
+        );
+        // Re-registering its own node is no conflict; forcing takes another host's.
+        registry.register(&service("a", "1", "n2")).await.unwrap();
+        registry.register(&service("a", "2", "n2")).await.unwrap();
+        registry
+            .register_with(&service("a", "1", "n1"), Takeover::Force)
+            .await
+            .unwrap();
+        assert!(registry.conflicts().is_empty());
+
+        // Taken back by the other host: reported, left to it, and not deleted by a
+        // deregistration or the shutdown.
+        registry.put_as(&service("a", "9", "n1"), other);
+        let conflicts = registry.conflicts();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(
+            (conflicts[0].node_id.as_str(), conflicts[0].owner_lease),
+            ("n1", other)
+        );
+        registry.shutdown().await;
+        let left = registry.get_service("a").await.unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            (left[0].version.as_str(), left[0].nodes[0].id.as_str()),
+            ("9", "n1")
+        );
     }
 
     #[tokio::test]

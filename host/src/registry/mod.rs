@@ -21,6 +21,9 @@ use tokio::sync::mpsc;
 use crate::model::Service;
 
 /// What kind of failure a registry call met; the policy sees it as the last error's kind.
+///
+/// `Conflict` comes only from registrations, never from the reads a lookup makes, so a policy
+/// never meets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -34,6 +37,11 @@ pub enum ErrorKind {
     NotFound,
     /// The request itself was invalid (bad name, too large).
     InvalidInput,
+    /// The node is registered under another host's lease: registering it would take it over.
+    Conflict {
+        /// The lease that holds the node.
+        owner_lease: i64,
+    },
 }
 
 impl ErrorKind {
@@ -45,6 +53,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::NotFound => "not_found",
             ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Conflict { .. } => "conflict",
         }
     }
 
@@ -70,6 +79,18 @@ pub struct RegistryError {
 }
 
 impl RegistryError {
+    /// Refuses to register `service`/`node_id` for `op`: `owner_lease` holds it.
+    pub fn conflict(op: &'static str, service: &str, node_id: &str, owner_lease: i64) -> Self {
+        RegistryError::new(
+            ErrorKind::Conflict { owner_lease },
+            op,
+            format!(
+                "{service}/{node_id} is registered under another host's lease \
+                 {owner_lease:x} (hex; {owner_lease} decimal)"
+            ),
+        )
+    }
+
     /// Builds an error of `kind` for `op`.
     pub fn new(kind: ErrorKind, op: &'static str, message: impl Into<String>) -> Self {
         RegistryError {
@@ -107,6 +128,30 @@ pub enum WatchEvent {
         /// The revision the snapshot was read at.
         revision: i64,
     },
+}
+
+/// Whether a registration may take over a node that another host's lease holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Takeover {
+    /// Refuse it with [`ErrorKind::Conflict`]: a host never moves another host's node to its
+    /// own lease (the owner's deregistration would be undone by this host's re-puts).
+    #[default]
+    Refuse,
+    /// Take it (an operator's explicit `?force=true`); logged at warn.
+    Force,
+}
+
+/// A node this host registered that another lease took over in the registry (a forced
+/// registration elsewhere, a put by hand): it is no longer written back while that lease holds
+/// it, and is written again once the registry no longer has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The service name.
+    pub service: String,
+    /// The node id.
+    pub node_id: String,
+    /// The lease that holds the node now.
+    pub owner_lease: i64,
 }
 
 /// How the registry is doing, as the policy sees it.
@@ -162,7 +207,20 @@ pub trait Registry: Send + Sync + 'static {
     /// Registers every node of `service` under this host's lease and keeps them registered
     /// (across lease loss and outages) until [`Registry::deregister`] or shutdown. An outage
     /// does not refuse a registration: it is kept and written later ([`Registered::Later`]).
-    async fn register(&self, service: &Service) -> Result<Registered, RegistryError>;
+    /// A node another host's lease holds is refused ([`ErrorKind::Conflict`]); see
+    /// [`Registry::register_with`] to take it.
+    async fn register(&self, service: &Service) -> Result<Registered, RegistryError> {
+        self.register_with(service, Takeover::Refuse).await
+    }
+
+    /// [`Registry::register`], deciding what becomes of nodes another host's lease holds. The
+    /// nodes this host registered before (in this run, or under an earlier run's lease it
+    /// still recognizes) are its own, never a conflict.
+    async fn register_with(
+        &self,
+        service: &Service,
+        takeover: Takeover,
+    ) -> Result<Registered, RegistryError>;
 
     /// Removes one node registered by this host.
     async fn deregister(&self, service: &str, node_id: &str) -> Result<(), RegistryError>;
@@ -183,6 +241,9 @@ pub trait Registry: Send + Sync + 'static {
 
     /// The services this host registered and keeps alive, one node each.
     fn registrations(&self) -> Vec<Service>;
+
+    /// Those of [`Registry::registrations`] another lease holds now (not written back).
+    fn conflicts(&self) -> Vec<Conflict>;
 
     /// Graceful shutdown: stop keeping registrations alive and remove them at once.
     async fn shutdown(&self);

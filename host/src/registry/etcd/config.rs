@@ -91,6 +91,7 @@ pub struct EtcdConfig {
     pub(crate) http2_keepalive_timeout: Duration,
     pub(crate) retry_backoff_max: Duration,
     pub(crate) endpoint_probe_interval: Duration,
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 impl EtcdConfig {
@@ -110,6 +111,7 @@ impl EtcdConfig {
             http2_keepalive_timeout: Duration::from_secs(5),
             retry_backoff_max: Duration::from_millis(500),
             endpoint_probe_interval: Duration::from_secs(2),
+            state_dir: None,
         }
     }
 
@@ -137,6 +139,15 @@ impl EtcdConfig {
             ca,
             client: Some((cert.into(), key.into())),
         });
+        self
+    }
+
+    /// Keeps the registry's own state in `dir`: the leases this host granted, so that after a
+    /// crash it re-registers the nodes its previous lease still holds instead of meeting them
+    /// as another host's (see the `ownership` module). Default none: a restarted host gets a
+    /// conflict for those nodes until the previous lease expires (one lease TTL).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
         self
     }
 
@@ -359,6 +370,9 @@ mod tests {
             (EtcdConfig::new(Vec::<String>::new()), "at least one"),
             (EtcdConfig::new(["nope"]), "not host:port"),
             (EtcdConfig::new(["ftp://a:1"]), "not host:port"),
+            (EtcdConfig::new(["127.0.0.1:0"]), "port 1 to 65535"),
+            (EtcdConfig::new(["http://a:0/"]), "port 1 to 65535"),
+            (EtcdConfig::new(["a:65536"]), "port 1 to 65535"),
             (EtcdConfig::new(["https://a:1"]), "TLS off"),
             (EtcdConfig::new(["http://a:1"]).tls_ca("/ca.pem"), "TLS on"),
             (base().prefix("/micro"), "end with `/`"),
@@ -370,9 +384,6 @@ mod tests {
                 base().keep_alive_interval(Duration::from_secs(15)),
                 "below the lease TTL",
             ),
-            (EtcdConfig::new(["127.0.0.1:0"]), "port 1 to 65535"),
-            (EtcdConfig::new(["http://a:0/"]), "port 1 to 65535"),
-            (EtcdConfig::new(["a:65536"]), "port 1 to 65535"),
             (
                 base().http2_keepalive(Duration::from_secs(1), Duration::from_secs(1)),
                 "GOAWAY",
@@ -406,16 +417,6 @@ mod tests {
     }
 
     #[test]
-    fn tls_switches_bare_endpoints_to_https() {
-        let config = EtcdConfig::new(["127.0.0.1:2379"]).tls_ca("/ca.pem");
-        config.validate().unwrap();
-        assert_eq!(
-            config.endpoint_urls(),
-            vec!["https://127.0.0.1:2379".to_string()]
-        );
-    }
-}
-    #[test]
     fn accepts_the_bounds_of_every_range() {
         let base = || EtcdConfig::new(["127.0.0.1:1", "[::1]:65535"]);
         for timeout in [*REQUEST_TIMEOUT_RANGE.start(), *REQUEST_TIMEOUT_RANGE.end()] {
@@ -427,3 +428,13 @@ mod tests {
         }
     }
 
+    #[test]
+    fn tls_switches_bare_endpoints_to_https() {
+        let config = EtcdConfig::new(["127.0.0.1:2379"]).tls_ca("/ca.pem");
+        config.validate().unwrap();
+        assert_eq!(
+            config.endpoint_urls(),
+            vec!["https://127.0.0.1:2379".to_string()]
+        );
+    }
+}

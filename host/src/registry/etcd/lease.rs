@@ -24,8 +24,10 @@ use std::sync::Arc;
 
 use tokio::time::{Instant, sleep_until, timeout};
 
+use super::ownership::Foreign;
 use super::stats::Stats;
 use super::{Backoff, Shared};
+use crate::registry::ErrorKind;
 
 /// Runs until shutdown.
 pub(crate) async fn run(shared: Arc<Shared>) {
@@ -36,6 +38,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let request_timeout = shared.config.request_timeout;
     let ttl = shared.config.lease_ttl;
     let interval = shared.config.effective_keep_alive_interval();
+    forget_expired_leases(&shared).await;
     loop {
         if shared.shutting_down() {
             return;
@@ -161,14 +164,18 @@ async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
     if lost.is_none() && lease.is_some() {
         return true; // a registration granted one while we waited, and put its keys on it
     }
-    if lost.is_some() {
+    if let Some(id) = lost {
         if *lease != lost {
             return true; // another path already replaced it and put every key on the new one
         }
         *lease = None;
         Stats::bump(&shared.stats.lease_regrants);
+        shared.leases.forget(&[id]).await;
     }
-    match shared.put_owned(&mut lease, None, "reput").await {
+    match shared
+        .put_owned(&mut lease, None, "reput", Foreign::Yield)
+        .await
+    {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "re-putting owned keys failed; will retry");
@@ -177,23 +184,20 @@ async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
     }
 }
 
-/// Puts back the owned keys the watch saw deleted (unless they are already back). Returns false
-/// if that failed; the keys stay queued.
+/// Puts back the owned keys the watch saw deleted or changed by someone else; those that
+/// already hold this host's value on its lease are left as they are (one read), and those
+/// another host's lease holds are marked in conflict. Returns false if that failed; the keys
+/// stay queued.
 async fn repair(shared: &Shared) -> bool {
-    let keys: Vec<String> = std::mem::take(&mut *shared.repairs.lock().unwrap());
+    let mut keys: Vec<String> = std::mem::take(&mut *shared.repairs.lock().unwrap());
     if keys.is_empty() {
         return true;
     }
-    let keys: Vec<String> = {
-        let hub = shared.hub.lock().unwrap();
-        keys.into_iter().filter(|k| !hub.contains(k)).collect()
-    };
-    if keys.is_empty() {
-        return true;
-    }
+    keys.sort();
+    keys.dedup();
     let mut lease = shared.lease.lock().await;
     match shared
-        .put_owned(&mut lease, Some(keys.clone()), "reput")
+        .put_owned(&mut lease, Some(keys.clone()), "reput", Foreign::Yield)
         .await
     {
         Ok(()) => true,
@@ -202,5 +206,31 @@ async fn repair(shared: &Shared) -> bool {
             shared.repairs.lock().unwrap().extend(keys);
             false
         }
+    }
+}
+
+/// Forgets the leases an earlier run left in the state dir that etcd no longer has (expired
+/// or revoked): they hold no key, and the list would otherwise grow with every crash. A lease
+/// whose state cannot be read now is kept, to be looked at on the next start.
+async fn forget_expired_leases(shared: &Shared) {
+    let mut gone = Vec::new();
+    for id in shared.leases.all() {
+        let alive = shared
+            .call("lease_ttl", |mut c| async move {
+                c.lease_time_to_live(id, None).await
+            })
+            .await;
+        // etcd answers a lease it does not have with a TTL of -1 (older versions: not found).
+        match alive {
+            Ok(resp) if resp.ttl() > 0 => {}
+            Ok(_) => gone.push(id),
+            Err(e) if e.kind == ErrorKind::NotFound => gone.push(id),
+            Err(_) => {}
+        }
+    }
+    if !gone.is_empty() {
+        // Under the lease lock, which orders every write of the leases file.
+        let _lease = shared.lease.lock().await;
+        shared.leases.forget(&gone).await;
     }
 }

@@ -21,6 +21,7 @@ pub(crate) struct Stats {
     pub(crate) resyncs: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) reputs: AtomicU64,
+    pub(crate) conflicts: AtomicU64,
     pub(crate) endpoint_removals: AtomicU64,
     pub(crate) endpoint_additions: AtomicU64,
 }
@@ -53,6 +54,7 @@ impl Stats {
             resyncs: get(&self.resyncs),
             retries: get(&self.retries),
             reputs: get(&self.reputs),
+            conflicts: get(&self.conflicts),
             endpoint_removals: get(&self.endpoint_removals),
             endpoint_additions: get(&self.endpoint_additions),
         }
@@ -85,6 +87,9 @@ pub struct StatsSnapshot {
     pub retries: u64,
     /// Owned keys written again after a lease loss or a deletion seen on the watch.
     pub reputs: u64,
+    /// Owned keys found held by another host's lease (a forced registration elsewhere, a put
+    /// by hand on a lease), each time such a conflict starts; they are not written back.
+    pub conflicts: u64,
     /// Endpoints taken out of the client's balancer because they stopped answering (dead or
     /// hung).
     pub endpoint_removals: u64,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -130,10 +130,6 @@ impl Hub {
                 self.names.remove(name);
             }
         }
-    }
-
-    pub(crate) fn contains(&self, key: &str) -> bool {
-        self.mirror.contains_key(key)
     }
 
     fn snapshot(&self) -> WatchEvent {
@@ -345,6 +341,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 continue;
             }
             let mut deleted = Vec::new();
+            let mut put = Vec::new();
             {
                 let mut hub = shared.hub.lock().unwrap();
                 for event in resp.events() {
@@ -353,7 +350,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                     let rev = kv.mod_revision();
                     match event.event_type() {
                         EventType::Put => {
-                            hub.put(&key, kv.value(), shared.decode(&key, kv.value()), rev)
+                            hub.put(&key, kv.value(), shared.decode(&key, kv.value()), rev);
+                            put.push(kv);
                         }
                         EventType::Delete => {
                             hub.delete(&key, rev);
@@ -363,6 +361,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                     revision = revision.max(rev);
                 }
             }
+            deleted.extend(overwritten(&shared, &put));
             request_repairs(&shared, deleted);
         };
         shared.watch_connected.store(false, Ordering::Relaxed);
@@ -442,22 +441,39 @@ async fn relist(shared: &Shared) -> Option<i64> {
         }
     };
     let listing = Listing::new(kvs, |key, value| shared.decode(key, value));
-    let missing: Vec<String> = {
-        let owned = shared.owned.lock().unwrap();
-        owned
-            .keys()
-            .filter(|k| !listing.values.contains_key(*k))
-            .cloned()
-            .collect()
-    };
+    // Every owned key is looked at, not only the missing ones: the events lost to the
+    // compaction may have rewritten some. One transaction reads a batch of them.
+    let owned: Vec<String> = shared.owned.lock().unwrap().keys().cloned().collect();
     Stats::bump(&shared.stats.resyncs);
     {
         let mut hub = shared.hub.lock().unwrap();
         hub.reset(listing, revision);
         hub.resync_all();
     }
-    request_repairs(shared, missing);
+    request_repairs(shared, owned);
     Some(revision)
+}
+
+/// The owned keys among `puts` that now hold something other than this host's value on its
+/// current lease: a put by hand (on no lease), another host's forced registration. Puts of a
+/// lease already known to hold the key in conflict are not looked at again. This host's own
+/// puts arriving late (an older value, a lease just replaced) are looked at too, and found fine
+/// at the cost of one read.
+fn overwritten(shared: &Shared, puts: &[&KeyValue]) -> Vec<String> {
+    if puts.is_empty() {
+        return Vec::new();
+    }
+    let lease = *shared.lease_id.borrow();
+    let owned = shared.owned.lock().unwrap();
+    puts.iter()
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            let ours = owned.get(key.as_ref())?;
+            let fine = Some(kv.lease()) == lease && kv.value() == ours.value.as_slice();
+            let known = ours.conflict == Some(kv.lease());
+            (!fine && !known).then(|| key.into_owned())
+        })
+        .collect()
 }
 
 /// Asks the lease task to put back those of `keys` this host still owns.
@@ -470,7 +486,7 @@ fn request_repairs(shared: &Shared, keys: Vec<String>) {
         keys.into_iter().filter(|k| owned.contains_key(k)).collect()
     };
     if !owned.is_empty() {
-        tracing::warn!(keys = ?owned, "owned keys deleted in etcd; putting them back");
+        tracing::info!(keys = ?owned, "checking owned keys etcd shows deleted or changed");
         shared.repairs.lock().unwrap().extend(owned);
         shared.repair_wake.notify_one();
     }
@@ -501,6 +517,10 @@ mod tests {
     }
 
     impl Hub {
+        fn contains(&self, key: &str) -> bool {
+            self.mirror.contains_key(key)
+        }
+
         /// A put of `service` as etcd carries it, or of junk (`None`).
         fn put_service(&mut self, key: &str, service: Option<Service>, revision: i64) {
             let value = service.as_ref().map_or(b"junk".to_vec(), Service::encode);
