@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::http;
 use crate::registry::etcd::{self, EtcdConfig};
 
 /// Where the host listens when nothing says otherwise.
@@ -35,12 +36,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// How often the cache is written to the state dir by default.
 pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
 
-/// A configuration refused: the field (as named in the TOML file) and what is wrong with it.
 /// Accepted snapshot intervals: more often than every 100 ms the writes (each fsynced) would
 /// cost more than they save; less often than hourly a restart would serve an hour-old cache.
 pub const SNAPSHOT_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(3600);
 
+/// A configuration refused: the field (as named in the TOML file) and what is wrong with it.
 /// Its one-line display also names the flag and the environment variable of the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -117,6 +118,9 @@ pub struct ConfigLayer {
     /// The policy section.
     #[serde(default)]
     pub policy: PolicyLayer,
+    /// The HTTP server's connections.
+    #[serde(default)]
+    pub http: HttpLayer,
 }
 
 /// The `[etcd]` section. With no endpoints the host runs on an embedded in-memory registry.
@@ -143,6 +147,45 @@ pub struct EtcdLayer {
     pub request_timeout: Option<String>,
     /// TTL of the host's lease, whole seconds, e.g. `15s`. Default 15 s.
     pub lease_ttl: Option<String>,
+}
+
+/// The `[http]` section: the bounds of the API server's connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpLayer {
+    /// Time a client has to send a request head (and again its body), e.g. `10s`. Default
+    /// [`http::DEFAULT_HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Option<String>,
+    /// Time a kept-alive connection may wait for its next request, e.g. `60s`. Default
+    /// [`http::DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Option<String>,
+    /// Connections open at once. Default [`http::default_max_connections`]: RLIMIT_NOFILE less
+    /// [`http::RESERVED_DESCRIPTORS`], at most 4,096.
+    pub max_connections: Option<u64>,
+}
+
+/// A validated `[http]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Time to receive a request head.
+    pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Connections open at once; `None`: derived from RLIMIT_NOFILE when the server starts.
+    pub max_connections: Option<usize>,
+}
+
+impl HttpSettings {
+    /// The server's limits (reads RLIMIT_NOFILE if no connection limit is set).
+    pub fn limits(&self) -> http::ConnectionLimits {
+        http::ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(http::default_max_connections),
+        }
+    }
 }
 
 /// The `[policy]` section.
@@ -266,49 +309,6 @@ impl EtcdSettings {
         }
         config
     }
-}
-
-/// The validated host configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostConfig {
-    /// Address of the HTTP API.
-    pub listen: SocketAddr,
-    /// etcd, or `None` for the embedded in-memory registry.
-    pub etcd: Option<EtcdSettings>,
-    /// Policy file, or `None` for the embedded default policy.
-    pub policy_file: Option<PathBuf>,
-    /// Operator configuration of the policy.
-    pub policy_config: Vec<(String, String)>,
-    /// Admin token; `None` disables the admin endpoints.
-    pub admin_token: Option<Secret>,
-    /// State directory (snapshot, precompiled policies).
-    pub state_dir: Option<PathBuf>,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// Period of snapshot writes.
-    pub snapshot_interval: Duration,
-}
-
-impl ConfigLayer {
-    /// Parses a TOML document (`origin` names it in errors). Errors are one line: the line of
-    /// the document and what is wrong with it.
-    pub fn parse_toml(text: &str, origin: &str) -> Result<ConfigLayer, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().to_string();
-            let place = e
-                .span()
-                .map(|span| {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    let content = text.lines().nth(line - 1).unwrap_or("").trim();
-                    format!(", line {line} (`{content}`)")
-                })
-                .unwrap_or_default();
-            ConfigError::new("config", format!("{origin}{place}: {message}"))
-        })
-    }
-
-    /// This layer with `self`'s fields winning over `lower`'s.
-    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
 
     /// Reads and parses the TLS files (I/O: call it when building, not when validating), so
     /// that a file etcd's client would skip (not PEM, no certificate, a key of another
@@ -331,8 +331,54 @@ impl ConfigLayer {
             ConfigError::new(field, e.to_string())
         })
     }
+}
+
+/// The validated host configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// etcd, or `None` for the embedded in-memory registry.
+    pub etcd: Option<EtcdSettings>,
+    /// Policy file, or `None` for the embedded default policy.
+    pub policy_file: Option<PathBuf>,
+    /// Operator configuration of the policy.
+    pub policy_config: Vec<(String, String)>,
+    /// Admin token; `None` disables the admin endpoints.
+    pub admin_token: Option<Secret>,
+    /// State directory (snapshot, precompiled policies).
+    pub state_dir: Option<PathBuf>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Period of snapshot writes.
+    pub snapshot_interval: Duration,
+    /// The HTTP server's connections.
+    pub http: HttpSettings,
+}
+
+impl ConfigLayer {
+    /// Parses a TOML document (`origin` names it in errors). Errors are one line: the line of
+    /// the document and what is wrong with it.
+    pub fn parse_toml(text: &str, origin: &str) -> Result<ConfigLayer, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            let place = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    let content = text.lines().nth(line - 1).unwrap_or("").trim();
+                    format!(", line {line} (`{content}`)")
+                })
+                .unwrap_or_default();
+            ConfigError::new("config", format!("{origin}{place}: {message}"))
+        })
+    }
+
+    /// This layer with `self`'s fields winning over `lower`'s.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
         let (e, l) = (self.etcd, lower.etcd);
         let (p, lp) = (self.policy, lower.policy);
+        let (h, lh) = (self.http, lower.http);
         ConfigLayer {
             listen: self.listen.or(lower.listen),
             state_dir: self.state_dir.or(lower.state_dir),
@@ -355,6 +401,11 @@ impl ConfigLayer {
             policy: PolicyLayer {
                 file: p.file.or(lp.file),
                 config: p.config.or(lp.config),
+            },
+            http: HttpLayer {
+                header_read_timeout: h.header_read_timeout.or(lh.header_read_timeout),
+                idle_timeout: h.idle_timeout.or(lh.idle_timeout),
+                max_connections: h.max_connections.or(lh.max_connections),
             },
         }
     }
@@ -420,8 +471,41 @@ impl ConfigLayer {
             state_dir: self.state_dir,
             log_format,
             snapshot_interval,
+            http: validate_http(self.http)?,
         })
     }
+}
+
+fn validate_http(layer: HttpLayer) -> Result<HttpSettings, ConfigError> {
+    let within = |field: &str, text: Option<&str>, default, range: &RangeInclusive<Duration>| {
+        text.map_or(Ok(default), |text| duration_within(field, text, range))
+    };
+    let max_connections = match layer.max_connections {
+        None => None,
+        Some(n) if http::MAX_CONNECTIONS_RANGE.contains(&n) => usize::try_from(n).ok(),
+        Some(_) => {
+            let range = http::MAX_CONNECTIONS_RANGE;
+            return Err(ConfigError::new(
+                "http.max_connections",
+                format!("must be between {} and {}", range.start(), range.end()),
+            ));
+        }
+    };
+    Ok(HttpSettings {
+        header_read_timeout: within(
+            "http.header_read_timeout",
+            layer.header_read_timeout.as_deref(),
+            http::DEFAULT_HEADER_READ_TIMEOUT,
+            &http::HEADER_READ_TIMEOUT_RANGE,
+        )?,
+        idle_timeout: within(
+            "http.idle_timeout",
+            layer.idle_timeout.as_deref(),
+            http::DEFAULT_IDLE_TIMEOUT,
+            &http::IDLE_TIMEOUT_RANGE,
+        )?,
+        max_connections,
+    })
 }
 
 fn secret(
@@ -720,30 +804,6 @@ mod tests {
     }
 
     #[test]
-    fn higher_layer_wins_field_by_field() {
-        let file = ConfigLayer::parse_toml(
-            "listen = \"127.0.0.1:1\"\n[etcd]\nendpoints = [\"a:1\"]\nprefix = \"/p/\"",
-            "f",
-        )
-        .unwrap();
-        let flags = ConfigLayer {
-            listen: Some("127.0.0.1:2".into()),
-            ..Default::default()
-        };
-        let config = flags.over(file).validate().unwrap();
-        assert_eq!(config.listen.port(), 2);
-        assert_eq!(config.etcd.unwrap().prefix, "/p/");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-}
-    #[test]
     fn file_errors_name_the_setting_that_gave_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let not_pem = dir.path().join("ca.pem");
@@ -786,3 +846,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn higher_layer_wins_field_by_field() {
+        let file = ConfigLayer::parse_toml(
+            "listen = \"127.0.0.1:1\"\n[etcd]\nendpoints = [\"a:1\"]\nprefix = \"/p/\"",
+            "f",
+        )
+        .unwrap();
+        let flags = ConfigLayer {
+            listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let config = flags.over(file).validate().unwrap();
+        assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.etcd.unwrap().prefix, "/p/");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -10,9 +10,9 @@
 //! 4. The policy engine: the embedded default or a file (watched, and reloaded on SIGHUP).
 //! 5. The cache, primed from the snapshot in the state dir if there is one; the snapshot is
 //!    then written periodically.
-//! 6. The HTTP server, until SIGTERM or SIGINT: then stop accepting, finish requests in flight,
-//!    write the snapshot, shut the registry down (revoking the lease, so this host's keys go at
-//!    once), return.
+//! 6. The HTTP server ([`http::serve`]: connection limit and timeouts), until SIGTERM or
+//!    SIGINT: then stop accepting, finish requests in flight, write the snapshot, shut the
+//!    registry down (revoking the lease, so this host's keys go at once), return.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,10 +141,12 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     }
     tasks.push(tokio::spawn(reload_on_sighup(reloader)?));
 
+    let connection_stats = Arc::new(http::ConnectionStats::default());
     let metrics = HostMetrics::new(Sources {
         engine: engine.clone(),
         cache: cache.clone(),
         registry: etcd_stats,
+        http: connection_stats.clone(),
     });
     let state = Arc::new(http::State {
         cache: cache.clone(),
@@ -180,19 +182,24 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     });
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = config.http.limits();
     let server = tokio::spawn(async move {
-        axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(async {
+        http::serve(
+            listener,
+            http::router(state),
+            limits,
+            connection_stats,
+            async {
                 let _ = drain_rx.await;
-            })
-            .await
+            },
+        )
+        .await
     });
     let signal_name = shutdown_signal().await?;
     tracing::info!("{signal_name}: draining requests");
     let _ = drain_tx.send(());
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!("HTTP server ended with an error: {e}"),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
         Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping"),
     }

@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry as MetricRegistry;
 
 use crate::cache::RegistryCache;
 use crate::decision::Decide;
+use crate::http::ConnectionStats;
 use crate::policy::PolicyEngine;
 use crate::registry::etcd::StatsSnapshot;
 
@@ -32,6 +33,8 @@ pub struct Sources {
     pub cache: RegistryCache,
     /// The registry's counters.
     pub registry: RegistryStatsSource,
+    /// The HTTP server's connection counters.
+    pub http: Arc<ConnectionStats>,
 }
 
 impl fmt::Debug for Sources {
@@ -252,6 +255,43 @@ impl Collector for Sources {
             "regcache_registry_malformed_values",
             "Registry values skipped as malformed.",
             r.malformed_values,
+        )?;
+        let h = self.http.snapshot();
+        gauge(
+            &mut e,
+            "regcache_http_connections_open",
+            "HTTP connections open.",
+            h.open as i64,
+        )?;
+        counter(
+            &mut e,
+            "regcache_http_connections_accepted",
+            "HTTP connections accepted.",
+            h.accepted,
+        )?;
+        counters(
+            &mut e,
+            "regcache_http_connections_closed",
+            "HTTP connections closed by the host before their client: refused at the connection \
+             limit with every connection busy, replaced at the limit (no request in flight), or \
+             timed out waiting for a request head or idle.",
+            "reason",
+            [
+                ("refused", h.refused),
+                ("replaced", h.replaced),
+                ("header_timeout", h.header_timeouts),
+                ("idle_timeout", h.idle_timeouts),
+            ],
+        )?;
+        counters(
+            &mut e,
+            "regcache_http_accept_errors",
+            "Failed accepts that paused accepting for 50 ms, by cause.",
+            "cause",
+            [
+                ("descriptors", h.accept_errors_descriptors),
+                ("other", h.accept_errors_other),
+            ],
         )?;
         counter(
             &mut e,

@@ -38,7 +38,34 @@ impl Host {
 
     /// Like [`Host::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Host> {
+        Self::launch(args, env, None)
+    }
+
+    /// Like [`Host::start`], with the host's RLIMIT_NOFILE (soft and hard) set to
+    /// `descriptors`, as a service manager would.
+    pub fn start_with_descriptor_limit(args: &[&str], descriptors: u64) -> Result<Host> {
+        Self::launch(args, &[], Some(descriptors))
+    }
+
+    fn launch(args: &[&str], env: &[(&str, &str)], descriptors: Option<u64>) -> Result<Host> {
         let mut cmd = Command::new(regcache_bin());
+        if let Some(descriptors) = descriptors {
+            let limit = libc::rlimit {
+                rlim_cur: descriptors,
+                rlim_max: descriptors,
+            };
+            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+            // touches nothing but the child's own limit.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd.arg("run")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
@@ -223,6 +250,21 @@ pub fn request(
     parse(&raw)
 }
 
+/// Sends `bytes` as they are on a fresh connection and reads the answer until the host closes
+/// the connection (or 10 s pass).
+pub fn request_raw(addr: SocketAddr, bytes: &[u8]) -> Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(bytes)?;
+    let mut raw = Vec::new();
+    let read = stream.read_to_end(&mut raw);
+    if raw.is_empty() {
+        read?;
+        bail!("empty answer");
+    }
+    parse(&raw)
+}
+
 /// Sends a request's head announcing a `content_length`-byte body, and no body: the server
 /// must answer from the head alone (say, refuse a missing token) within `timeout`.
 pub fn request_head_only(
@@ -326,6 +368,34 @@ pub fn service_json(name: &str, version: &str, node_id: &str, address: &str) -> 
         "nodes": [{ "id": node_id, "address": address, "metadata": { "zone": "a" } }],
     })
     .to_string()
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit, and fails unless that allows
+/// `needed` descriptors (a test opening many connections needs more than the usual 1,024).
+pub fn raise_descriptor_limit(needed: u64) -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given and this process's limit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+    }
+    if limit.rlim_cur < needed {
+        bail!(
+            "this test needs {needed} file descriptors; the hard limit is {}",
+            limit.rlim_max
+        );
+    }
+    Ok(())
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use regcache::config::{ConfigError, ConfigLayer, EtcdLayer, PolicyLayer};
+use regcache::config::{ConfigError, ConfigLayer, EtcdLayer, HttpLayer, PolicyLayer};
 
 /// Arguments of `regcache run`. Every option can also come from the TOML file given with
 /// `--config` (flags and environment win), under the name in brackets.
@@ -117,6 +117,25 @@ pub struct RunArgs {
     #[arg(long, env = "REGCACHE_SNAPSHOT_INTERVAL", value_name = "DURATION")]
     snapshot_interval: Option<String>,
 
+    /// [http.header_read_timeout] Time a client has to send a request head (and again its
+    /// body); a silent or dripping connection is closed after it [default: 10s]
+    #[arg(
+        long,
+        env = "REGCACHE_HTTP_HEADER_READ_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    http_header_read_timeout: Option<String>,
+
+    /// [http.idle_timeout] Time a kept-alive connection may wait for its next request
+    /// [default: 60s]
+    #[arg(long, env = "REGCACHE_HTTP_IDLE_TIMEOUT", value_name = "DURATION")]
+    http_idle_timeout: Option<String>,
+
+    /// [http.max_connections] Connections open at once; at the limit a new one replaces one
+    /// with no request in flight [default: RLIMIT_NOFILE less 128, at most 4096]
+    #[arg(long, env = "REGCACHE_HTTP_MAX_CONNECTIONS", value_name = "N")]
+    http_max_connections: Option<u64>,
+
     /// [log_format] text or json [default: text]
     #[arg(long, env = "REGCACHE_LOG_FORMAT", value_name = "FORMAT")]
     log_format: Option<String>,
@@ -165,6 +184,11 @@ impl RunArgs {
             policy: PolicyLayer {
                 file: self.policy_file,
                 config: policy_config,
+            },
+            http: HttpLayer {
+                header_read_timeout: self.http_header_read_timeout,
+                idle_timeout: self.http_idle_timeout,
+                max_connections: self.http_max_connections,
             },
         })
     }
