@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::fsutil::read_regular;
 use crate::http;
 use crate::registry::etcd::{self, EtcdConfig};
 
@@ -231,6 +232,10 @@ pub enum LogFormat {
     Json,
 }
 
+/// Largest secret file read: a token or a password is a line; a file of megabytes is a mistake
+/// (a path to the wrong file), refused rather than held as a password.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 /// A secret given inline or as a file to read at start.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
@@ -258,8 +263,11 @@ impl Secret {
             Secret::Inline(value) => (value.clone(), field.to_string()),
             Secret::File(path) => {
                 let field = format!("{field}_file");
-                let text = std::fs::read_to_string(path).map_err(|e| {
+                let bytes = read_regular(path, MAX_SECRET_FILE).map_err(|e| {
                     ConfigError::new(&field, format!("cannot read {}: {e}", path.display()))
+                })?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    ConfigError::new(&field, format!("{} is not UTF-8 text", path.display()))
                 })?;
                 (text.trim_end_matches(['\n', '\r']).to_string(), field)
             }
@@ -599,13 +607,13 @@ fn validate_etcd(layer: EtcdLayer) -> Result<Option<EtcdSettings>, ConfigError> 
         user,
         ca: layer.ca,
         client,
-        prefix: layer.prefix.unwrap_or_else(|| "/micro/registry/".into()),
+        prefix: layer.prefix.unwrap_or_else(|| etcd::DEFAULT_PREFIX.into()),
         request_timeout: match layer.request_timeout.as_deref() {
-            None => Duration::from_secs(5),
+            None => etcd::DEFAULT_REQUEST_TIMEOUT,
             Some(text) => duration("etcd.request_timeout", text)?,
         },
         lease_ttl: match layer.lease_ttl.as_deref() {
-            None => Duration::from_secs(15),
+            None => etcd::DEFAULT_LEASE_TTL,
             Some(text) => duration("etcd.lease_ttl", text)?,
         },
     };
@@ -844,6 +852,27 @@ mod tests {
                 .field,
             "admin_token"
         );
+    }
+
+    #[test]
+    fn secret_files_are_regular_and_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let secret = Secret::File(path.clone());
+        let reader = secret.clone();
+        crate::fsutil::testing::assert_refuses_special_files(&path, move || {
+            let err = reader.read("admin_token").unwrap_err();
+            assert_eq!(err.field, "admin_token_file");
+            Err(err.to_string())
+        });
+        std::fs::write(&path, vec![b'x'; MAX_SECRET_FILE as usize + 1]).unwrap();
+        let err = secret.read("admin_token").unwrap_err().to_string();
+        assert!(
+            err.contains("more than") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(&path, "t0ken\n").unwrap();
+        assert_eq!(secret.read("admin_token").unwrap(), "t0ken");
     }
 
     #[test]

@@ -104,7 +104,8 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
         .context("loading the policy")?;
     tracing::info!(policy = %engine.active(), "policy loaded");
 
-    let (registry, etcd_stats, connector) = build_registry(&config).await?;
+    let writable_state_dir = state_dir.as_ref().and_then(StateDir::writable_path);
+    let (registry, etcd_stats, connector) = build_registry(&config, writable_state_dir).await?;
 
     let cache = RegistryCache::builder(registry.clone(), Arc::new(engine.clone()))
         .refresh_timeout(refresh_timeout(&config))
@@ -238,8 +239,11 @@ fn refresh_timeout(config: &HostConfig) -> Duration {
 const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The registry and, for etcd, its counters and a future that completes once it is connected.
+/// etcd gets the state dir only if it can be written: its leases file is worth reading only
+/// if it is kept up to date, and every lease grant would warn about it otherwise.
 async fn build_registry(
     config: &HostConfig,
+    state_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<(
     Arc<dyn Registry>,
     RegistryStatsSource,
@@ -254,7 +258,7 @@ async fn build_registry(
         .map(|(_, secret)| secret.read("etcd.password"))
         .transpose()?;
     let mut etcd_config = etcd.registry_config(password);
-    if let Some(dir) = &config.state_dir {
+    if let Some(dir) = state_dir {
         etcd_config = etcd_config.state_dir(dir);
     }
     let deferred = Arc::new(Deferred::new());

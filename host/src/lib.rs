@@ -13,7 +13,8 @@
 //! - [`metrics`]: Prometheus metrics, collected from the components' counters at scrape time.
 //! - [`snapshot`]: the cache's snapshot on disk, written atomically.
 //! - [`state_dir`]: the state directory, and running without it when it cannot be written.
-//! - [`fsutil`]: the one atomic, durable file write (snapshot and policy artifacts).
+//! - [`fsutil`]: the one way files are read (regular files only, bounded) and written
+//!   (atomically, durably).
 //! - [`daemon`]: `regcache run`'s run loop: build, serve, drain, stop.
 #![deny(missing_docs)]
 

@@ -16,7 +16,6 @@
 //! Architecture invariant: this module knows the file format only; what the payload holds is the
 //! cache's business.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -24,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::write_atomically_with;
+use crate::fsutil::{FileError, open_regular, write_atomically_with};
 
 /// File name of the snapshot inside the state dir.
 pub const FILE_NAME: &str = "cache.snapshot";
@@ -52,6 +51,14 @@ pub enum SnapshotError {
         path: PathBuf,
         /// The error.
         error: io::Error,
+    },
+    /// The file cannot be read: not a regular file, permissions.
+    #[error("cannot read {}: {error}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: FileError,
     },
     /// The file is not a (complete, intact) snapshot.
     #[error("{} is not a valid snapshot: {reason}", path.display())]
@@ -128,21 +135,16 @@ impl SnapshotFile {
             path: self.path.clone(),
             reason,
         };
-        // Checked before opening too: opening a FIFO for reading would wait for a writer.
-        match std::fs::metadata(&self.path) {
-            Ok(metadata) if !metadata.is_file() => {
-                return Err(invalid("not a regular file".into()));
+        let (file, size) = match open_regular(&self.path) {
+            Ok(opened) => opened,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(error) => {
+                return Err(SnapshotError::Unreadable {
+                    path: self.path.clone(),
+                    error,
+                });
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(io_error("inspect")(error)),
-        }
-        let file = File::open(&self.path).map_err(io_error("open"))?;
-        let metadata = file.metadata().map_err(io_error("inspect"))?;
-        if !metadata.is_file() {
-            return Err(invalid("not a regular file".into()));
-        }
-        let size = metadata.len();
+        };
         let mut reader = BufReader::new(file.take(size));
 
         let mut header_line = Vec::new();
@@ -269,20 +271,13 @@ mod tests {
     fn files_that_are_not_regular_are_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let file = SnapshotFile::in_dir(dir.path());
-        let status = std::process::Command::new("mkfifo")
-            .arg(file.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let err = file.read::<Vec<String>>().unwrap_err().to_string();
-        assert!(err.contains("not a regular file"), "{err}");
-
-        std::fs::remove_file(file.path()).unwrap();
-        std::os::unix::fs::symlink("/dev/zero", file.path()).unwrap();
-        let err = file.read::<Vec<String>>().unwrap_err().to_string();
-        assert!(err.contains("not a regular file"), "{err}");
-
-        std::fs::remove_file(file.path()).unwrap();
+        let reader = file.clone();
+        crate::fsutil::testing::assert_refuses_special_files(file.path(), move || {
+            reader
+                .read::<Vec<String>>()
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
         std::fs::create_dir(file.path()).unwrap();
         let err = file.read::<Vec<String>>().unwrap_err().to_string();
         assert!(err.contains("not a regular file"), "{err}");

@@ -7,10 +7,17 @@
 //! that is a file, missing permissions) is a warning naming the setting and the path, not a
 //! start-up failure: the host runs without the on-disk policy cache and writes no snapshot,
 //! and still reads the snapshot it finds there, if any.
+//!
+//! A writable state dir is also cleared of the temporary files a crash during a write left
+//! ([`remove_stale_temporaries`]): a snapshot's can weigh as much as the cache.
 
 use std::path::{Path, PathBuf};
 
+use crate::fsutil::remove_stale_temporaries;
 use crate::snapshot::SnapshotFile;
+
+/// Start of the write probe's name.
+const PROBE_PREFIX: &str = ".regcache-write-test.";
 
 /// The state directory as the host found it at start.
 #[derive(Debug, Clone)]
@@ -26,11 +33,14 @@ impl StateDir {
     /// cannot be written.
     pub fn open(path: &Path) -> StateDir {
         match try_write(path) {
-            Ok(()) => StateDir {
-                path: path.to_path_buf(),
-                is_dir: true,
-                writable: true,
-            },
+            Ok(()) => {
+                remove_stale_temporaries(path);
+                StateDir {
+                    path: path.to_path_buf(),
+                    is_dir: true,
+                    writable: true,
+                }
+            }
             Err(reason) => {
                 tracing::warn!(
                     path = %path.display(),
@@ -48,14 +58,10 @@ impl StateDir {
         }
     }
 
-    /// The directory's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether the host can write in it.
-    pub fn writable(&self) -> bool {
-        self.writable
+    /// The directory, if the host can write in it (what the registry keeps there is only
+    /// worth keeping if it can be written).
+    pub fn writable_path(&self) -> Option<&Path> {
+        self.writable.then_some(self.path.as_path())
     }
 
     /// Where precompiled policies are kept, if the directory can be written.
@@ -76,6 +82,10 @@ impl StateDir {
 }
 
 /// Creates `dir` if need be and creates (then removes) a file in it.
+///
+/// The probe's name is random: a name that can repeat (the process id is the same at every
+/// start in a container) would, left behind by a crash, make `create_new` fail at every later
+/// start, and the directory would look read-only forever.
 fn try_write(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.exists() && !dir.is_dir() {
@@ -88,7 +98,8 @@ fn try_write(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot create it: {e}"))?;
     // Permission bits alone do not say it (root ignores them, a read-only mount overrides
     // them): only a write does.
-    let probe = dir.join(format!(".regcache-write-test.{}", std::process::id()));
+    let random: u64 = rand::random();
+    let probe = dir.join(format!("{PROBE_PREFIX}{random:016x}"));
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -108,7 +119,7 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let path = parent.path().join("a").join("state");
         let state = StateDir::open(&path);
-        assert!(state.writable());
+        assert_eq!(state.writable_path(), Some(path.as_path()));
         assert_eq!(state.artifact_dir(), Some(path.join("artifacts")));
         assert!(state.snapshot_to_write().is_some());
         assert!(state.snapshot_to_read().is_some());
@@ -118,6 +129,36 @@ mod tests {
         assert!(left.is_empty(), "the probe file is removed: {left:?}");
     }
 
+    /// Probes left by crashes (the old names were the process id, the same at every start in
+    /// a container) do not make the directory look read-only; interrupted writes are cleared.
+    #[test]
+    fn leftovers_of_a_crash_do_not_poison_the_probe_and_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_probe = dir
+            .path()
+            .join(format!("{PROBE_PREFIX}{}", std::process::id()));
+        let interrupted = dir.path().join(".cache.snapshot.tmp.1.0.0badcafe");
+        for file in [&old_probe, &interrupted] {
+            std::fs::write(file, "").unwrap();
+        }
+        std::fs::File::options()
+            .write(true)
+            .open(&interrupted)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(86_400))
+            .unwrap();
+        for _ in 0..2 {
+            let state = StateDir::open(dir.path());
+            assert!(state.writable_path().is_some());
+        }
+        assert!(!interrupted.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(left, [old_probe], "each probe is removed");
+    }
+
     #[test]
     fn a_file_or_a_path_under_a_file_is_not_writable() {
         let parent = tempfile::tempdir().unwrap();
@@ -125,7 +166,7 @@ mod tests {
         std::fs::write(&file, "x").unwrap();
         for path in [file.clone(), file.join("state")] {
             let state = StateDir::open(&path);
-            assert!(!state.writable(), "{}", path.display());
+            assert_eq!(state.writable_path(), None, "{}", path.display());
             assert_eq!(state.artifact_dir(), None);
             assert!(state.snapshot_to_write().is_none());
             assert!(state.snapshot_to_read().is_none(), "nothing to read either");
@@ -148,7 +189,7 @@ mod tests {
         let privileged = std::fs::write(dir.path().join("probe"), "").is_ok();
         let state = StateDir::open(dir.path());
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert_eq!(state.writable(), privileged);
+        assert_eq!(state.writable_path().is_some(), privileged);
         assert!(state.snapshot_to_read().is_some());
         assert_eq!(state.snapshot_to_write().is_some(), privileged);
     }

@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,17 +38,44 @@ impl Host {
 
     /// Like [`Host::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Host> {
-        Self::launch(args, env, None)
+        Self::launch(args, env, None, None)
     }
 
     /// Like [`Host::start`], with the host's RLIMIT_NOFILE (soft and hard) set to
     /// `descriptors`, as a service manager would.
     pub fn start_with_descriptor_limit(args: &[&str], descriptors: u64) -> Result<Host> {
-        Self::launch(args, &[], Some(descriptors))
+        Self::launch(args, &[], Some(descriptors), None)
     }
 
-    fn launch(args: &[&str], env: &[(&str, &str)], descriptors: Option<u64>) -> Result<Host> {
-        let mut cmd = Command::new(regcache_bin());
+    /// Like [`Host::start`], as another user (the test must run as root).
+    pub fn start_as(user: &RunAs, args: &[&str]) -> Result<Host> {
+        Self::launch(args, &[], None, Some(user))
+    }
+
+    fn launch(
+        args: &[&str],
+        env: &[(&str, &str)],
+        descriptors: Option<u64>,
+        user: Option<&RunAs>,
+    ) -> Result<Host> {
+        let mut cmd = Command::new(user.map_or(regcache_bin().as_path(), |u| u.binary.as_path()));
+        if let Some(&RunAs { uid, gid, .. }) = user {
+            // SAFETY: runs in the forked child before exec; setgroups, setgid and setuid are
+            // async-signal-safe and change only the child's credentials. The group goes first:
+            // once the user is not root, it could not be changed.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setgroups(0, std::ptr::null()) == 0
+                        && libc::setgid(gid) == 0
+                        && libc::setuid(uid) == 0
+                    {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         if let Some(descriptors) = descriptors {
             let limit = libc::rlimit {
                 rlim_cur: descriptors,
@@ -179,6 +206,31 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A user to run the host as, and a copy of the binary that user can run.
+pub struct RunAs {
+    uid: u32,
+    gid: u32,
+    binary: PathBuf,
+}
+
+impl RunAs {
+    /// `nobody` (uid and gid 65534), with a copy of the `regcache` binary in `dir` (made
+    /// 0755): the build's own may sit under directories closed to other users.
+    pub fn nobody(dir: &Path) -> Result<RunAs> {
+        use std::os::unix::fs::PermissionsExt;
+        let binary = dir.join("regcache");
+        std::fs::copy(regcache_bin(), &binary).context("copying the regcache binary")?;
+        for path in [dir, binary.as_path()] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(RunAs {
+            uid: 65534,
+            gid: 65534,
+            binary,
+        })
     }
 }
 

@@ -2,13 +2,15 @@
 //! requests, the admin endpoints and policy swaps (API, file change, SIGHUP), metrics, and bad
 //! configuration. The real binary, as operators run it.
 
-use std::process::Command;
-use std::time::Duration;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use regcache_tests::binary::regcache_bin;
 use regcache_tests::etcd::TlsFiles;
 use regcache_tests::host::{
-    Host, Response, poll, request_head_only, service_json, write_atomically,
+    Host, Response, RunAs, poll, request_head_only, service_json, write_atomically,
 };
 use regcache_tests::policies::{policy_path, policy_wasm};
 use serde_json::Value;
@@ -669,17 +671,35 @@ fn metrics_are_prometheus_text() {
     }
 }
 
+/// Runs `regcache run` that is expected to stop at once: its exit code and stderr. A start
+/// that has not failed within 30 s (one waiting on a FIFO) is killed and fails the test rather
+/// than hanging the run.
 fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(regcache_bin())
+    let mut child = Command::new(regcache_bin())
         .arg("run")
         .args(args)
         .envs(env.iter().copied())
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let exited = poll(Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(exited, "{args:?}: still running after 30 s:\n{stderr}");
+    (status.code().unwrap_or(-1), stderr)
 }
 
 #[test]
@@ -893,6 +913,158 @@ fn a_state_dir_that_cannot_be_written_is_a_warning_not_a_failure() {
         assert!(!log.contains("ignoring the snapshot"), "{log}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
+}
+
+/// A FIFO where a file is expected would leave the host waiting for a writer before it ever
+/// listens, and a link to `/dev/zero` would be read until memory runs out: each stops the
+/// start at once, with one line naming the setting and the path.
+#[test]
+fn special_files_stop_the_start_at_once_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let zero = dir.path().join("zero");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    for (path, what) in [(&fifo, "a FIFO"), (&zero, "a character device")] {
+        let path = path.to_str().unwrap();
+        let cases = [
+            (
+                vec!["--policy-file", path],
+                "`policy.file` (--policy-file / REGCACHE_POLICY_FILE)",
+            ),
+            (
+                vec!["--admin-token-file", path],
+                "`admin_token_file` (--admin-token-file / REGCACHE_ADMIN_TOKEN_FILE)",
+            ),
+            (
+                vec!["--etcd-endpoints", "127.0.0.1:9", "--etcd-ca", path],
+                "`etcd.ca` (--etcd-ca / REGCACHE_ETCD_CA)",
+            ),
+            (vec!["--config", path], "configuration file"),
+        ];
+        for (args, setting) in cases {
+            let started = Instant::now();
+            let (code, stderr) = run_bad(&args, &[]);
+            let took = started.elapsed();
+            assert_ne!(code, 0, "{args:?} must fail");
+            assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
+            let lines: Vec<&str> = stderr
+                .lines()
+                .filter(|l| l.starts_with("regcache:"))
+                .collect();
+            assert_eq!(lines.len(), 1, "{args:?}: one error line:\n{stderr}");
+            for want in [setting, path, &format!("not a regular file ({what})")] {
+                assert!(lines[0].contains(want), "{args:?}: want {want}\n{stderr}");
+            }
+        }
+    }
+}
+
+/// The case: an existing state dir the host's user cannot write, holding a snapshot.
+/// The host warns naming `state_dir`, starts, serves the snapshot's service (stale: etcd is
+/// unreachable), and writes nothing there, not even at shutdown.
+///
+/// Root writes through permission bits, so the host runs as `nobody` on a root-owned 0755
+/// directory (a test run as another user makes the directory 0555 and runs the host as
+/// itself).
+#[test]
+fn a_read_only_state_dir_is_read_and_served_from_but_never_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    // A snapshot of "greeter", written by a host that could write there.
+    let mut writer = Host::start(&["--state-dir", state_dir]).unwrap();
+    let created = post_service(
+        &writer,
+        &service_json("greeter", "1", "n1", "10.0.0.1:8080"),
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(lookup(&writer, "greeter").status, 200);
+    writer.signal("TERM").unwrap();
+    assert!(writer.wait_exit(Duration::from_secs(15)).unwrap().success());
+    let snapshot = state.path().join("cache.snapshot");
+    assert!(snapshot.is_file(), "{}", writer.log());
+    // Readable by anyone, whatever the umask was; the directory itself read-only to others.
+    std::fs::set_permissions(&snapshot, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let dir_mode = if privileged { 0o755 } else { 0o555 };
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(dir_mode)).unwrap();
+    let before = tree(state.path());
+
+    // etcd "down": an endpoint nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let args = [
+        "--state-dir",
+        state_dir,
+        "--etcd-endpoints",
+        &endpoint,
+        "--snapshot-interval",
+        "100ms",
+    ];
+    let bin_dir = tempfile::tempdir().unwrap();
+    let mut host = if privileged {
+        Host::start_as(&RunAs::nobody(bin_dir.path()).unwrap(), &args).unwrap()
+    } else {
+        Host::start(&args).unwrap()
+    };
+    let log = host.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&format!("state_dir {state_dir}")))
+        .unwrap_or_else(|| panic!("no warning naming state_dir:\n{log}"));
+    assert!(warning.contains("cannot be written"), "{warning}");
+    assert!(log.contains("snapshot loaded"), "{log}");
+    let found = lookup(&host, "greeter");
+    assert_eq!(found.status, 200, "{}\n{}", found.text(), host.log());
+    let answer = found.json();
+    assert_eq!(node_ids(&answer), ["n1"]);
+    assert_eq!(answer["provenance"]["source"], "stale", "{answer}");
+    assert_eq!(answer["provenance"]["snapshot"], true, "{answer}");
+    // Past a few snapshot intervals, and through the shutdown's write.
+    std::thread::sleep(Duration::from_millis(300));
+    host.signal("TERM").unwrap();
+    assert!(host.wait_exit(Duration::from_secs(15)).unwrap().success());
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        tree(state.path()),
+        before,
+        "nothing written:\n{}",
+        host.log()
+    );
+    let log = host.log();
+    for attempt in [
+        "cannot write the snapshot",
+        "cannot store precompiled policy",
+        "cannot record",
+    ] {
+        assert!(!log.contains(attempt), "{attempt}:\n{log}");
+    }
+}
+
+/// `dir` and everything under it: path, size, modification time (a directory's changes when
+/// a file is created or removed in it, a probe included).
+fn tree(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let metadata = std::fs::symlink_metadata(&path).unwrap();
+        if metadata.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+        let modified = metadata.modified().unwrap();
+        files.push((path.display().to_string(), metadata.len(), modified));
+    }
+    files.sort();
+    files
 }
 
 #[test]

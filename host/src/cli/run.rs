@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use regcache::config::{ConfigError, ConfigLayer, EtcdLayer, HttpLayer, PolicyLayer};
+use regcache::fsutil::read_regular;
+
+/// Largest configuration file read: a few hundred lines make a generous one.
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
 /// Arguments of `regcache run`. Every option can also come from the TOML file given with
 /// `--config` (flags and environment win), under the name in brackets.
@@ -197,8 +201,11 @@ impl RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| {
+            let bytes = read_regular(path, MAX_CONFIG_FILE).with_context(|| {
                 format!("cannot read the configuration file {}", path.display())
+            })?;
+            let text = String::from_utf8(bytes).with_context(|| {
+                format!("the configuration file {} is not UTF-8 text", path.display())
             })?;
             ConfigLayer::parse_toml(&text, &path.display().to_string())?
         }

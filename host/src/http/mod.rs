@@ -53,9 +53,8 @@ use crate::registry::{ErrorKind, Registry, RegistryError};
 /// Largest request body, policies excepted: a registration is a few KiB.
 pub const MAX_BODY: usize = 1024 * 1024;
 
-/// Largest policy component accepted by `PUT /v1/policy` (ours are ~100 KiB; components
-/// compiled from other languages reach a few MiB).
-pub const MAX_POLICY_BODY: usize = 8 * 1024 * 1024;
+/// Largest policy component accepted by `PUT /v1/policy`: the same as from a file.
+pub const MAX_POLICY_BODY: usize = crate::policy::MAX_POLICY_SIZE;
 
 /// Longest service name or node id accepted.
 const MAX_NAME: usize = 253;

@@ -17,6 +17,9 @@
 //! it with mode 0700, and refuses to use one (compiling every time instead) that is not owned by
 //! the host's user or that others can access. Each artifact has a sha256 of its bytes written
 //! after it, so a torn write or a truncated file means recompiling, never loading.
+//!
+//! Pruning also clears what a crash leaves behind: temporary files of an interrupted write, and
+//! checksums whose artifact is gone.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -27,7 +30,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use crate::fsutil::write_atomically;
+use super::MAX_POLICY_SIZE;
+use crate::fsutil::{open_regular, read_regular, remove_stale_temporaries, write_atomically};
 
 /// Components kept in memory; policies are small, and operators rarely juggle more.
 const IN_MEMORY: usize = 16;
@@ -37,8 +41,18 @@ const IN_MEMORY: usize = 16;
 /// the last few, and an upgrade's leftovers, without a setting operators would have to size.
 pub(crate) const ON_DISK: usize = 8;
 
-/// File name suffix of an artifact (its checksum is `<artifact>.sha256`).
+/// File name suffix of an artifact (its checksum is `<artifact>` + [`CHECKSUM_SUFFIX`]).
 const ARTIFACT_SUFFIX: &str = ".cwasm";
+
+/// File name suffix of an artifact's checksum.
+const CHECKSUM_SUFFIX: &str = ".sha256";
+
+/// Largest artifact read: machine code and metadata weigh a few times the component they were
+/// compiled from (about ten times for the default policy), and components are bounded.
+const MAX_ARTIFACT: u64 = 32 * MAX_POLICY_SIZE as u64;
+
+/// Largest checksum file read: 64 hex digits and perhaps a newline.
+const MAX_CHECKSUM: u64 = 128;
 
 pub(crate) struct ArtifactCache {
     dir: Option<PathBuf>,
@@ -120,9 +134,9 @@ impl ArtifactCache {
 
     fn read(&self, engine: &Engine, digest: &str) -> Option<Component> {
         let (artifact, checksum) = self.paths(digest)?;
-        let bytes = std::fs::read(&artifact).ok()?;
-        let expected = std::fs::read_to_string(&checksum).ok()?;
-        if hex_sha256(&bytes) != expected.trim() {
+        let bytes = read_if_there(&artifact, MAX_ARTIFACT)?;
+        let expected = read_if_there(&checksum, MAX_CHECKSUM)?;
+        if std::str::from_utf8(&expected).map(str::trim) != Ok(hex_sha256(&bytes).as_str()) {
             tracing::warn!(path = %artifact.display(), "precompiled policy does not match its checksum; recompiling");
             return None;
         }
@@ -148,7 +162,9 @@ impl ArtifactCache {
         let result = if artifact.is_file() && checksum.is_file() {
             // Reading does not count as a use to the file system (noatime): the modification
             // time is the "last activated" stamp.
-            std::fs::File::open(&artifact).and_then(|f| f.set_modified(SystemTime::now()))
+            open_regular(&artifact)
+                .map_err(std::io::Error::other)
+                .and_then(|(f, _)| f.set_modified(SystemTime::now()))
         } else {
             component
                 .serialize()
@@ -168,9 +184,24 @@ impl ArtifactCache {
     }
 }
 
+/// A file of the artifact directory, or `None` if it is missing or unusable (logged: the
+/// policy is then compiled, and the next activation rewrites it).
+fn read_if_there(path: &Path, max: u64) -> Option<Vec<u8>> {
+    match read_regular(path, max) {
+        Ok(bytes) => Some(bytes),
+        Err(err) if err.is_not_found() => None,
+        Err(err) => {
+            tracing::warn!(path = %path.display(), "cannot read precompiled policy: {err}; recompiling");
+            None
+        }
+    }
+}
+
 /// Removes the least recently used artifacts of `dir` (and their checksums) beyond `limit`,
-/// never `active`.
+/// never `active`, and what crashes left: stale temporary files, checksums without their
+/// artifact.
 fn prune(dir: &Path, limit: usize, active: &Path) {
+    remove_stale_temporaries(dir);
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) => {
@@ -178,10 +209,23 @@ fn prune(dir: &Path, limit: usize, active: &Path) {
             return;
         }
     };
-    let mut others: Vec<(SystemTime, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(ARTIFACT_SUFFIX))
-        .map(|e| e.path())
+    let paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+    let named = |path: &Path, suffix: &str| {
+        path.file_name()
+            .is_some_and(|name| name.to_string_lossy().ends_with(suffix))
+    };
+    // A crash (or a failed removal) between removing an artifact and its checksum leaves the
+    // checksum alone; nothing would ever remove it.
+    for orphan in paths
+        .iter()
+        .filter(|path| named(path, CHECKSUM_SUFFIX))
+        .filter(|path| !path.with_extension("").exists())
+    {
+        remove(orphan);
+    }
+    let mut others: Vec<(SystemTime, PathBuf)> = paths
+        .into_iter()
+        .filter(|path| named(path, ARTIFACT_SUFFIX))
         .filter(|path| path != active)
         .map(|path| {
             let used = std::fs::metadata(&path)
@@ -193,23 +237,26 @@ fn prune(dir: &Path, limit: usize, active: &Path) {
     // Newest first; the active artifact takes one of the `limit` places.
     others.sort_by(|a, b| b.cmp(a));
     for (_, path) in others.into_iter().skip(limit.saturating_sub(1)) {
-        let checksum = checksum_path(&path);
-        for file in [&path, &checksum] {
-            match std::fs::remove_file(file) {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    tracing::warn!(path = %file.display(), "cannot remove an old precompiled policy: {err}")
-                }
-            }
-        }
+        remove(&path);
+        remove(&checksum_path(&path));
         tracing::debug!(path = %path.display(), "old precompiled policy removed");
+    }
+}
+
+/// Removes a file of the artifact directory; one already gone is fine, a failure is logged.
+fn remove(file: &Path) {
+    match std::fs::remove_file(file) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(path = %file.display(), "cannot remove an old precompiled policy: {err}")
+        }
     }
 }
 
 fn checksum_path(artifact: &Path) -> PathBuf {
     let mut name = artifact.as_os_str().to_owned();
-    name.push(".sha256");
+    name.push(CHECKSUM_SUFFIX);
     PathBuf::from(name)
 }
 
@@ -367,6 +414,58 @@ mod tests {
                 .exists()
         );
         assert_eq!(artifacts(&path).len(), 4, "{:?}", artifacts(&path));
+    }
+
+    #[test]
+    fn crash_leftovers_are_removed() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifacts");
+        let cache = ArtifactCache::new(&engine, Some(path.clone()));
+        let component = Component::new(&engine, EMPTY).unwrap();
+        cache.keep(&component, "d1");
+        let (artifact, _) = cache.paths("gone").unwrap();
+        let orphan = checksum_path(&artifact);
+        let stale = path.join(".d2.cwasm.tmp.7.0.0badcafe");
+        let young = path.join(".d3.cwasm.tmp.7.1.0badcafe");
+        for file in [&orphan, &stale, &young] {
+            std::fs::write(file, "x").unwrap();
+        }
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(24 * 3600))
+            .unwrap();
+        let before = artifacts(&path);
+        cache.keep(&component, "d1");
+        let after = artifacts(&path);
+        let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        let removed: Vec<&String> = before.iter().filter(|n| !after.contains(n)).collect();
+        assert_eq!(removed, [&name(&stale), &name(&orphan)], "{after:?}");
+        assert!(after.contains(&name(&young)), "perhaps a write in progress");
+        assert_eq!(after.len(), 3, "d1's artifact and checksum stay: {after:?}");
+    }
+
+    #[test]
+    fn an_artifact_that_is_not_a_regular_file_is_compiled_instead() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifacts");
+        let cache = std::sync::Arc::new(ArtifactCache::new(&engine, Some(path.clone())));
+        let component = Component::new(&engine, EMPTY).unwrap();
+        cache.keep(&component, "d1");
+        let (artifact, _) = cache.paths("d1").unwrap();
+        std::fs::remove_file(&artifact).unwrap();
+        let reader = cache.clone();
+        crate::fsutil::testing::assert_refuses_special_files(&artifact, move || {
+            // A fresh process's view: nothing in memory, the disk consulted.
+            reader.compiled.lock().unwrap().clear();
+            match reader.component(&engine, EMPTY, "d1") {
+                Ok((_, Origin::Compiled)) => Err("not a regular file: compiled instead".into()),
+                _ => Ok(()),
+            }
+        });
     }
 
     #[test]

@@ -50,6 +50,7 @@ use crate::decision::{
     Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
     Settings,
 };
+use crate::fsutil::{FileError, read_regular};
 use bindings::PolicyPre;
 use instance::Instance;
 use sandbox::InstanceState;
@@ -57,6 +58,10 @@ use sandbox::InstanceState;
 /// The default policy (`policy/default`), built from source by the host's build script.
 pub const DEFAULT_POLICY_WASM: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/default_policy.wasm"));
+
+/// Largest policy component read from a file or accepted over the API (ours are ~100 KiB;
+/// components compiled from other languages reach a few MiB).
+pub const MAX_POLICY_SIZE: usize = 8 * 1024 * 1024;
 
 /// The `source` of the embedded default policy.
 pub const EMBEDDED_SOURCE: &str = "embedded:default";
@@ -85,12 +90,14 @@ impl PolicySpec {
         }
     }
 
-    /// The policy in the file at `path`, with `config`.
+    /// The policy in the file at `path`, with `config`: a regular file of at most
+    /// [`MAX_POLICY_SIZE`] bytes.
     pub fn from_file(path: &Path, config: Vec<(String, String)>) -> Result<Self, PolicyError> {
-        let wasm = std::fs::read(path).map_err(|error| PolicyError::Read {
-            path: path.to_path_buf(),
-            error: Arc::new(error),
-        })?;
+        let wasm =
+            read_regular(path, MAX_POLICY_SIZE as u64).map_err(|error| PolicyError::Read {
+                path: path.to_path_buf(),
+                error: Arc::new(error),
+            })?;
         Ok(PolicySpec {
             wasm: wasm.into(),
             source: path.display().to_string(),
@@ -107,8 +114,8 @@ pub enum PolicyError {
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        error: Arc<std::io::Error>,
+        /// Why.
+        error: Arc<FileError>,
     },
     /// Zero bytes.
     #[error("the policy is empty (0 bytes)")]
@@ -595,4 +602,34 @@ fn validate(
         digest,
         settings: raw.into_settings(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_file_is_a_regular_file_of_bounded_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.wasm");
+        let reader = path.clone();
+        crate::fsutil::testing::assert_refuses_special_files(&path, move || {
+            PolicySpec::from_file(&reader, Vec::new())
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_POLICY_SIZE as u64 + 1).unwrap();
+        let err = PolicySpec::from_file(&path, Vec::new()).unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::Read { error, .. }
+            if matches!(**error, FileError::TooLarge { .. })),
+            "{err}"
+        );
+        file.set_len(4).unwrap();
+        assert_eq!(
+            PolicySpec::from_file(&path, Vec::new()).unwrap().wasm.len(),
+            4
+        );
+    }
 }

@@ -52,7 +52,8 @@ mod tls;
 mod watch;
 
 pub use config::{
-    ConfigError, EtcdConfig, LEASE_TTL_RANGE, MIN_HTTP2_KEEPALIVE, REQUEST_TIMEOUT_RANGE, TlsPaths,
+    ConfigError, DEFAULT_LEASE_TTL, DEFAULT_PREFIX, DEFAULT_REQUEST_TIMEOUT, EtcdConfig,
+    LEASE_TTL_RANGE, MIN_HTTP2_KEEPALIVE, REQUEST_TIMEOUT_RANGE, TlsPaths,
 };
 pub use stats::StatsSnapshot;
 pub use tls::{TlsFile, TlsFileError, TlsProblem};

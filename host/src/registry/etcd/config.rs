@@ -13,6 +13,18 @@ use std::time::Duration;
 /// watches first. Below this, keep-alive would do more harm than good.
 pub const MIN_HTTP2_KEEPALIVE: Duration = Duration::from_secs(5);
 
+/// The key prefix by default: go-micro's.
+pub const DEFAULT_PREFIX: &str = "/micro/registry/";
+
+/// The request (and connect) timeout by default: far above a healthy etcd's milliseconds, and
+/// short enough that a lookup waiting on a refresh from a dead etcd gives up while its caller
+/// still waits.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The lease TTL by default: renewed every third of it, two renewals can be lost before it
+/// expires, and a host that dies leaves its nodes listed for at most this long.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
+
 /// Accepted request (and connect) timeouts. Below 100 ms an attempt's own floor (a third of the
 /// request timeout, at least 100 ms) would outlast the whole request; beyond 5 minutes a caller
 /// (and every lookup that waits on a refresh) would be left hanging on a dead etcd for longer
@@ -102,10 +114,10 @@ impl EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             user: None,
             tls: None,
-            prefix: "/micro/registry/".into(),
-            request_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            lease_ttl: Duration::from_secs(15),
+            prefix: DEFAULT_PREFIX.into(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_REQUEST_TIMEOUT,
+            lease_ttl: DEFAULT_LEASE_TTL,
             keep_alive_interval: None,
             http2_keepalive_interval: Duration::from_secs(10),
             http2_keepalive_timeout: Duration::from_secs(5),

@@ -5,7 +5,8 @@
 //! forever. So the files are parsed here, the CA's certificates and the client certificate
 //! as X.509, and the client key checked against its certificate (by comparing public keys,
 //! with the same crypto provider the client uses): a bad file is a [`TlsFileError`] naming
-//! the file and what is wrong with it, before anything dials.
+//! the file and what is wrong with it, before anything dials. Files are read as every file the
+//! host is pointed at is ([`read_regular`]): regular files only, of a bounded size.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,11 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::TlsPaths;
+use crate::fsutil::{FileError, read_regular};
+
+/// Largest TLS file read. A CA bundle as large as a distribution's whole trust store is about
+/// 200 KiB; a certificate or a key, a few KiB.
+const MAX_TLS_FILE: u64 = 1024 * 1024;
 
 /// One of the TLS files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +47,9 @@ pub struct TlsFileError {
 /// What is wrong with a TLS file.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsProblem {
-    /// It cannot be read.
+    /// It cannot be read (missing, not a regular file, too large).
     #[error("cannot read it: {0}")]
-    Read(Arc<std::io::Error>),
+    Read(Arc<FileError>),
     /// A PEM section is malformed.
     #[error("not valid PEM: {0}")]
     BadPem(String),
@@ -101,7 +107,7 @@ impl TlsPaths {
 }
 
 fn read(file: TlsFile, path: &Path) -> Result<Vec<u8>, TlsFileError> {
-    std::fs::read(path).map_err(|e| TlsFileError {
+    read_regular(path, MAX_TLS_FILE).map_err(|e| TlsFileError {
         file,
         path: path.to_path_buf(),
         problem: TlsProblem::Read(Arc::new(e)),
@@ -225,6 +231,27 @@ mod tests {
         paths(dir.path(), "ca.pem", Some(("client.pem", "client.key")))
             .check()
             .unwrap();
+    }
+
+    #[test]
+    fn special_files_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        self_signed(dir.path(), "ca");
+        self_signed(dir.path(), "client");
+        let special = dir.path().join("special");
+        for (ca, cert, key) in [
+            ("special", "client.pem", "client.key"),
+            ("ca.pem", "special", "client.key"),
+            ("ca.pem", "client.pem", "special"),
+        ] {
+            let paths = paths(dir.path(), ca, Some((cert, key)));
+            crate::fsutil::testing::assert_refuses_special_files(&special, move || {
+                paths.check().map_err(|e| e.to_string())
+            });
+        }
+        std::fs::write(&special, vec![b'x'; MAX_TLS_FILE as usize + 1]).unwrap();
+        let err = paths(dir.path(), "special", None).check().unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 
     #[test]
