@@ -296,7 +296,7 @@ impl Collector for Sources {
         counter(
             &mut e,
             "regcache_registration_conflicts",
-            "This host's registrations found held by another host's lease (not written back).",
+            "This host's registrations found held by someone else (not written back, or dropped).",
             r.conflicts,
         )?;
         Ok(())

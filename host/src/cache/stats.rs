@@ -102,7 +102,7 @@ impl Counters {
             Err(ErrorKind::Unavailable) => Counter::GetUnavailable,
             Err(ErrorKind::Unauthenticated) => Counter::GetUnauthenticated,
             // `get_service` never conflicts (only registrations do).
-            Err(ErrorKind::InvalidInput | ErrorKind::Conflict { .. }) => Counter::GetInvalidInput,
+            Err(ErrorKind::InvalidInput | ErrorKind::Conflict) => Counter::GetInvalidInput,
         });
     }
 

@@ -181,14 +181,16 @@ impl From<RegistryError> for ApiError {
             ErrorKind::Unavailable | ErrorKind::Unauthenticated => {
                 (StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable")
             }
-            ErrorKind::Conflict { owner_lease } => {
+            ErrorKind::Conflict => {
+                let error = ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string());
+                let Some(owner_lease) = e.owner_lease else {
+                    return error;
+                };
                 // Both spellings: etcdctl shows leases in hex, etcd's JSON in decimal.
-                let details = serde_json::json!({
+                return error.with_details(serde_json::json!({
                     "owner_lease": owner_lease,
                     "owner_lease_hex": format!("{owner_lease:x}"),
-                });
-                return ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
-                    .with_details(details);
+                }));
             }
         };
         ApiError::new(status, code, e.to_string())

@@ -39,7 +39,7 @@ fn error_kind(kind: ErrorKind) -> wit::ErrorKind {
         ErrorKind::InvalidInput => wit::ErrorKind::InvalidInput,
         // Only registrations conflict, and a policy is asked about lookups: never reached.
         // The nearest kind keeps the WIT (and every built policy) unchanged.
-        ErrorKind::Conflict { .. } => wit::ErrorKind::InvalidInput,
+        ErrorKind::Conflict => wit::ErrorKind::InvalidInput,
     }
 }
 

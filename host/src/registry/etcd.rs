@@ -58,9 +58,9 @@ pub use config::{
 pub use stats::StatsSnapshot;
 pub use tls::{TlsFile, TlsFileError, TlsProblem};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,7 @@ use super::{
     check_registration,
 };
 use crate::model::{Service, group_by_version, key_segment};
-use ownership::{Foreign, HostLeases};
+use ownership::{Foreign, HostLeases, Target};
 use stats::Stats;
 
 /// Largest gRPC message the client accepts. A full list of a large registry (thousands of
@@ -96,8 +96,131 @@ pub struct EtcdRegistry {
 pub(crate) struct Owned {
     service: Service,
     value: Vec<u8>,
-    /// Another host's lease that holds the key now: it is not written back while so.
+    /// Until this host first writes the node: what its registration said about someone else
+    /// holding it, which still applies then (the registration was answered before its write,
+    /// during an outage). `None` once written: the node is this host's, and someone else
+    /// taking it is a conflict.
+    unwritten: Option<Takeover>,
+    /// Someone else's lease that holds the key now (0: a value on no lease): it is not written
+    /// back while so.
     conflict: Option<i64>,
+    /// Which registration this is, so that what a write found is recorded only on the
+    /// registration it wrote, not on one that replaced it meanwhile.
+    serial: u64,
+}
+
+impl Owned {
+    fn new(service: Service, unwritten: Option<Takeover>) -> Owned {
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        Owned {
+            value: service.encode(),
+            service,
+            unwritten,
+            conflict: None,
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Whether this host wrote the node in this run.
+    pub(crate) fn is_written(&self) -> bool {
+        self.unwritten.is_none()
+    }
+
+    /// What a write other than its registration's own answer does about someone else holding
+    /// the key: until the node is first written, what the registration asked (a refused one is
+    /// yielded, then dropped by [`settle`]); then yield.
+    fn foreign(&self) -> Foreign {
+        match self.unwritten {
+            Some(Takeover::Force) => Foreign::Take,
+            _ => Foreign::Yield,
+        }
+    }
+}
+
+/// Which owned keys a write puts.
+#[derive(Debug, Clone)]
+pub(crate) enum Puts {
+    /// A registration's keys, answered now: someone else holding one fails it
+    /// ([`Takeover::Refuse`]) or is taken over ([`Takeover::Force`]).
+    Registration(Vec<String>, Takeover),
+    /// Owned keys to check and put back: the watch saw them changed, or their registration
+    /// was answered before they could be written.
+    Repair(Vec<String>),
+    /// Every owned key (a new lease).
+    All,
+}
+
+/// The owned keys `puts` writes (every one when `everything`: a new lease holds none), each
+/// with what to do about someone else holding it: a registration's own keys as it asked, any
+/// other as [`Owned::foreign`] says. Keys no longer owned (deregistered) are left out.
+fn targets(owned: &BTreeMap<String, Owned>, puts: &Puts, everything: bool) -> Vec<Target> {
+    let (keys, asked): (&[String], _) = match puts {
+        Puts::Registration(keys, takeover) => (keys, Some(*takeover)),
+        Puts::Repair(keys) => (keys, None),
+        Puts::All => (&[], None),
+    };
+    let keys: BTreeSet<&String> = keys.iter().collect();
+    let target = |key: &String, owned: &Owned| Target {
+        key: key.clone(),
+        owned: owned.clone(),
+        foreign: match asked {
+            Some(takeover) if keys.contains(key) => Foreign::from(takeover),
+            _ => owned.foreign(),
+        },
+    };
+    if everything || matches!(puts, Puts::All) {
+        owned.iter().map(|(k, o)| target(k, o)).collect()
+    } else {
+        keys.iter()
+            .filter_map(|k| owned.get(*k).map(|o| target(k, o)))
+            .collect()
+    }
+}
+
+/// What a write found that changes this host's registrations.
+#[derive(Debug, Default, PartialEq)]
+struct Settled {
+    /// Written nodes someone else holds now, with its lease, newly (a conflict is reported
+    /// once, when it starts).
+    conflicts: Vec<(String, i64)>,
+    /// Nodes never written whose registration refused someone else's node: dropped.
+    refused: Vec<(String, i64)>,
+}
+
+/// Records in `owned` what a write of the `checked` keys (with the serial each was written
+/// as) found: the keys not `yielded` hold this host's value on its lease, so they are written
+/// and in no conflict; a yielded key is a conflict if its node was written before, and is
+/// dropped if it never was (its registration refused someone else's node). A key registered
+/// again meanwhile (another serial) is left to that registration's own write.
+fn settle(
+    owned: &mut BTreeMap<String, Owned>,
+    checked: &[(String, u64)],
+    yielded: &[(String, i64)],
+) -> Settled {
+    let yielded: BTreeMap<&str, i64> = yielded.iter().map(|(k, l)| (k.as_str(), *l)).collect();
+    let mut settled = Settled::default();
+    for (key, serial) in checked {
+        let Some(entry) = owned.get_mut(key).filter(|e| e.serial == *serial) else {
+            continue;
+        };
+        match yielded.get(key.as_str()).copied() {
+            None => {
+                entry.unwritten = None;
+                entry.conflict = None;
+            }
+            Some(owner) if entry.is_written() => {
+                if entry.conflict != Some(owner) {
+                    settled.conflicts.push((key.clone(), owner));
+                }
+                entry.conflict = Some(owner);
+            }
+            Some(owner) => {
+                owned.remove(key);
+                settled.refused.push((key.clone(), owner));
+            }
+        }
+    }
+    settled
 }
 
 /// State shared by the registry handle and its background tasks.
@@ -114,7 +237,7 @@ pub(crate) struct Shared {
     lease: tokio::sync::Mutex<Option<i64>>,
     /// Publishes the current lease id to the keep-alive task.
     lease_id: signal::Sender<Option<i64>>,
-    /// Owned keys seen deleted, for the lease task to put back.
+    /// Owned keys to check and put back, for the lease task.
     repairs: Mutex<Vec<String>>,
     repair_wake: tokio::sync::Notify,
     hub: Mutex<watch::Hub>,
@@ -179,6 +302,8 @@ impl EtcdRegistry {
         shared.hub.lock().unwrap().reset(listing, revision);
         let mut tasks = vec![
             tokio::spawn(lease::run(shared.clone())),
+            // Apart from the lease task, whose keep-alives must not wait behind it.
+            tokio::spawn(lease::forget_expired_leases(shared.clone())),
             tokio::spawn(watch::run(shared.clone(), revision)),
             tokio::spawn(watch::flush_lagged(shared.clone())),
         ];
@@ -280,6 +405,9 @@ pub(crate) fn error(op: &'static str, e: &etcd_client::Error) -> RegistryError {
         E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) => {
             ErrorKind::InvalidInput
         }
+        // The client's answer to a keep-alive opened on a lease etcd no longer has (TTL 0);
+        // its only other use, a send on a channel it has just created, cannot fail.
+        E::LeaseKeepAliveError(_) => ErrorKind::NotFound,
         _ => ErrorKind::Unavailable,
     };
     RegistryError::new(kind, op, message)
@@ -300,11 +428,6 @@ fn attempt_timeout(config: &EtcdConfig) -> Duration {
 /// idempotent, and a lease granted twice leaves one unused lease to expire by its TTL.)
 fn retryable(e: &RegistryError) -> bool {
     e.kind == ErrorKind::Unavailable && !e.message.contains("certificate")
-}
-
-/// Whether a put failed because its lease is gone (expired, revoked, or etcd lost it).
-pub(crate) fn lease_not_found(e: &RegistryError) -> bool {
-    e.message.contains("lease not found")
 }
 
 /// Jittered exponential backoff for background retries, capped by the configuration.
@@ -522,18 +645,16 @@ impl Shared {
     }
 
     /// Puts owned keys on the current lease, granting one first if there is none. If etcd
-    /// says the lease is gone, grants a new one and puts every owned key on it. `keys: None`
-    /// puts every owned key. Keys another host's lease holds are refused, yielded (marked in
-    /// conflict) or taken, as `foreign` says (see [`ownership`]). The caller holds the lease
-    /// lock.
+    /// says the lease is gone, grants a new one and puts every owned key on it. Keys someone
+    /// else holds are refused, yielded (marked in conflict, or dropped if never written) or
+    /// taken, as [`targets`] says (see [`ownership`]). The caller holds the lease lock.
     pub(crate) async fn put_owned(
         &self,
         lease: &mut Option<i64>,
-        keys: Option<Vec<String>>,
+        puts: &Puts,
         op: &'static str,
-        foreign: Foreign,
     ) -> Result<(), RegistryError> {
-        let mut keys = keys;
+        let mut everything = false;
         for _ in 0..2 {
             if lease.is_none() {
                 let ttl = self.config.lease_ttl.as_secs() as i64;
@@ -549,32 +670,30 @@ impl Shared {
                 self.leases.add(granted.id()).await;
                 *lease = Some(granted.id());
                 self.lease_id.send_replace(*lease);
-                keys = None;
+                everything = true;
             }
             let id = lease.expect("granted above");
             // The lease lock keeps deregistrations out until the writes are done, so a key
             // deregistered meanwhile is not written back.
-            let targets: Vec<(String, Owned)> = {
-                let owned = self.owned.lock().unwrap();
-                match &keys {
-                    None => owned.iter().map(|(k, o)| (k.clone(), o.clone())).collect(),
-                    Some(keys) => keys
-                        .iter()
-                        .filter_map(|k| owned.get(k).map(|o| (k.clone(), o.clone())))
-                        .collect(),
-                }
+            let targets = targets(&self.owned.lock().unwrap(), puts, everything);
+            // A registration refused for one of its nodes must not stop the other keys of a
+            // new lease from being put on it: those are written first, in their own write.
+            let (refusable, others): (Vec<Target>, Vec<Target>) = targets
+                .into_iter()
+                .partition(|t| t.foreign == Foreign::Refuse);
+            let others_op = match puts {
+                Puts::Registration(..) => "reput",
+                _ => op,
             };
-            let checked: Vec<String> = targets.iter().map(|(k, _)| k.clone()).collect();
-            match ownership::write(self, op, id, targets, foreign).await {
-                Ok(written) => {
-                    if op == "reput" {
-                        let count = written.count as u64;
-                        self.stats.reputs.fetch_add(count, Ordering::Relaxed);
-                    }
-                    self.mark_conflicts(&checked, &written.yielded);
-                    return Ok(());
-                }
-                Err(e) if lease_not_found(&e) => {
+            let written = match self.write_settled(others_op, id, others).await {
+                Ok(()) => self.write_settled(op, id, refusable).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                // A put on a lease etcd no longer has (expired, revoked, lost) is refused as
+                // not found; nothing else in these transactions can be.
+                Err(e) if e.kind == ErrorKind::NotFound => {
                     tracing::warn!(lease = id, "lease gone while putting; granting a new one");
                     Stats::bump(&self.stats.lease_regrants);
                     self.leases.forget(&[id]).await;
@@ -590,37 +709,71 @@ impl Shared {
         ))
     }
 
-    /// Records which of the `checked` keys another lease holds (`yielded`): those are reported
-    /// once, when the conflict starts, and not written back while it lasts; the others are
-    /// this host's again.
-    fn mark_conflicts(&self, checked: &[String], yielded: &[(String, i64)]) {
-        let yielded: BTreeMap<&str, i64> = yielded.iter().map(|(k, l)| (k.as_str(), *l)).collect();
-        let mut owned = self.owned.lock().unwrap();
-        for key in checked {
-            let Some(entry) = owned.get_mut(key) else {
-                continue;
-            };
-            let now = yielded.get(key.as_str()).copied();
-            if now.is_some() && now != entry.conflict {
-                Stats::bump(&self.stats.conflicts);
-                tracing::warn!(
-                    key,
-                    owner_lease = now,
-                    "a registration of this host is held by another lease; not writing it back \
-                     while that lease holds it"
-                );
-            }
-            entry.conflict = now;
+    /// Writes `targets` ([`ownership::write`]) and records what it found ([`settle`]):
+    /// conflicts that start and registrations refused are counted and logged.
+    async fn write_settled(
+        &self,
+        op: &'static str,
+        lease: i64,
+        targets: Vec<Target>,
+    ) -> Result<(), RegistryError> {
+        if targets.is_empty() {
+            return Ok(());
         }
+        let checked: Vec<(String, u64)> = targets
+            .iter()
+            .map(|t| (t.key.clone(), t.owned.serial))
+            .collect();
+        let written = ownership::write(self, op, lease, targets).await?;
+        if op == "reput" {
+            let count = written.count as u64;
+            self.stats.reputs.fetch_add(count, Ordering::Relaxed);
+        }
+        let settled = settle(&mut self.owned.lock().unwrap(), &checked, &written.yielded);
+        for (key, owner) in settled.conflicts {
+            Stats::bump(&self.stats.conflicts);
+            tracing::warn!(
+                key,
+                owner_lease = owner,
+                "a registration of this host is held by someone else; not writing it back \
+                 while they hold it"
+            );
+        }
+        for (key, owner) in settled.refused {
+            Stats::bump(&self.stats.conflicts);
+            tracing::warn!(
+                key,
+                owner_lease = owner,
+                "registration refused when written (it was answered during an outage): someone \
+                 else holds the node; dropped"
+            );
+        }
+        Ok(())
     }
 
     /// At shutdown: deletes this host's `owned` keys and revokes its lease, so that none is
     /// left in etcd. The revocation takes the keys on the lease with it, but not an owned key
     /// someone rewrote on no lease (`etcdctl put`) and that was not put back yet: it would stay
-    /// for ever. Hence the guarded deletes first (never of another host's key). The caller
-    /// holds the lease lock.
-    async fn release(&self, lease: &mut Option<i64>, owned: &[String]) {
-        if let Err(e) = ownership::delete_own(self, "shutdown_delete", owned, *lease).await {
+    /// for ever. Hence the guarded deletes (never of someone else's key), first: once the
+    /// lease is revoked, the node is free for another host to register, and a delete after
+    /// that could meet its registration. The deletes are bounded as a whole by one request
+    /// timeout (a hung etcd fails the first and stops them), the revocation by another, so
+    /// that a shutdown never waits on etcd for longer. The caller holds the lease lock.
+    async fn release(&self, lease: &mut Option<i64>, owned: &[(String, Owned)]) {
+        let bound = self.config.request_timeout;
+        let deleted = tokio::time::timeout(
+            bound,
+            ownership::delete_own(self, "shutdown_delete", owned, *lease),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(RegistryError::new(
+                ErrorKind::Timeout,
+                "shutdown_delete",
+                format!("not done within {bound:?}"),
+            ))
+        });
+        if let Err(e) = deleted {
             tracing::warn!(error = %e, "could not delete this host's keys; those on its lease expire by TTL");
         }
         let Some(id) = lease.take() else {
@@ -670,34 +823,34 @@ impl Registry for EtcdRegistry {
         {
             let mut owned = shared.owned.lock().unwrap();
             for node in &service.nodes {
-                let single = service.with_single_node(node);
                 let key = shared.node_key(&service.name, &node.id);
-                let value = single.encode();
+                // A node this host wrote stays its own across a registration that changes it
+                // (a new address); a forced registration is forced whatever came before.
+                let unwritten = match owned.get(&key) {
+                    Some(p) if p.is_written() && takeover == Takeover::Refuse => None,
+                    _ => Some(takeover),
+                };
                 let previous = owned.insert(
                     key.clone(),
-                    Owned {
-                        service: single,
-                        value,
-                        conflict: None,
-                    },
+                    Owned::new(service.with_single_node(node), unwritten),
                 );
                 replaced.push((key.clone(), previous));
                 keys.push(key);
             }
         }
         // The keys stay owned if this first write meets an outage: the lease task puts them as
-        // soon as etcd answers, which is what "registered until deregistered" means then (a
-        // node another host took meanwhile is then reported as a conflict, not refused). A
-        // refusal (too large, permission denied, another host's node) would be refused
+        // soon as etcd answers, which is what "registered until deregistered" means then, and
+        // with what this registration asked: a node someone else holds then is refused (the
+        // registration dropped and logged: its caller has been answered) unless forced. A
+        // refusal now (too large, permission denied, someone else's node) would be refused
         // forever: undo and report it.
         // One bound for the whole registration: waiting for the lease lock, a grant and the
         // puts are each bounded too, but their sum must not exceed what the caller configured.
         let bound = shared.config.request_timeout;
         let attempt = async {
             let mut lease = shared.lease.lock().await;
-            shared
-                .put_owned(&mut lease, Some(keys.clone()), "register", takeover.into())
-                .await
+            let puts = Puts::Registration(keys.clone(), takeover);
+            shared.put_owned(&mut lease, &puts, "register").await
         };
         let result = match tokio::time::timeout(bound, attempt).await {
             Ok(result) => result,
@@ -753,10 +906,10 @@ impl Registry for EtcdRegistry {
         let bound = shared.config.request_timeout;
         let attempt = async {
             let lease = shared.lease.lock().await;
-            if !shared.owned.lock().unwrap().contains_key(&key) {
+            let Some(owned) = shared.owned.lock().unwrap().get(&key).cloned() else {
                 return Err(not_registered()); // a concurrent deregister won
-            }
-            ownership::delete_own(shared, "deregister", std::slice::from_ref(&key), *lease).await?;
+            };
+            ownership::delete_own(shared, "deregister", &[(key.clone(), owned)], *lease).await?;
             shared.owned.lock().unwrap().remove(&key);
             Ok(())
         };
@@ -872,10 +1025,9 @@ impl Registry for EtcdRegistry {
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
-        let owned: Vec<String> = std::mem::take(&mut *shared.owned.lock().unwrap())
+        let owned: Vec<(String, Owned)> = std::mem::take(&mut *shared.owned.lock().unwrap())
             .into_iter()
             .filter(|(_, o)| o.conflict.is_none())
-            .map(|(key, _)| key)
             .collect();
         let bound = shared.config.request_timeout;
         match tokio::time::timeout(bound, shared.lease.lock()).await {
@@ -907,6 +1059,106 @@ mod tests {
         let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(100)));
         assert!(delays[9] >= Duration::from_millis(50));
+    }
+
+    fn owned(node: &str, unwritten: Option<Takeover>) -> (String, Owned) {
+        let service = Service {
+            name: "greeter".into(),
+            nodes: vec![crate::model::Node {
+                id: node.into(),
+                address: "10.0.0.1:80".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        (node.to_string(), Owned::new(service, unwritten))
+    }
+
+    fn policies(targets: &[Target]) -> Vec<(&str, Foreign)> {
+        targets
+            .iter()
+            .map(|t| (t.key.as_str(), t.foreign))
+            .collect()
+    }
+
+    /// A registration answered now refuses someone else's node for its own keys only: when a
+    /// new lease makes it write every key, the others keep what their own registrations
+    /// asked (a 409 must never name a node of another registration).
+    #[test]
+    fn a_registration_refuses_for_its_own_keys_only() {
+        let map: BTreeMap<String, Owned> = [
+            owned("mine", Some(Takeover::Refuse)),
+            owned("written", None),
+            owned("kept", Some(Takeover::Refuse)),
+            owned("forced", Some(Takeover::Force)),
+        ]
+        .into_iter()
+        .collect();
+        let puts = Puts::Registration(vec!["mine".into()], Takeover::Refuse);
+        assert_eq!(
+            policies(&targets(&map, &puts, false)),
+            [("mine", Foreign::Refuse)]
+        );
+        assert_eq!(
+            policies(&targets(&map, &puts, true)),
+            [
+                ("forced", Foreign::Take),
+                ("kept", Foreign::Yield),
+                ("mine", Foreign::Refuse),
+                ("written", Foreign::Yield),
+            ],
+            "a new lease: every key, each with its own registration's policy"
+        );
+        let repair = Puts::Repair(vec!["forced".into(), "gone".into(), "written".into()]);
+        assert_eq!(
+            policies(&targets(&map, &repair, false)),
+            [("forced", Foreign::Take), ("written", Foreign::Yield)],
+            "a forced registration stays forced until written; a key no longer owned is skipped"
+        );
+    }
+
+    /// A registration answered during an outage and refused when written is dropped, not kept
+    /// as a conflict (which would put it back once the owner deletes its node); a written one
+    /// someone took is a conflict; one registered again meanwhile is left to its own write.
+    #[test]
+    fn what_a_write_found_settles_the_registrations() {
+        let mut map: BTreeMap<String, Owned> = [
+            owned("unwritten", Some(Takeover::Refuse)),
+            owned("written", None),
+            owned("fine", Some(Takeover::Refuse)),
+            owned("replaced", Some(Takeover::Refuse)),
+        ]
+        .into_iter()
+        .collect();
+        let checked: Vec<(String, u64)> = map.iter().map(|(k, o)| (k.clone(), o.serial)).collect();
+        let again = owned("replaced", Some(Takeover::Refuse)).1;
+        let again_serial = again.serial;
+        map.insert("replaced".into(), again);
+        let yielded = [
+            ("unwritten".to_string(), 7),
+            ("written".to_string(), 8),
+            ("replaced".to_string(), 9),
+        ];
+        let settled = settle(&mut map, &checked, &yielded);
+        assert_eq!(
+            settled,
+            Settled {
+                conflicts: vec![("written".into(), 8)],
+                refused: vec![("unwritten".into(), 7)],
+            }
+        );
+        assert!(!map.contains_key("unwritten"));
+        assert_eq!(map["written"].conflict, Some(8));
+        assert!(map["fine"].is_written() && map["fine"].conflict.is_none());
+        let replaced = &map["replaced"];
+        assert_eq!(
+            (replaced.serial, replaced.unwritten, replaced.conflict),
+            (again_serial, Some(Takeover::Refuse), None)
+        );
+        // A conflict is reported once, when it starts.
+        let checked = [("written".to_string(), map["written"].serial)];
+        let settled = settle(&mut map, &checked, &[("written".into(), 8)]);
+        assert_eq!(settled, Settled::default());
     }
 
     #[tokio::test]

@@ -61,6 +61,9 @@ struct State {
     owned: BTreeMap<Key, Service>,
     /// Owned keys another lease took over, with that lease.
     conflicts: BTreeMap<Key, i64>,
+    /// Owned keys registered during a failure and not written yet, with what their
+    /// registration said about another host's node: checked when they are written.
+    unwritten: BTreeMap<Key, Takeover>,
     watchers: Vec<mpsc::Sender<WatchEvent>>,
     revision: i64,
     failure: Option<ErrorKind>,
@@ -82,6 +85,21 @@ impl MemoryRegistry {
         let mut state = self.state.lock().unwrap();
         state.failure = kind;
         if kind.is_none() {
+            // A registration that was never written is checked now, as it would have been
+            // then: another host's node is refused (dropped: its caller was answered) unless
+            // the registration was forced.
+            for (key, takeover) in std::mem::take(&mut state.unwritten) {
+                let owner = state.holders.get(&key).copied();
+                if owner.is_some_and(|o| o != self.lease) && takeover == Takeover::Refuse {
+                    tracing::warn!(
+                        service = %key.0,
+                        node = %key.1,
+                        owner_lease = owner,
+                        "registration refused: another host's lease holds the node"
+                    );
+                    state.owned.remove(&key);
+                }
+            }
             let stale: Vec<Service> = state
                 .owned
                 .iter()
@@ -215,7 +233,10 @@ impl Registry for MemoryRegistry {
             state.owned.insert(key.clone(), single.clone());
             if entered.is_ok() {
                 state.conflicts.remove(&key);
+                state.unwritten.remove(&key);
                 state.put(single, self.lease);
+            } else {
+                state.unwritten.insert(key, takeover);
             }
         }
         Ok(match entered {
@@ -230,6 +251,7 @@ impl Registry for MemoryRegistry {
         let (owned, taken) = {
             let mut state = self.state.lock().unwrap();
             let taken = state.conflicts.remove(&key).is_some();
+            state.unwritten.remove(&key);
             (state.owned.remove(&key).is_some(), taken)
         };
         if !owned {
@@ -368,7 +390,10 @@ mod tests {
             .register(&service("a", "1", "n1"))
             .await
             .unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Conflict { owner_lease: other });
+        assert_eq!(
+            (err.kind, err.owner_lease),
+            (ErrorKind::Conflict, Some(other))
+        );
         assert!(
             registry.registrations().is_empty(),
             "nothing was registered"
@@ -412,5 +437,41 @@ mod tests {
         assert!(matches!(kept, Registered::Later(_)), "{kept:?}");
         registry.set_failure(None);
         assert_eq!(registry.get_service("a").await.unwrap().len(), 1);
+    }
+
+    /// A registration kept during a failure is checked when it is written: another host's
+    /// node is refused then (and dropped), not taken; a forced one takes it.
+    #[tokio::test]
+    async fn a_registration_kept_during_a_failure_does_not_take_another_hosts_node() {
+        let registry = MemoryRegistry::new();
+        let other = registry.lease() + 1_000;
+        registry.put_as(&service("a", "9", "n1"), other);
+        registry.put_as(&service("a", "9", "n2"), other);
+        registry.set_failure(Some(ErrorKind::Timeout));
+        let kept = registry.register(&service("a", "1", "n1")).await.unwrap();
+        assert!(matches!(kept, Registered::Later(_)), "{kept:?}");
+        registry
+            .register_with(&service("a", "1", "n2"), Takeover::Force)
+            .await
+            .unwrap();
+        registry.set_failure(None);
+        let ids: Vec<String> = registry
+            .registrations()
+            .iter()
+            .map(|s| s.nodes[0].id.clone())
+            .collect();
+        assert_eq!(ids, ["n2"], "the refused registration is dropped");
+        let versions: Vec<(String, String)> = registry
+            .get_service("a")
+            .await
+            .unwrap()
+            .iter()
+            .flat_map(|s| s.nodes.iter().map(|n| (n.id.clone(), s.version.clone())))
+            .collect();
+        assert!(
+            versions.contains(&("n1".into(), "9".into()))
+                && versions.contains(&("n2".into(), "1".into())),
+            "{versions:?}"
+        );
     }
 }

@@ -37,11 +37,9 @@ pub enum ErrorKind {
     NotFound,
     /// The request itself was invalid (bad name, too large).
     InvalidInput,
-    /// The node is registered under another host's lease: registering it would take it over.
-    Conflict {
-        /// The lease that holds the node.
-        owner_lease: i64,
-    },
+    /// The node is registered by someone else (another host's lease, or no lease and another
+    /// value): registering it would take it over. [`RegistryError::owner_lease`] says who.
+    Conflict,
 }
 
 impl ErrorKind {
@@ -53,7 +51,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::NotFound => "not_found",
             ErrorKind::InvalidInput => "invalid_input",
-            ErrorKind::Conflict { .. } => "conflict",
+            ErrorKind::Conflict => "conflict",
         }
     }
 
@@ -76,19 +74,30 @@ pub struct RegistryError {
     pub op: &'static str,
     /// Details from the registry or the transport.
     pub message: String,
+    /// With [`ErrorKind::Conflict`]: the lease that holds the node (0: none, a value written
+    /// without a lease). Kept out of the kind, which is a plain tag policies and metrics see.
+    pub owner_lease: Option<i64>,
 }
 
 impl RegistryError {
-    /// Refuses to register `service`/`node_id` for `op`: `owner_lease` holds it.
+    /// Refuses to register `service`/`node_id` for `op`: `owner_lease` holds it (0: it is on
+    /// no lease, with a value this host did not write).
     pub fn conflict(op: &'static str, service: &str, node_id: &str, owner_lease: i64) -> Self {
-        RegistryError::new(
-            ErrorKind::Conflict { owner_lease },
-            op,
+        let holder = if owner_lease == 0 {
+            "written by someone else without a lease".to_string()
+        } else {
             format!(
-                "{service}/{node_id} is registered under another host's lease \
-                 {owner_lease:x} (hex; {owner_lease} decimal)"
-            ),
-        )
+                "registered under another host's lease {owner_lease:x} (hex; {owner_lease} decimal)"
+            )
+        };
+        RegistryError {
+            owner_lease: Some(owner_lease),
+            ..RegistryError::new(
+                ErrorKind::Conflict,
+                op,
+                format!("{service}/{node_id} is {holder}"),
+            )
+        }
     }
 
     /// Builds an error of `kind` for `op`.
@@ -97,6 +106,7 @@ impl RegistryError {
             kind,
             op,
             message: message.into(),
+            owner_lease: None,
         }
     }
 }

@@ -24,9 +24,8 @@ use std::sync::Arc;
 
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::ownership::Foreign;
 use super::stats::Stats;
-use super::{Backoff, Shared};
+use super::{Backoff, Puts, Shared, error};
 use crate::registry::ErrorKind;
 
 /// Runs until shutdown.
@@ -38,7 +37,6 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let request_timeout = shared.config.request_timeout;
     let ttl = shared.config.lease_ttl;
     let interval = shared.config.effective_keep_alive_interval();
-    forget_expired_leases(&shared).await;
     loop {
         if shared.shutting_down() {
             return;
@@ -66,9 +64,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         // member, and is re-opened once more.
         endpoint_removed.mark_unchanged();
         let opened = timeout(request_timeout, shared.client.lease_client().keep_alive(id)).await;
+        let opened = opened.map(|r| r.map_err(|e| error("lease_keep_alive", &e)));
         let (mut keeper, mut stream) = match opened {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) if e.to_string().contains("lease not found") => {
+            Ok(Err(e)) if e.kind == ErrorKind::NotFound => {
                 tracing::warn!(
                     lease = id,
                     "lease not found on reopening keep-alive; re-granting"
@@ -172,10 +171,7 @@ async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
         Stats::bump(&shared.stats.lease_regrants);
         shared.leases.forget(&[id]).await;
     }
-    match shared
-        .put_owned(&mut lease, None, "reput", Foreign::Yield)
-        .await
-    {
+    match shared.put_owned(&mut lease, &Puts::All, "reput").await {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "re-putting owned keys failed; will retry");
@@ -184,10 +180,11 @@ async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
     }
 }
 
-/// Puts back the owned keys the watch saw deleted or changed by someone else; those that
-/// already hold this host's value on its lease are left as they are (one read), and those
-/// another host's lease holds are marked in conflict. Returns false if that failed; the keys
-/// stay queued.
+/// Puts back the owned keys the watch saw deleted or changed by someone else, and writes
+/// those whose registration was answered before they could be written; those that already
+/// hold this host's value on its lease are left as they are (one read), and those someone else
+/// holds are marked in conflict (or dropped, if never written). Returns false if that failed;
+/// the keys stay queued.
 async fn repair(shared: &Shared) -> bool {
     let mut keys: Vec<String> = std::mem::take(&mut *shared.repairs.lock().unwrap());
     if keys.is_empty() {
@@ -197,7 +194,7 @@ async fn repair(shared: &Shared) -> bool {
     keys.dedup();
     let mut lease = shared.lease.lock().await;
     match shared
-        .put_owned(&mut lease, Some(keys.clone()), "reput", Foreign::Yield)
+        .put_owned(&mut lease, &Puts::Repair(keys.clone()), "reput")
         .await
     {
         Ok(()) => true,
@@ -211,8 +208,10 @@ async fn repair(shared: &Shared) -> bool {
 
 /// Forgets the leases an earlier run left in the state dir that etcd no longer has (expired
 /// or revoked): they hold no key, and the list would otherwise grow with every crash. A lease
-/// whose state cannot be read now is kept, to be looked at on the next start.
-async fn forget_expired_leases(shared: &Shared) {
+/// whose state cannot be read now is kept, to be looked at on the next start. Runs once, at
+/// connect, in a task of its own: one call per listed lease, each up to a request timeout
+/// when etcd is slow, must not hold up the keep-alives of a lease granted meanwhile.
+pub(crate) async fn forget_expired_leases(shared: Arc<Shared>) {
     let mut gone = Vec::new();
     for id in shared.leases.all() {
         let alive = shared

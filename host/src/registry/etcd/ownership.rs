@@ -10,27 +10,51 @@
 //! the next connect. Without a state dir only the current lease is known: a restarted host
 //! meets its previous run's nodes as another host's until that lease expires (one TTL).
 //!
-//! A key on no lease (a value written by hand with `etcdctl put`) is nobody's: this host writes
-//! its own value back on its lease. A key on a lease that is not this host's is another host's:
-//! a registration refuses it ([`ErrorKind::Conflict`](crate::registry::ErrorKind::Conflict))
-//! unless forced, and a re-put yields it.
+//! The list is only worth trusting if its lister is this host. Two hosts sharing a state dir
+//! (a shared volume) would each take the other's leases for its own and overwrite each other's
+//! list: the first holds [`LOCK_FILE`] locked (`flock`) while it runs, and a second one runs
+//! without the list, warned. A state dir copied to another machine (a VM image, a restored
+//! backup) holds another host's list: the list records the host name of its writer, and a list
+//! recorded under another name is ignored, warned. (A random id kept beside the list would not
+//! tell them apart: it is copied with it.)
+//!
+//! A key on no lease is this host's only if this host wrote that node in this run (someone
+//! rewrote it since, by hand with `etcdctl put`: it is put back, and deleted at shutdown) or
+//! if it holds exactly this host's value; any other is someone else's (go-micro registers
+//! without a lease when its `RegisterTTL` is 0). A key on a lease that is not this host's is
+//! another host's. Someone else's key is refused to a registration
+//! ([`ErrorKind::Conflict`](crate::registry::ErrorKind::Conflict), with the owner's lease, 0
+//! for none) unless forced; a registration not yet written when it was answered (an outage)
+//! is checked the same way when it is written, and dropped if refused; a registration already
+//! written yields the key, as a conflict.
 //!
 //! Every write is one transaction comparing each key's modification revision with the one the
 //! decision was made on (or its absence), so two hosts registering one node cannot both win:
 //! the loser reads the winner's lease and meets a conflict.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::{Owned, Shared};
-use crate::fsutil::write_atomically;
+use crate::fsutil::{read_regular, write_atomically};
 use crate::registry::{ErrorKind, RegistryError, Takeover};
 
-/// The file, in the state dir, listing this host's leases (one decimal id a line).
+/// The file, in the state dir, listing this host's leases: a `host <name>` line naming its
+/// writer, then one decimal lease id a line.
 pub(crate) const LEASES_FILE: &str = "etcd-leases";
+
+/// The file, beside [`LEASES_FILE`], that the host using the list holds locked.
+const LOCK_FILE: &str = "etcd-leases.lock";
+
+/// Largest leases file read: a line per lease this host granted that may still hold its keys,
+/// a handful; a file of megabytes is not one this host wrote.
+const MAX_LEASES_FILE: u64 = 64 * 1024;
 
 /// Keys per transaction: etcd refuses more than 128 operations in one (`--max-txn-ops`).
 const TXN_KEYS: usize = 64;
@@ -41,27 +65,81 @@ const TXN_ROUNDS: usize = 5;
 
 /// This host's leases: the current one and the earlier ones that may still hold its keys.
 pub(crate) struct HostLeases {
+    /// The leases file, when this host is its one user (it holds the lock).
     file: Option<PathBuf>,
+    /// The lock on [`LOCK_FILE`], released when this is dropped (or the process dies).
+    _lock: Option<File>,
+    /// This host's name, recorded in the file.
+    host: String,
     known: Mutex<BTreeSet<i64>>,
 }
 
 impl HostLeases {
-    /// The leases listed in `dir`'s [`LEASES_FILE`] (none without a dir or a file). An
-    /// unreadable file is logged and read as empty: the host still runs, it only meets its
-    /// earlier nodes as conflicts until their lease expires.
+    /// The leases listed in `dir`'s [`LEASES_FILE`] (none without a dir or a file). Every
+    /// case in which the list cannot be trusted or kept is logged and runs without it: the
+    /// host still works, it only meets its earlier nodes as conflicts until their lease
+    /// expires. Those are a file that cannot be read or was written under another host name,
+    /// and a lock that cannot be taken (another process uses the dir, or it cannot be
+    /// written: a list that cannot be kept current would soon be wrong).
     pub(crate) fn load(dir: Option<&Path>) -> HostLeases {
-        let file = dir.map(|d| d.join(LEASES_FILE));
-        let known = match file.as_deref().map(std::fs::read_to_string) {
-            None => BTreeSet::new(),
-            Some(Ok(text)) => parse(&text),
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read this host's earlier leases; ignoring them");
+        let host = hostname();
+        let without_file = |host| HostLeases {
+            file: None,
+            _lock: None,
+            host,
+            known: Mutex::default(),
+        };
+        let Some(dir) = dir else {
+            return without_file(host);
+        };
+        let lock = match lock(dir) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "another process uses this state dir's etcd leases ({LOCK_FILE} is locked); \
+                     running without remembering leases"
+                );
+                return without_file(host);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    error = %e,
+                    "cannot lock this state dir's etcd leases; running without remembering leases"
+                );
+                return without_file(host);
+            }
+        };
+        let file = dir.join(LEASES_FILE);
+        let known = match read_regular(&file, MAX_LEASES_FILE) {
+            Ok(bytes) => match parse(&String::from_utf8_lossy(&bytes)) {
+                (Some(writer), leases) if writer == host => leases,
+                (writer, _) => {
+                    tracing::warn!(
+                        path = %file.display(),
+                        written_by = writer.as_deref().unwrap_or("(no host line)"),
+                        host,
+                        "the etcd leases listed were recorded by another host (a copied state \
+                         dir?); ignoring them"
+                    );
+                    BTreeSet::new()
+                }
+            },
+            Err(e) if e.is_not_found() => BTreeSet::new(),
+            Err(e) => {
+                tracing::warn!(
+                    path = %file.display(),
+                    error = %e,
+                    "cannot read this host's earlier leases; ignoring them"
+                );
                 BTreeSet::new()
             }
         };
         HostLeases {
-            file,
+            file: Some(file),
+            _lock: Some(lock),
+            host,
             known: Mutex::new(known),
         }
     }
@@ -103,7 +181,7 @@ impl HostLeases {
         let Some(file) = self.file.clone() else {
             return;
         };
-        let text = render(&self.known.lock().unwrap());
+        let text = render(&self.host, &self.known.lock().unwrap());
         let written =
             tokio::task::spawn_blocking(move || write_atomically(&file, text.as_bytes())).await;
         match written {
@@ -114,15 +192,60 @@ impl HostLeases {
     }
 }
 
-fn parse(text: &str) -> BTreeSet<i64> {
-    text.lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .filter(|l| *l != 0)
-        .collect()
+/// Takes the lock on `dir`'s [`LOCK_FILE`] without waiting: `None` if another process holds
+/// it. `flock`, not `fcntl` locks: it belongs to the open file, so a second registry in the
+/// same process is refused too, and it goes with the file (or the process).
+fn lock(dir: &Path) -> std::io::Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        // A FIFO planted there must not block the start (without a reader it is refused).
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(dir.join(LOCK_FILE))?;
+    // SAFETY: `file` stays open for the call; flock takes no pointer.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
-fn render(leases: &BTreeSet<i64>) -> String {
-    leases.iter().map(|l| format!("{l}\n")).collect()
+/// This machine's host name (empty if it has none).
+fn hostname() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length, which is the length passed.
+    if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } != 0 {
+        return String::new();
+    }
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..len]).into_owned()
+}
+
+const HOST_LINE: &str = "host ";
+
+/// The writer's host name (the first line) and the leases listed.
+fn parse(text: &str) -> (Option<String>, BTreeSet<i64>) {
+    let mut lines = text.lines();
+    let host = lines
+        .next()
+        .and_then(|l| l.strip_prefix(HOST_LINE))
+        .map(String::from);
+    let leases = lines
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|l| *l != 0)
+        .collect();
+    (host, leases)
+}
+
+fn render(host: &str, leases: &BTreeSet<i64>) -> String {
+    let mut text = format!("{HOST_LINE}{host}\n");
+    text.extend(leases.iter().map(|l| format!("{l}\n")));
+    text
 }
 
 /// What etcd holds at a key, as far as ownership goes.
@@ -150,12 +273,14 @@ pub(crate) enum Step {
     },
 }
 
-/// Decides what to do with a key this host wants to hold `ours` on `lease`.
+/// Decides what to do with a key this host wants to hold `ours` on `lease`; `written`: this
+/// host wrote that node in this run (see the module doc for a key on no lease).
 pub(crate) fn decide(
     held: Option<Held<'_>>,
     ours: &[u8],
     lease: i64,
     is_mine: impl Fn(i64) -> bool,
+    written: bool,
 ) -> Step {
     let Some(held) = held else {
         return Step::Write(None);
@@ -163,7 +288,12 @@ pub(crate) fn decide(
     if held.lease == lease && held.value == ours {
         return Step::Done;
     }
-    if held.lease == 0 || held.lease == lease || is_mine(held.lease) {
+    let this_hosts = if held.lease == 0 {
+        written || held.value == ours
+    } else {
+        held.lease == lease || is_mine(held.lease)
+    };
+    if this_hosts {
         return Step::Write(Some(held.mod_revision));
     }
     Step::Foreign {
@@ -192,6 +322,13 @@ impl From<Takeover> for Foreign {
     }
 }
 
+/// One owned key to write, and what to do if someone else holds it.
+pub(crate) struct Target {
+    pub(crate) key: String,
+    pub(crate) owned: Owned,
+    pub(crate) foreign: Foreign,
+}
+
 /// What [`write`] did.
 #[derive(Debug, Default)]
 pub(crate) struct Written {
@@ -201,21 +338,21 @@ pub(crate) struct Written {
     pub(crate) yielded: Vec<(String, i64)>,
 }
 
-/// Writes `targets` on `lease`, each key only if it is absent, on no lease, on one of this
-/// host's leases, or (with [`Foreign::Take`]) anyone's. Each batch of [`TXN_KEYS`] keys is one
-/// transaction: all of it is written or, with [`Foreign::Refuse`], none.
+/// Writes `targets` on `lease`, each key only if it is this host's (absent, on one of its
+/// leases, or on no lease as the module doc says) or, with [`Foreign::Take`], anyone's. Each
+/// batch of [`TXN_KEYS`] keys is one transaction: all of it is written or, if a key with
+/// [`Foreign::Refuse`] is someone else's, none.
 pub(crate) async fn write(
     shared: &Shared,
     op: &'static str,
     lease: i64,
-    targets: Vec<(String, Owned)>,
-    foreign: Foreign,
+    targets: Vec<Target>,
 ) -> Result<Written, RegistryError> {
     let mut written = Written::default();
     let mut targets = targets.into_iter().peekable();
     while targets.peek().is_some() {
-        let batch: Vec<(String, Owned)> = targets.by_ref().take(TXN_KEYS).collect();
-        write_batch(shared, op, lease, batch, foreign, &mut written).await?;
+        let batch: Vec<Target> = targets.by_ref().take(TXN_KEYS).collect();
+        write_batch(shared, op, lease, batch, &mut written).await?;
     }
     Ok(written)
 }
@@ -224,35 +361,34 @@ async fn write_batch(
     shared: &Shared,
     op: &'static str,
     lease: i64,
-    mut batch: Vec<(String, Owned)>,
-    foreign: Foreign,
+    mut batch: Vec<Target>,
     written: &mut Written,
 ) -> Result<(), RegistryError> {
     // First guess: every key is absent (a registration of a new node, a re-put after the lease
     // took the keys with it), which makes the usual case one round trip.
     let mut expected: BTreeMap<String, Option<i64>> =
-        batch.iter().map(|(k, _)| (k.clone(), None)).collect();
+        batch.iter().map(|t| (t.key.clone(), None)).collect();
     for _ in 0..TXN_ROUNDS {
         if batch.is_empty() {
             return Ok(());
         }
         let compares: Vec<Compare> = batch
             .iter()
-            .map(|(key, _)| match expected[key] {
-                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                Some(rev) => Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+            .map(|t| match expected[&t.key] {
+                None => Compare::create_revision(t.key.as_str(), CompareOp::Equal, 0),
+                Some(rev) => Compare::mod_revision(t.key.as_str(), CompareOp::Equal, rev),
             })
             .collect();
         let puts: Vec<TxnOp> = batch
             .iter()
-            .map(|(key, owned)| {
+            .map(|t| {
                 let options = PutOptions::new().with_lease(lease);
-                TxnOp::put(key.as_str(), owned.value.clone(), Some(options))
+                TxnOp::put(t.key.as_str(), t.owned.value.clone(), Some(options))
             })
             .collect();
         let gets: Vec<TxnOp> = batch
             .iter()
-            .map(|(key, _)| TxnOp::get(key.as_str(), None))
+            .map(|t| TxnOp::get(t.key.as_str(), None))
             .collect();
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
         let resp = shared
@@ -268,7 +404,7 @@ async fn write_batch(
         // Someone else's write came first somewhere: decide again on what etcd holds now.
         let responses = resp.op_responses();
         let mut next = Vec::with_capacity(batch.len());
-        for ((key, owned), response) in batch.into_iter().zip(&responses) {
+        for (target, response) in batch.into_iter().zip(&responses) {
             let TxnOpResponse::Get(got) = response else {
                 continue;
             };
@@ -277,16 +413,18 @@ async fn write_batch(
                 mod_revision: kv.mod_revision(),
                 value: kv.value(),
             });
-            match decide(held, &owned.value, lease, |l| shared.leases.is_mine(l)) {
+            let owned = &target.owned;
+            let is_mine = |l| shared.leases.is_mine(l);
+            match decide(held, &owned.value, lease, is_mine, owned.is_written()) {
                 Step::Done => {}
                 Step::Write(expect) => {
-                    expected.insert(key.clone(), expect);
-                    next.push((key, owned));
+                    expected.insert(target.key.clone(), expect);
+                    next.push(target);
                 }
                 Step::Foreign {
                     owner,
                     mod_revision,
-                } => match foreign {
+                } => match target.foreign {
                     Foreign::Refuse => {
                         let node = owned.service.nodes.first().map_or("", |n| n.id.as_str());
                         return Err(RegistryError::conflict(
@@ -296,15 +434,15 @@ async fn write_batch(
                             owner,
                         ));
                     }
-                    Foreign::Yield => written.yielded.push((key, owner)),
+                    Foreign::Yield => written.yielded.push((target.key, owner)),
                     Foreign::Take => {
                         tracing::warn!(
-                            key,
+                            key = target.key,
                             owner_lease = owner,
-                            "forced registration: taking over a node another host's lease holds"
+                            "forced registration: taking over a node someone else holds"
                         );
-                        expected.insert(key.clone(), Some(mod_revision));
-                        next.push((key, owned));
+                        expected.insert(target.key.clone(), Some(mod_revision));
+                        next.push(target);
                     }
                 },
             }
@@ -318,23 +456,30 @@ async fn write_batch(
     ))
 }
 
-/// Deletes each of `keys` that is on no lease or on `lease`: this host's keys, not another
-/// host's that took one over meanwhile. [`TXN_KEYS`] keys a transaction.
+/// Deletes each of `keys` that is this host's: on `lease`, or on no lease as the module doc
+/// says (what [`decide`] would write over); not someone else's that took one over meanwhile.
+/// [`TXN_KEYS`] keys a transaction; stops at the first that fails.
 pub(crate) async fn delete_own(
     shared: &Shared,
     op: &'static str,
-    keys: &[String],
+    keys: &[(String, Owned)],
     lease: Option<i64>,
 ) -> Result<(), RegistryError> {
     for batch in keys.chunks(TXN_KEYS) {
-        // etcd's compares are all-of: "on no lease, or else on ours" is a guarded transaction
-        // per key, nested in one that always applies.
+        // etcd's compares are all-of: "on no lease (and, for a node not written in this run,
+        // with this host's value), or else on ours" is a guarded transaction per key, nested
+        // in one that always applies.
         let guarded: Vec<TxnOp> = batch
             .iter()
-            .map(|key| {
+            .map(|(key, owned)| {
                 let on = |l: i64| Compare::lease(key.as_str(), CompareOp::Equal, l);
                 let delete = || TxnOp::delete(key.as_str(), None::<DeleteOptions>);
-                let mut txn = Txn::new().when([on(0)]).and_then([delete()]);
+                let mut leaseless = vec![on(0)];
+                if !owned.is_written() {
+                    let ours = owned.value.clone();
+                    leaseless.push(Compare::value(key.as_str(), CompareOp::Equal, ours));
+                }
+                let mut txn = Txn::new().when(leaseless).and_then([delete()]);
                 if let Some(lease) = lease {
                     txn = txn.or_else([TxnOp::txn(
                         Txn::new().when([on(lease)]).and_then([delete()]),
@@ -367,11 +512,15 @@ mod tests {
     }
 
     #[test]
-    fn a_key_is_written_when_absent_leaseless_or_on_one_of_this_hosts_leases() {
+    fn a_key_is_written_when_absent_or_on_one_of_this_hosts_leases() {
         let mine = |l: i64| l == 40;
-        let d = |h| decide(h, b"ours", 41, mine);
+        let d = |h| decide(h, b"ours", 41, mine, true);
         assert_eq!(d(None), Step::Write(None));
-        assert_eq!(d(held(0, b"x")), Step::Write(Some(7)), "a put by hand");
+        assert_eq!(
+            d(held(0, b"x")),
+            Step::Write(Some(7)),
+            "a node this host wrote, put by hand since"
+        );
         assert_eq!(
             d(held(40, b"ours")),
             Step::Write(Some(7)),
@@ -387,19 +536,37 @@ mod tests {
             owner: 99,
             mod_revision: 7,
         };
-        assert_eq!(decide(held(99, b"theirs"), b"ours", 41, |_| false), foreign);
-        assert_eq!(decide(held(99, b"ours"), b"ours", 41, |_| false), foreign);
+        let d = |h| decide(h, b"ours", 41, |_| false, true);
+        assert_eq!(d(held(99, b"theirs")), foreign);
+        assert_eq!(d(held(99, b"ours")), foreign);
+    }
+
+    /// go-micro registers on no lease when its `RegisterTTL` is 0: such a node is someone
+    /// else's unless this host wrote it in this run or it holds this host's value.
+    #[test]
+    fn a_leaseless_key_of_a_node_this_host_never_wrote_is_someone_elses() {
+        let unwritten = |h| decide(h, b"ours", 41, |_| false, false);
+        assert_eq!(
+            unwritten(held(0, b"theirs")),
+            Step::Foreign {
+                owner: 0,
+                mod_revision: 7
+            }
+        );
+        assert_eq!(unwritten(held(0, b"ours")), Step::Write(Some(7)));
+        assert_eq!(unwritten(None), Step::Write(None));
     }
 
     #[test]
     fn the_leases_file_round_trips_and_skips_junk() {
         let set: BTreeSet<i64> = [7587, 12].into_iter().collect();
-        assert_eq!(parse(&render(&set)), set);
+        assert_eq!(parse(&render("h1", &set)), (Some("h1".into()), set.clone()));
         assert_eq!(
-            parse("12\n\n  7587 \nnot a lease\n0\n"),
-            set,
+            parse("host h1\n12\n\n  7587 \nnot a lease\n0\n"),
+            (Some("h1".into()), set.clone()),
             "blank, junk and zero (no lease) lines are skipped"
         );
+        assert_eq!(parse("12\n7587\n").0, None, "no host line");
     }
 
     #[tokio::test]
@@ -410,6 +577,7 @@ mod tests {
         first.add(5).await;
         first.add(6).await;
         first.forget(&[5]).await;
+        drop(first);
         let second = HostLeases::load(Some(dir.path()));
         assert!(
             second.is_mine(6) && !second.is_mine(5),
@@ -421,5 +589,37 @@ mod tests {
         none.add(9).await;
         assert!(none.is_mine(9));
         assert!(HostLeases::load(None).all().is_empty());
+    }
+
+    /// Two hosts on one state dir (a shared volume): the second runs without the list, so
+    /// that neither takes the other's leases for its own nor overwrites its list.
+    #[tokio::test]
+    async fn a_second_user_of_the_state_dir_runs_without_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = HostLeases::load(Some(dir.path()));
+        first.add(5).await;
+        let second = HostLeases::load(Some(dir.path()));
+        assert!(!second.is_mine(5), "{:?}", second.all());
+        second.add(6).await;
+        drop((first, second));
+        let third = HostLeases::load(Some(dir.path()));
+        assert_eq!(
+            third.all(),
+            [5],
+            "the first's list, untouched by the second"
+        );
+    }
+
+    /// A state dir copied from another machine: its list names another host and is ignored.
+    #[tokio::test]
+    async fn a_list_recorded_by_another_host_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(LEASES_FILE);
+        std::fs::write(&file, "host some-other-machine\n5\n").unwrap();
+        let leases = HostLeases::load(Some(dir.path()));
+        assert!(leases.all().is_empty(), "{:?}", leases.all());
+        leases.add(6).await;
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text, format!("host {}\n6\n", hostname()));
     }
 }

@@ -87,8 +87,9 @@ pub struct StatsSnapshot {
     pub retries: u64,
     /// Owned keys written again after a lease loss or a deletion seen on the watch.
     pub reputs: u64,
-    /// Owned keys found held by another host's lease (a forced registration elsewhere, a put
-    /// by hand on a lease), each time such a conflict starts; they are not written back.
+    /// Owned keys found held by someone else (a forced registration elsewhere, a put by hand
+    /// on a lease), each time such a conflict starts; they are not written back. Registrations
+    /// answered during an outage and refused when written (dropped) count here too.
     pub conflicts: u64,
     /// Endpoints taken out of the client's balancer because they stopped answering (dead or
     /// hung).
