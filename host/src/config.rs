@@ -160,8 +160,11 @@ pub struct HttpLayer {
     /// Time a kept-alive connection may wait for its next request, e.g. `60s`. Default
     /// [`http::DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Option<String>,
+    /// Time the socket may accept no byte of an answer (the client reads nothing) before the
+    /// connection is closed, e.g. `10s`. Default [`http::DEFAULT_WRITE_TIMEOUT`].
+    pub write_timeout: Option<String>,
     /// Connections open at once. Default [`http::default_max_connections`]: RLIMIT_NOFILE less
-    /// [`http::RESERVED_DESCRIPTORS`], at most 4,096.
+    /// [`http::RESERVED_DESCRIPTORS`], at most [`http::DEFAULT_MAX_CONNECTIONS_CAP`].
     pub max_connections: Option<u64>,
 }
 
@@ -172,6 +175,8 @@ pub struct HttpSettings {
     pub header_read_timeout: Duration,
     /// Time a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// Time the socket may accept no byte of an answer.
+    pub write_timeout: Duration,
     /// Connections open at once; `None`: derived from RLIMIT_NOFILE when the server starts.
     pub max_connections: Option<usize>,
 }
@@ -182,6 +187,7 @@ impl HttpSettings {
         http::ConnectionLimits {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
             max_connections: self
                 .max_connections
                 .unwrap_or_else(http::default_max_connections),
@@ -413,6 +419,7 @@ impl ConfigLayer {
             http: HttpLayer {
                 header_read_timeout: h.header_read_timeout.or(lh.header_read_timeout),
                 idle_timeout: h.idle_timeout.or(lh.idle_timeout),
+                write_timeout: h.write_timeout.or(lh.write_timeout),
                 max_connections: h.max_connections.or(lh.max_connections),
             },
         }
@@ -511,6 +518,12 @@ fn validate_http(layer: HttpLayer) -> Result<HttpSettings, ConfigError> {
             layer.idle_timeout.as_deref(),
             http::DEFAULT_IDLE_TIMEOUT,
             &http::IDLE_TIMEOUT_RANGE,
+        )?,
+        write_timeout: within(
+            "http.write_timeout",
+            layer.write_timeout.as_deref(),
+            http::DEFAULT_WRITE_TIMEOUT,
+            &http::WRITE_TIMEOUT_RANGE,
         )?,
         max_connections,
     })
@@ -730,6 +743,22 @@ mod tests {
                 .policy_config
                 .contains(&("max-wait-ms".into(), "500".into()))
         );
+    }
+
+    #[test]
+    fn the_http_section_has_its_defaults_and_refuses_timeouts_out_of_range() {
+        let limits = toml("").unwrap().http.limits();
+        assert_eq!(
+            limits.header_read_timeout,
+            http::DEFAULT_HEADER_READ_TIMEOUT
+        );
+        assert_eq!(limits.idle_timeout, http::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(limits.write_timeout, http::DEFAULT_WRITE_TIMEOUT);
+        let set = toml("[http]\nwrite_timeout = \"2s\"").unwrap();
+        assert_eq!(set.http.write_timeout, Duration::from_secs(2));
+        let e = toml("[http]\nwrite_timeout = \"10m\"").unwrap_err();
+        assert_eq!(e.field, "http.write_timeout");
+        assert!(e.to_string().contains("--http-write-timeout"), "{e}");
     }
 
     #[test]

@@ -273,14 +273,16 @@ impl Collector for Sources {
             &mut e,
             "regcache_http_connections_closed",
             "HTTP connections closed by the host before their client: refused at the connection \
-             limit with every connection busy, replaced at the limit (no request in flight), or \
-             timed out waiting for a request head or idle.",
+             limit with every connection busy, replaced at the limit (no request in flight, or \
+             an answer left unread), timed out waiting for a request head or idle, or with an \
+             answer the client read nothing of for the write timeout.",
             "reason",
             [
                 ("refused", h.refused),
                 ("replaced", h.replaced),
                 ("header_timeout", h.header_timeouts),
                 ("idle_timeout", h.idle_timeouts),
+                ("write_timeout", h.write_timeouts),
             ],
         )?;
         counters(

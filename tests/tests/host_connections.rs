@@ -1,7 +1,8 @@
 //! The host's HTTP connections under abuse, on the embedded registry (no etcd): a descriptor
 //! limit of 1,024 and 1,100 silent connections, descriptors running out, silent, dripping and
-//! idle connections timed out, and the answers hyper gives by itself to malformed requests
-//! carrying the API's JSON body. The real binary, as operators run it.
+//! idle connections timed out, answers left unread closed (and making room at the connection
+//! limit), and the answers hyper gives by itself to malformed requests carrying the API's JSON
+//! body. The real binary, as operators run it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use regcache_tests::host::{
     Host, Response, poll, raise_descriptor_limit, request, request_head_only, request_raw,
 };
+use serde_json::json;
 
 /// Silent connections opened against a host limited to 1,024 descriptors (the case).
 const SILENT: usize = 1_100;
@@ -125,6 +127,7 @@ fn silent_connections_do_not_keep_healthz_from_answering() {
     let mut kept = TcpStream::connect(host.addr).unwrap();
     assert_eq!(get_on(&mut kept, "/healthz").status, 200);
 
+    let opening = Instant::now();
     let silent = open_silent(host.addr, SILENT);
     assert!(
         silent.len() > DERIVED_MAX_CONNECTIONS,
@@ -164,10 +167,14 @@ fn silent_connections_do_not_keep_healthz_from_answering() {
             "regcache_http_connections_closed_total{reason=\"replaced\"}"
         ) >= must_close as f64
     );
-    let warnings = host.log().matches("at the connection limit").count();
+    // Rate-limited to one per 10 s: opening 1,100 connections on a loaded machine can take
+    // tens of seconds, so the bound follows the time the replacements could span.
+    let warnings = host.log().matches("to admit new ones").count();
+    let most = 1 + opening.elapsed().as_secs() / 10;
     assert!(
-        (1..=2).contains(&warnings),
-        "{warnings} warnings (rate-limited: one per 10 s):\n{}",
+        (1..=most).contains(&(warnings as u64)),
+        "{warnings} warnings in {:?} (rate-limited: one per 10 s):\n{}",
+        opening.elapsed(),
         host.log()
     );
 }
@@ -210,10 +217,12 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
     });
     assert!(stalled, "accept never ran out:\n{}", host.log());
     let before = cpu_ticks(host.pid());
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     let used = cpu_ticks(host.pid()) - before;
-    // Clock ticks are 1/100 s: a spinning accept loop would use about 200 in 2 s.
-    assert!(used < 50, "{used} ticks of CPU in 2 s");
+    // Clock ticks are 1/100 s: a spinning accept loop uses a core, about 300 in 3 s (still
+    // well over 100 with another busy process on each of 2 cores); a backing-off one, a few,
+    // plus the churn of the backlog's connections let in and closed.
+    assert!(used < 100, "{used} ticks of CPU in 3 s");
 
     let start = Instant::now();
     assert_eq!(get_on(&mut kept, "/healthz").status, 200);
@@ -245,11 +254,13 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
 
 #[test]
 fn silent_dripping_and_idle_connections_are_closed() {
+    // Timeouts far enough apart that a close a loaded machine delays by seconds still tells
+    // which one fired.
     let host = Host::start(&[
         "--http-header-read-timeout",
         "1s",
         "--http-idle-timeout",
-        "3s",
+        "8s",
     ])
     .unwrap();
     let within = |closed_at: Option<Instant>, start: Instant, low: f64, high: f64| {
@@ -267,7 +278,7 @@ fn silent_dripping_and_idle_connections_are_closed() {
         wait_closed(&mut silent, Duration::from_secs(10)),
         start,
         0.9,
-        2.5,
+        6.0,
     );
 
     // Dripping a head, a byte every 100 ms: closed after the header-read timeout too.
@@ -289,19 +300,19 @@ fn silent_dripping_and_idle_connections_are_closed() {
         wait_closed(&mut dripping, Duration::from_secs(10)),
         start,
         0.9,
-        2.5,
+        6.0,
     );
     drip.join().unwrap();
 
-    // Kept alive after an answer: the idle timeout (3 s), not the header-read one (1 s).
+    // Kept alive after an answer: the idle timeout (8 s), not the header-read one (1 s).
     let mut idle = TcpStream::connect(host.addr).unwrap();
     assert_eq!(get_on(&mut idle, "/healthz").status, 200);
     let start = Instant::now();
     within(
-        wait_closed(&mut idle, Duration::from_secs(10)),
+        wait_closed(&mut idle, Duration::from_secs(20)),
         start,
-        2.8,
-        4.5,
+        7.8,
+        14.0,
     );
 
     assert!(
@@ -333,7 +344,7 @@ fn a_body_that_does_not_come_is_an_error_within_the_header_read_timeout() {
     .unwrap();
     let elapsed = start.elapsed();
     assert!(
-        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&elapsed),
+        (Duration::from_millis(900)..Duration::from_secs(6)).contains(&elapsed),
         "{elapsed:?}"
     );
     assert_eq!(json_error(&response), (400, "bad_request".to_string()));
@@ -413,4 +424,195 @@ fn malformed_requests_get_json_errors() {
     // The host still answers, and a normal error keeps its own JSON.
     let response = request(addr, "GET", "/nope", &[], &[]).unwrap();
     assert_eq!(json_error(&response), (404, "not_found".to_string()));
+}
+
+#[test]
+fn a_malformed_request_after_an_answer_on_the_same_connection_gets_a_json_error() {
+    let host = Host::start(&[]).unwrap();
+    let mut stream = TcpStream::connect(host.addr).unwrap();
+    assert_eq!(get_on(&mut stream, "/healthz").status, 200);
+    stream.write_all(b"THIS IS NOT HTTP\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["error"], "bad_request");
+}
+
+/// Nodes of the service [`register_large_service`] registers.
+const LARGE_NODES: usize = 1_200;
+
+/// Registers `name` on the embedded registry over the API, with [`LARGE_NODES`] nodes carrying
+/// 400 bytes of metadata each, in registrations of 200 nodes (each under the registry's value
+/// size limit); returns the size of its lookup's answer (about half a MiB).
+fn register_large_service(host: &Host, name: &str) -> usize {
+    for batch in 0..LARGE_NODES / 200 {
+        let nodes: Vec<_> = (0..200)
+            .map(|i| {
+                let n = batch * 200 + i;
+                json!({
+                    "id": format!("{name}-{n}"),
+                    "address": format!("10.0.{}.{}:9000", n / 250, n % 250 + 1),
+                    "metadata": { "padding": "x".repeat(400) },
+                })
+            })
+            .collect();
+        let service = json!({ "name": name, "version": "1", "nodes": nodes });
+        let response = host
+            .request(
+                "POST",
+                "/v1/registrations",
+                &[],
+                service.to_string().as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(response.status, 201, "{}", response.text());
+    }
+    let answer = host.get(&format!("/v1/services/{name}")).unwrap();
+    assert_eq!(answer.status, 200);
+    answer.body.len()
+}
+
+/// A connection with a 4 KiB receive buffer that pipelines `copies` requests for `path` and
+/// reads none of the answers: past a few MiB of them, the host's socket has no room left.
+fn pipeline_and_never_read(addr: SocketAddr, path: &str, copies: usize) -> TcpStream {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let SocketAddr::V4(v4) = addr else {
+        panic!("the host listens on IPv4 loopback")
+    };
+    // SAFETY: a new socket, owned by `stream` from here on; setsockopt and connect get
+    // pointers to live values and their sizes.
+    let mut stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let size: libc::c_int = 4096;
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let connected = libc::connect(
+            stream.as_raw_fd(),
+            (&raw const to).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(connected, 0, "{}", std::io::Error::last_os_error());
+        stream
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(copies);
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+}
+
+/// Pipelined copies of the large service's lookup that add up to well over what the host's
+/// socket buffers (a few MiB on loopback) and hyper's hold.
+fn copies_to_stall(answer: usize) -> usize {
+    (16 << 20) / answer + 1
+}
+
+#[test]
+fn answers_left_unread_are_closed_after_the_write_timeout() {
+    // Long read timeouts: only the write timeout can close the connection in time.
+    let host = Host::start(&[
+        "--http-write-timeout",
+        "1s",
+        "--http-header-read-timeout",
+        "300s",
+        "--http-idle-timeout",
+        "1h",
+    ])
+    .unwrap();
+    let answer = register_large_service(&host, "large");
+    let start = Instant::now();
+    let unread = pipeline_and_never_read(host.addr, "/v1/services/large", copies_to_stall(answer));
+    let write_timeouts = "regcache_http_connections_closed_total{reason=\"write_timeout\"}";
+    assert!(
+        poll(Duration::from_secs(15), || metric(&host, write_timeouts)
+            >= 1.0),
+        "not closed:\n{}",
+        host.log()
+    );
+    let elapsed = start.elapsed();
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    assert!(
+        host.log()
+            .contains("the client read nothing of its answer for 1s"),
+        "{}",
+        host.log()
+    );
+    assert_eq!(host.get("/healthz").unwrap().status, 200);
+    drop(unread);
+}
+
+#[test]
+fn answers_left_unread_give_their_place_up_and_do_not_hold_shutdown() {
+    const LIMIT: usize = 4;
+    // A write timeout longer than the test: what lets /healthz in is the connection limit.
+    let mut host = Host::start(&[
+        "--http-max-connections",
+        &LIMIT.to_string(),
+        "--http-write-timeout",
+        "300s",
+    ])
+    .unwrap();
+    let answer = register_large_service(&host, "large");
+    let unread: Vec<TcpStream> = (0..LIMIT)
+        .map(|_| pipeline_and_never_read(host.addr, "/v1/services/large", copies_to_stall(answer)))
+        .collect();
+    // Every place taken by a connection with a request in flight whose answer nobody reads,
+    // for longer than the host's stall threshold (1 s).
+    std::thread::sleep(Duration::from_secs(3));
+
+    let (status, on_new) = timed_healthz(host.addr);
+    assert_eq!(status, 200);
+    assert!(
+        on_new < Duration::from_secs(5),
+        "new connection: {on_new:?}"
+    );
+    assert!(
+        metric(
+            &host,
+            "regcache_http_connections_closed_total{reason=\"replaced\"}"
+        ) >= 1.0
+    );
+    assert!(
+        host.log()
+            .contains("or an answer left unread to admit new ones"),
+        "{}",
+        host.log()
+    );
+
+    // Shutdown closes the others at once rather than waiting out the drain (10 s).
+    let stop = Instant::now();
+    host.signal("TERM").unwrap();
+    let status = host.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stop.elapsed() < Duration::from_secs(5),
+        "exited after {:?}",
+        stop.elapsed()
+    );
+    drop(unread);
 }

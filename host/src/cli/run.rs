@@ -1,12 +1,15 @@
 //! `regcache run`: the host. This module only turns flags and `REGCACHE_*` variables into a
 //! configuration layer over the TOML file and hands it to [`regcache::daemon`].
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use regcache::config::{ConfigError, ConfigLayer, EtcdLayer, HttpLayer, PolicyLayer};
 use regcache::fsutil::read_regular;
+use regcache::http;
 
 /// Largest configuration file read: a few hundred lines make a generous one.
 const MAX_CONFIG_FILE: u64 = 1024 * 1024;
@@ -121,23 +124,57 @@ pub struct RunArgs {
     #[arg(long, env = "REGCACHE_SNAPSHOT_INTERVAL", value_name = "DURATION")]
     snapshot_interval: Option<String>,
 
-    /// [http.header_read_timeout] Time a client has to send a request head (and again its
-    /// body); a silent or dripping connection is closed after it [default: 10s]
+    // The [http] options' help states ranges and defaults from the constants that define them.
     #[arg(
         long,
         env = "REGCACHE_HTTP_HEADER_READ_TIMEOUT",
-        value_name = "DURATION"
+        value_name = "DURATION",
+        help = duration_help(
+            "[http.header_read_timeout] Time a client has to send a request head (and again \
+             its body); a silent or dripping connection is closed after it",
+            &http::HEADER_READ_TIMEOUT_RANGE,
+            http::DEFAULT_HEADER_READ_TIMEOUT,
+        )
     )]
     http_header_read_timeout: Option<String>,
 
-    /// [http.idle_timeout] Time a kept-alive connection may wait for its next request
-    /// [default: 60s]
-    #[arg(long, env = "REGCACHE_HTTP_IDLE_TIMEOUT", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "REGCACHE_HTTP_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        help = duration_help(
+            "[http.idle_timeout] Time a kept-alive connection may wait for its next request",
+            &http::IDLE_TIMEOUT_RANGE,
+            http::DEFAULT_IDLE_TIMEOUT,
+        )
+    )]
     http_idle_timeout: Option<String>,
 
-    /// [http.max_connections] Connections open at once; at the limit a new one replaces one
-    /// with no request in flight [default: RLIMIT_NOFILE less 128, at most 4096]
-    #[arg(long, env = "REGCACHE_HTTP_MAX_CONNECTIONS", value_name = "N")]
+    #[arg(
+        long,
+        env = "REGCACHE_HTTP_WRITE_TIMEOUT",
+        value_name = "DURATION",
+        help = duration_help(
+            "[http.write_timeout] Time the host waits for a client to read any of its answer \
+             (or of answers to requests it pipelined); the connection is closed after it",
+            &http::WRITE_TIMEOUT_RANGE,
+            http::DEFAULT_WRITE_TIMEOUT,
+        )
+    )]
+    http_write_timeout: Option<String>,
+
+    #[arg(
+        long,
+        env = "REGCACHE_HTTP_MAX_CONNECTIONS",
+        value_name = "N",
+        help = format!(
+            "[http.max_connections] Connections open at once; at the limit a new one replaces \
+             one with no request in flight or an answer left unread [default: RLIMIT_NOFILE \
+             less {}, at most {}]",
+            http::RESERVED_DESCRIPTORS,
+            http::DEFAULT_MAX_CONNECTIONS_CAP,
+        )
+    )]
     http_max_connections: Option<u64>,
 
     /// [log_format] text or json [default: text]
@@ -192,10 +229,21 @@ impl RunArgs {
             http: HttpLayer {
                 header_read_timeout: self.http_header_read_timeout,
                 idle_timeout: self.http_idle_timeout,
+                write_timeout: self.http_write_timeout,
                 max_connections: self.http_max_connections,
             },
         })
     }
+}
+
+/// The help of a duration option: what it is, its accepted range and its default, in the
+/// notation the configuration accepts and reports errors in.
+fn duration_help(what: &str, range: &RangeInclusive<Duration>, default: Duration) -> String {
+    format!(
+        "{what}; {:?} to {:?} [default: {default:?}]",
+        range.start(),
+        range.end()
+    )
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

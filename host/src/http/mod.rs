@@ -17,11 +17,12 @@
 //! client got wrong: malformed JSON, odd names, oversized bodies (413), unknown routes (404),
 //! wrong methods (405), missing or wrong admin token (401), admin endpoints with no token
 //! configured (403: disabled, never open), a registration of a node another host's lease holds
-//! (409, the owner's lease in `details`; `?force=true` takes it). 5xx means the registry or the lookup could not
-//! answer (503), or etcd did not answer in time (504), never bad input.
+//! (409, the owner's lease in `details`; `?force=true` takes it). 5xx means the registry or the
+//! lookup could not answer (503), or etcd did not answer in time (504), never bad input.
 //!
-//! [`serve`] runs the router: connection limit, header-read and idle timeouts, head limits
-//! (431, 414), and JSON bodies on the answers hyper gives by itself to unparsable requests.
+//! [`serve`] runs the router: connection limit, header-read, idle and write timeouts, head
+//! limits (431, 414), and JSON bodies on the answers hyper gives by itself to unparsable
+//! requests.
 
 mod admin;
 mod nodes;
@@ -30,8 +31,9 @@ mod services;
 
 pub use serve::{
     ConnectionLimits, ConnectionStats, ConnectionStatsSnapshot, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, HEADER_READ_TIMEOUT_RANGE, IDLE_TIMEOUT_RANGE, MAX_CONNECTIONS_RANGE,
-    RESERVED_DESCRIPTORS, default_max_connections, serve,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_CAP, DEFAULT_WRITE_TIMEOUT,
+    HEADER_READ_TIMEOUT_RANGE, IDLE_TIMEOUT_RANGE, MAX_CONNECTIONS_RANGE, RESERVED_DESCRIPTORS,
+    WRITE_TIMEOUT_RANGE, default_max_connections, serve,
 };
 
 use std::sync::Arc;

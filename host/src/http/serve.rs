@@ -4,19 +4,23 @@
 //! stopped answering without a word.
 //!
 //! - **Connection limit**: at most `max_connections` at once. When full, a new connection takes
-//!   the place of one with no request in flight (one that never sent a request first, then an
-//!   idle keep-alive one, oldest first), as nginx reuses idle connections under pressure: silent
-//!   connections cannot keep a client with a request out. If every connection has a request in
-//!   flight, the new one is closed at once. Both are counted, and logged at most every 10 s.
+//!   the place of one that can give it up (one that never sent a request first, then an idle
+//!   keep-alive one, then one whose client has not read its answer for [`STALLED`]; oldest
+//!   first), as nginx reuses idle connections under pressure: silent connections and unread
+//!   answers cannot keep a client with a request out. If every connection has a request in
+//!   flight that is moving, the new one is closed at once. Both are counted, and logged at
+//!   most every 10 s.
 //! - **Descriptor exhaustion**: `accept` failing with EMFILE or ENFILE backs off for 50 ms
-//!   (no spinning) and closes up to 32 connections with no request in flight, chosen as above,
-//!   to free descriptors; connections already open keep being served. The default limit leaves [`RESERVED_DESCRIPTORS`] of the process's
-//!   RLIMIT_NOFILE to everything else, so that this stays the exception.
-//! - **Timeouts**: header-read and idle ([`timeouts`]), and a request's body.
+//!   (no spinning) and closes up to 32 connections that can give their place up, chosen as
+//!   above, to free descriptors; connections already open keep being served. The default
+//!   limit leaves [`RESERVED_DESCRIPTORS`] of the process's RLIMIT_NOFILE to everything else,
+//!   so that this stays the exception.
+//! - **Timeouts**: header-read and idle on reads, write progress on writes ([`timeouts`]),
+//!   and a request's body.
 //! - **Head limits**: 16 KiB of head (431), 8 KiB of URI (414); hyper's own answers to heads it
 //!   cannot parse get the API's JSON body ([`parse_errors`]).
-//! - **Shutdown**: stop accepting, close connections with nothing in flight, let requests in
-//!   flight finish.
+//! - **Shutdown**: stop accepting, close connections with nothing in flight or an answer left
+//!   unread, let the other requests in flight finish.
 
 mod activity;
 mod parse_errors;
@@ -57,6 +61,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// most of that reuse, and a closed idle connection costs a client one reconnect.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default time the socket may accept no byte of an answer (its client reads nothing) before
+/// the connection is closed: a local client reads its answer as it comes, emptying the
+/// socket's buffers within milliseconds; one that has read nothing for 10 s asked and left.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepted header-read timeouts: under 100 ms a loaded node's own clients would be cut off;
 /// over 5 minutes a silent connection is as good as never closed.
 pub const HEADER_READ_TIMEOUT_RANGE: RangeInclusive<Duration> =
@@ -65,6 +74,9 @@ pub const HEADER_READ_TIMEOUT_RANGE: RangeInclusive<Duration> =
 /// Accepted idle timeouts: from 100 ms (keep-alive all but off) to an hour.
 pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(3600);
+
+/// Accepted write timeouts: the same bounds as the header-read timeout, for the same reasons.
+pub const WRITE_TIMEOUT_RANGE: RangeInclusive<Duration> = HEADER_READ_TIMEOUT_RANGE;
 
 /// Accepted connection limits: past a million, the kernel's limits bind first.
 pub const MAX_CONNECTIONS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
@@ -76,7 +88,7 @@ pub const RESERVED_DESCRIPTORS: u64 = 128;
 
 /// Ceiling of the default connection limit: a host serves the services of one node, which need
 /// a few hundred connections at most; past a few thousand, more is an attack or a leak.
-const DEFAULT_MAX_CONNECTIONS_CAP: u64 = 4096;
+pub const DEFAULT_MAX_CONNECTIONS_CAP: u64 = 4096;
 
 /// Largest request head (request line and headers): hyper answers 431 past it. A request's
 /// data is in its body; its head is a path and a few headers.
@@ -97,6 +109,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// to 32 idle connections at a time when it runs out of connections).
 const CLOSED_FOR_DESCRIPTORS: usize = 32;
 
+/// How long a connection's answer must have waited for its client to read before the
+/// connection counts as abandoned: at the limit it gives its place to a new connection, at
+/// shutdown it is closed at once. A client that reads takes its answer out of the socket's
+/// buffers as it comes, so a second without room is no client at work; the write timeout
+/// closes such a connection anyway, this only makes room sooner.
+pub const STALLED: Duration = Duration::from_secs(1);
+
 /// How long a connection admitted in place of another waits for that one to close.
 const REPLACE_WAIT: Duration = Duration::from_secs(1);
 
@@ -110,13 +129,15 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Time a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// Time the socket may accept no byte of what is written to it.
+    pub write_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
 }
 
 /// The default connection limit: the process's RLIMIT_NOFILE (soft) less
-/// [`RESERVED_DESCRIPTORS`] (but at least half of it), at most 4,096. With the common limit of
-/// 1,024 that is 896.
+/// [`RESERVED_DESCRIPTORS`] (but at least half of it), at most
+/// [`DEFAULT_MAX_CONNECTIONS_CAP`]. With the common limit of 1,024 that is 896.
 pub fn default_max_connections() -> usize {
     let descriptors = descriptor_limit().unwrap_or(1024);
     let limit = descriptors
@@ -146,6 +167,7 @@ pub struct ConnectionStats {
     replaced: AtomicU64,
     header_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
+    write_timeouts: AtomicU64,
     accept_errors_descriptors: AtomicU64,
     accept_errors_other: AtomicU64,
 }
@@ -159,12 +181,16 @@ pub struct ConnectionStatsSnapshot {
     pub open: u64,
     /// Connections closed at once: at the limit with every connection busy.
     pub refused: u64,
-    /// Connections closed to make room for a new one at the limit (or for a descriptor).
+    /// Connections closed to make room for a new one at the limit (or for a descriptor): with
+    /// no request in flight, or an answer their client did not read for [`STALLED`].
     pub replaced: u64,
     /// Connections closed for not sending a request head in time.
     pub header_timeouts: u64,
     /// Kept-alive connections closed for idleness.
     pub idle_timeouts: u64,
+    /// Connections closed because their client read nothing of an answer for the write
+    /// timeout.
+    pub write_timeouts: u64,
     /// `accept` failures for want of descriptors (EMFILE, ENFILE).
     pub accept_errors_descriptors: u64,
     /// Other `accept` failures that paused accepting (ENOBUFS, ENOMEM, ...).
@@ -182,6 +208,7 @@ impl ConnectionStats {
             replaced: get(&self.replaced),
             header_timeouts: get(&self.header_timeouts),
             idle_timeouts: get(&self.idle_timeouts),
+            write_timeouts: get(&self.write_timeouts),
             accept_errors_descriptors: get(&self.accept_errors_descriptors),
             accept_errors_other: get(&self.accept_errors_other),
         }
@@ -206,6 +233,7 @@ pub async fn serve(
         max_connections = limits.max_connections,
         header_read_timeout = ?limits.header_read_timeout,
         idle_timeout = ?limits.idle_timeout,
+        write_timeout = ?limits.write_timeout,
         "HTTP connection limits"
     );
     let mut builder = http1::Builder::new();
@@ -241,12 +269,13 @@ pub async fn serve(
         ConnectionStats::count(&server.stats.accepted);
         let admission = match server.open.permits.clone().try_acquire_owned() {
             Ok(permit) => Admission::Now(permit),
-            Err(_) if server.open.close_one_idle() => {
+            Err(_) if server.open.close_one_replaceable() => {
                 ConnectionStats::count(&server.stats.replaced);
                 if let Some(n) = warnings.replaced.hit() {
                     tracing::warn!(
                         "at the connection limit ({}): closed {n} connection(s) with no request \
-                         in flight to admit new ones (logged at most every {LOG_EVERY:?})",
+                         in flight or an answer left unread to admit new ones (logged at most \
+                         every {LOG_EVERY:?})",
                         limits.max_connections
                     );
                 }
@@ -257,7 +286,7 @@ pub async fn serve(
                 if let Some(n) = warnings.refused.hit() {
                     tracing::warn!(
                         "at the connection limit ({}) with a request in flight on every \
-                         connection: refused {n} new connection(s) (logged at most every \
+                         connection, its answer read: refused {n} new connection(s) (logged at most every \
                          {LOG_EVERY:?})",
                         limits.max_connections
                     );
@@ -303,14 +332,14 @@ enum Admission {
 }
 
 impl Server {
-    /// Counts and logs a failed `accept`; when descriptors ran out, asks connections with no
-    /// request in flight to give theirs back.
+    /// Counts and logs a failed `accept`; when descriptors ran out, asks connections that can
+    /// give their place up to give their descriptors back.
     fn accept_failed(&self, e: &std::io::Error, warnings: &mut Warnings) {
         let descriptors = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
         if descriptors {
             ConnectionStats::count(&self.stats.accept_errors_descriptors);
             for _ in 0..CLOSED_FOR_DESCRIPTORS {
-                if !self.open.close_one_idle() {
+                if !self.open.close_one_replaceable() {
                     break;
                 }
                 ConnectionStats::count(&self.stats.replaced);
@@ -333,7 +362,7 @@ impl Server {
     }
 
     /// Serves one connection until it closes, or until it is asked to (shutdown, or room for
-    /// a new connection) and has no request in flight.
+    /// a new connection) and has no request in flight or an answer left unread.
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
@@ -356,10 +385,9 @@ impl Server {
         let activity = Arc::new(Activity::default());
         let registered = self.open.register(activity.clone(), &self.stats);
         let io = Deadlines::new(
-            JsonParseErrors::new(stream),
+            JsonParseErrors::new(stream, activity.clone()),
             activity.clone(),
-            self.limits.header_read_timeout,
-            self.limits.idle_timeout,
+            self.limits,
             self.stats.clone(),
         );
         let service = Api {
@@ -382,8 +410,10 @@ impl Server {
                 () = registered.close.notified(), if !draining => {}
             }
             // Asked to close. With nothing in flight, now (a head half received is dropped
-            // with it); otherwise once the request in flight is answered.
-            if !activity.busy() {
+            // with it), and with an answer its client does not read, now too (waiting for it
+            // is waiting for the write timeout); otherwise once the request in flight is
+            // answered.
+            if can_give_up(&activity) {
                 return;
             }
             conn.as_mut().graceful_shutdown();
@@ -431,6 +461,12 @@ impl hyper::service::Service<Request<Incoming>> for Api {
             Ok(response.map(|body| TrackedBody::new(body, in_flight)))
         })
     }
+}
+
+/// Whether a connection can be closed at once without cutting off a client at work: it has
+/// no request in flight, or its client has not read its answer for [`STALLED`].
+fn can_give_up(activity: &Activity) -> bool {
+    !activity.busy() || activity.write_stalled_for(STALLED)
 }
 
 /// The open connections: a place each (a semaphore permit), and a handle on each to ask it to
@@ -509,15 +545,19 @@ impl Open {
     }
 
     /// Asks the connection that can best give its place up to close: the oldest that never
-    /// sent a request, else the oldest with no request in flight. `false` if there is none.
-    fn close_one_idle(&self) -> bool {
+    /// sent a request, else the oldest with no request in flight, else the oldest whose
+    /// client has not read its answer for [`STALLED`]. `false` if there is none.
+    fn close_one_replaceable(&self) -> bool {
         let handles = self.lock();
-        let free = |h: &&Arc<Handle>| !h.activity.busy() && !h.asked.load(Ordering::Relaxed);
-        let chosen = handles
-            .values()
-            .filter(free)
-            .find(|h| !h.activity.served())
-            .or_else(|| handles.values().find(free));
+        let candidates = || {
+            handles
+                .values()
+                .filter(|h| !h.asked.load(Ordering::Relaxed))
+        };
+        let chosen = candidates()
+            .find(|h| !h.activity.busy() && !h.activity.served())
+            .or_else(|| candidates().find(|h| !h.activity.busy()))
+            .or_else(|| candidates().find(|h| can_give_up(&h.activity)));
         let Some(handle) = chosen else {
             return false;
         };
@@ -598,14 +638,38 @@ mod tests {
         let a = open.register(kept_alive, &stats);
         let b = open.register(silent, &stats);
         let c = open.register(busy, &stats);
-        assert!(open.close_one_idle());
+        assert!(open.close_one_replaceable());
         assert!(b.asked.load(Ordering::Relaxed));
-        assert!(open.close_one_idle());
+        assert!(open.close_one_replaceable());
         assert!(a.asked.load(Ordering::Relaxed));
-        assert!(!open.close_one_idle(), "the busy one stays");
+        assert!(!open.close_one_replaceable(), "the busy one stays");
         assert!(!c.asked.load(Ordering::Relaxed));
         assert_eq!(stats.snapshot().open, 3);
         drop((a, b, c));
         assert_eq!(stats.snapshot().open, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_gives_its_place_up_once_its_answer_is_left_unread() {
+        let open = Open::new(2);
+        let stats = ConnectionStats::default();
+        let (reading, not_reading) = (Arc::new(Activity::default()), Arc::new(Activity::default()));
+        let _in_flight = (reading.start(), not_reading.start());
+        let a = open.register(reading.clone(), &stats);
+        let b = open.register(not_reading.clone(), &stats);
+        not_reading.set_write_stalled(Some(Instant::now()));
+        assert!(
+            !open.close_one_replaceable(),
+            "a moment without room is not abandonment"
+        );
+        tokio::time::advance(STALLED).await;
+        assert!(open.close_one_replaceable());
+        assert!(b.asked.load(Ordering::Relaxed));
+        assert!(!a.asked.load(Ordering::Relaxed));
+        assert!(
+            !open.close_one_replaceable(),
+            "the one whose answer is read stays"
+        );
+        drop((a, b));
     }
 }

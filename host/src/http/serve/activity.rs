@@ -1,5 +1,6 @@
 //! What one connection is doing, as its timeouts and the connection limit see it: how many
-//! requests are in flight, and whether it has ever sent one.
+//! requests are in flight, whether it has ever sent one, and since when its socket has
+//! accepted none of the bytes written to it.
 //!
 //! A request is in flight from the moment hyper hands its head to the service until hyper drops
 //! its response body (written out, or abandoned with the connection). The service marks the
@@ -12,9 +13,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use axum::body::Body;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::time::Instant;
 
 /// One connection's activity, shared by its service, its socket's timeouts and the accept
 /// loop (which closes connections with nothing in flight when it needs room).
@@ -24,6 +27,9 @@ pub(super) struct Activity {
     served: AtomicBool,
     /// The task that last read while a request was in flight.
     reader: Mutex<Option<Waker>>,
+    /// Since when a write has been waiting for room in the socket, if one is. Set and cleared
+    /// by the socket's wrapper only when that changes, not on every write.
+    write_stalled_since: Mutex<Option<Instant>>,
 }
 
 impl Activity {
@@ -36,6 +42,24 @@ impl Activity {
     /// be closed when room is needed.
     pub(super) fn served(&self) -> bool {
         self.served.load(Ordering::Relaxed)
+    }
+
+    /// Records that writes wait for the client to read (`Some(since)`) or that the socket
+    /// accepted bytes again (`None`).
+    pub(super) fn set_write_stalled(&self, since: Option<Instant>) {
+        *self
+            .write_stalled_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = since;
+    }
+
+    /// Whether the socket has accepted none of the bytes written to it for at least `stalled`:
+    /// its client is not reading what it asked for.
+    pub(super) fn write_stalled_for(&self, stalled: Duration) -> bool {
+        self.write_stalled_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|since| since.elapsed() >= stalled)
     }
 
     /// Has the reader woken when no request is in flight any more.
@@ -122,5 +146,18 @@ mod tests {
         assert!(activity.busy() && activity.served());
         drop(body);
         assert!(!activity.busy() && activity.served());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_stall_counts_from_when_it_began_until_it_is_cleared() {
+        let activity = Activity::default();
+        let second = Duration::from_secs(1);
+        assert!(!activity.write_stalled_for(Duration::ZERO));
+        activity.set_write_stalled(Some(Instant::now()));
+        assert!(!activity.write_stalled_for(second));
+        tokio::time::advance(second).await;
+        assert!(activity.write_stalled_for(second));
+        activity.set_write_stalled(None);
+        assert!(!activity.write_stalled_for(Duration::ZERO));
     }
 }

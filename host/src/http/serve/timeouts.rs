@@ -1,5 +1,6 @@
-//! The header-read and idle timeouts of a connection, enforced on its socket's reads, and the
-//! time a request's body may take.
+//! The deadlines of a connection's socket (header-read and idle on its reads, write progress on
+//! its writes) and the time a request's body may take: together, no state of a connection
+//! lasts without its client making progress.
 //!
 //! hyper has a header-read timeout, but its clock starts as soon as a connection is ready for a
 //! request head (at accept, and again right after each answer), so the same value also bounds
@@ -12,10 +13,21 @@
 //! - a new connection has the header-read timeout to deliver its first request head;
 //! - after an answer, a connection has the idle timeout to start its next request, and from that
 //!   request's first byte the header-read timeout to complete its head;
-//! - while a request is in flight there is no timeout on the socket: its body has the
-//!   header-read timeout again ([`TimedBody`]), and handlers are bounded by their own deadlines.
+//! - while a request is in flight there is no timeout on the socket's reads: its body has the
+//!   header-read timeout again ([`TimedBody`], from the end of the head, however the body is
+//!   dripped), and handlers are bounded by their own deadlines (etcd calls by the request
+//!   timeout, lookups' waits by the cache);
+//! - whatever the phase, a write the socket accepts no byte of for the write timeout fails. A
+//!   client that asks for answers and does not read them (a large one, or pipelined ones)
+//!   fills the socket's buffers, and hyper waits on the write: with the last answer's body
+//!   taken into its buffer, only the idle timeout (meant for something else, and up to an
+//!   hour) would end that; with a body still streaming (a request in flight), nothing would.
+//!   The deadline is on progress, not on the whole answer: a client reading a large answer
+//!   slowly keeps it.
 //!
-//! A connection past its deadline gets a `TimedOut` read error, on which hyper closes it.
+//! A connection past a deadline gets a `TimedOut` error from the read or write, on which hyper
+//! closes it. Writes waiting for the client are also published to [`Activity`], so the
+//! connection limit can close such a connection before its deadline when it needs the room.
 
 use std::future::Future;
 use std::io;
@@ -29,8 +41,8 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::ConnectionStats;
 use super::activity::Activity;
+use super::{ConnectionLimits, ConnectionStats};
 
 /// Where a connection stands between requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,34 +55,36 @@ enum Phase {
     Busy,
 }
 
-/// A socket with the header-read and idle deadlines of its connection.
+/// A socket with the read and write deadlines of its connection.
 pub(super) struct Deadlines<IO> {
     io: IO,
     activity: Arc<Activity>,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
+    limits: ConnectionLimits,
     stats: Arc<ConnectionStats>,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
+    /// Since when writes have been waiting with no byte accepted, if they are.
+    write_stalled: Option<Instant>,
+    write_deadline: Pin<Box<Sleep>>,
 }
 
 impl<IO> Deadlines<IO> {
-    /// A freshly accepted connection: its first head is due within `header_read_timeout`.
+    /// A freshly accepted connection: its first head is due within the header-read timeout.
     pub(super) fn new(
         io: IO,
         activity: Arc<Activity>,
-        header_read_timeout: Duration,
-        idle_timeout: Duration,
+        limits: ConnectionLimits,
         stats: Arc<ConnectionStats>,
     ) -> Self {
         Deadlines {
             io,
             activity,
-            header_read_timeout,
-            idle_timeout,
+            limits,
             stats,
             phase: Phase::Head,
-            deadline: Box::pin(tokio::time::sleep(header_read_timeout)),
+            deadline: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
+            write_stalled: None,
+            write_deadline: Box::pin(tokio::time::sleep(limits.write_timeout)),
         }
     }
 
@@ -95,13 +109,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         if this.phase == Phase::Busy {
-            this.enter(Phase::Idle, this.idle_timeout);
+            this.enter(Phase::Idle, this.limits.idle_timeout);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if this.phase == Phase::Idle && buf.filled().len() > before {
-                    this.enter(Phase::Head, this.header_read_timeout);
+                    this.enter(Phase::Head, this.limits.header_read_timeout);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -110,11 +124,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
                     return Poll::Pending;
                 }
                 let (counter, what, after) = match this.phase {
-                    Phase::Idle => (&this.stats.idle_timeouts, "idle", this.idle_timeout),
+                    Phase::Idle => (&this.stats.idle_timeouts, "idle", this.limits.idle_timeout),
                     _ => (
                         &this.stats.header_timeouts,
                         "request head not received",
-                        this.header_read_timeout,
+                        this.limits.header_read_timeout,
                     ),
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -129,33 +143,76 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
     }
 }
 
+impl<IO: AsyncWrite + Unpin> Deadlines<IO> {
+    /// One write-side call on the socket under the write-progress deadline: the clock starts
+    /// at the first call the socket has no room for, and stops at the next one that completes
+    /// (writes, flushes and shutdowns alike: each completes only once bytes went out).
+    fn write_progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        call: impl FnOnce(Pin<&mut IO>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let result = call(Pin::new(&mut self.io), cx);
+        if result.is_ready() {
+            if self.write_stalled.take().is_some() {
+                self.activity.set_write_stalled(None);
+            }
+            return result;
+        }
+        if self.write_stalled.is_none() {
+            let now = Instant::now();
+            self.write_stalled = Some(now);
+            self.write_deadline
+                .as_mut()
+                .reset(now + self.limits.write_timeout);
+            self.activity.set_write_stalled(Some(now));
+        }
+        if self.write_deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let after = self.limits.write_timeout;
+        self.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            "closing a connection: the client read nothing of its answer for {after:?}"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client read nothing of its answer for {after:?}"),
+        )))
+    }
+}
+
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        self.get_mut()
+            .write_progress(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        self.get_mut()
+            .write_progress(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut()
+            .write_progress(cx, |io, cx| io.poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut()
+            .write_progress(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 
@@ -211,10 +268,69 @@ impl HttpBody for TimedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        header_read_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(5),
+        max_connections: 1,
+    };
 
     fn stats() -> Arc<ConnectionStats> {
         Arc::new(ConnectionStats::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_reads_nothing_of_fails_after_the_write_timeout() {
+        let (client, server) = tokio::io::duplex(64);
+        let stats = stats();
+        let activity = Arc::new(Activity::default());
+        let mut io = Deadlines::new(server, activity.clone(), LIMITS, stats.clone());
+        // A request in flight: no read deadline runs, the write deadline still does.
+        let _in_flight = activity.start();
+        io.write_all(&[0; 64]).await.unwrap();
+        let start = Instant::now();
+        let writer = tokio::spawn(async move {
+            let err = io.write_all(&[0; 1]).await.unwrap_err();
+            (err.kind(), Instant::now())
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(activity.write_stalled_for(Duration::from_secs(1)));
+        let (kind, at) = writer.await.unwrap();
+        assert_eq!(kind, io::ErrorKind::TimedOut);
+        assert_eq!(at - start, LIMITS.write_timeout);
+        assert_eq!(stats.write_timeouts.load(Ordering::Relaxed), 1);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_reading_slowly_keeps_its_answer_coming() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let stats = stats();
+        let activity = Arc::new(Activity::default());
+        let mut io = Deadlines::new(server, activity.clone(), LIMITS, stats.clone());
+        // 8 bytes read every 4 s, each read within the 5 s write timeout of the last.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let mut total = 0;
+            while total < 256 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                total += n;
+            }
+        });
+        let start = Instant::now();
+        io.write_all(&[0; 256]).await.unwrap();
+        assert!(
+            start.elapsed() > LIMITS.write_timeout * 4,
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(!activity.write_stalled_for(Duration::ZERO));
+        assert_eq!(stats.write_timeouts.load(Ordering::Relaxed), 0);
+        reader.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -222,13 +338,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64);
         let stats = stats();
         let activity = Arc::new(Activity::default());
-        let mut io = Deadlines::new(
-            server,
-            activity,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            stats.clone(),
-        );
+        let mut io = Deadlines::new(server, activity, LIMITS, stats.clone());
         let start = Instant::now();
         let err = io.read(&mut [0u8; 16]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -242,13 +352,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64);
         let stats = stats();
         let activity = Arc::new(Activity::default());
-        let mut io = Deadlines::new(
-            server,
-            activity.clone(),
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            stats.clone(),
-        );
+        let mut io = Deadlines::new(server, activity.clone(), LIMITS, stats.clone());
         let in_flight = activity.start();
         // hyper watches the socket while the request is in flight; that read stays pending.
         let reader = tokio::spawn(async move {
@@ -274,18 +378,10 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(64);
         let stats = stats();
         let activity = Arc::new(Activity::default());
-        let mut io = Deadlines::new(
-            server,
-            activity.clone(),
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            stats.clone(),
-        );
+        let mut io = Deadlines::new(server, activity.clone(), LIMITS, stats.clone());
         // A request in flight, then answered: the connection is idle from then on.
         let in_flight = activity.start();
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"G")
-            .await
-            .unwrap();
+        client.write_all(b"G").await.unwrap();
         assert_eq!(io.read(&mut [0u8; 16]).await.unwrap(), 1);
         tokio::time::sleep(Duration::from_secs(600)).await;
         drop(in_flight);
@@ -300,9 +396,7 @@ mod tests {
             (first, second)
         });
         tokio::time::sleep(Duration::from_secs(59)).await;
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"G")
-            .await
-            .unwrap();
+        client.write_all(b"G").await.unwrap();
         let (first, second) = reader.await.unwrap();
         assert_eq!(first.unwrap() - idle, Duration::from_secs(59));
         let (kind, at) = second.unwrap_err();
