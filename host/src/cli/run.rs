@@ -253,7 +253,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 format!("cannot read the configuration file {}", path.display())
             })?;
             let text = String::from_utf8(bytes).with_context(|| {
-                format!("the configuration file {} is not UTF-8 text", path.display())
+                format!(
+                    "the configuration file {} is not UTF-8 text",
+                    path.display()
+                )
             })?;
             ConfigLayer::parse_toml(&text, &path.display().to_string())?
         }
