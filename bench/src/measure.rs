@@ -1,5 +1,6 @@
-//! Timing of in-process operations: nanoseconds per call, the median of a few samples. One such
-//! measurement is one arm of one round (`compare.rs`); the rounds carry the claims.
+//! Timing of in-process operations: nanoseconds per call, over batches sized once per operation
+//! so that one operation's samples can be taken one at a time, each next to the other arms'
+//! samples of the same round (`compare.rs`).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 pub struct Effort {
     /// Rounds of every comparison (`compare::rounds`).
     pub rounds: usize,
-    /// Samples per measurement; the median is reported.
+    /// Samples per arm per round; their median is the arm's figure for the round.
     pub samples: usize,
     /// Minimum time of one sample.
     pub sample_time: Duration,
@@ -21,43 +22,61 @@ impl Effort {
             Effort {
                 rounds: 3,
                 samples: 1,
-                sample_time: Duration::from_millis(10),
+                sample_time: Duration::from_millis(5),
             }
         } else {
+            // Many short rounds: the arms of a round are then measured within a fraction of a
+            // second of each other, closer than the machine's load drifts.
             Effort {
-                rounds: 12,
-                samples: 3,
-                sample_time: Duration::from_millis(100),
+                rounds: 30,
+                samples: 1,
+                sample_time: Duration::from_millis(50),
             }
         }
     }
 }
 
-/// Median nanoseconds per call of `op`.
-pub fn ns_per_op(effort: Effort, mut op: impl FnMut()) -> f64 {
-    // Calibrate: how many calls fill one sample.
-    let mut batch = 1u64;
-    loop {
-        let started = Instant::now();
-        for _ in 0..batch {
-            op();
-        }
-        if started.elapsed() >= effort.sample_time / 4 || batch >= 1 << 30 {
-            break;
-        }
-        batch *= 2;
-    }
-    let batch = batch * 4;
-    let mut samples: Vec<f64> = (0..effort.samples)
-        .map(|_| {
+/// An operation and the number of calls that fill one sample.
+pub struct Timed<F> {
+    op: F,
+    batch: u64,
+    samples: usize,
+}
+
+impl<F: FnMut()> Timed<F> {
+    /// Sizes the batch of `op` for `effort`.
+    pub fn new(effort: Effort, mut op: F) -> Self {
+        let mut batch = 1u64;
+        loop {
             let started = Instant::now();
             for _ in 0..batch {
                 op();
             }
-            started.elapsed().as_nanos() as f64 / batch as f64
-        })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    black_box(&mut op);
-    samples[samples.len() / 2]
+            if started.elapsed() >= effort.sample_time / 4 || batch >= 1 << 30 {
+                break;
+            }
+            batch *= 2;
+        }
+        Timed {
+            op,
+            batch: batch * 4,
+            samples: effort.samples,
+        }
+    }
+
+    /// Nanoseconds per call: the median of the effort's samples, taken now.
+    pub fn ns_per_op(&mut self) -> f64 {
+        let mut samples: Vec<f64> = (0..self.samples)
+            .map(|_| {
+                let started = Instant::now();
+                for _ in 0..self.batch {
+                    (self.op)();
+                }
+                started.elapsed().as_nanos() as f64 / self.batch as f64
+            })
+            .collect();
+        samples.sort_by(f64::total_cmp);
+        black_box(&mut self.op);
+        samples[samples.len() / 2]
+    }
 }

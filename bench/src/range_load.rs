@@ -1,7 +1,7 @@
 //! A closed-loop etcd gRPC client: what a go-micro fleet's lookups cost etcd itself. Each
 //! connection is one `etcd_client::Client` (one HTTP/2 connection, as each go-micro process
-//! holds one) with one caller sending its next Range as soon as the previous answer arrives:
-//! the shape of `load.rs`'s HTTP client, and the same `Outcome`.
+//! holds one); callers, spread over the connections, each send their next Range as soon as the
+//! previous answer arrives: the shape of `load.rs`'s HTTP client, and the same `Outcome`.
 
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,14 @@ impl RangeLoad {
         })
     }
 
-    /// Sends Ranges on every connection for `duration`: go-micro's `GetService`, a prefix read
-    /// served by the member that receives it (serializable).
-    pub async fn run(&self, duration: Duration) -> Outcome {
+    /// Sends Ranges from `callers` callers for `duration`: go-micro's `GetService`, a prefix
+    /// read served by the member that receives it (serializable).
+    pub async fn run(&self, callers: usize, duration: Duration) -> Outcome {
         let started = Instant::now();
         let deadline = started + duration;
-        let callers: Vec<_> = self
-            .clients
-            .iter()
-            .map(|client| {
+        let callers: Vec<_> = (0..callers)
+            .map(|c| {
+                let client = &self.clients[c % self.clients.len()];
                 let (mut kv, prefix) = (client.kv_client(), self.prefix.clone());
                 tokio::spawn(async move {
                     let mut outcome = Outcome::default();

@@ -22,7 +22,7 @@ use regcache_tests::registry::service;
 
 use super::policy_cost::fresh_hit;
 use crate::compare::{Rounds, now_or_never, rounds_now};
-use crate::measure::{Effort, ns_per_op};
+use crate::measure::{Effort, Timed};
 use crate::report::{Row, Section};
 
 const SERVICES: usize = 100;
@@ -133,23 +133,27 @@ pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
     bare_map.insert(Arc::from(name), answer);
     let mut direct = engine.direct_instance()?;
     let ctx = fresh_hit(name);
+    let mut bare_hit = Timed::new(effort, || {
+        black_box(bare_map.get(black_box(name)).map(|e| e.value().clone()));
+    });
+    let mut bare_call = Timed::new(effort, || {
+        black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+    });
+    let mut native = Timed::new(effort, || {
+        black_box(now_or_never(native_cache.lookup(black_box(name))).unwrap());
+    });
+    let mut wasm = Timed::new(effort, || {
+        black_box(now_or_never(wasm_cache.lookup(black_box(name))).unwrap());
+    });
     let per_op: Rounds<f64, 4> = rounds_now(effort.rounds, |arm| match arm {
-        BARE_HIT => ns_per_op(effort, || {
-            black_box(bare_map.get(black_box(name)).map(|e| e.value().clone()));
-        }),
-        BARE_CALL => ns_per_op(effort, || {
-            black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
-        }),
-        NATIVE => ns_per_op(effort, || {
-            black_box(now_or_never(native_cache.lookup(black_box(name))).unwrap());
-        }),
-        _ => ns_per_op(effort, || {
-            black_box(now_or_never(wasm_cache.lookup(black_box(name))).unwrap());
-        }),
+        BARE_HIT => bare_hit.ns_per_op(),
+        BARE_CALL => bare_call.ns_per_op(),
+        NATIVE => native.ns_per_op(),
+        _ => wasm.ns_per_op(),
     });
     let ns = |i: usize| per_op.per_round(|r| r[i]);
 
-    let window = Duration::from_millis(if quick { 100 } else { 1_000 });
+    let window = Duration::from_millis(if quick { 50 } else { 300 });
     let threads: Rounds<f64, 2> = rounds_now(effort.rounds, |arm| {
         lookups_per_second(&wasm_cache, arm + 1, window)
     });

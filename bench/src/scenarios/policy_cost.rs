@@ -9,7 +9,7 @@ use regcache::decision::{Decide, HealthView, LookupContext, LookupDecision};
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
 
 use crate::compare::{Rounds, rounds_now};
-use crate::measure::{Effort, ns_per_op};
+use crate::measure::{Effort, Timed};
 use crate::report::{Row, Section};
 
 /// A context the default policy answers with `serve-cached`, the hit path.
@@ -60,16 +60,19 @@ pub fn run(effort: Effort) -> anyhow::Result<Section> {
     let ttl_ms = engine.active().settings.ttl.as_millis() as u64;
 
     let mut direct = engine.direct_instance()?;
+    let mut native = Timed::new(effort, || {
+        black_box(native_default(black_box(&ctx), ttl_ms));
+    });
+    let mut bare = Timed::new(effort, || {
+        black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
+    });
+    let mut full = Timed::new(effort, || {
+        black_box(engine.decide_lookup(black_box(&ctx)));
+    });
     let rounds: Rounds<f64, 3> = rounds_now(effort.rounds, |arm| match arm {
-        NATIVE => ns_per_op(effort, || {
-            black_box(native_default(black_box(&ctx), ttl_ms));
-        }),
-        BARE => ns_per_op(effort, || {
-            black_box(direct.decide_lookup(black_box(&ctx)).unwrap());
-        }),
-        _ => ns_per_op(effort, || {
-            black_box(engine.decide_lookup(black_box(&ctx)));
-        }),
+        NATIVE => native.ns_per_op(),
+        BARE => bare.ns_per_op(),
+        _ => full.ns_per_op(),
     });
     let arm = |i: usize| rounds.per_round(|r| r[i]);
     Ok(Section {
