@@ -26,11 +26,12 @@ impl Effort {
             }
         } else {
             // Many short rounds: the arms of a round are then measured within a fraction of a
-            // second of each other, closer than the machine's load drifts.
+            // second of each other, closer than the machine's load drifts; three samples per
+            // arm so that one preempted sample does not decide the round.
             Effort {
-                rounds: 30,
-                samples: 1,
-                sample_time: Duration::from_millis(50),
+                rounds: 20,
+                samples: 3,
+                sample_time: Duration::from_millis(30),
             }
         }
     }
