@@ -79,6 +79,23 @@ async fn holds(raw: &Client, key: &str, want: &str, lease: i64) -> bool {
 
 /// Puts etcd in its no-space maintenance mode (`on`) or out of it: it then refuses every
 /// write that puts a key, and still applies deletes and lease revocations.
+/// `owner` deregisters greeter/g1 (its key `key`), and `other` never puts it back.
+async fn deregister_for_good(owner: &Host, other: &Host, raw: &Client, key: &str) {
+    let deleted = owner
+        .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+    assert!(
+        holds_for(Duration::from_secs(4), || async {
+            held(raw, key).await.is_none()
+        })
+        .await,
+        "the node came back: {:?}\n{}",
+        held(raw, key).await,
+        other.log()
+    );
+}
+
 async fn no_space(raw: &Client, on: bool) {
     let mut raw = raw.clone();
     let member = raw.status().await.unwrap().header().unwrap().member_id();
@@ -134,19 +151,7 @@ async fn a_host_cannot_take_another_hosts_node_unless_forced() {
     );
 
     // The owner's deregistration is for good: B never puts the node back.
-    let deleted = a
-        .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
-        .unwrap();
-    assert_eq!(deleted.status, 204, "{}", deleted.text());
-    assert!(
-        holds_for(Duration::from_secs(4), || async {
-            held(&raw, &key).await.is_none()
-        })
-        .await,
-        "the node came back: {:?}\n{}",
-        held(&raw, &key).await,
-        b.log()
-    );
+    deregister_for_good(&a, &b, &raw, &key).await;
 
     // Registered by A again; B takes it by force, and A yields it as a conflict.
     assert_eq!(register(&a, "", "g1", "10.0.0.1:80").status, 201);
@@ -411,17 +416,5 @@ async fn a_registration_answered_during_an_outage_does_not_take_another_hosts_no
     );
 
     // The owner's deregistration is for good.
-    let deleted = a
-        .request("DELETE", "/v1/registrations/greeter/g1", &[], b"")
-        .unwrap();
-    assert_eq!(deleted.status, 204, "{}", deleted.text());
-    assert!(
-        holds_for(Duration::from_secs(4), || async {
-            held(&raw, &key).await.is_none()
-        })
-        .await,
-        "B put the node back: {:?}\n{}",
-        held(&raw, &key).await,
-        b.log()
-    );
+    deregister_for_good(&a, &b, &raw, &key).await;
 }
