@@ -89,7 +89,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
             measured: format!(
                 "on loopback with closed-loop clients, {CALLERS} callers per side: regcache over \
                  HTTP/1.1 keep-alive and the JSON gateway with the bench's hyper client (load.rs), \
-                 etcd's gRPC with etcd-client over {GRPC_CONNECTIONS} connections (range_load.rs); the three \
+                 etcd's gRPC with etcd-client, the callers multiplexed on {GRPC_CONNECTIONS} HTTP/2 connection(s) (range_load.rs); the three \
                  arms interleaved round by round, {:.1} s each",
                 window.as_secs_f64()
             ),
