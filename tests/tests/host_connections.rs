@@ -104,9 +104,23 @@ fn metric(host: &Host, name: &str) -> f64 {
 }
 
 /// `/healthz` on a fresh connection and how long it took.
-fn timed_healthz(addr: SocketAddr) -> (u16, Duration) {
+fn timed_healthz(host: &Host) -> (u16, Duration) {
     let start = Instant::now();
-    let status = request(addr, "GET", "/healthz", &[], &[]).unwrap().status;
+    let status = request(host.addr, "GET", "/healthz", &[], &[])
+        .unwrap_or_else(|e| {
+            let elapsed = start.elapsed();
+            let metrics = host.get("/metrics").map(|r| r.text()).unwrap_or_default();
+            let connections: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("regcache_http"))
+                .collect();
+            panic!(
+                "/healthz on a new connection failed after {elapsed:?}: {e}\n{}\n{}",
+                connections.join("\n"),
+                host.log()
+            )
+        })
+        .status;
     (status, start.elapsed())
 }
 
@@ -142,7 +156,7 @@ fn silent_connections_do_not_keep_healthz_from_answering() {
         on_kept < Duration::from_secs(1),
         "kept connection: {on_kept:?}"
     );
-    let (status, on_new) = timed_healthz(host.addr);
+    let (status, on_new) = timed_healthz(&host);
     assert_eq!(status, 200);
     assert!(
         on_new < Duration::from_secs(1),
@@ -231,7 +245,7 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
         "{:?}",
         start.elapsed()
     );
-    let (status, on_new) = timed_healthz(host.addr);
+    let (status, on_new) = timed_healthz(&host);
     assert_eq!(status, 200);
     assert!(
         on_new < Duration::from_secs(1),
@@ -556,9 +570,11 @@ fn answers_left_unread_are_closed_after_the_write_timeout() {
     );
     let elapsed = start.elapsed();
     assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    // The log line follows the counter, and the harness reads the log from a pipe.
     assert!(
-        host.log()
-            .contains("the client read nothing of its answer for 1s"),
+        poll(Duration::from_secs(5), || host
+            .log()
+            .contains("the client read nothing of its answer for 1s")),
         "{}",
         host.log()
     );
@@ -585,7 +601,7 @@ fn answers_left_unread_give_their_place_up_and_do_not_hold_shutdown() {
     // for longer than the host's stall threshold (1 s).
     std::thread::sleep(Duration::from_secs(3));
 
-    let (status, on_new) = timed_healthz(host.addr);
+    let (status, on_new) = timed_healthz(&host);
     assert_eq!(status, 200);
     assert!(
         on_new < Duration::from_secs(5),

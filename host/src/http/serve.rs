@@ -42,7 +42,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -269,30 +269,32 @@ pub async fn serve(
         ConnectionStats::count(&server.stats.accepted);
         let admission = match server.open.permits.clone().try_acquire_owned() {
             Ok(permit) => Admission::Now(permit),
-            Err(_) if server.open.close_one_replaceable() => {
-                ConnectionStats::count(&server.stats.replaced);
-                if let Some(n) = warnings.replaced.hit() {
-                    tracing::warn!(
-                        "at the connection limit ({}): closed {n} connection(s) with no request \
-                         in flight or an answer left unread to admit new ones (logged at most \
-                         every {LOG_EVERY:?})",
-                        limits.max_connections
-                    );
+            Err(_) => match server.open.close_one_replaceable() {
+                Some(place) => {
+                    ConnectionStats::count(&server.stats.replaced);
+                    if let Some(n) = warnings.replaced.hit() {
+                        tracing::warn!(
+                            "at the connection limit ({}): closed {n} connection(s) with no \
+                             request in flight or an answer left unread to admit new ones \
+                             (logged at most every {LOG_EVERY:?})",
+                            limits.max_connections
+                        );
+                    }
+                    Admission::Replacing(place)
                 }
-                Admission::Replacing
-            }
-            Err(_) => {
-                ConnectionStats::count(&server.stats.refused);
-                if let Some(n) = warnings.refused.hit() {
-                    tracing::warn!(
-                        "at the connection limit ({}) with a request in flight on every \
-                         connection, its answer read: refused {n} new connection(s) (logged at most every \
-                         {LOG_EVERY:?})",
-                        limits.max_connections
-                    );
+                None => {
+                    ConnectionStats::count(&server.stats.refused);
+                    if let Some(n) = warnings.refused.hit() {
+                        tracing::warn!(
+                            "at the connection limit ({}) with a request in flight on every \
+                             connection, its answer read: refused {n} new connection(s) \
+                             (logged at most every {LOG_EVERY:?})",
+                            limits.max_connections
+                        );
+                    }
+                    continue;
                 }
-                continue;
-            }
+            },
         };
         tokio::spawn(
             server
@@ -327,8 +329,8 @@ struct Server {
 enum Admission {
     /// A free place.
     Now(OwnedSemaphorePermit),
-    /// The place of a connection asked to close.
-    Replacing,
+    /// The place of a connection asked to close, handed over when it has closed.
+    Replacing(Handoff),
 }
 
 impl Server {
@@ -339,7 +341,8 @@ impl Server {
         if descriptors {
             ConnectionStats::count(&self.stats.accept_errors_descriptors);
             for _ in 0..CLOSED_FOR_DESCRIPTORS {
-                if !self.open.close_one_replaceable() {
+                // Nobody waits for these places: they go back to the pool.
+                if self.open.close_one_replaceable().is_none() {
                     break;
                 }
                 ConnectionStats::count(&self.stats.replaced);
@@ -369,21 +372,18 @@ impl Server {
         admission: Admission,
         mut closing: watch::Receiver<bool>,
     ) {
-        let _permit = match admission {
+        let permit = match admission {
             Admission::Now(permit) => permit,
-            Admission::Replacing => {
-                let permits = self.open.permits.clone();
-                match tokio::time::timeout(REPLACE_WAIT, permits.acquire_owned()).await {
-                    Ok(Ok(permit)) => permit,
-                    _ => {
-                        ConnectionStats::count(&self.stats.refused);
-                        return;
-                    }
+            Admission::Replacing(place) => match tokio::time::timeout(REPLACE_WAIT, place).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    ConnectionStats::count(&self.stats.refused);
+                    return;
                 }
-            }
+            },
         };
         let activity = Arc::new(Activity::default());
-        let registered = self.open.register(activity.clone(), &self.stats);
+        let registered = self.open.register(activity.clone(), &self.stats, permit);
         let io = Deadlines::new(
             JsonParseErrors::new(stream, activity.clone()),
             activity.clone(),
@@ -483,7 +483,14 @@ struct Handle {
     activity: Arc<Activity>,
     close: Notify,
     asked: AtomicBool,
+    /// The connection admitted in this one's place, which gets its permit when it closes.
+    successor: Mutex<Option<oneshot::Sender<OwnedSemaphorePermit>>>,
 }
+
+/// A place (permit) to be handed over by a connection asked to close. Handed over rather than
+/// released to the semaphore: released, it could be taken by a connection accepted meanwhile,
+/// leaving the one admitted in its stead to wait in vain.
+type Handoff = oneshot::Receiver<OwnedSemaphorePermit>;
 
 /// An open connection's entry; dropping it removes the entry.
 struct Registered<'a> {
@@ -491,6 +498,7 @@ struct Registered<'a> {
     stats: &'a ConnectionStats,
     id: u64,
     handle: Arc<Handle>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl std::ops::Deref for Registered<'_> {
@@ -505,6 +513,16 @@ impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.open.lock().remove(&self.id);
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        let successor = self
+            .handle
+            .successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(successor), Some(permit)) = (successor, self.permit.take()) {
+            // A successor that gave up waiting drops the permit back into the pool.
+            let _ = successor.send(permit);
+        }
     }
 }
 
@@ -527,12 +545,14 @@ impl Open {
         &'a self,
         activity: Arc<Activity>,
         stats: &'a ConnectionStats,
+        permit: OwnedSemaphorePermit,
     ) -> Registered<'a> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
             activity,
             close: Notify::new(),
             asked: AtomicBool::new(false),
+            successor: Mutex::default(),
         });
         self.lock().insert(id, handle.clone());
         stats.open.fetch_add(1, Ordering::Relaxed);
@@ -541,13 +561,15 @@ impl Open {
             stats,
             id,
             handle,
+            permit: Some(permit),
         }
     }
 
     /// Asks the connection that can best give its place up to close: the oldest that never
     /// sent a request, else the oldest with no request in flight, else the oldest whose
-    /// client has not read its answer for [`STALLED`]. `false` if there is none.
-    fn close_one_replaceable(&self) -> bool {
+    /// client has not read its answer for [`STALLED`]; its place once it has closed. `None` if
+    /// there is none.
+    fn close_one_replaceable(&self) -> Option<Handoff> {
         let handles = self.lock();
         let candidates = || {
             handles
@@ -558,13 +580,13 @@ impl Open {
             .find(|h| !h.activity.busy() && !h.activity.served())
             .or_else(|| candidates().find(|h| !h.activity.busy()))
             .or_else(|| candidates().find(|h| can_give_up(&h.activity)));
-        let Some(handle) = chosen else {
-            return false;
-        };
+        let handle = chosen?;
+        let (successor, place) = oneshot::channel();
+        *handle.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some(successor);
         handle.asked.store(true, Ordering::Relaxed);
         // A stored permit: the connection sees it even if it is not waiting right now.
         handle.close.notify_one();
-        true
+        Some(place)
     }
 
     /// Waits until every connection has closed.
@@ -606,6 +628,36 @@ impl Throttled {
 mod tests {
     use super::*;
 
+    fn place(open: &Open) -> OwnedSemaphorePermit {
+        open.permits.clone().try_acquire_owned().unwrap()
+    }
+
+    /// The place of a connection asked to close goes to the one admitted for it, not to a
+    /// connection accepted in between (which once left the admitted one to time out).
+    #[tokio::test]
+    async fn a_closed_connections_place_goes_to_its_successor() {
+        let open = Open::new(1);
+        let stats = ConnectionStats::default();
+        let silent = open.register(Arc::new(Activity::default()), &stats, place(&open));
+        let handoff = open
+            .close_one_replaceable()
+            .expect("a silent connection gives way");
+        drop(silent);
+        assert!(
+            open.permits.clone().try_acquire_owned().is_err(),
+            "a newcomer cannot take the place meanwhile"
+        );
+        let permit = handoff.await.expect("the successor gets the place");
+        drop(permit);
+        assert_eq!(open.permits.available_permits(), 1);
+
+        // A successor that gave up leaves the place to the pool.
+        let silent = open.register(Arc::new(Activity::default()), &stats, place(&open));
+        drop(open.close_one_replaceable());
+        drop(silent);
+        assert_eq!(open.permits.available_permits(), 1);
+    }
+
     #[test]
     fn the_default_limit_leaves_descriptors_to_the_rest_of_the_host() {
         let limit = default_max_connections() as u64;
@@ -635,14 +687,14 @@ mod tests {
         );
         drop(kept_alive.start());
         let _in_flight = busy.start();
-        let a = open.register(kept_alive, &stats);
-        let b = open.register(silent, &stats);
-        let c = open.register(busy, &stats);
-        assert!(open.close_one_replaceable());
+        let a = open.register(kept_alive, &stats, place(&open));
+        let b = open.register(silent, &stats, place(&open));
+        let c = open.register(busy, &stats, place(&open));
+        assert!(open.close_one_replaceable().is_some());
         assert!(b.asked.load(Ordering::Relaxed));
-        assert!(open.close_one_replaceable());
+        assert!(open.close_one_replaceable().is_some());
         assert!(a.asked.load(Ordering::Relaxed));
-        assert!(!open.close_one_replaceable(), "the busy one stays");
+        assert!(open.close_one_replaceable().is_none(), "the busy one stays");
         assert!(!c.asked.load(Ordering::Relaxed));
         assert_eq!(stats.snapshot().open, 3);
         drop((a, b, c));
@@ -655,19 +707,19 @@ mod tests {
         let stats = ConnectionStats::default();
         let (reading, not_reading) = (Arc::new(Activity::default()), Arc::new(Activity::default()));
         let _in_flight = (reading.start(), not_reading.start());
-        let a = open.register(reading.clone(), &stats);
-        let b = open.register(not_reading.clone(), &stats);
+        let a = open.register(reading.clone(), &stats, place(&open));
+        let b = open.register(not_reading.clone(), &stats, place(&open));
         not_reading.set_write_stalled(Some(Instant::now()));
         assert!(
-            !open.close_one_replaceable(),
+            open.close_one_replaceable().is_none(),
             "a moment without room is not abandonment"
         );
         tokio::time::advance(STALLED).await;
-        assert!(open.close_one_replaceable());
+        assert!(open.close_one_replaceable().is_some());
         assert!(b.asked.load(Ordering::Relaxed));
         assert!(!a.asked.load(Ordering::Relaxed));
         assert!(
-            !open.close_one_replaceable(),
+            open.close_one_replaceable().is_none(),
             "the one whose answer is read stays"
         );
         drop((a, b));
