@@ -112,7 +112,13 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
         .build();
     let snapshot_file = state_dir.as_ref().and_then(StateDir::snapshot_to_write);
     let serving_snapshot = Arc::new(AtomicBool::new(false));
-    if let Some(file) = state_dir.as_ref().and_then(StateDir::snapshot_to_read) {
+    // The embedded registry's registrations end with the process: a snapshot of them would
+    // be served as the registry's answer although nothing registered them in this run.
+    let snapshot_to_read = state_dir
+        .as_ref()
+        .and_then(StateDir::snapshot_to_read)
+        .filter(|_| config.etcd.is_some());
+    if let Some(file) = snapshot_to_read {
         match file.read::<CacheSnapshot>() {
             Ok(Some(snapshot)) => {
                 let imported = cache.import(&snapshot);
@@ -216,11 +222,14 @@ async fn serve(config: HostConfig) -> anyhow::Result<()> {
     }
     // The snapshot first: it records the registry as this host saw it, not the removal of
     // this host's own keys that the lease revocation is about to cause.
-    if let Some(file) = &snapshot_file {
-        write_snapshot(file, &cache).await;
+    if let Some(file) = &snapshot_file
+        && let Err(e) = write_snapshot(file, &cache).await
+    {
+        tracing::warn!("{e}");
     }
+    // The registry logs whether it could delete its keys and revoke its lease.
     registry.shutdown().await;
-    tracing::info!("registry shut down (lease revoked)");
+    tracing::info!("registry shut down");
     tracing::info!("bye");
     Ok(())
 }
@@ -357,30 +366,47 @@ async fn write_periodically(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    // A state dir that stops being writable fails every interval: warned once, until a write
+    // succeeds again.
+    let mut failing = false;
     loop {
         tokio::select! {
-            _ = ticker.tick() => write_snapshot(&file, &cache).await,
+            _ = ticker.tick() => {}
             _ = stop.changed() => return,
+        }
+        match write_snapshot(&file, &cache).await {
+            Ok(()) if failing => {
+                tracing::info!("snapshot written again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if failing => tracing::debug!("{e}"),
+            Err(e) => {
+                tracing::warn!("{e} (warned once until a write succeeds)");
+                failing = true;
+            }
         }
     }
 }
 
-/// Writes the cache to `file` on a blocking thread (fsync takes milliseconds).
-async fn write_snapshot(file: &SnapshotFile, cache: &RegistryCache) {
+/// Writes the cache to `file` on a blocking thread (fsync takes milliseconds); the error says
+/// why it could not.
+async fn write_snapshot(file: &SnapshotFile, cache: &RegistryCache) -> Result<(), String> {
     let snapshot = cache.export();
     if snapshot.entries.is_empty() {
         // Never replace a useful snapshot with an empty one (say, a host that was restarted
         // while etcd is down and has looked nothing up yet).
-        return;
+        return Ok(());
     }
     let file = file.clone();
     let services = snapshot.entries.len();
     match tokio::task::spawn_blocking(move || file.write(&snapshot).map(|()| file)).await {
         Ok(Ok(file)) => {
-            tracing::debug!(services, path = %file.path().display(), "snapshot written")
+            tracing::debug!(services, path = %file.path().display(), "snapshot written");
+            Ok(())
         }
-        Ok(Err(e)) => tracing::warn!("cannot write the snapshot: {e}"),
-        Err(e) => tracing::warn!("snapshot task failed: {e}"),
+        Ok(Err(e)) => Err(format!("cannot write the snapshot: {e}")),
+        Err(e) => Err(format!("snapshot task failed: {e}")),
     }
 }
 

@@ -90,14 +90,10 @@ impl SnapshotFile {
     }
 
     /// Writes `payload` atomically and durably, streamed: the encoded payload is never held
-    /// in memory, however many services and nodes it carries.
+    /// in memory, however many services and nodes it carries. The directory must exist: the
+    /// host creates the state dir (mode 0700) at start, and does not recreate it, with default
+    /// permissions, if someone removes it while it runs.
     pub fn write<T: Serialize>(&self, payload: &T) -> Result<(), SnapshotError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|error| SnapshotError::Io {
-            op: "create",
-            path: dir.to_path_buf(),
-            error,
-        })?;
         write_atomically_with(&self.path, |file| {
             file.write_all(header(0, &[0; 32]).as_bytes())?;
             let (len, digest) = {

@@ -1142,3 +1142,63 @@ fn json_logs_are_one_object_per_line() {
         "{first}"
     );
 }
+
+/// The embedded registry's registrations end with its process: a restarted host does not
+/// serve the previous run's snapshot of them as if they were registered.
+#[test]
+fn an_embedded_host_does_not_serve_its_previous_runs_snapshot() {
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let mut first = Host::start(&["--state-dir", state_dir]).unwrap();
+    let created = post_service(&first, &service_json("greeter", "1", "n1", "10.0.0.1:8080"));
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(lookup(&first, "greeter").status, 200);
+    first.signal("TERM").unwrap();
+    assert!(first.wait_exit(Duration::from_secs(15)).unwrap().success());
+    assert!(state.path().join("cache.snapshot").is_file());
+
+    let second = Host::start(&["--state-dir", state_dir]).unwrap();
+    assert_eq!(lookup(&second, "greeter").status, 404, "{}", second.log());
+    assert!(
+        !second.log().contains("snapshot loaded"),
+        "{}",
+        second.log()
+    );
+}
+
+/// A state dir removed while the host runs is not recreated (with default permissions, where
+/// the host made it 0700), and the failing periodic snapshot is warned once, not every interval.
+#[test]
+fn a_state_dir_removed_while_running_is_warned_once_and_not_recreated() {
+    let parent = tempfile::tempdir().unwrap();
+    let state = parent.path().join("state");
+    let state_dir = state.to_str().unwrap();
+    let host = Host::start(&["--state-dir", state_dir, "--snapshot-interval", "100ms"]).unwrap();
+    let created = post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:8080"));
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(lookup(&host, "greeter").status, 200);
+    let snapshot = state.join("cache.snapshot");
+    assert!(
+        poll(Duration::from_secs(10), || snapshot.is_file()),
+        "{}",
+        host.log()
+    );
+    std::fs::remove_dir_all(&state).unwrap();
+    assert!(
+        poll(Duration::from_secs(10), || host
+            .log()
+            .contains("cannot write the snapshot")),
+        "{}",
+        host.log()
+    );
+    // Ten intervals more.
+    std::thread::sleep(Duration::from_secs(1));
+    let warnings = host
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("cannot write the snapshot"))
+        .count();
+    assert_eq!(warnings, 1, "{}", host.log());
+    assert!(!state.exists(), "the state dir was recreated");
+    assert_eq!(lookup(&host, "greeter").status, 200);
+}

@@ -760,9 +760,12 @@ impl Shared {
     /// timeout (a hung etcd fails the first and stops them), the revocation by another, so
     /// that a shutdown never waits on etcd for longer. The caller holds the lease lock.
     async fn release(&self, lease: &mut Option<i64>, owned: &[(String, Owned)]) {
+        // One request timeout for both steps: with etcd hung, a shutdown must not wait a
+        // timeout per step (a pod's grace period is typically 30 s, drain included).
         let bound = self.config.request_timeout;
-        let deleted = tokio::time::timeout(
-            bound,
+        let deadline = tokio::time::Instant::now() + bound;
+        let deleted = tokio::time::timeout_at(
+            deadline,
             ownership::delete_own(self, "shutdown_delete", owned, *lease),
         )
         .await
@@ -779,12 +782,21 @@ impl Shared {
         let Some(id) = lease.take() else {
             return;
         };
-        let revoked = self
-            .call(
+        let revoked = tokio::time::timeout_at(
+            deadline,
+            self.call(
                 "lease_revoke",
                 |mut c| async move { c.lease_revoke(id).await },
-            )
-            .await;
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(RegistryError::new(
+                ErrorKind::Timeout,
+                "lease_revoke",
+                format!("not done within {bound:?} of the shutdown"),
+            ))
+        });
         match revoked {
             Ok(_) => {
                 tracing::info!(lease = id, "revoked lease");

@@ -121,7 +121,10 @@ impl<IO: AsyncWrite + Unpin> JsonParseErrors<IO> {
 /// exactly one `content-length: 0`, no `transfer-encoding`, nothing after it), the same answer
 /// with a JSON body (and `connection: close`, as hyper closes after it).
 fn rewrite(buf: &[u8]) -> Option<Vec<u8>> {
-    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+    // HTTP/1.0 after a 1.0 request on a kept-alive connection, 1.1 otherwise.
+    let rest = [&b"HTTP/1.1 "[..], b"HTTP/1.0 "]
+        .iter()
+        .find_map(|version| buf.strip_prefix(*version))?;
     let (_, error) = AUTOMATIC
         .iter()
         .find(|(status, _)| rest.starts_with(&status[..]))?;
@@ -254,6 +257,17 @@ mod tests {
         assert!(head.contains("\r\ncontent-type: application/json\r\n"));
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(json["error"], "headers_too_large");
+    }
+
+    /// hyper answers in HTTP/1.0 after a 1.0 request kept alive.
+    #[test]
+    fn an_http_1_0_bodiless_answer_gets_a_json_body_too() {
+        let answer = rewrite(b"HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\n\r\n").unwrap();
+        let text = String::from_utf8(answer).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "bad_request");
     }
 
     #[test]
