@@ -376,15 +376,7 @@ async fn sigterm_with_etcd_hung_exits_within_one_request_timeout() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let endpoint = etcd.endpoint(0);
-    let mut host = Host::start(&[
-        "--etcd-endpoints",
-        &endpoint,
-        "--etcd-request-timeout",
-        "4s",
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ])
-    .unwrap();
+    let mut host = start_with_request_timeout(&endpoint, "4s", state.path(), &[]);
     let created = host
         .request(
             "POST",
@@ -406,6 +398,25 @@ async fn sigterm_with_etcd_hung_exits_within_one_request_timeout() {
     assert!(took < Duration::from_secs(7), "{took:?}\n{}", host.log());
 }
 
+/// A host on `endpoint` with the etcd request timeout `timeout`, its state in `state_dir`.
+fn start_with_request_timeout(
+    endpoint: &str,
+    timeout: &str,
+    state_dir: &std::path::Path,
+    extra: &[&str],
+) -> Host {
+    let mut args = vec![
+        "--etcd-endpoints",
+        endpoint,
+        "--etcd-request-timeout",
+        timeout,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Host::start(&args).unwrap()
+}
+
 fn node_count(answer: &Value) -> usize {
     answer["services"]
         .as_array()
@@ -420,17 +431,12 @@ async fn sigterm_finishes_requests_in_flight() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let endpoint = etcd.endpoint(0);
-    let mut host = Host::start(&[
-        "--etcd-endpoints",
+    let mut host = start_with_request_timeout(
         &endpoint,
-        "--etcd-request-timeout",
         "3s",
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--policy-config",
-        "max-wait-ms=1500",
-    ])
-    .unwrap();
+        state.path(),
+        &["--policy-config", "max-wait-ms=1500"],
+    );
     // A hung etcd: the lookup of an unknown service waits up to the policy's max-wait.
     etcd.stop(0).unwrap();
     let addr = host.addr;
