@@ -8,8 +8,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
 use crate::registry::ErrorKind;
 
 /// The registry's health as a policy sees it.
@@ -54,9 +52,44 @@ pub struct LookupContext<'a> {
     pub health: HealthView,
 }
 
+impl<'a> LookupContext<'a> {
+    /// A lookup of `service` the cache holds nothing about: no entry, no refresh attempted.
+    /// Other situations start from here or from [`LookupContext::cached`] and state only what
+    /// differs, with struct-update syntax (`LookupContext { negative: true, ..cold }`).
+    pub const fn cold(service: &'a str, now_ms: u64, health: HealthView) -> Self {
+        LookupContext {
+            service,
+            now_ms,
+            cached: false,
+            negative: false,
+            versions: 0,
+            nodes: 0,
+            suspect_nodes: 0,
+            since_refresh_ms: None,
+            since_attempt_ms: None,
+            consecutive_failures: 0,
+            last_error: None,
+            refresh_in_flight: false,
+            health,
+        }
+    }
+
+    /// A lookup of `service` whose entry (one version, one node, no suspect) was refreshed
+    /// `age_ms` ago by the last attempt, which succeeded.
+    pub const fn cached(service: &'a str, now_ms: u64, health: HealthView, age_ms: u64) -> Self {
+        LookupContext {
+            cached: true,
+            versions: 1,
+            nodes: 1,
+            since_refresh_ms: Some(age_ms),
+            since_attempt_ms: Some(age_ms),
+            ..LookupContext::cold(service, now_ms, health)
+        }
+    }
+}
+
 /// Whether a rejection reads as "not found" or "unavailable".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectionKind {
     /// HTTP 404.
     NotFound,
@@ -65,8 +98,7 @@ pub enum RejectionKind {
 }
 
 /// What to do with a lookup (WIT `lookup-decision`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "decision", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LookupDecision {
     /// Answer from the cache as fresh.
     ServeCached,
@@ -105,8 +137,7 @@ impl LookupDecision {
 }
 
 /// Why nodes would leave the cache (WIT `eviction-reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvictionReason {
     /// A watch delete event.
     WatchDelete,
@@ -140,8 +171,7 @@ pub struct EvictionContext<'a> {
 }
 
 /// What to do with nodes about to leave (WIT `eviction-decision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(tag = "decision", rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvictionDecision {
     /// Remove them.
     Evict,

@@ -14,24 +14,14 @@ use crate::report::{Row, Section};
 
 /// A context the default policy answers with `serve-cached`, the hit path.
 pub fn fresh_hit(service: &str) -> LookupContext<'_> {
+    let health = HealthView {
+        watch_connected: true,
+        since_last_contact_ms: Some(10),
+        since_failure_ms: None,
+    };
     LookupContext {
-        service,
-        now_ms: 1_700_000_000_000,
-        cached: true,
-        negative: false,
-        versions: 1,
         nodes: 10,
-        suspect_nodes: 0,
-        since_refresh_ms: Some(1_000),
-        since_attempt_ms: Some(1_000),
-        consecutive_failures: 0,
-        last_error: None,
-        refresh_in_flight: false,
-        health: HealthView {
-            watch_connected: true,
-            since_last_contact_ms: Some(10),
-            since_failure_ms: None,
-        },
+        ..LookupContext::cached(service, 1_700_000_000_000, health, 1_000)
     }
 }
 

@@ -292,41 +292,26 @@ impl Inner {
     ) -> LookupContext<'a> {
         let since = |t: Option<Instant>| t.map(|t| millis(now.saturating_duration_since(t)));
         let (health, now_ms) = self.health.view_and_wall_ms_at(now);
-        match view {
-            None => LookupContext {
-                service,
-                now_ms,
-                cached: false,
-                negative: false,
-                versions: 0,
-                nodes: 0,
-                suspect_nodes: 0,
-                since_refresh_ms: None,
-                since_attempt_ms: None,
-                consecutive_failures: 0,
-                last_error: None,
-                refresh_in_flight: false,
-                health,
+        let cold = LookupContext::cold(service, now_ms, health);
+        let Some(view) = view else {
+            return cold;
+        };
+        LookupContext {
+            cached: view.cached(),
+            negative: view.negative,
+            versions: view.versions,
+            nodes: view.nodes,
+            suspect_nodes: view.suspects.len() as u32,
+            since_refresh_ms: since(view.refreshed_at),
+            since_attempt_ms: since(view.attempted_at),
+            consecutive_failures: view.consecutive_failures,
+            last_error: if view.consecutive_failures > 0 {
+                view.last_error
+            } else {
+                None
             },
-            Some(view) => LookupContext {
-                service,
-                now_ms,
-                cached: view.cached(),
-                negative: view.negative,
-                versions: view.versions,
-                nodes: view.nodes,
-                suspect_nodes: view.suspects.len() as u32,
-                since_refresh_ms: since(view.refreshed_at),
-                since_attempt_ms: since(view.attempted_at),
-                consecutive_failures: view.consecutive_failures,
-                last_error: if view.consecutive_failures > 0 {
-                    view.last_error
-                } else {
-                    None
-                },
-                refresh_in_flight: view.in_flight,
-                health,
-            },
+            refresh_in_flight: view.in_flight,
+            ..cold
         }
     }
 }

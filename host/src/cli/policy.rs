@@ -2,15 +2,18 @@
 //! the WIT, `build` compiles it to a component, `check` validates a component exactly as a hot
 //! swap would, and `eval` shows the decision a policy makes for a context given as JSON.
 
+mod json;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use regcache::decision::{Decide, EvictionContext, EvictionReason, HealthView, LookupContext};
+use regcache::decision::{Decide, EvictionContext, LookupContext};
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec, WIT};
-use regcache::registry::ErrorKind;
+
+use json::{EvictionDecisionJson, EvictionJson, LookupDecisionJson, LookupJson};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
@@ -171,82 +174,6 @@ fn check(file: &Path, config: Vec<(String, String)>) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// A lookup context in JSON; absent fields describe a cold lookup with a healthy registry.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct LookupJson {
-    service: String,
-    now_ms: u64,
-    cached: bool,
-    negative: bool,
-    versions: u32,
-    nodes: u32,
-    suspect_nodes: u32,
-    since_refresh_ms: Option<u64>,
-    since_attempt_ms: Option<u64>,
-    consecutive_failures: u32,
-    last_error: Option<ErrorKind>,
-    refresh_in_flight: bool,
-    watch_connected: bool,
-    since_last_contact_ms: Option<u64>,
-    since_failure_ms: Option<u64>,
-}
-
-impl Default for LookupJson {
-    fn default() -> Self {
-        LookupJson {
-            service: "example".into(),
-            now_ms: 0,
-            cached: false,
-            negative: false,
-            versions: 0,
-            nodes: 0,
-            suspect_nodes: 0,
-            since_refresh_ms: None,
-            since_attempt_ms: None,
-            consecutive_failures: 0,
-            last_error: None,
-            refresh_in_flight: false,
-            watch_connected: true,
-            since_last_contact_ms: Some(0),
-            since_failure_ms: None,
-        }
-    }
-}
-
-/// An eviction context in JSON; absent fields describe one deregistration out of five.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct EvictionJson {
-    service: String,
-    now_ms: u64,
-    nodes_before: u32,
-    nodes_after: u32,
-    recent_deletions: u32,
-    window_ms: u64,
-    watch_connected: bool,
-    since_last_contact_ms: Option<u64>,
-    since_failure_ms: Option<u64>,
-    reason: EvictionReason,
-}
-
-impl Default for EvictionJson {
-    fn default() -> Self {
-        EvictionJson {
-            service: "example".into(),
-            now_ms: 0,
-            nodes_before: 5,
-            nodes_after: 4,
-            recent_deletions: 1,
-            window_ms: 30_000,
-            watch_connected: true,
-            since_last_contact_ms: Some(0),
-            since_failure_ms: None,
-            reason: EvictionReason::WatchDelete,
-        }
-    }
-}
-
 fn eval(
     file: &Path,
     context: &str,
@@ -257,43 +184,12 @@ fn eval(
     let decision = if eviction {
         let json: EvictionJson =
             serde_json::from_str(context).context("invalid eviction context")?;
-        let ctx = EvictionContext {
-            service: &json.service,
-            now_ms: json.now_ms,
-            nodes_before: json.nodes_before,
-            nodes_after: json.nodes_after,
-            recent_deletions: json.recent_deletions,
-            window_ms: json.window_ms,
-            health: HealthView {
-                watch_connected: json.watch_connected,
-                since_last_contact_ms: json.since_last_contact_ms,
-                since_failure_ms: json.since_failure_ms,
-            },
-            reason: json.reason,
-        };
-        serde_json::to_value(engine.guard_eviction(&ctx).decision)?
+        let decided = engine.guard_eviction(&EvictionContext::from(&json));
+        serde_json::to_value(EvictionDecisionJson::from(decided.decision))?
     } else {
         let json: LookupJson = serde_json::from_str(context).context("invalid lookup context")?;
-        let ctx = LookupContext {
-            service: &json.service,
-            now_ms: json.now_ms,
-            cached: json.cached,
-            negative: json.negative,
-            versions: json.versions,
-            nodes: json.nodes,
-            suspect_nodes: json.suspect_nodes,
-            since_refresh_ms: json.since_refresh_ms,
-            since_attempt_ms: json.since_attempt_ms,
-            consecutive_failures: json.consecutive_failures,
-            last_error: json.last_error,
-            refresh_in_flight: json.refresh_in_flight,
-            health: HealthView {
-                watch_connected: json.watch_connected,
-                since_last_contact_ms: json.since_last_contact_ms,
-                since_failure_ms: json.since_failure_ms,
-            },
-        };
-        serde_json::to_value(engine.decide_lookup(&ctx).decision)?
+        let decided = engine.decide_lookup(&LookupContext::from(&json));
+        serde_json::to_value(LookupDecisionJson::from(decided.decision))?
     };
     println!("{}", serde_json::to_string(&decision)?);
     Ok(ExitCode::SUCCESS)

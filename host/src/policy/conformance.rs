@@ -33,28 +33,11 @@ fn lookups() -> Vec<(String, LookupContext<'static>)> {
         since_last_contact_ms: Some(120_000),
         since_failure_ms: Some(500),
     };
-    let base = LookupContext {
-        service: "conformance.probe",
-        now_ms: NOW_MS,
-        cached: false,
-        negative: false,
-        versions: 0,
-        nodes: 0,
-        suspect_nodes: 0,
-        since_refresh_ms: None,
-        since_attempt_ms: None,
-        consecutive_failures: 0,
-        last_error: None,
-        refresh_in_flight: false,
-        health: healthy,
-    };
+    let base = LookupContext::cold("conformance.probe", NOW_MS, healthy);
     let cached = |age: u64| LookupContext {
-        cached: true,
         versions: 2,
         nodes: 5,
-        since_refresh_ms: Some(age),
-        since_attempt_ms: Some(age),
-        ..base
+        ..LookupContext::cached(base.service, NOW_MS, healthy, age)
     };
     let mut cases = vec![
         ("cold cache".to_string(), base),
