@@ -9,9 +9,10 @@ use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
 use regcache::registry::Registry;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 
-use crate::etcd::{EtcdCluster, wait_for};
+use crate::etcd::EtcdCluster;
 use crate::policies::policy_wasm;
 use crate::registry::{fast_config, register_now, service};
+use crate::wait::eventually;
 
 /// The operator configuration `pairs` as the engine takes it.
 pub fn config(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -61,7 +62,7 @@ pub async fn registry_with(config: EtcdConfig) -> Arc<EtcdRegistry> {
     );
     let r = registry.clone();
     assert!(
-        wait_for(Duration::from_secs(10), || {
+        eventually(Duration::from_secs(10), || {
             let r = r.clone();
             async move { r.health().watch_connected }
         })

@@ -24,14 +24,17 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::future::ready;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::http;
+use crate::wait::{eventually, eventually_blocking};
 
 /// How long a member may take to become healthy after a (re)start. etcd on a loaded 2-core
 /// machine with many parallel tests needs a few seconds for the first election.
@@ -354,30 +357,17 @@ impl EtcdCluster {
     /// Waits until all threads of member `i` are (or are no longer) in state `T` (stopped).
     fn wait_threads(&self, i: usize, stopped: bool) -> Result<()> {
         let pid = self.pid(i).context("member is not running")?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let mut all = true;
-            for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-                let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                let state = stat
-                    .rsplit_once(") ")
-                    .and_then(|(_, rest)| rest.chars().next());
-                if (state == Some('T')) != stopped {
-                    all = false;
-                }
-            }
-            if all {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "member {i} did not {} in time",
-                    if stopped { "stop" } else { "resume" }
-                );
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        // An error ends the wait too: asked again below, it is returned.
+        eventually_blocking(Duration::from_secs(5), || {
+            !matches!(threads_stopped(pid, stopped), Ok(false))
+        });
+        if !threads_stopped(pid, stopped)? {
+            bail!(
+                "member {i} did not {} in time",
+                if stopped { "stop" } else { "resume" }
+            );
         }
+        Ok(())
     }
 
     fn signal(&self, i: usize, sig: &str) -> Result<()> {
@@ -578,30 +568,30 @@ impl EtcdCluster {
     }
 
     async fn wait_healthy(&mut self, i: usize) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
         let addr = format!("127.0.0.1:{}", self.members[i].metrics_port);
-        loop {
-            if let Some(child) = self.members[i].child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                self.members[i].child = None;
-                bail!("etcd member {i} exited ({status}): {}", self.log(i));
-            }
+        let child = &mut self.members[i].child;
+        let mut exited = None;
+        let healthy = eventually(START_TIMEOUT, || {
+            exited = child.as_mut().and_then(|c| c.try_wait().transpose());
             // /health turns true once the member has a leader and can serve; it does not
             // depend on auth.
-            if let Ok(body) = http_get(&addr, "/health")
-                && body.contains("\"health\":\"true\"")
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "etcd member {i} not healthy after {START_TIMEOUT:?}: {}",
-                    self.log(i)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            ready(
+                exited.is_some()
+                    || http_get(&addr, "/health").is_ok_and(|b| b.contains("\"health\":\"true\"")),
+            )
+        })
+        .await;
+        if let Some(exit) = exited {
+            self.members[i].child = None;
+            bail!("etcd member {i} exited ({}): {}", exit?, self.log(i));
         }
+        if !healthy {
+            bail!(
+                "etcd member {i} not healthy after {START_TIMEOUT:?}: {}",
+                self.log(i)
+            );
+        }
+        Ok(())
     }
 }
 
@@ -624,40 +614,28 @@ impl Drop for EtcdCluster {
     }
 }
 
-/// A minimal HTTP/1.0 GET, enough for etcd's `/metrics` and `/health`, bounded by a timeout so
-/// a frozen member cannot hang a test.
+/// `GET path` returning the body of a 200, enough for etcd's `/metrics` and `/health`, bounded
+/// by 2 s so that a frozen member cannot hang a test.
 fn http_get(addr: &str, path: &str) -> Result<String> {
-    let addr: SocketAddr = addr.parse()?;
-    let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    let response =
+        http::request_within(addr.parse()?, "GET", path, &[], &[], Duration::from_secs(2))?;
+    if response.status != 200 {
+        bail!("GET {path}: status {}", response.status);
     }
-    Ok(body.to_string())
+    Ok(response.text())
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return true;
+/// Whether every thread of process `pid` is in state `T` (stopped), or none is (`!stopped`).
+fn threads_stopped(pid: u32, stopped: bool) -> Result<bool> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if (state == Some('T')) != stopped {
+            return Ok(false);
         }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(true)
 }

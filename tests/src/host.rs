@@ -1,5 +1,5 @@
-//! The `regcache run` host as a child process, and a small blocking HTTP/1.1 client to talk to
-//! it, for end-to-end tests of the binary as operators run it.
+//! The `regcache run` host as a child process, talked to through [`crate::http`], for
+//! end-to-end tests of the binary as operators run it.
 //!
 //! [`Host::start`] lets the host pick a free port (`--listen 127.0.0.1:0`) and reads the address
 //! from its log, so tests never race for ports. The host's log is kept (and shown by
@@ -8,16 +8,18 @@
 //! Architecture invariant: this module knows regcache only through its command line, its log
 //! and its HTTP API.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use crate::binary::regcache_bin;
+use crate::http::{Response, request};
+use crate::wait::eventually_blocking;
 
 /// How long a host may take to start listening (it compiles its policy first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -161,20 +163,18 @@ impl Host {
 
     /// Waits for the process to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().context("already reaped")?;
-        loop {
-            if let Some(status) = child.try_wait()? {
+        // An error ends the wait too: asked again below, it is returned.
+        eventually_blocking(timeout, || !matches!(child.try_wait(), Ok(None)));
+        match child.try_wait()? {
+            Some(status) => {
                 self.child = None;
-                return Ok(status);
+                Ok(status)
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "the host did not exit within {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            None => bail!(
+                "the host did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            ),
         }
     }
 
@@ -200,6 +200,12 @@ impl Host {
         body: &[u8],
     ) -> Result<Response> {
         request(self.addr, method, path, headers, body)
+    }
+
+    /// `GET /v1/services/{name}`; panics with the host's log if the host does not answer.
+    pub fn lookup(&self, name: &str) -> Response {
+        self.get(&format!("/v1/services/{name}"))
+            .unwrap_or_else(|e| panic!("looking up {name}: {e:#}\n{}", self.log()))
     }
 }
 
@@ -231,182 +237,6 @@ impl RunAs {
             gid: 65534,
             binary,
         })
-    }
-}
-
-/// An HTTP response.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// The status code.
-    pub status: u16,
-    /// Headers, names lowercased.
-    pub headers: Vec<(String, String)>,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// The body as JSON (panics with the body if it is not).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {} body is not JSON ({e}): {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    /// The body as text.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`). The whole body is sent
-/// even if the server answers early (an oversized body); the answer is read anyway.
-pub fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    // A server refusing a large body may close while we write: what it answered still counts.
-    let _ = stream.write_all(body);
-    let mut raw = Vec::new();
-    let read = stream.read_to_end(&mut raw);
-    if raw.is_empty() {
-        read?;
-        bail!("empty answer to {method} {path}");
-    }
-    parse(&raw)
-}
-
-/// Sends `bytes` as they are on a fresh connection and reads the answer until the host closes
-/// the connection (or 10 s pass).
-pub fn request_raw(addr: SocketAddr, bytes: &[u8]) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(bytes)?;
-    let mut raw = Vec::new();
-    let read = stream.read_to_end(&mut raw);
-    if raw.is_empty() {
-        read?;
-        bail!("empty answer");
-    }
-    parse(&raw)
-}
-
-/// Sends a request's head announcing a `content_length`-byte body, and no body: the server
-/// must answer from the head alone (say, refuse a missing token) within `timeout`.
-pub fn request_head_only(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    content_length: usize,
-    timeout: Duration,
-) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(timeout))?;
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Length: {content_length}\r\n"
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    // Read up to the end of the answer's body; the connection stays open (the server may
-    // still be willing to read the announced body), so stop at Content-Length.
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("no answer to {method} {path} within {timeout:?}"))?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if let Ok(response) = parse(&raw) {
-            let complete = response
-                .header("content-length")
-                .and_then(|l| l.parse::<usize>().ok())
-                .is_some_and(|l| response.body.len() >= l);
-            if complete {
-                return Ok(response);
-            }
-        }
-    }
-    parse(&raw)
-}
-
-fn parse(raw: &[u8]) -> Result<Response> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..end])?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .context("bad status line")?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    if chunked {
-        body = dechunk(&body)?;
-    }
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("bad chunk")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end])?.trim(), 16)?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        out.extend_from_slice(data.get(..size).context("short chunk")?);
-        data = data.get(size + 2..).unwrap_or_default();
     }
 }
 
@@ -448,20 +278,6 @@ pub fn raise_descriptor_limit(needed: u64) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
-pub fn poll(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename), as deploy tools do.

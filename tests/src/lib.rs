@@ -9,12 +9,16 @@
 //! - [`policies`]: the policies under `policy/` built to wasm.
 //! - [`binary`]: the `regcache` binary.
 //! - [`cache`]: policies with operator configuration and a cache over real etcd.
-//! - [`host`]: `regcache run` as a child process, and a small HTTP client to talk to it.
+//! - [`host`]: `regcache run` as a child process.
+//! - [`http`]: the one HTTP client, for the host's API and etcd's metrics.
+//! - [`wait`]: the one bounded wait, for conditions that await and for those that block.
 
 pub mod binary;
 pub mod cache;
 pub mod etcd;
 pub mod host;
+pub mod http;
 pub mod policies;
 pub mod proxy;
 pub mod registry;
+pub mod wait;

@@ -3,6 +3,7 @@
 //! a registry's keys are all in etcd on its live lease.
 
 use std::collections::BTreeMap;
+use std::future::ready;
 use std::time::Duration;
 
 use etcd_client::{PutOptions, Txn, TxnOp};
@@ -13,6 +14,7 @@ use regcache::registry::{Registered, Registry};
 use tokio::sync::mpsc;
 
 use crate::etcd::EtcdCluster;
+use crate::wait::eventually;
 
 /// Logs to the test's output when `RUST_LOG` is set (e.g. `RUST_LOG=regcache=debug`).
 pub fn init_logging() {
@@ -148,26 +150,17 @@ impl View {
 
     /// Applies events from `rx` until `done(self)` holds or `timeout` passes; returns whether
     /// it held.
-    pub async fn until(
+    pub async fn eventually(
         &mut self,
         rx: &mut mpsc::Receiver<WatchEvent>,
         timeout: Duration,
         done: impl Fn(&View) -> bool,
     ) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        eventually(timeout, || {
             self.drain(rx);
-            if done(self) {
-                return true;
-            }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(event)) => self.apply(event),
-                Ok(None) | Err(_) => {
-                    self.drain(rx);
-                    return done(self);
-                }
-            }
-        }
+            ready(done(self))
+        })
+        .await
     }
 }
 

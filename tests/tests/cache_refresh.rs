@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use regcache::cache::{LookupError, Source};
 use regcache::registry::ErrorKind;
 use regcache_tests::cache::{cache, engine, etcd_with_greeter, ranges, registry, spec};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::init_logging;
+use regcache_tests::wait::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_lookups_of_an_uncached_service_are_one_range() {
@@ -54,11 +55,12 @@ async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
     // Past the TTL, and etcd frozen.
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), || {
             let c = c.clone();
             async move { c.lookup("greeter").await.unwrap().age.unwrap() > Duration::from_millis(300) }
         })
-        .await
+        .await,
+        "the entry ages past the TTL"
     );
     etcd.stop(0).unwrap();
     let before = cache.stats();
@@ -100,7 +102,7 @@ async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
     // (the refresh timeout, 1 s, is no longer than the interval), however slowly this runs.
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(30), || {
             let c = c.clone();
             async move {
                 assert_eq!(c.lookup("greeter").await.unwrap().source, Source::Stale);
@@ -124,7 +126,7 @@ async fn a_stopped_etcd_leaves_stale_answers_and_refreshes_rate_limited() {
     let ok_before = cache.stats().get_service.ok;
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(30), || {
             let c = c.clone();
             async move {
                 c.lookup("greeter").await.unwrap();
@@ -190,7 +192,7 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     // waits the bound again), and the lookups after it fail fast again.
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(30), || {
             let c = c.clone();
             async move {
                 assert!(c.lookup("greeter").await.is_err());
@@ -211,11 +213,12 @@ async fn without_a_cache_a_stopped_etcd_fails_bounded_then_fast_then_lets_one_th
     etcd.cont(0).unwrap();
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(30), || {
             let c = c.clone();
             async move { c.lookup("greeter").await.is_ok() }
         })
-        .await
+        .await,
+        "the service is found once etcd is back"
     );
 }
 

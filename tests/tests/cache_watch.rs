@@ -11,10 +11,14 @@ use etcd_client::PutOptions;
 use regcache::cache::{LookupError, RegistryCache, Source};
 use regcache::registry::Registry;
 use regcache_tests::cache::{cache, engine, etcd_with_greeter, registry, registry_with, spec};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::{fast_config, init_logging, raw_client, register_now, service};
+use regcache_tests::wait::eventually;
 
 const PREFIX: &str = "/micro/registry/";
+
+/// How long a change in etcd may take to reach a cache's entry.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// Puts node `id` of `name` under its own lease, as a separate pod would; returns the lease.
 async fn put_with_lease(client: &mut etcd_client::Client, name: &str, id: &str) -> i64 {
@@ -49,25 +53,10 @@ async fn node_ids(cache: &RegistryCache, name: &str) -> (Vec<String>, Vec<String
     )
 }
 
-async fn until_nodes(cache: &RegistryCache, name: &str, expected: (&[&str], &[&str])) -> bool {
-    let c = cache.clone();
-    let name = name.to_string();
-    let ok = wait_for(Duration::from_secs(5), || {
-        let c = c.clone();
-        let name = name.clone();
-        async move {
-            let (nodes, suspects) = node_ids(&c, &name).await;
-            nodes == expected.0 && suspects == expected.1
-        }
-    })
-    .await;
-    if !ok {
-        println!(
-            "{name}: {:?}, wanted {expected:?}",
-            node_ids(cache, &name).await
-        );
-    }
-    ok
+/// Whether `name`'s nodes in `cache` are `expected.0`, of which `expected.1` are suspect.
+async fn has_nodes(cache: &RegistryCache, name: &str, expected: (&[&str], &[&str])) -> bool {
+    let (nodes, suspects) = node_ids(cache, name).await;
+    nodes == expected.0 && suspects == expected.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,12 +91,17 @@ async fn revoking_four_of_five_leases_is_kept_by_default_and_applied_by_strict()
         revoke.await.unwrap();
     }
     assert!(
-        until_nodes(&default, "svc", (&all, &["n1", "n2", "n3", "n4"])).await,
-        "default keeps all five, four suspect"
+        eventually(SETTLE, || {
+            has_nodes(&default, "svc", (&all, &["n1", "n2", "n3", "n4"]))
+        })
+        .await,
+        "default keeps all five, four suspect: {:?}",
+        node_ids(&default, "svc").await
     );
     assert!(
-        until_nodes(&strict, "svc", (&["n5"], &[])).await,
-        "strict keeps one"
+        eventually(SETTLE, || has_nodes(&strict, "svc", (&["n5"], &[]))).await,
+        "strict keeps one: {:?}",
+        node_ids(&strict, "svc").await
     );
     assert_eq!(
         default.stats().evictions.guard_calls,
@@ -125,7 +119,11 @@ async fn revoking_four_of_five_leases_is_kept_by_default_and_applied_by_strict()
         .await
         .unwrap();
     for c in [&default, &strict] {
-        assert!(until_nodes(c, "solo", (&["s1", "s3"], &[])).await);
+        assert!(
+            eventually(SETTLE, || has_nodes(c, "solo", (&["s1", "s3"], &[]))).await,
+            "solo: {:?}",
+            node_ids(c, "solo").await
+        );
     }
     println!("single deregistration applied in {:?}", start.elapsed());
     assert_eq!(default.stats().evictions.evicted, 1);
@@ -154,13 +152,17 @@ async fn a_lease_expired_by_a_frozen_etcd_is_kept_until_its_owner_puts_it_back()
     let ttl = Duration::from_secs(4);
     put_with_lease_ttl(&mut client, "greeter", "n1", ttl.as_secs() as i64).await;
     for c in [&default, &strict] {
-        assert!(until_nodes(c, "greeter", (&["n1"], &[])).await);
+        assert!(
+            eventually(SETTLE, || has_nodes(c, "greeter", (&["n1"], &[]))).await,
+            "greeter: {:?}",
+            node_ids(c, "greeter").await
+        );
     }
 
     etcd.stop(0).unwrap();
     let stopped = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(30), || {
             let broken = !default_registry.health().watch_connected
                 && !strict_registry.health().watch_connected;
             // Past the TTL as well, so that etcd expires the lease as soon as it runs.
@@ -171,7 +173,7 @@ async fn a_lease_expired_by_a_frozen_etcd_is_kept_until_its_owner_puts_it_back()
     );
     etcd.cont(0).unwrap();
     assert!(
-        wait_for(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(30), || {
             let c = default.clone();
             async move {
                 let (nodes, _) = node_ids(&c, "greeter").await;
@@ -186,9 +188,16 @@ async fn a_lease_expired_by_a_frozen_etcd_is_kept_until_its_owner_puts_it_back()
         .await,
         "the expiry reaches the default policy's guard"
     );
-    assert!(until_nodes(&default, "greeter", (&["n1"], &["n1"])).await);
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        eventually(SETTLE, || {
+            has_nodes(&default, "greeter", (&["n1"], &["n1"]))
+        })
+        .await,
+        "greeter: {:?}",
+        node_ids(&default, "greeter").await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
             let c = strict.clone();
             async move { c.stats().evictions.evicted == 1 }
         })
@@ -202,7 +211,11 @@ async fn a_lease_expired_by_a_frozen_etcd_is_kept_until_its_owner_puts_it_back()
 
     // The pod is back: a normal node again.
     put_with_lease_ttl(&mut client, "greeter", "n1", 60).await;
-    assert!(until_nodes(&default, "greeter", (&["n1"], &[])).await);
+    assert!(
+        eventually(SETTLE, || has_nodes(&default, "greeter", (&["n1"], &[]))).await,
+        "greeter: {:?}",
+        node_ids(&default, "greeter").await
+    );
     assert_eq!(default.stats().evictions.evicted, 0);
 }
 
@@ -215,7 +228,14 @@ async fn a_registration_appears_through_the_watch_without_a_refresh() {
     let requests = cache.stats().get_service.total();
     let start = Instant::now();
     register_now(&*publisher, &service("greeter", "1.0", "n2")).await;
-    assert!(until_nodes(&cache, "greeter", (&["n1", "n2"], &[])).await);
+    assert!(
+        eventually(SETTLE, || {
+            has_nodes(&cache, "greeter", (&["n1", "n2"], &[]))
+        })
+        .await,
+        "greeter: {:?}",
+        node_ids(&cache, "greeter").await
+    );
     println!("watch-driven update visible after {:?}", start.elapsed());
     assert_eq!(cache.stats().get_service.total(), requests, "no refresh");
     assert_eq!(cache.lookup("greeter").await.unwrap().source, Source::Fresh);
@@ -238,11 +258,12 @@ async fn swapping_policies_changes_the_very_next_lookup() {
     );
     let c = cache.clone();
     assert!(
-        wait_for(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), || {
             let c = c.clone();
             async move { c.lookup("greeter").await.unwrap().age.unwrap() > Duration::from_millis(150) }
         })
-        .await
+        .await,
+        "the entry ages past 150 ms"
     );
     // Lookups keep running on other tasks through the swaps: none may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -389,7 +410,7 @@ async fn lookups_watch_events_and_swaps_interleave_safely() {
             .flat_map(|s| s.nodes.iter().map(|n| n.id.clone()))
             .collect();
         let c = cache.clone();
-        let converged = wait_for(Duration::from_secs(5), || {
+        let converged = eventually(Duration::from_secs(5), || {
             let (c, truth) = (c.clone(), truth.clone());
             async move {
                 let (nodes, _) = node_ids(&c, name).await;

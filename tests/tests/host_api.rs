@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use regcache_tests::binary::regcache_bin;
 use regcache_tests::etcd::TlsFiles;
-use regcache_tests::host::{
-    Host, Response, RunAs, poll, request_head_only, service_json, write_atomically,
-};
+use regcache_tests::host::{Host, RunAs, service_json, write_atomically};
+use regcache_tests::http::{Response, request_head_only};
 use regcache_tests::policies::{policy_path, policy_wasm};
+use regcache_tests::wait::eventually_blocking;
 use serde_json::Value;
 
 const TOKEN: &str = "s3cret-token";
@@ -55,10 +55,6 @@ fn put_policy(host: &Host, query: &str, wasm: &[u8]) -> Response {
         wasm,
     )
     .unwrap()
-}
-
-fn lookup(host: &Host, name: &str) -> Response {
-    host.get(&format!("/v1/services/{name}")).unwrap()
 }
 
 fn active_digest(host: &Host) -> String {
@@ -107,7 +103,7 @@ fn registers_and_looks_up_on_the_embedded_registry() {
     );
     assert_eq!(created.status, 201, "{}", created.text());
 
-    let found = lookup(&host, "greeter");
+    let found = host.lookup("greeter");
     assert_eq!(found.status, 200, "{}", found.text());
     let body = found.json();
     assert_eq!(body["name"], "greeter");
@@ -122,7 +118,7 @@ fn registers_and_looks_up_on_the_embedded_registry() {
     assert_eq!(provenance["policy"]["generation"], 1);
     assert_eq!(provenance["policy"]["digest"].as_str().unwrap().len(), 64);
     assert_eq!(
-        lookup(&host, "greeter").json()["provenance"]["source"],
+        host.lookup("greeter").json()["provenance"]["source"],
         "fresh"
     );
 
@@ -131,7 +127,7 @@ fn registers_and_looks_up_on_the_embedded_registry() {
     let regs = host.get("/v1/registrations").unwrap().json();
     assert_eq!(regs["registrations"][0]["name"], "greeter");
 
-    let missing = lookup(&host, "nobody");
+    let missing = host.lookup("nobody");
     assert_eq!(missing.status, 404, "{}", missing.text());
     assert_eq!(missing.json()["error"], "not_found");
 
@@ -233,7 +229,7 @@ fn registrations_need_dialable_addresses_and_distinct_node_ids() {
         let response = post_service(&host, &body);
         assert_eq!(response.status, 201, "{address}: {}", response.text());
     }
-    let found = lookup(&host, "greeter");
+    let found = host.lookup("greeter");
     assert_eq!(node_ids(&found.json()), ["n0", "n1", "n2"]);
 }
 
@@ -396,7 +392,7 @@ fn put_policy_swaps_each_example_and_refuses_bad_ones() {
         let created = post_service(&host, &service_json("greeter", "1", id, "10.0.0.1:1"));
         assert_eq!(created.status, 201);
     }
-    assert_eq!(node_ids(&lookup(&host, "greeter").json()), ["n1", "n2"]);
+    assert_eq!(node_ids(&host.lookup("greeter").json()), ["n1", "n2"]);
 
     // always-stale keeps even one ordinary deregistration as suspect.
     let wasm = policy_wasm("always-stale");
@@ -404,20 +400,20 @@ fn put_policy_swaps_each_example_and_refuses_bad_ones() {
     assert_eq!(swapped.status, 200, "{}", swapped.text());
     assert_eq!(swapped.json()["digest"], sha256_hex(&wasm));
     assert_eq!(swapped.json()["generation"], 2);
-    let answer = lookup(&host, "greeter").json();
+    let answer = host.lookup("greeter").json();
     assert_eq!(answer["provenance"]["policy"]["generation"], 2, "at once");
     let deleted = host
         .request("DELETE", "/v1/registrations/greeter/n2", &[], b"")
         .unwrap();
     assert_eq!(deleted.status, 204);
     assert!(
-        poll(Duration::from_secs(10), || {
-            suspects(&lookup(&host, "greeter").json()) == ["n2"]
+        eventually_blocking(Duration::from_secs(10), || {
+            suspects(&host.lookup("greeter").json()) == ["n2"]
         }),
         "always-stale keeps n2 as suspect: {}",
-        lookup(&host, "greeter").text()
+        host.lookup("greeter").text()
     );
-    assert_eq!(node_ids(&lookup(&host, "greeter").json()), ["n1", "n2"]);
+    assert_eq!(node_ids(&host.lookup("greeter").json()), ["n1", "n2"]);
 
     // The default policy applies a single deregistration at once (of a service with no other
     // recent removal: greeter's n2 would make it a burst).
@@ -429,17 +425,17 @@ fn put_policy_swaps_each_example_and_refuses_bad_ones() {
         post_service(&host, &service_json("payments", "1", id, "10.0.0.1:3"));
     }
     assert_eq!(
-        node_ids(&lookup(&host, "payments").json()),
+        node_ids(&host.lookup("payments").json()),
         ["p1", "p2", "p3"]
     );
     host.request("DELETE", "/v1/registrations/payments/p3", &[], b"")
         .unwrap();
     assert!(
-        poll(Duration::from_secs(10), || node_ids(
-            &lookup(&host, "payments").json()
+        eventually_blocking(Duration::from_secs(10), || node_ids(
+            &host.lookup("payments").json()
         ) == ["p1", "p2"]),
         "the default policy evicts p3: {}",
-        lookup(&host, "payments").text()
+        host.lookup("payments").text()
     );
 
     // strict, configured through the query: past TTL + max-stale it waits for the registry
@@ -452,25 +448,25 @@ fn put_policy_swaps_each_example_and_refuses_bad_ones() {
     );
     assert_eq!(swapped.status, 200, "{}", swapped.text());
     assert_eq!(swapped.json()["settings"]["ttl_ms"], 200);
-    lookup(&host, "greeter");
+    host.lookup("greeter");
     assert!(
-        poll(Duration::from_secs(10), || {
-            let answer = lookup(&host, "greeter").json();
+        eventually_blocking(Duration::from_secs(10), || {
+            let answer = host.lookup("greeter").json();
             answer["provenance"]["source"] == "registry"
                 && answer["provenance"]["decision"] == "refresh_and_wait"
         }),
         "strict refreshes instead of serving stale: {}",
-        lookup(&host, "greeter").text()
+        host.lookup("greeter").text()
     );
     // The same TTL with the default policy serves stale and refreshes in the background.
     let swapped = put_policy(&host, "?ttl-ms=200&min-retry-interval-ms=1", &wasm);
     assert_eq!(swapped.status, 200, "{}", swapped.text());
     assert!(
-        poll(Duration::from_secs(10), || {
-            lookup(&host, "greeter").json()["provenance"]["source"] == "stale"
+        eventually_blocking(Duration::from_secs(10), || {
+            host.lookup("greeter").json()["provenance"]["source"] == "stale"
         }),
         "default serves stale past the TTL: {}",
-        lookup(&host, "greeter").text()
+        host.lookup("greeter").text()
     );
 
     // chaos looping forever on this service: lookups still answer (the fail-safe decision),
@@ -484,7 +480,7 @@ fn put_policy_swaps_each_example_and_refuses_bad_ones() {
     let chaos = policy_wasm("chaos");
     let swapped = put_policy(&host, "?fault=loop&only-service=greeter", &chaos);
     assert_eq!(swapped.status, 200, "{}", swapped.text());
-    let answer = lookup(&host, "greeter");
+    let answer = host.lookup("greeter");
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert!(hits(&host) > before, "the deadline hit is counted");
     let metrics = host.get("/metrics").unwrap().text();
@@ -545,7 +541,7 @@ fn policy_file_change_and_sighup_swap() {
     let strict = sha256_hex(&policy_wasm("strict"));
     host.signal("HUP").unwrap();
     assert!(
-        poll(Duration::from_secs(20), || active_digest(&host) == strict),
+        eventually_blocking(Duration::from_secs(20), || active_digest(&host) == strict),
         "SIGHUP reloads: {}",
         host.log()
     );
@@ -558,7 +554,7 @@ fn policy_file_change_and_sighup_swap() {
     std::fs::rename(&tmp_link, &link).unwrap();
     let want = sha256_hex(&policy_wasm("always-stale"));
     assert!(
-        poll(Duration::from_secs(20), || active_digest(&host) == want),
+        eventually_blocking(Duration::from_secs(20), || active_digest(&host) == want),
         "a file change reloads: {}",
         host.log()
     );
@@ -566,9 +562,13 @@ fn policy_file_change_and_sighup_swap() {
     // A broken file: refused, the active policy stays, and SIGHUP does not change that.
     std::fs::write(&always_stale, b"\0asm broken").unwrap();
     host.signal("HUP").unwrap();
-    assert!(poll(Duration::from_secs(20), || host
-        .log()
-        .contains("policy refused")));
+    assert!(
+        eventually_blocking(Duration::from_secs(20), || host
+            .log()
+            .contains("policy refused")),
+        "the broken policy is refused: {}",
+        host.log()
+    );
     assert_eq!(active_digest(&host), want);
     assert_eq!(host.get("/v1/policy").unwrap().json()["generation"], 3);
 }
@@ -603,7 +603,7 @@ fn an_api_swap_stays_until_the_watched_file_changes_or_sighup() {
     // SIGHUP asks for the file again.
     host.signal("HUP").unwrap();
     assert!(
-        poll(Duration::from_secs(20), || active_digest(&host) == default),
+        eventually_blocking(Duration::from_secs(20), || active_digest(&host) == default),
         "SIGHUP re-applies the file: {}",
         host.log()
     );
@@ -617,7 +617,7 @@ fn an_api_swap_stays_until_the_watched_file_changes_or_sighup() {
     write_atomically(&file, &policy_wasm("always-stale")).unwrap();
     let always_stale = sha256_hex(&policy_wasm("always-stale"));
     assert!(
-        poll(Duration::from_secs(20), || active_digest(&host)
+        eventually_blocking(Duration::from_secs(20), || active_digest(&host)
             == always_stale),
         "a changed file is applied: {}",
         host.log()
@@ -630,10 +630,10 @@ fn an_api_swap_stays_until_the_watched_file_changes_or_sighup() {
 fn metrics_are_prometheus_text() {
     let host = Host::start(&[]).unwrap();
     post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:1"));
-    lookup(&host, "greeter");
-    lookup(&host, "greeter");
-    lookup(&host, "missing");
-    lookup(&host, "missing");
+    host.lookup("greeter");
+    host.lookup("greeter");
+    host.lookup("missing");
+    host.lookup("missing");
     let response = host.get("/metrics").unwrap();
     assert_eq!(response.status, 200);
     let text = response.text();
@@ -690,7 +690,7 @@ fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         let _ = stderr.read_to_string(&mut text);
         text
     });
-    let exited = poll(Duration::from_secs(30), || {
+    let exited = eventually_blocking(Duration::from_secs(30), || {
         child.try_wait().unwrap().is_some()
     });
     if !exited {
@@ -900,7 +900,7 @@ fn a_state_dir_that_cannot_be_written_is_a_warning_not_a_failure() {
         );
         let created = post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:8080"));
         assert_eq!(created.status, 201, "{}", created.text());
-        let found = lookup(&host, "greeter");
+        let found = host.lookup("greeter");
         assert_eq!(found.status, 200, "{}", found.text());
         assert_eq!(node_ids(&found.json()), ["n1"]);
         // Past a few snapshot intervals, and through the shutdown's write: no attempt at all.
@@ -985,7 +985,7 @@ fn a_read_only_state_dir_is_read_and_served_from_but_never_written() {
         &service_json("greeter", "1", "n1", "10.0.0.1:8080"),
     );
     assert_eq!(created.status, 201, "{}", created.text());
-    assert_eq!(lookup(&writer, "greeter").status, 200);
+    assert_eq!(writer.lookup("greeter").status, 200);
     writer.signal("TERM").unwrap();
     assert!(writer.wait_exit(Duration::from_secs(15)).unwrap().success());
     let snapshot = state.path().join("cache.snapshot");
@@ -1023,7 +1023,7 @@ fn a_read_only_state_dir_is_read_and_served_from_but_never_written() {
         .unwrap_or_else(|| panic!("no warning naming state_dir:\n{log}"));
     assert!(warning.contains("cannot be written"), "{warning}");
     assert!(log.contains("snapshot loaded"), "{log}");
-    let found = lookup(&host, "greeter");
+    let found = host.lookup("greeter");
     assert_eq!(found.status, 200, "{}\n{}", found.text(), host.log());
     let answer = found.json();
     assert_eq!(node_ids(&answer), ["n1"]);
@@ -1116,9 +1116,7 @@ fn a_trapping_policy_does_not_take_the_host_down() {
         &policy_wasm("chaos"),
     );
     assert_eq!(swapped.status, 200, "{}", swapped.text());
-    let answer = host
-        .get("/v1/services/greeter")
-        .unwrap_or_else(|e| panic!("{e}: {}", host.log()));
+    let answer = host.lookup("greeter");
     assert_eq!(answer.status, 200, "{}", answer.text());
     let traps = host.get("/v1/policy").unwrap().json()["counters"]["traps"].clone();
     assert!(traps.as_u64().unwrap() > 0);
@@ -1152,13 +1150,13 @@ fn an_embedded_host_does_not_serve_its_previous_runs_snapshot() {
     let mut first = Host::start(&["--state-dir", state_dir]).unwrap();
     let created = post_service(&first, &service_json("greeter", "1", "n1", "10.0.0.1:8080"));
     assert_eq!(created.status, 201, "{}", created.text());
-    assert_eq!(lookup(&first, "greeter").status, 200);
+    assert_eq!(first.lookup("greeter").status, 200);
     first.signal("TERM").unwrap();
     assert!(first.wait_exit(Duration::from_secs(15)).unwrap().success());
     assert!(state.path().join("cache.snapshot").is_file());
 
     let second = Host::start(&["--state-dir", state_dir]).unwrap();
-    assert_eq!(lookup(&second, "greeter").status, 404, "{}", second.log());
+    assert_eq!(second.lookup("greeter").status, 404, "{}", second.log());
     assert!(
         !second.log().contains("snapshot loaded"),
         "{}",
@@ -1176,16 +1174,16 @@ fn a_state_dir_removed_while_running_is_warned_once_and_not_recreated() {
     let host = Host::start(&["--state-dir", state_dir, "--snapshot-interval", "100ms"]).unwrap();
     let created = post_service(&host, &service_json("greeter", "1", "n1", "10.0.0.1:8080"));
     assert_eq!(created.status, 201, "{}", created.text());
-    assert_eq!(lookup(&host, "greeter").status, 200);
+    assert_eq!(host.lookup("greeter").status, 200);
     let snapshot = state.join("cache.snapshot");
     assert!(
-        poll(Duration::from_secs(10), || snapshot.is_file()),
+        eventually_blocking(Duration::from_secs(10), || snapshot.is_file()),
         "{}",
         host.log()
     );
     std::fs::remove_dir_all(&state).unwrap();
     assert!(
-        poll(Duration::from_secs(10), || host
+        eventually_blocking(Duration::from_secs(10), || host
             .log()
             .contains("cannot write the snapshot")),
         "{}",
@@ -1200,5 +1198,5 @@ fn a_state_dir_removed_while_running_is_warned_once_and_not_recreated() {
         .count();
     assert_eq!(warnings, 1, "{}", host.log());
     assert!(!state.exists(), "the state dir was recreated");
-    assert_eq!(lookup(&host, "greeter").status, 200);
+    assert_eq!(host.lookup("greeter").status, 200);
 }

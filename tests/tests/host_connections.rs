@@ -8,9 +8,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use regcache_tests::host::{
-    Host, Response, poll, raise_descriptor_limit, request, request_head_only, request_raw,
-};
+use regcache_tests::host::{Host, raise_descriptor_limit};
+use regcache_tests::http::{Response, request, request_head_only, request_raw};
+use regcache_tests::wait::eventually_blocking;
 use serde_json::json;
 
 /// Silent connections opened against a host limited to 1,024 descriptors (the case).
@@ -134,7 +134,7 @@ fn silent_connections_do_not_keep_healthz_from_answering() {
             .unwrap();
     let derived = format!("max_connections={DERIVED_MAX_CONNECTIONS}");
     assert!(
-        poll(Duration::from_secs(5), || host.log().contains(&derived)),
+        eventually_blocking(Duration::from_secs(5), || host.log().contains(&derived)),
         "the limit is derived from RLIMIT_NOFILE:\n{}",
         host.log()
     );
@@ -168,7 +168,7 @@ fn silent_connections_do_not_keep_healthz_from_answering() {
     // silent ones made room for the newer ones.
     let must_close = silent.len() + 1 - DERIVED_MAX_CONNECTIONS;
     let mut closed_silent = 0;
-    let settled = poll(Duration::from_secs(10), || {
+    let settled = eventually_blocking(Duration::from_secs(10), || {
         closed_silent = silent.iter().filter(|s| closed(s)).count();
         closed_silent >= must_close
     });
@@ -226,7 +226,7 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
         silent.len()
     );
 
-    let stalled = poll(Duration::from_secs(10), || {
+    let stalled = eventually_blocking(Duration::from_secs(10), || {
         host.log().contains("out of file descriptors")
     });
     assert!(stalled, "accept never ran out:\n{}", host.log());
@@ -492,7 +492,7 @@ fn register_large_service(host: &Host, name: &str) -> usize {
             .unwrap();
         assert_eq!(response.status, 201, "{}", response.text());
     }
-    let answer = host.get(&format!("/v1/services/{name}")).unwrap();
+    let answer = host.lookup(name);
     assert_eq!(answer.status, 200);
     answer.body.len()
 }
@@ -563,7 +563,7 @@ fn answers_left_unread_are_closed_after_the_write_timeout() {
     let unread = pipeline_and_never_read(host.addr, "/v1/services/large", copies_to_stall(answer));
     let write_timeouts = "regcache_http_connections_closed_total{reason=\"write_timeout\"}";
     assert!(
-        poll(Duration::from_secs(15), || metric(&host, write_timeouts)
+        eventually_blocking(Duration::from_secs(15), || metric(&host, write_timeouts)
             >= 1.0),
         "not closed:\n{}",
         host.log()
@@ -572,7 +572,7 @@ fn answers_left_unread_are_closed_after_the_write_timeout() {
     assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
     // The log line follows the counter, and the harness reads the log from a pipe.
     assert!(
-        poll(Duration::from_secs(5), || host
+        eventually_blocking(Duration::from_secs(5), || host
             .log()
             .contains("the client read nothing of its answer for 1s")),
         "{}",

@@ -8,8 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use regcache_tests::host::{poll, request};
+use regcache_tests::http::request;
 use regcache_tests::policies::repo_root;
+use regcache_tests::wait::eventually_blocking;
 
 /// A free loopback port, and the one after it free too (etcd's peer port).
 fn free_port_pair() -> u16 {
@@ -55,7 +56,7 @@ fn scripts_demo_serves_the_demo_service_and_cleans_up() {
     }
     let text = || output.lock().unwrap().clone();
     // The first build of a fresh clone takes minutes; here the binary is usually built already.
-    let ready = poll(Duration::from_secs(900), || {
+    let ready = eventually_blocking(Duration::from_secs(900), || {
         text().contains("Press Ctrl-C") || demo.try_wait().unwrap().is_some()
     });
     assert!(ready && text().contains("Press Ctrl-C"), "{}", text());
@@ -95,7 +96,7 @@ fn scripts_demo_serves_the_demo_service_and_cleans_up() {
         .status()
         .unwrap();
     assert!(
-        poll(Duration::from_secs(30), || demo
+        eventually_blocking(Duration::from_secs(30), || demo
             .try_wait()
             .unwrap()
             .is_some()),
@@ -103,7 +104,7 @@ fn scripts_demo_serves_the_demo_service_and_cleans_up() {
         text()
     );
     assert!(
-        poll(Duration::from_secs(5), || text().contains("demo: stopped")),
+        eventually_blocking(Duration::from_secs(5), || text().contains("demo: stopped")),
         "{}",
         text()
     );

@@ -6,8 +6,9 @@
 use std::time::{Duration, Instant};
 
 use regcache_tests::etcd::EtcdCluster;
-use regcache_tests::host::{Host, poll, service_json};
+use regcache_tests::host::{Host, service_json};
 use regcache_tests::registry::{fill_scale, raw_client};
+use regcache_tests::wait::eventually_blocking;
 use serde_json::Value;
 
 const PREFIX: &str = "/micro/registry/";
@@ -32,12 +33,6 @@ fn host_args_with_lease<'a>(etcd: &'a str, state_dir: &'a str, lease_ttl: &'a st
 /// [`host_args_with_lease`] with a 3 s lease.
 fn host_args<'a>(etcd: &'a str, state_dir: &'a str) -> Vec<&'a str> {
     host_args_with_lease(etcd, state_dir, "3s")
-}
-
-fn lookup(host: &Host, name: &str) -> (u16, Value) {
-    let response = host.get(&format!("/v1/services/{name}")).unwrap();
-    let json = response.json();
-    (response.status, json)
 }
 
 fn keys(etcd: &EtcdCluster) -> Vec<String> {
@@ -78,28 +73,29 @@ async fn registration_survives_etcd_outage_and_lease_loss() {
     assert_eq!(created.status, 201, "{}", created.text());
     let key = format!("{PREFIX}greeter/g1");
     assert_eq!(keys(&etcd), std::slice::from_ref(&key));
-    let (status, answer) = lookup(&host, "greeter");
-    assert_eq!(status, 200, "{answer}");
+    let found = host.lookup("greeter");
+    let answer = found.json();
+    assert_eq!(found.status, 200, "{answer}");
     assert_eq!(answer["services"][0]["nodes"][0]["id"], "g1");
 
     etcd.kill(0).unwrap();
     // Past the policy's TTL, with etcd dead: served from the cache, marked stale.
     assert!(
-        poll(Duration::from_secs(10), || {
-            let (status, answer) = lookup(&host, "greeter");
-            status == 200 && answer["provenance"]["source"] == "stale"
+        eventually_blocking(Duration::from_secs(10), || {
+            let answer = host.lookup("greeter");
+            answer.status == 200 && answer.json()["provenance"]["source"] == "stale"
         }),
-        "stale answer while etcd is down: {:?}\n{}",
-        lookup(&host, "greeter"),
+        "stale answer while etcd is down: {}\n{}",
+        host.lookup("greeter").text(),
         host.log()
     );
-    let (_, answer) = lookup(&host, "greeter");
+    let answer = host.lookup("greeter").json();
     assert_eq!(answer["services"][0]["nodes"][0]["id"], "g1");
     assert_eq!(answer["provenance"]["snapshot"], false);
 
     etcd.restart(0).await.unwrap();
     assert!(
-        poll(Duration::from_secs(10), || keys(&etcd) == [key.clone()]),
+        eventually_blocking(Duration::from_secs(10), || keys(&etcd) == [key.clone()]),
         "the registration is in etcd after the restart: {}",
         host.log()
     );
@@ -110,7 +106,7 @@ async fn registration_survives_etcd_outage_and_lease_loss() {
         .unwrap();
     let started = Instant::now();
     assert!(
-        poll(Duration::from_secs(10), || lease_of(&etcd, &key)
+        eventually_blocking(Duration::from_secs(10), || lease_of(&etcd, &key)
             .is_some_and(|l| l != lease)),
         "the key is back on a new lease: {}",
         host.log()
@@ -120,9 +116,9 @@ async fn registration_survives_etcd_outage_and_lease_loss() {
         started.elapsed()
     );
     assert!(
-        poll(Duration::from_secs(10), || {
-            let (status, answer) = lookup(&host, "greeter");
-            status == 200 && answer["provenance"]["source"] != "stale"
+        eventually_blocking(Duration::from_secs(10), || {
+            let answer = host.lookup("greeter");
+            answer.status == 200 && answer.json()["provenance"]["source"] != "stale"
         }),
         "fresh answers once etcd is back"
     );
@@ -165,7 +161,7 @@ async fn sigterm_revokes_the_lease_and_exits_zero() {
     host.signal("TERM").unwrap();
     let started = Instant::now();
     assert!(
-        poll(Duration::from_secs(1), || keys(&etcd).is_empty()),
+        eventually_blocking(Duration::from_secs(1), || keys(&etcd).is_empty()),
         "keys gone within a second of SIGTERM: {:?}\n{}",
         keys(&etcd),
         host.log()
@@ -202,8 +198,9 @@ async fn serves_go_micro_values_written_by_etcdctl() {
     let endpoint = etcd.endpoint(0);
     let host = Host::start(&host_args(&endpoint, state.path().to_str().unwrap())).unwrap();
 
-    let (status, answer) = lookup(&host, "go.micro.srv.greeter");
-    assert_eq!(status, 200, "{answer}");
+    let found = host.lookup("go.micro.srv.greeter");
+    let answer = found.json();
+    assert_eq!(found.status, 200, "{answer}");
     let service = &answer["services"][0];
     assert_eq!(service["name"], "go.micro.srv.greeter");
     assert_eq!(service["version"], "latest");
@@ -224,7 +221,7 @@ async fn serves_go_micro_values_written_by_etcdctl() {
             .contains(&Value::from("go.micro.srv.greeter")),
         "{list}"
     );
-    let (status, _) = lookup(&host, "broken");
+    let status = host.lookup("broken").status;
     assert!(
         status == 404 || status == 503,
         "a malformed value is skipped"
@@ -251,12 +248,12 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
     let mut args = host_args(&endpoint, state_dir);
     args.extend(["--snapshot-interval", "200ms"]);
     let mut first = Host::start(&args).unwrap();
-    let (status, _) = lookup(&first, "billing");
+    let status = first.lookup("billing").status;
     assert_eq!(status, 200);
     // The periodic write, then a crash: the snapshot is what the periodic write left.
     let snapshot = state.path().join("cache.snapshot");
     assert!(
-        poll(Duration::from_secs(10), || snapshot.exists()),
+        eventually_blocking(Duration::from_secs(10), || snapshot.exists()),
         "periodic snapshot: {}",
         first.log()
     );
@@ -265,15 +262,16 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
     etcd.kill(0).unwrap();
     let second = Host::start(&host_args(&endpoint, state_dir)).unwrap();
     assert!(second.log().contains("snapshot loaded"), "{}", second.log());
-    let (status, answer) = lookup(&second, "billing");
-    assert_eq!(status, 200, "{answer}\n{}", second.log());
+    let found = second.lookup("billing");
+    let answer = found.json();
+    assert_eq!(found.status, 200, "{answer}\n{}", second.log());
     assert_eq!(answer["services"][0]["nodes"][0]["id"], "b1");
     assert_eq!(answer["provenance"]["source"], "stale");
     assert_eq!(answer["provenance"]["snapshot"], true);
     let ready = second.get("/readyz").unwrap();
     assert_eq!(ready.status, 200, "{}", ready.text());
     assert_eq!(ready.json()["serving_snapshot"], true);
-    let (status, _) = lookup(&second, "unknown");
+    let status = second.lookup("unknown").status;
     assert_eq!(status, 503, "not in the snapshot, etcd down");
     // A local service registering now is accepted and kept, to be written once etcd answers.
     let accepted = second
@@ -298,16 +296,16 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
 
     etcd.restart(0).await.unwrap();
     assert!(
-        poll(Duration::from_secs(15), || {
-            let (status, answer) = lookup(&second, "billing");
-            status == 200 && answer["provenance"]["snapshot"] == false
+        eventually_blocking(Duration::from_secs(15), || {
+            let answer = second.lookup("billing");
+            answer.status == 200 && answer.json()["provenance"]["snapshot"] == false
         }),
         "the snapshot marking ends once etcd answers: {}",
         second.log()
     );
     let greeter = format!("{PREFIX}greeter/g1");
     assert!(
-        poll(Duration::from_secs(15), || keys(&etcd).contains(&greeter)),
+        eventually_blocking(Duration::from_secs(15), || keys(&etcd).contains(&greeter)),
         "the registration reaches etcd once it answers: {}",
         second.log()
     );
@@ -322,8 +320,9 @@ async fn host_restarted_while_etcd_is_down_answers_from_the_snapshot() {
         "{}",
         third.log()
     );
-    let (status, answer) = lookup(&third, "billing");
-    assert_eq!(status, 200, "{answer}");
+    let found = third.lookup("billing");
+    let answer = found.json();
+    assert_eq!(found.status, 200, "{answer}");
     assert_eq!(answer["provenance"]["snapshot"], false);
 }
 
@@ -350,8 +349,9 @@ async fn a_snapshot_of_a_service_of_ten_thousand_nodes_is_served_after_a_restart
 
     let mut first = Host::start(&host_args(&endpoint, state_dir)).unwrap();
     for (name, nodes) in [("svc-00000", 10_000), ("billing", 1)] {
-        let (status, answer) = lookup(&first, name);
-        assert_eq!(status, 200, "{}", first.log());
+        let found = first.lookup(name);
+        let answer = found.json();
+        assert_eq!(found.status, 200, "{}", first.log());
         assert_eq!(node_count(&answer), nodes);
     }
     first.signal("TERM").unwrap();
@@ -361,8 +361,9 @@ async fn a_snapshot_of_a_service_of_ten_thousand_nodes_is_served_after_a_restart
     let second = Host::start(&host_args(&endpoint, state_dir)).unwrap();
     assert!(second.log().contains("snapshot loaded"), "{}", second.log());
     for (name, nodes) in [("svc-00000", 10_000), ("billing", 1)] {
-        let (status, answer) = lookup(&second, name);
-        assert_eq!(status, 200, "{name}: {}", second.log());
+        let found = second.lookup(name);
+        let answer = found.json();
+        assert_eq!(found.status, 200, "{name}: {}", second.log());
         assert_eq!(node_count(&answer), nodes, "{name}");
         assert_eq!(answer["provenance"]["source"], "stale");
         assert_eq!(answer["provenance"]["snapshot"], true);
@@ -441,10 +442,10 @@ async fn sigterm_finishes_requests_in_flight() {
     etcd.stop(0).unwrap();
     let addr = host.addr;
     let pending = std::thread::spawn(move || {
-        regcache_tests::host::request(addr, "GET", "/v1/services/slow", &[], b"")
+        regcache_tests::http::request(addr, "GET", "/v1/services/slow", &[], b"")
     });
     assert!(
-        poll(Duration::from_secs(10), || host
+        eventually_blocking(Duration::from_secs(10), || host
             .get("/metrics")
             .unwrap()
             .text()
@@ -455,7 +456,7 @@ async fn sigterm_finishes_requests_in_flight() {
     );
     host.signal("TERM").unwrap();
     assert!(
-        poll(Duration::from_secs(5), || host.log().contains("draining")),
+        eventually_blocking(Duration::from_secs(5), || host.log().contains("draining")),
         "{}",
         host.log()
     );

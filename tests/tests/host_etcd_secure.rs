@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use regcache_tests::etcd::{EtcdCluster, TlsFiles};
-use regcache_tests::host::{Host, poll, service_json};
+use regcache_tests::host::{Host, service_json};
+use regcache_tests::wait::eventually_blocking;
 
 fn register_and_look_up(host: &Host, name: &str) {
     let created = host
@@ -18,7 +19,7 @@ fn register_and_look_up(host: &Host, name: &str) {
         )
         .unwrap();
     assert_eq!(created.status, 201, "{}\n{}", created.text(), host.log());
-    let found = host.get(&format!("/v1/services/{name}")).unwrap();
+    let found = host.lookup(name);
     assert_eq!(found.status, 200, "{}", found.text());
     assert_eq!(found.json()["services"][0]["nodes"][0]["id"], "n1");
 }
@@ -94,7 +95,7 @@ async fn tls_with_a_client_certificate_from_the_config_file() {
     let host = Host::start(&["--config", config.to_str().unwrap()]).unwrap();
     register_and_look_up(&host, "secure");
     assert!(
-        poll(Duration::from_secs(10), || host
+        eventually_blocking(Duration::from_secs(10), || host
             .get("/readyz")
             .unwrap()
             .status
@@ -111,7 +112,7 @@ async fn tls_with_a_client_certificate_from_the_config_file() {
         files.wrong_ca.to_str().unwrap(),
     ])
     .unwrap();
-    let found = wrong.get("/v1/services/secure").unwrap();
+    let found = wrong.lookup("secure");
     assert_eq!(found.status, 503, "{}", found.text());
     assert!(
         wrong.log().contains("etcd does not answer yet"),

@@ -11,9 +11,11 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
-use regcache_tests::host::{Host, Response, poll, service_json};
+use regcache_tests::etcd::EtcdCluster;
+use regcache_tests::host::{Host, service_json};
+use regcache_tests::http::Response;
 use regcache_tests::registry::raw_client;
+use regcache_tests::wait::{eventually, eventually_blocking};
 use serde_json::Value;
 
 const PREFIX: &str = "/micro/registry/";
@@ -162,7 +164,7 @@ async fn a_host_cannot_take_another_hosts_node_unless_forced() {
     assert_eq!(address(&value), "10.0.0.2:80");
     assert_ne!(lease_b, lease_a);
     assert!(
-        poll(Duration::from_secs(5), || {
+        eventually_blocking(Duration::from_secs(5), || {
             let regs = a.get("/v1/registrations").unwrap().json();
             regs["conflicts"][0]["owner_lease"] == lease_b
         }),
@@ -248,7 +250,7 @@ async fn owned_keys_rewritten_in_etcd_are_put_back_or_yielded() {
     raw.clone().put(g1.as_str(), foreign, None).await.unwrap();
     let started = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(1), || holds(
+        eventually(Duration::from_secs(1), || holds(
             &raw,
             &g1,
             "10.0.0.1:80",
@@ -270,7 +272,7 @@ async fn owned_keys_rewritten_in_etcd_are_put_back_or_yielded() {
         .await
         .unwrap();
     assert!(
-        poll(Duration::from_secs(5), || {
+        eventually_blocking(Duration::from_secs(5), || {
             let regs = host.get("/v1/registrations").unwrap().json();
             regs["conflicts"][0]["node"] == "g2" && regs["conflicts"][0]["owner_lease"] == other
         }),
@@ -322,7 +324,7 @@ async fn sigterm_deletes_an_owned_key_left_on_no_lease() {
     no_space(&raw, true).await;
     host.signal("CONT").unwrap();
     assert!(
-        poll(Duration::from_secs(10), || host
+        eventually_blocking(Duration::from_secs(10), || host
             .log()
             .contains("re-putting deleted owned keys failed")),
         "the host tried to put the key back: {}",
@@ -397,7 +399,7 @@ async fn a_registration_answered_during_an_outage_does_not_take_another_hosts_no
     assert_eq!(kept.status, 202, "{}", kept.text());
 
     assert!(
-        poll(Duration::from_secs(20), || {
+        eventually_blocking(Duration::from_secs(20), || {
             let regs = b.get("/v1/registrations").unwrap().json();
             regs["registrations"].as_array().is_some_and(Vec::is_empty)
         }),

@@ -12,6 +12,7 @@ use regcache::decision::{
 use regcache::policy::{EngineOptions, PolicyEngine, PolicyError, PolicySpec};
 use regcache::registry::ErrorKind;
 use regcache_tests::policies::policy_wasm;
+use regcache_tests::wait::eventually_blocking;
 
 fn spec(name: &str, config: &[(&str, &str)]) -> PolicySpec {
     PolicySpec {
@@ -517,14 +518,6 @@ fn precompiled_artifacts_are_reused_and_a_corrupt_one_is_recompiled() {
     );
 }
 
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_file_changes_swap_after_the_file_is_complete() {
     use regcache::policy::reload::Reloader;
@@ -546,9 +539,10 @@ async fn policy_file_changes_swap_after_the_file_is_complete() {
     assert_eq!(engine.active().generation, 1);
     // ...and the completed file is picked up by the watcher.
     std::fs::write(&path, &strict).unwrap();
-    wait_for("the watcher to swap in strict", || {
-        engine.active().generation == 2
-    });
+    assert!(
+        eventually_blocking(Duration::from_secs(20), || engine.active().generation == 2),
+        "timed out waiting for the watcher to swap in strict"
+    );
     assert_eq!(engine.active().source, path.display().to_string());
     assert_eq!(
         engine.guard_eviction(&mass_deletion()).decision,
@@ -562,9 +556,10 @@ async fn policy_file_changes_swap_after_the_file_is_complete() {
         .open(&path)
         .unwrap();
     std::io::Write::write_all(&mut writer, &policy_wasm("always-stale")).unwrap();
-    wait_for("the watcher to swap in always-stale", || {
-        engine.active().generation == 3
-    });
+    assert!(
+        eventually_blocking(Duration::from_secs(20), || engine.active().generation == 3),
+        "timed out waiting for the watcher to swap in always-stale"
+    );
     drop(writer);
 }
 
@@ -612,9 +607,12 @@ async fn a_watched_file_does_not_undo_other_swaps_until_it_changes() {
     // Rewriting the same bytes is a change event but no new policy.
     std::fs::write(&path, policy_wasm("default")).unwrap();
     std::fs::write(&path, policy_wasm("always-stale")).unwrap();
-    wait_for("the watcher to load always-stale", || {
-        engine.active().generation > api.generation
-    });
+    assert!(
+        eventually_blocking(Duration::from_secs(20), || {
+            engine.active().generation > api.generation
+        }),
+        "timed out waiting for the watcher to load always-stale"
+    );
     let active = engine.active();
     assert_eq!(
         active.generation,
@@ -649,8 +647,11 @@ fn a_policy_failing_in_a_row_trips_the_breaker_then_is_probed_again() {
     );
     assert_eq!(engine.stats().traps, 5);
     assert_eq!(engine.stats().breaker_skips, 1);
-    wait_for("the breaker to let a call through", || {
-        engine.decide_lookup(&cached("fine", 1)).decision == LookupDecision::ServeCached
-    });
+    assert!(
+        eventually_blocking(Duration::from_secs(20), || {
+            engine.decide_lookup(&cached("fine", 1)).decision == LookupDecision::ServeCached
+        }),
+        "timed out waiting for the breaker to let a call through"
+    );
     assert_eq!(engine.stats().traps, 5);
 }

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use regcache::registry::etcd::EtcdRegistry;
 use regcache::registry::{Registry, WatchEvent};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::{View, fast_config, init_logging, register_now, service};
+use regcache_tests::wait::eventually;
 
 const AUTH: &str = "etcdserverpb.Auth";
 const LEASE: &str = "etcdserverpb.Lease";
@@ -60,7 +61,7 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
     // the registration), a new keep-alive stream and watch, and everything works again.
     etcd.restart(0).await.unwrap();
     let mut view = View::default();
-    let recovered = wait_for(Duration::from_secs(10), || async {
+    let recovered = eventually(Duration::from_secs(10), || async {
         registry.get_service("a").await.is_ok() && registry.health().watch_connected
     })
     .await;
@@ -70,7 +71,7 @@ async fn one_authenticate_per_connect_and_restart_and_one_keepalive_stream_per_l
     }
     register_now(&registry, &service("c", "1", "c1")).await;
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.events.iter().any(
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.events.iter().any(
             |e| matches!(e, WatchEvent::Put { service, .. } if service.name == "c")
         ))
         .await,
@@ -127,7 +128,7 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
     registry.get_service("a").await.unwrap();
     register_now(&registry, &service("b", "1", "b1")).await;
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 2)
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 2)
             .await,
         "the watch still delivers: {:?}",
         view.nodes.keys()
@@ -152,7 +153,7 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
     )
     .unwrap();
     assert!(
-        view.until(&mut rx, Duration::from_secs(10), |v| v.nodes.len() == 3)
+        view.eventually(&mut rx, Duration::from_secs(10), |v| v.nodes.len() == 3)
             .await,
         "the watch resumes after the restart: {:?}",
         view.nodes.keys()
@@ -168,8 +169,10 @@ async fn expired_tokens_are_refreshed_for_registration_reads_and_watches() {
     );
     register_now(&registry, &service("d", "1", "d1")).await;
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 4)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 4)
+            .await,
+        "the watch shows 4 nodes: {:?}",
+        view.nodes.keys()
     );
     assert!(registry.health().watch_connected);
     println!("stats: {:?}", registry.stats());

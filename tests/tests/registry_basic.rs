@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 use regcache::model::Service;
 use regcache::registry::etcd::EtcdRegistry;
 use regcache::registry::{ErrorKind, Registry, WatchEvent};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::{
     View, etcd_view, fast_config, init_logging, raw_client, register_now, service,
 };
+use regcache_tests::wait::eventually;
 
 const PREFIX: &str = "/micro/registry/";
 
@@ -62,7 +63,7 @@ async fn register_get_list_watch_deregister_and_shutdown() {
     assert_eq!(missing.kind, ErrorKind::NotFound);
 
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 4)
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 4)
             .await,
         "watch saw every node: {:?}",
         view.nodes.keys()
@@ -76,8 +77,10 @@ async fn register_get_list_watch_deregister_and_shutdown() {
 
     registry.deregister("other", "o/1").await.unwrap();
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 3)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 3)
+            .await,
+        "the watch shows 3 nodes: {:?}",
+        view.nodes.keys()
     );
     assert_eq!(
         registry.deregister("other", "o/1").await.unwrap_err().kind,
@@ -145,7 +148,7 @@ async fn reads_go_micro_values_written_by_etcdctl_and_writes_what_go_micro_reads
     // A node written through etcdctl while watching arrives as a Put.
     let mut rx = registry.watch();
     let mut view = View::default();
-    view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 2)
+    view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 2)
         .await;
     let third = mixed.replace("greeter-2", "greeter-3");
     etcd.etcdctl(
@@ -158,8 +161,10 @@ async fn reads_go_micro_values_written_by_etcdctl_and_writes_what_go_micro_reads
     )
     .unwrap();
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 3)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 3)
+            .await,
+        "the watch shows 3 nodes: {:?}",
+        view.nodes.keys()
     );
 
     // What regcache writes: go-micro's lowercase field names, decodable by the same rules.
@@ -236,8 +241,10 @@ async fn bad_values_are_skipped_and_counted_while_neighbours_are_served() {
     let mut rx = registry.watch();
     let mut view = View::default();
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 1)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 1)
+            .await,
+        "the watch shows 1 node: {:?}",
+        view.nodes.keys()
     );
     let before = registry.stats().malformed_values;
     raw.put(
@@ -261,7 +268,7 @@ async fn bad_values_are_skipped_and_counted_while_neighbours_are_served() {
     .await
     .unwrap();
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| {
+        view.eventually(&mut rx, Duration::from_secs(5), |v| {
             v.nodes.keys().map(|(_, n)| n.as_str()).collect::<Vec<_>>() == ["good2", "good3"]
         })
         .await,
@@ -283,7 +290,7 @@ async fn an_owned_key_deleted_by_someone_else_is_put_back() {
     register_now(&registry, &service("svc", "1", "n1")).await;
     let mut raw = raw_client(&etcd, None).await;
     raw.delete("/micro/registry/svc/n1", None).await.unwrap();
-    let back = wait_for(Duration::from_secs(3), || {
+    let back = eventually(Duration::from_secs(3), || {
         let mut raw = raw.clone();
         async move {
             let resp = raw.get("/micro/registry/svc/n1", None).await.unwrap();
@@ -293,7 +300,7 @@ async fn an_owned_key_deleted_by_someone_else_is_put_back() {
     .await;
     assert!(back, "the deleted key came back on the lease within 3 s");
     // The counter moves after the put returns: wait for it rather than race it.
-    let counted = wait_for(Duration::from_secs(3), || {
+    let counted = eventually(Duration::from_secs(3), || {
         let registry = &registry;
         async move { registry.stats().reputs == 1 }
     })
@@ -303,7 +310,7 @@ async fn an_owned_key_deleted_by_someone_else_is_put_back() {
     // A lease revoked behind our back: a new one is granted and every key re-put.
     let old = registry.lease_id().unwrap();
     raw.lease_revoke(old).await.unwrap();
-    let regranted = wait_for(Duration::from_secs(3), || {
+    let regranted = eventually(Duration::from_secs(3), || {
         let mut raw = raw.clone();
         let registry = &registry;
         async move {
@@ -327,10 +334,11 @@ async fn list_services_answers_from_the_watch_mirror_while_connected() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let registry = EtcdRegistry::connect(fast_config(&etcd)).await.unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(5), || async {
             registry.health().watch_connected
         })
-        .await
+        .await,
+        "the registry's watch connects"
     );
     let mut raw = raw_client(&etcd, None).await;
     raw.put(
@@ -342,10 +350,12 @@ async fn list_services_answers_from_the_watch_mirror_while_connected() {
     .unwrap();
     register_now(&registry, &service("ours", "1", "o1")).await;
     assert!(
-        wait_for(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(5), || async {
             registry.list_services().await.unwrap() == ["ours", "theirs"]
         })
-        .await
+        .await,
+        "both services listed: {:?}",
+        registry.list_services().await
     );
 
     let ranges = || etcd.grpc_started(0, "etcdserverpb.KV", "Range").unwrap();
@@ -357,7 +367,7 @@ async fn list_services_answers_from_the_watch_mirror_while_connected() {
 
     raw.delete("/micro/registry/theirs/t1", None).await.unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(5), || async {
             registry.list_services().await.unwrap() == ["ours"]
         })
         .await,

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use regcache::registry::etcd::EtcdRegistry;
 use regcache::registry::{ErrorKind, Registered, Registry, RegistryError, WatchEvent};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::{
     View, all_registered, fast_config, init_logging, raw_client, register_now, service,
 };
+use regcache_tests::wait::eventually;
 use tokio::sync::Mutex;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -125,7 +126,10 @@ async fn through(
         let done = done.clone();
         move || std::future::ready(done.load(Ordering::SeqCst) >= n)
     };
-    assert!(wait_for(BOUND, at_least(3)).await, "{what}: no load before");
+    assert!(
+        eventually(BOUND, at_least(3)).await,
+        "{what}: no load before"
+    );
     let started = Instant::now();
     fault().await;
     let settled = &settled;
@@ -137,11 +141,11 @@ async fn through(
         };
         elected && settled(started.elapsed()).await
     };
-    assert!(wait_for(BOUND, reacted).await, "{what}: never settled");
+    assert!(eventually(BOUND, reacted).await, "{what}: never settled");
     let reacted = started.elapsed();
     let after = done.load(Ordering::SeqCst) + 30;
     assert!(
-        wait_for(BOUND, at_least(after)).await,
+        eventually(BOUND, at_least(after)).await,
         "{what}: load stalled"
     );
     stop.store(true, Ordering::SeqCst);
@@ -203,7 +207,7 @@ async fn back_in_use(
     resume().await;
     let resumed = Instant::now();
     assert!(
-        wait_for(BOUND, || async {
+        eventually(BOUND, || async {
             registry.stats().endpoint_additions > additions
         })
         .await,
@@ -217,7 +221,7 @@ async fn back_in_use(
             .unwrap()
     };
     let before = ranges().await;
-    let serves = wait_for(BOUND, || async {
+    let serves = eventually(BOUND, || async {
         let _ = registry.get_service("a").await; // answered or not, it is a Range
         ranges().await > before
     })
@@ -301,7 +305,8 @@ async fn hang(etcd: &Mutex<EtcdCluster>, registry: &Arc<EtcdRegistry>, member: u
     assert!(
         // Well under the 15 s HTTP/2 pings would take to end a stream stuck on a hung member,
         // and generous for a loaded machine.
-        view.until(&mut events, Duration::from_secs(10), seen).await,
+        view.eventually(&mut events, Duration::from_secs(10), seen)
+            .await,
         "the watch saw {node}"
     );
 }
@@ -347,12 +352,12 @@ async fn a_hung_leader_fails_no_call_and_a_lease_it_revokes_on_resuming_comes_ba
     .await;
     // Once it follows, its lessor is demoted and revokes nothing more.
     assert!(
-        wait_for(BOUND, || async { !leads(&*etcd.lock().await, leader) }).await,
+        eventually(BOUND, || async { !leads(&*etcd.lock().await, leader) }).await,
         "the resumed leader stepped down"
     );
     let resumed = Instant::now();
     assert!(
-        wait_for(BOUND, || all_keys_registered(&etcd, &registry)).await,
+        eventually(BOUND, || all_keys_registered(&etcd, &registry)).await,
         "every key is back on a live lease"
     );
     println!(

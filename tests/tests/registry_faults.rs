@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use regcache::model::Service;
 use regcache::registry::etcd::{EtcdConfig, EtcdRegistry};
 use regcache::registry::{ErrorKind, Registered, Registry, WatchEvent};
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::proxy::TcpProxy;
 use regcache_tests::registry::{
     View, all_registered, etcd_view, fast_config, init_logging, raw_client, register_now, service,
 };
+use regcache_tests::wait::eventually;
 
 const PREFIX: &str = "/micro/registry/";
 
@@ -132,7 +133,7 @@ async fn a_failed_deregistration_can_be_retried_and_the_key_goes() {
     // etcd is back. The frozen delete may still have landed when etcd woke up; the key is
     // ours, so the registry puts it back: either way it ends up on the registry's lease.
     let mut raw = raw_client(&etcd, None).await;
-    let on_lease = wait_for(Duration::from_secs(5), || {
+    let on_lease = eventually(Duration::from_secs(5), || {
         let mut raw = raw.clone();
         let (key, lease) = (key.clone(), registry.lease_id());
         async move {
@@ -183,8 +184,10 @@ async fn kill_and_restart_resumes_the_watch_without_losing_or_duplicating_an_eve
             .unwrap();
     }
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 11)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 11)
+            .await,
+        "the watch shows 11 nodes: {:?}",
+        view.nodes.keys()
     );
     let start_revision = match &view.events[0] {
         WatchEvent::Resync { revision, .. } => *revision,
@@ -211,7 +214,7 @@ async fn kill_and_restart_resumes_the_watch_without_losing_or_duplicating_an_eve
     }
     raw.delete(format!("{PREFIX}w/w0"), None).await.unwrap();
     assert!(
-        view.until(&mut rx, Duration::from_secs(10), |v| v.nodes.len() == 30)
+        view.eventually(&mut rx, Duration::from_secs(10), |v| v.nodes.len() == 30)
             .await,
         "{} nodes",
         view.nodes.len()
@@ -307,8 +310,10 @@ async fn a_watch_cut_off_through_a_compaction_relists_and_matches_etcd() {
         raw.put(k, v, None).await.unwrap();
     }
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 6)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes.len() == 6)
+            .await,
+        "the watch shows 6 nodes: {:?}",
+        view.nodes.keys()
     );
 
     // Cut the registry off, change things and compact past the revision its watch stopped at.
@@ -327,7 +332,8 @@ async fn a_watch_cut_off_through_a_compaction_relists_and_matches_etcd() {
 
     let same = |v: &View| v.nodes == truth;
     assert!(
-        view.until(&mut rx, Duration::from_secs(10), same).await,
+        view.eventually(&mut rx, Duration::from_secs(10), same)
+            .await,
         "view {:?}\netcd {:?}",
         view.nodes.keys(),
         truth.keys()
@@ -344,8 +350,11 @@ async fn a_watch_cut_off_through_a_compaction_relists_and_matches_etcd() {
     raw.delete(format!("{PREFIX}w/w2"), None).await.unwrap();
     let (truth, _) = etcd_view(&mut raw, PREFIX).await;
     assert!(
-        view.until(&mut rx, Duration::from_secs(5), |v| v.nodes == truth)
-            .await
+        view.eventually(&mut rx, Duration::from_secs(5), |v| v.nodes == truth)
+            .await,
+        "the watch shows etcd's nodes: {:?}\netcd {:?}",
+        view.nodes.keys(),
+        truth.keys()
     );
     let names: BTreeMap<String, usize> =
         view.nodes.keys().fold(BTreeMap::new(), |mut m, (s, _)| {
