@@ -15,14 +15,14 @@
 //! - [`state_dir`]: the state directory, and running without it when it cannot be written.
 //! - [`fsutil`]: the one way files are read (regular files only, bounded) and written
 //!   (atomically, durably).
-//! - [`daemon`]: `regcache run`'s run loop: build, serve, drain, stop.
+//! - [`Host`]: a whole host: build (all I/O), serve until a future completes, drain, stop.
 #![deny(missing_docs)]
 
 pub mod cache;
 pub mod config;
-pub mod daemon;
 pub mod decision;
 pub mod fsutil;
+mod host;
 pub mod http;
 pub mod metrics;
 pub mod model;
@@ -30,3 +30,5 @@ pub mod policy;
 pub mod registry;
 pub mod snapshot;
 pub mod state_dir;
+
+pub use host::Host;

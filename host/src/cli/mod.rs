@@ -2,6 +2,7 @@
 //! authors). Each subcommand's module parses its own arguments and calls the library.
 
 mod policy;
+mod process;
 mod run;
 
 use std::process::ExitCode;

@@ -36,8 +36,11 @@ pub use serve::{
     WRITE_TIMEOUT_RANGE, default_max_connections, serve,
 };
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
 
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
@@ -47,10 +50,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
-use crate::cache::RegistryCache;
-use crate::metrics::HostMetrics;
-use crate::policy::PolicyEngine;
-use crate::registry::{ErrorKind, Registry, RegistryError};
+use crate::host::Parts;
+use crate::registry::{ErrorKind, RegistryError};
 
 /// Largest request body, policies excepted: a registration is a few KiB.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -61,34 +62,69 @@ pub const MAX_POLICY_BODY: usize = crate::policy::MAX_POLICY_SIZE;
 /// Longest service name or node id accepted.
 const MAX_NAME: usize = 253;
 
-/// What the handlers share.
-pub struct State {
-    /// The lookup path.
-    pub cache: RegistryCache,
-    /// The registry, for registrations and listing.
-    pub registry: Arc<dyn Registry>,
-    /// The policy engine, for the admin endpoints.
-    pub engine: PolicyEngine,
-    /// Metrics, rendered at scrape.
-    pub metrics: HostMetrics,
+/// What the handlers share: the host's parts and the admin token.
+pub(crate) struct State {
+    parts: Parts,
     /// The admin token; `None` disables the admin endpoints.
-    pub admin_token: Option<String>,
-    /// Set while answers come from a snapshot because the registry has not answered since
-    /// the start: they are marked stale.
-    pub serving_snapshot: Arc<AtomicBool>,
+    admin_token: Option<String>,
 }
 
-impl State {
-    fn serving_snapshot(&self) -> bool {
-        self.serving_snapshot.load(Ordering::Relaxed)
+impl std::ops::Deref for State {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.parts
     }
 }
 
 /// Shared handle on [`State`].
-pub type AppState = Arc<State>;
+type AppState = Arc<State>;
+
+/// The HTTP API front: its listener, bound at build, and the router it serves.
+pub(crate) struct Front {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    stats: Arc<ConnectionStats>,
+}
+
+impl Front {
+    /// Binds `address` for the API over `parts`.
+    pub(crate) async fn bind(
+        address: SocketAddr,
+        limits: ConnectionLimits,
+        stats: Arc<ConnectionStats>,
+        parts: Parts,
+        admin_token: Option<String>,
+    ) -> anyhow::Result<Front> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        let address = listener.local_addr()?;
+        tracing::info!(%address, "listening on http://{address}");
+        Ok(Front {
+            listener,
+            router: router(Arc::new(State { parts, admin_token })),
+            limits,
+            stats,
+        })
+    }
+
+    /// Where the API listens.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// Serves until `drain` completes, then lets requests in flight finish ([`serve`]).
+    pub(crate) async fn serve(self, drain: impl Future<Output = ()>) {
+        serve(self.listener, self.router, self.limits, self.stats, drain).await
+    }
+}
 
 /// The API's routes over `state`.
-pub fn router(state: AppState) -> axum::Router {
+fn router(state: AppState) -> axum::Router {
     use axum::routing::{delete, put};
     axum::Router::new()
         .route("/v1/services", get(services::list))

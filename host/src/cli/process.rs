@@ -1,0 +1,67 @@
+//! The host process around the library's [`Host`]: logging, the async runtime and the signals.
+//! SIGTERM and SIGINT drain and stop the host; SIGHUP reloads the policy file.
+
+use anyhow::Context;
+use regcache::Host;
+use regcache::config::{HostConfig, LogFormat};
+use regcache::policy::reload::Reloader;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Runs the host until SIGTERM or SIGINT. Errors are start-up failures (a secret file that
+/// cannot be read, a port in use, a policy that does not load).
+pub fn run(config: HostConfig) -> anyhow::Result<()> {
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        // Installed before the host binds its ports: a signal that arrives once the port
+        // answers is never the default action (which would kill the process undrained).
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let host = Host::build(config).await?;
+        let reloads = tokio::spawn(reload_on_sighup(hangups, host.policy_reloader()));
+        host.serve(async {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!("{name}");
+        })
+        .await?;
+        reloads.abort();
+        tracing::info!("bye");
+        Ok(())
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REGCACHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Reloads the policy file on every SIGHUP (or logs that there is none to reload).
+async fn reload_on_sighup(mut hangups: tokio::signal::unix::Signal, reloader: Option<Reloader>) {
+    while hangups.recv().await.is_some() {
+        let Some(reloader) = reloader.clone() else {
+            tracing::info!("SIGHUP: no policy file is configured; nothing to reload");
+            continue;
+        };
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(Some(info))) => tracing::info!(policy = %info, "SIGHUP: policy reloaded"),
+            Ok(Ok(None)) => tracing::info!("SIGHUP: the policy file is unchanged"),
+            Ok(Err(e)) => tracing::warn!("SIGHUP: policy refused, keeping the active one: {e}"),
+            Err(e) => tracing::error!("SIGHUP: reload task failed: {e}"),
+        }
+    }
+}
