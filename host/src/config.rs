@@ -1,9 +1,11 @@
-//! The host's configuration: one TOML file, overridden field by field by flags and `REGCACHE_*`
-//! environment variables (the command line gathers those into a second [`ConfigLayer`]).
+//! The host's configuration: one TOML file, overridden setting by setting by flags and
+//! `REGCACHE_*` environment variables (the command line gathers those into a second
+//! [`ConfigLayer`]). Every setting is defined once, in [`settings`]; this module parses, merges
+//! and checks values by the setting's kind, and composes the subsystems' configurations.
 //!
 //! The lifecycle is the one every subsystem follows: [`ConfigLayer::parse_toml`] reads nothing
 //! but the string it is given, [`ConfigLayer::validate`] does no I/O at all and fails with one
-//! line naming the field ([`ConfigError`]), and only the daemon's build step touches the world
+//! line naming the setting ([`ConfigError`]), and only the host's build step touches the world
 //! (reads secret files, TLS files, binds ports).
 //!
 //! ```
@@ -18,6 +20,8 @@
 //! assert_eq!(config.etcd.unwrap().endpoints, vec!["127.0.0.1:2379".to_string()]);
 //! ```
 
+pub mod settings;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -26,10 +30,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 
 use crate::fsutil::read_regular;
 use crate::http;
 use crate::registry::etcd::{self, EtcdConfig};
+use settings::{Kind, Setting};
 
 /// Where the host listens when nothing says otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -63,15 +69,12 @@ impl ConfigError {
 
     /// The command-line flag of the field, e.g. `--etcd-lease-ttl`.
     pub fn flag(&self) -> String {
-        format!("--{}", self.field.replace(['.', '_'], "-"))
+        settings::flag(&self.field)
     }
 
     /// The environment variable of the field, e.g. `REGCACHE_ETCD_LEASE_TTL`.
     pub fn env(&self) -> String {
-        format!(
-            "REGCACHE_{}",
-            self.field.replace(['.', '-'], "_").to_uppercase()
-        )
+        settings::env(&self.field)
     }
 }
 
@@ -94,136 +97,44 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// One layer of configuration: the TOML file, or the flags and environment. Every field is
-/// optional; [`ConfigLayer::over`] lets a higher layer win field by field. Unknown TOML keys are
-/// errors (a typo must not silently fall back to a default).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigLayer {
-    /// Address of the HTTP API. Default [`DEFAULT_LISTEN`]; port 0 picks a free port (the
-    /// address is logged).
-    pub listen: Option<String>,
-    /// Directory for the cache snapshot and precompiled policies. Default: none (no snapshot).
-    pub state_dir: Option<PathBuf>,
-    /// `text` (default) or `json`.
-    pub log_format: Option<String>,
-    /// Bearer token of the admin endpoints. Default: none, and the admin endpoints are off.
-    pub admin_token: Option<String>,
-    /// A file holding the admin token (trailing newline ignored).
-    pub admin_token_file: Option<PathBuf>,
-    /// How often the snapshot is written, e.g. `30s`. Default 30 s.
-    pub snapshot_interval: Option<String>,
-    /// The etcd section.
-    #[serde(default)]
-    pub etcd: EtcdLayer,
-    /// The policy section.
-    #[serde(default)]
-    pub policy: PolicyLayer,
-    /// The HTTP server's connections.
-    #[serde(default)]
-    pub http: HttpLayer,
-}
-
-/// The `[etcd]` section. With no endpoints the host runs on an embedded in-memory registry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdLayer {
-    /// `host:port` or `http(s)://host:port`, several for a cluster.
-    pub endpoints: Option<Vec<String>>,
-    /// User name for etcd's authentication. Default: none.
-    pub user: Option<String>,
-    /// Its password.
-    pub password: Option<String>,
-    /// A file holding the password (trailing newline ignored).
-    pub password_file: Option<PathBuf>,
-    /// CA of etcd's server certificate (PEM); turns TLS on.
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM), for etcd's `--client-cert-auth`.
-    pub cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    pub key: Option<PathBuf>,
-    /// Key prefix. Default `/micro/registry/` (go-micro's).
-    pub prefix: Option<String>,
-    /// Bound of every etcd call, e.g. `5s`. Default 5 s.
-    pub request_timeout: Option<String>,
-    /// TTL of the host's lease, whole seconds, e.g. `15s`. Default 15 s.
-    pub lease_ttl: Option<String>,
-}
-
-/// The `[http]` section: the bounds of the API server's connections.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpLayer {
-    /// Time a client has to send a request head (and again its body), e.g. `10s`. Default
-    /// [`http::DEFAULT_HEADER_READ_TIMEOUT`].
-    pub header_read_timeout: Option<String>,
-    /// Time a kept-alive connection may wait for its next request, e.g. `60s`. Default
-    /// [`http::DEFAULT_IDLE_TIMEOUT`].
-    pub idle_timeout: Option<String>,
-    /// Time the socket may accept no byte of an answer (the client reads nothing) before the
-    /// connection is closed, e.g. `10s`. Default [`http::DEFAULT_WRITE_TIMEOUT`].
-    pub write_timeout: Option<String>,
-    /// Connections open at once. Default [`http::default_max_connections`]: RLIMIT_NOFILE less
-    /// [`http::RESERVED_DESCRIPTORS`], at most [`http::DEFAULT_MAX_CONNECTIONS_CAP`].
-    pub max_connections: Option<u64>,
-}
-
-/// A validated `[http]` section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpSettings {
-    /// Time to receive a request head.
-    pub header_read_timeout: Duration,
-    /// Time a kept-alive connection may wait for its next request.
-    pub idle_timeout: Duration,
-    /// Time the socket may accept no byte of an answer.
-    pub write_timeout: Duration,
-    /// Connections open at once; `None`: derived from RLIMIT_NOFILE when the server starts.
-    pub max_connections: Option<usize>,
-}
-
-impl HttpSettings {
-    /// The server's limits (reads RLIMIT_NOFILE if no connection limit is set).
-    pub fn limits(&self) -> http::ConnectionLimits {
-        http::ConnectionLimits {
-            header_read_timeout: self.header_read_timeout,
-            idle_timeout: self.idle_timeout,
-            write_timeout: self.write_timeout,
-            max_connections: self
-                .max_connections
-                .unwrap_or_else(http::default_max_connections),
-        }
-    }
-}
-
-/// The `[policy]` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyLayer {
-    /// A policy component to load (and watch) instead of the embedded default.
-    pub file: Option<PathBuf>,
-    /// Operator configuration passed to the policy's `configure`, e.g. `ttl-ms = "60000"`.
-    pub config: Option<BTreeMap<String, ConfigValue>>,
-}
-
-/// A policy configuration value: TOML strings, integers and booleans are all accepted and
-/// passed to the policy as text.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum ConfigValue {
-    /// A string.
+/// A value given to a setting, before it is checked. Which variant a setting takes follows
+/// from its [`Kind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// Text: most kinds.
     Text(String),
-    /// An integer.
+    /// A [`Kind::List`].
+    List(Vec<String>),
+    /// A [`Kind::Pairs`] table.
+    Pairs(BTreeMap<String, String>),
+    /// A [`Kind::Count`].
+    Count(u64),
+}
+
+/// One layer of configuration: the TOML file, or the flags and environment. A layer holds the
+/// settings it was given; [`ConfigLayer::over`] lets a higher layer win setting by setting.
+/// Unknown TOML keys are errors (a typo must not silently fall back to a default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigLayer {
+    values: BTreeMap<&'static str, Value>,
+}
+
+/// The TOML values a [`Kind::Pairs`] table accepts: strings, integers and booleans, all passed
+/// to the policy as text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PairValue {
+    Text(String),
     Integer(i64),
-    /// A boolean.
     Bool(bool),
 }
 
-impl fmt::Display for ConfigValue {
+impl fmt::Display for PairValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigValue::Text(s) => f.write_str(s),
-            ConfigValue::Integer(i) => write!(f, "{i}"),
-            ConfigValue::Bool(b) => write!(f, "{b}"),
+            PairValue::Text(s) => f.write_str(s),
+            PairValue::Integer(i) => write!(f, "{i}"),
+            PairValue::Bool(b) => write!(f, "{b}"),
         }
     }
 }
@@ -310,7 +221,6 @@ impl EtcdSettings {
         let mut config = EtcdConfig::new(self.endpoints.clone())
             .prefix(self.prefix.clone())
             .request_timeout(self.request_timeout)
-            .connect_timeout(self.request_timeout)
             .lease_ttl(self.lease_ttl);
         if let (Some((user, _)), Some(password)) = (&self.user, password) {
             config = config.user(user.clone(), password);
@@ -347,6 +257,33 @@ impl EtcdSettings {
     }
 }
 
+/// A validated `[http]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Time to receive a request head.
+    pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Time the socket may accept no byte of an answer.
+    pub write_timeout: Duration,
+    /// Connections open at once; `None`: derived from RLIMIT_NOFILE when the server starts.
+    pub max_connections: Option<usize>,
+}
+
+impl HttpSettings {
+    /// The server's limits (reads RLIMIT_NOFILE if no connection limit is set).
+    pub fn limits(&self) -> http::ConnectionLimits {
+        http::ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(http::default_max_connections),
+        }
+    }
+}
+
 /// The validated host configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
@@ -374,300 +311,422 @@ impl ConfigLayer {
     /// Parses a TOML document (`origin` names it in errors). Errors are one line: the line of
     /// the document and what is wrong with it.
     pub fn parse_toml(text: &str, origin: &str) -> Result<ConfigLayer, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().to_string();
-            let place = e
-                .span()
-                .map(|span| {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    let content = text.lines().nth(line - 1).unwrap_or("").trim();
-                    format!(", line {line} (`{content}`)")
-                })
-                .unwrap_or_default();
-            ConfigError::new("config", format!("{origin}{place}: {message}"))
-        })
-    }
-
-    /// This layer with `self`'s fields winning over `lower`'s.
-    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
-        let (e, l) = (self.etcd, lower.etcd);
-        let (p, lp) = (self.policy, lower.policy);
-        let (h, lh) = (self.http, lower.http);
-        ConfigLayer {
-            listen: self.listen.or(lower.listen),
-            state_dir: self.state_dir.or(lower.state_dir),
-            log_format: self.log_format.or(lower.log_format),
-            admin_token: self.admin_token.or(lower.admin_token),
-            admin_token_file: self.admin_token_file.or(lower.admin_token_file),
-            snapshot_interval: self.snapshot_interval.or(lower.snapshot_interval),
-            etcd: EtcdLayer {
-                endpoints: e.endpoints.or(l.endpoints),
-                user: e.user.or(l.user),
-                password: e.password.or(l.password),
-                password_file: e.password_file.or(l.password_file),
-                ca: e.ca.or(l.ca),
-                cert: e.cert.or(l.cert),
-                key: e.key.or(l.key),
-                prefix: e.prefix.or(l.prefix),
-                request_timeout: e.request_timeout.or(l.request_timeout),
-                lease_ttl: e.lease_ttl.or(l.lease_ttl),
-            },
-            policy: PolicyLayer {
-                file: p.file.or(lp.file),
-                config: p.config.or(lp.config),
-            },
-            http: HttpLayer {
-                header_read_timeout: h.header_read_timeout.or(lh.header_read_timeout),
-                idle_timeout: h.idle_timeout.or(lh.idle_timeout),
-                write_timeout: h.write_timeout.or(lh.write_timeout),
-                max_connections: h.max_connections.or(lh.max_connections),
-            },
-        }
-    }
-
-    /// Checks every field, without any I/O, and fills in the defaults.
-    pub fn validate(self) -> Result<HostConfig, ConfigError> {
-        let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen_text.parse().map_err(|_| {
-            ConfigError::new(
-                "listen",
-                format!("`{listen_text}` is not an address like 127.0.0.1:7070"),
-            )
-        })?;
-        let log_format = match self.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    "log_format",
-                    format!("`{other}` is neither `text` nor `json`"),
-                ));
-            }
-        };
-        let admin_token = secret(
-            "admin_token",
-            self.admin_token,
-            self.admin_token_file,
-            "admin_token_file",
-        )?;
-        let snapshot_interval = match self.snapshot_interval.as_deref() {
-            None => DEFAULT_SNAPSHOT_INTERVAL,
-            Some(text) => duration_within("snapshot_interval", text, &SNAPSHOT_INTERVAL_RANGE)?,
-        };
-        if let Some(dir) = &self.state_dir
-            && dir.as_os_str().is_empty()
-        {
-            return Err(ConfigError::new("state_dir", "is empty"));
-        }
-        if let Some(file) = &self.policy.file
-            && file.as_os_str().is_empty()
-        {
-            return Err(ConfigError::new("policy.file", "is empty"));
-        }
-        let policy_config = self
-            .policy
-            .config
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(key, value)| {
-                if key.is_empty() {
-                    Err(ConfigError::new("policy.config", "a key is empty"))
-                } else {
-                    Ok((key, value.to_string()))
+        let mut layer = ConfigLayer::default();
+        toml::Deserializer::parse(text)
+            .and_then(|document| {
+                TomlSection {
+                    section: None,
+                    layer: &mut layer,
                 }
+                .deserialize(document)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map_err(|e| {
+                let message = e.message().trim().to_string();
+                let place = e
+                    .span()
+                    .map(|span| {
+                        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                        let content = text.lines().nth(line - 1).unwrap_or("").trim();
+                        format!(", line {line} (`{content}`)")
+                    })
+                    .unwrap_or_default();
+                ConfigError::new("config", format!("{origin}{place}: {message}"))
+            })?;
+        Ok(layer)
+    }
+
+    /// Sets `setting` from the command line: `given` holds the flag's values or the variable's
+    /// (comma-split for a list or a table), the last one winning for a single value.
+    pub fn set_from_command_line(
+        &mut self,
+        setting: &'static Setting,
+        mut given: Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let value = match setting.kind {
+            Kind::List => Value::List(given),
+            Kind::Pairs => Value::Pairs(
+                given
+                    .iter()
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, value)) => {
+                            Ok((key.trim().to_string(), value.trim().to_string()))
+                        }
+                        None => Err(ConfigError::new(
+                            setting.key,
+                            format!("`{pair}` is not KEY=VALUE"),
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Kind::Count(_) => {
+                let text = given.pop().unwrap_or_default();
+                Value::Count(text.trim().parse().map_err(|_| {
+                    ConfigError::new(setting.key, format!("`{text}` is not a whole number"))
+                })?)
+            }
+            _ => Value::Text(given.pop().unwrap_or_default()),
+        };
+        self.values.insert(setting.key, value);
+        Ok(())
+    }
+
+    /// This layer with `self`'s settings winning over `lower`'s.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+        let mut values = lower.values;
+        values.extend(self.values);
+        ConfigLayer { values }
+    }
+
+    /// Checks every setting, without any I/O, and fills in the defaults.
+    pub fn validate(self) -> Result<HostConfig, ConfigError> {
         Ok(HostConfig {
-            listen,
-            etcd: validate_etcd(self.etcd)?,
-            policy_file: self.policy.file,
-            policy_config,
-            admin_token,
-            state_dir: self.state_dir,
-            log_format,
-            snapshot_interval,
-            http: validate_http(self.http)?,
+            listen: self.address(&settings::LISTEN)?,
+            etcd: self.etcd()?,
+            policy_file: self.path(&settings::POLICY_FILE)?,
+            policy_config: self.pairs(&settings::POLICY_CONFIG)?.into_iter().collect(),
+            admin_token: self.secret(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)?,
+            state_dir: self.path(&settings::STATE_DIR)?,
+            log_format: match self.choice(&settings::LOG_FORMAT)? {
+                "json" => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
+            snapshot_interval: self.duration(&settings::SNAPSHOT_INTERVAL)?,
+            http: HttpSettings {
+                header_read_timeout: self.duration(&settings::HTTP_HEADER_READ_TIMEOUT)?,
+                idle_timeout: self.duration(&settings::HTTP_IDLE_TIMEOUT)?,
+                write_timeout: self.duration(&settings::HTTP_WRITE_TIMEOUT)?,
+                max_connections: self
+                    .count(&settings::HTTP_MAX_CONNECTIONS)?
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            },
         })
     }
-}
 
-fn validate_http(layer: HttpLayer) -> Result<HttpSettings, ConfigError> {
-    let within = |field: &str, text: Option<&str>, default, range: &RangeInclusive<Duration>| {
-        text.map_or(Ok(default), |text| duration_within(field, text, range))
-    };
-    let max_connections = match layer.max_connections {
-        None => None,
-        Some(n) if http::MAX_CONNECTIONS_RANGE.contains(&n) => usize::try_from(n).ok(),
-        Some(_) => {
-            let range = http::MAX_CONNECTIONS_RANGE;
-            return Err(ConfigError::new(
-                "http.max_connections",
-                format!("must be between {} and {}", range.start(), range.end()),
-            ));
-        }
-    };
-    Ok(HttpSettings {
-        header_read_timeout: within(
-            "http.header_read_timeout",
-            layer.header_read_timeout.as_deref(),
-            http::DEFAULT_HEADER_READ_TIMEOUT,
-            &http::HEADER_READ_TIMEOUT_RANGE,
-        )?,
-        idle_timeout: within(
-            "http.idle_timeout",
-            layer.idle_timeout.as_deref(),
-            http::DEFAULT_IDLE_TIMEOUT,
-            &http::IDLE_TIMEOUT_RANGE,
-        )?,
-        write_timeout: within(
-            "http.write_timeout",
-            layer.write_timeout.as_deref(),
-            http::DEFAULT_WRITE_TIMEOUT,
-            &http::WRITE_TIMEOUT_RANGE,
-        )?,
-        max_connections,
-    })
-}
-
-fn secret(
-    field: &str,
-    inline: Option<String>,
-    file: Option<PathBuf>,
-    file_field: &str,
-) -> Result<Option<Secret>, ConfigError> {
-    match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::new(
-            field,
-            format!("give either `{field}` or `{file_field}`, not both"),
-        )),
-        (Some(value), None) if value.is_empty() => Err(ConfigError::new(field, "is empty")),
-        (Some(value), None) => Ok(Some(Secret::Inline(value))),
-        (None, Some(path)) if path.as_os_str().is_empty() => {
-            Err(ConfigError::new(file_field, "is empty"))
-        }
-        (None, Some(path)) => Ok(Some(Secret::File(path))),
-        (None, None) => Ok(None),
-    }
-}
-
-fn validate_etcd(layer: EtcdLayer) -> Result<Option<EtcdSettings>, ConfigError> {
-    let endpoints = match layer.endpoints {
-        Some(endpoints) if !endpoints.is_empty() => endpoints,
-        Some(_) => return Err(ConfigError::new("etcd.endpoints", "is an empty list")),
-        None => {
-            // Without etcd nothing else of this section means anything: say so rather than
-            // silently ignoring, say, a prefix meant for a real cluster.
-            let set = [
-                ("etcd.user", layer.user.is_some()),
-                ("etcd.password", layer.password.is_some()),
-                ("etcd.password_file", layer.password_file.is_some()),
-                ("etcd.ca", layer.ca.is_some()),
-                ("etcd.cert", layer.cert.is_some()),
-                ("etcd.key", layer.key.is_some()),
-                ("etcd.prefix", layer.prefix.is_some()),
-                ("etcd.request_timeout", layer.request_timeout.is_some()),
-                ("etcd.lease_ttl", layer.lease_ttl.is_some()),
-            ];
-            if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+    fn etcd(&self) -> Result<Option<EtcdSettings>, ConfigError> {
+        let endpoints = match self.list(&settings::ETCD_ENDPOINTS) {
+            Some(endpoints) if !endpoints.is_empty() => endpoints,
+            Some(_) => {
                 return Err(ConfigError::new(
-                    field,
-                    "is set but no etcd endpoint is (`etcd.endpoints`)",
+                    settings::ETCD_ENDPOINTS.key,
+                    "is an empty list",
                 ));
             }
-            return Ok(None);
-        }
-    };
-    let password = secret(
-        "etcd.password",
-        layer.password,
-        layer.password_file,
-        "etcd.password_file",
-    )?;
-    let user = match (layer.user, password) {
-        (Some(user), Some(password)) => Some((user, password)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::new(
-                "etcd.password",
-                "is required with `etcd.user` (or `etcd.password_file`)",
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::new(
-                "etcd.user",
-                "is required with `etcd.password`",
-            ));
-        }
-    };
-    let client = match (layer.cert, layer.key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::new("etcd.key", "is required with `etcd.cert`"));
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::new("etcd.cert", "is required with `etcd.key`"));
-        }
-    };
-    if client.is_some() && layer.ca.is_none() {
-        return Err(ConfigError::new(
-            "etcd.ca",
-            "is required with a client certificate",
-        ));
-    }
-    let settings = EtcdSettings {
-        endpoints,
-        user,
-        ca: layer.ca,
-        client,
-        prefix: layer.prefix.unwrap_or_else(|| etcd::DEFAULT_PREFIX.into()),
-        request_timeout: match layer.request_timeout.as_deref() {
-            None => etcd::DEFAULT_REQUEST_TIMEOUT,
-            Some(text) => duration("etcd.request_timeout", text)?,
-        },
-        lease_ttl: match layer.lease_ttl.as_deref() {
-            None => etcd::DEFAULT_LEASE_TTL,
-            Some(text) => duration("etcd.lease_ttl", text)?,
-        },
-    };
-    // The registry's own rules (endpoint syntax and ports, TLS scheme, prefix, the ranges of the
-    // timeout and the TTL), checked without I/O; the placeholder password is never used.
-    let password = settings.user.as_ref().map(|_| "unused".to_string());
-    settings.registry_config(password).validate().map_err(|e| {
-        use etcd::ConfigError as E;
-        let field = match &e {
-            E::NoEndpoints | E::BadEndpoint(_) | E::SchemeMismatch { .. } => "etcd.endpoints",
-            E::BadPrefix(_) => "etcd.prefix",
-            E::BadCredentials => "etcd.user",
-            E::HalfClientIdentity => "etcd.cert",
-            E::BadDuration { setting, .. } => match *setting {
-                "lease_ttl" | "keep_alive_interval" => "etcd.lease_ttl",
-                _ => "etcd.request_timeout",
-            },
+            None => {
+                // Without etcd nothing else of this section means anything: say so rather than
+                // silently ignoring, say, a prefix meant for a real cluster.
+                let set = settings::ALL.iter().find(|setting| {
+                    setting.section() == Some("etcd") && self.values.contains_key(setting.key)
+                });
+                return match set {
+                    Some(setting) => Err(ConfigError::new(
+                        setting.key,
+                        "is set but no etcd endpoint is (`etcd.endpoints`)",
+                    )),
+                    None => Ok(None),
+                };
+            }
         };
-        ConfigError::new(field, e.to_string())
-    })?;
-    Ok(Some(settings))
+        let user = match (
+            self.text(&settings::ETCD_USER),
+            self.secret(&settings::ETCD_PASSWORD, &settings::ETCD_PASSWORD_FILE)?,
+        ) {
+            (Some(user), Some(password)) => Some((user.to_string(), password)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    settings::ETCD_PASSWORD.key,
+                    "is required with `etcd.user` (or `etcd.password_file`)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    settings::ETCD_USER.key,
+                    "is required with `etcd.password`",
+                ));
+            }
+        };
+        let ca = self.path(&settings::ETCD_CA)?;
+        let client = match (
+            self.path(&settings::ETCD_CERT)?,
+            self.path(&settings::ETCD_KEY)?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    settings::ETCD_KEY.key,
+                    "is required with `etcd.cert`",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    settings::ETCD_CERT.key,
+                    "is required with `etcd.key`",
+                ));
+            }
+        };
+        if client.is_some() && ca.is_none() {
+            return Err(ConfigError::new(
+                settings::ETCD_CA.key,
+                "is required with a client certificate",
+            ));
+        }
+        let settings = EtcdSettings {
+            endpoints,
+            user,
+            ca,
+            client,
+            prefix: self.text_or_default(&settings::ETCD_PREFIX).to_string(),
+            request_timeout: self.duration(&settings::ETCD_REQUEST_TIMEOUT)?,
+            lease_ttl: self.duration(&settings::ETCD_LEASE_TTL)?,
+        };
+        // The registry's own rules (endpoint syntax and ports, TLS scheme, prefix, the ranges of
+        // the timeout and the TTL), checked without I/O; the placeholder password is never used.
+        let password = settings.user.as_ref().map(|_| "unused".to_string());
+        settings
+            .registry_config(password)
+            .validate()
+            .map_err(|e| ConfigError::new(etcd_setting(e.setting()).key, e.to_string()))?;
+        Ok(Some(settings))
+    }
+
+    fn text(&self, setting: &Setting) -> Option<&str> {
+        match self.values.get(setting.key) {
+            Some(Value::Text(text)) => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The text given, or the setting's default text.
+    fn text_or_default(&self, setting: &Setting) -> &str {
+        match (self.text(setting), &setting.default) {
+            (Some(text), _) => text,
+            (None, settings::Default::Text(text)) => text,
+            (None, other) => unreachable!("{} has no default text ({other:?})", setting.key),
+        }
+    }
+
+    fn address(&self, setting: &Setting) -> Result<SocketAddr, ConfigError> {
+        let text = self.text_or_default(setting);
+        text.parse().map_err(|_| {
+            ConfigError::new(
+                setting.key,
+                format!("`{text}` is not an address like {DEFAULT_LISTEN}"),
+            )
+        })
+    }
+
+    fn choice(&self, setting: &'static Setting) -> Result<&'static str, ConfigError> {
+        let Kind::Choice(choices) = setting.kind else {
+            unreachable!("{} is not a choice", setting.key)
+        };
+        let text = self.text_or_default(setting);
+        choices
+            .iter()
+            .copied()
+            .find(|choice| *choice == text)
+            .ok_or_else(|| {
+                let choices: Vec<String> = choices.iter().map(|c| format!("`{c}`")).collect();
+                ConfigError::new(
+                    setting.key,
+                    format!("`{text}` is not {}", choices.join(" or ")),
+                )
+            })
+    }
+
+    fn path(&self, setting: &Setting) -> Result<Option<PathBuf>, ConfigError> {
+        match self.text(setting) {
+            Some("") => Err(ConfigError::new(setting.key, "is empty")),
+            text => Ok(text.map(PathBuf::from)),
+        }
+    }
+
+    fn list(&self, setting: &Setting) -> Option<Vec<String>> {
+        match self.values.get(setting.key) {
+            Some(Value::List(list)) => Some(list.clone()),
+            _ => None,
+        }
+    }
+
+    fn pairs(&self, setting: &Setting) -> Result<BTreeMap<String, String>, ConfigError> {
+        let pairs = match self.values.get(setting.key) {
+            Some(Value::Pairs(pairs)) => pairs.clone(),
+            _ => BTreeMap::new(),
+        };
+        if pairs.contains_key("") {
+            return Err(ConfigError::new(setting.key, "a key is empty"));
+        }
+        Ok(pairs)
+    }
+
+    fn count(&self, setting: &Setting) -> Result<Option<u64>, ConfigError> {
+        let Kind::Count(range) = setting.kind else {
+            unreachable!("{} is not a count", setting.key)
+        };
+        match self.values.get(setting.key) {
+            Some(Value::Count(n)) if !range.contains(n) => Err(ConfigError::new(
+                setting.key,
+                format!("must be between {} and {}", range.start(), range.end()),
+            )),
+            Some(Value::Count(n)) => Ok(Some(*n)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A duration: the one given (in range, for a [`Kind::Duration`]; a
+    /// [`Kind::EtcdDuration`]'s range is the registry's to check) or the default.
+    fn duration(&self, setting: &Setting) -> Result<Duration, ConfigError> {
+        let Some(text) = self.text(setting) else {
+            let settings::Default::Duration(default) = setting.default else {
+                unreachable!("{} has no default duration", setting.key)
+            };
+            return Ok(default);
+        };
+        let value =
+            parse_duration(text).map_err(|message| ConfigError::new(setting.key, message))?;
+        match setting.kind {
+            Kind::Duration(range) if !range.contains(&value) => Err(ConfigError::new(
+                setting.key,
+                format!("must be {}", settings::between(range)),
+            )),
+            Kind::Duration(_) | Kind::EtcdDuration { .. } => Ok(value),
+            _ => unreachable!("{} is not a duration", setting.key),
+        }
+    }
+
+    /// A secret given inline or as its file twin, not both.
+    fn secret(&self, inline: &Setting, file: &Setting) -> Result<Option<Secret>, ConfigError> {
+        match (self.text(inline), self.text(file)) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                inline.key,
+                format!("give either `{}` or `{}`, not both", inline.key, file.key),
+            )),
+            (Some(""), None) => Err(ConfigError::new(inline.key, "is empty")),
+            (Some(value), None) => Ok(Some(Secret::Inline(value.to_string()))),
+            (None, Some("")) => Err(ConfigError::new(file.key, "is empty")),
+            (None, Some(path)) => Ok(Some(Secret::File(path.into()))),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
-fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    parse_duration(text).map_err(|message| ConfigError::new(field, message))
+/// The host's setting a refusal of the registry's configuration concerns.
+fn etcd_setting(setting: etcd::Setting) -> &'static Setting {
+    match setting {
+        etcd::Setting::Endpoints => &settings::ETCD_ENDPOINTS,
+        etcd::Setting::User => &settings::ETCD_USER,
+        etcd::Setting::TlsClient => &settings::ETCD_CERT,
+        etcd::Setting::Prefix => &settings::ETCD_PREFIX,
+        etcd::Setting::RequestTimeout => &settings::ETCD_REQUEST_TIMEOUT,
+        // The keep-alive interval is a third of the TTL: only the TTL can put it out of range.
+        etcd::Setting::LeaseTtl | etcd::Setting::KeepAliveInterval => &settings::ETCD_LEASE_TTL,
+        other @ (etcd::Setting::Http2Keepalive
+        | etcd::Setting::RetryBackoffMax
+        | etcd::Setting::EndpointProbeInterval) => {
+            unreachable!("the host leaves the registry's {other} at its default")
+        }
+    }
 }
 
-/// A duration setting with its accepted range (stated in the error).
-fn duration_within(
-    field: &str,
-    text: &str,
-    range: &RangeInclusive<Duration>,
-) -> Result<Duration, ConfigError> {
-    let value = duration(field, text)?;
-    if range.contains(&value) {
-        Ok(value)
-    } else {
-        Err(ConfigError::new(
-            field,
-            format!("must be between {:?} and {:?}", range.start(), range.end()),
-        ))
+/// A section of the TOML file (the top level, or `[etcd]`, ...): each key must be a setting
+/// (or, at the top level, a section); its value is read as the setting's kind. Errors raised
+/// here carry the key's or the value's place in the document.
+struct TomlSection<'a> {
+    section: Option<&'static str>,
+    layer: &'a mut ConfigLayer,
+}
+
+/// A key of a TOML section: a setting, or a section of settings.
+enum TomlKey {
+    Setting(&'static Setting),
+    Section(&'static str),
+}
+
+impl<'de> DeserializeSeed<'de> for TomlSection<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TomlSection<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a table of settings")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(KeySeed(self.section))? {
+            match key {
+                TomlKey::Setting(setting) => {
+                    let value = map.next_value_seed(ValueSeed(setting))?;
+                    self.layer.values.insert(setting.key, value);
+                }
+                TomlKey::Section(section) => map.next_value_seed(TomlSection {
+                    section: Some(section),
+                    layer: &mut *self.layer,
+                })?,
+            }
+        }
+        Ok(())
+    }
+}
+
+struct KeySeed(Option<&'static str>);
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = TomlKey;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<TomlKey, D::Error> {
+        let key = String::deserialize(deserializer)?;
+        let full = match self.0 {
+            Some(section) => format!("{section}.{key}"),
+            None => key.clone(),
+        };
+        if let Some(setting) = settings::find(&full) {
+            return Ok(TomlKey::Setting(setting));
+        }
+        let in_this_section = || {
+            settings::ALL
+                .iter()
+                .filter(move |setting| setting.section() == self.0)
+        };
+        if self.0.is_none()
+            && let Some(section) = settings::ALL
+                .iter()
+                .find_map(|setting| setting.section().filter(|section| *section == key))
+        {
+            return Ok(TomlKey::Section(section));
+        }
+        let expected: Vec<String> = in_this_section()
+            .map(|setting| format!("`{}`", setting.key.rsplit('.').next().unwrap_or_default()))
+            .collect();
+        Err(de::Error::custom(format!(
+            "unknown field `{key}`, expected one of {}",
+            expected.join(", ")
+        )))
+    }
+}
+
+struct ValueSeed(&'static Setting);
+
+impl<'de> DeserializeSeed<'de> for ValueSeed {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        Ok(match self.0.kind {
+            Kind::List => Value::List(Vec::deserialize(deserializer)?),
+            Kind::Pairs => Value::Pairs(
+                BTreeMap::<String, PairValue>::deserialize(deserializer)?
+                    .into_iter()
+                    .map(|(key, value)| (key, value.to_string()))
+                    .collect(),
+            ),
+            Kind::Count(_) => Value::Count(u64::deserialize(deserializer)?),
+            _ => Value::Text(String::deserialize(deserializer)?),
+        })
     }
 }
 
@@ -905,19 +964,88 @@ mod tests {
     }
 
     #[test]
-    fn higher_layer_wins_field_by_field() {
+    fn higher_layer_wins_setting_by_setting() {
         let file = ConfigLayer::parse_toml(
-            "listen = \"127.0.0.1:1\"\n[etcd]\nendpoints = [\"a:1\"]\nprefix = \"/p/\"",
+            "listen = \"127.0.0.1:1\"\n[etcd]\nendpoints = [\"a:1\"]\nprefix = \"/p/\"\n\
+             [policy]\nconfig = { a = 1, b = true }",
             "f",
         )
         .unwrap();
-        let flags = ConfigLayer {
-            listen: Some("127.0.0.1:2".into()),
-            ..Default::default()
-        };
+        let mut flags = ConfigLayer::default();
+        flags
+            .set_from_command_line(&settings::LISTEN, vec!["127.0.0.1:2".into()])
+            .unwrap();
+        flags
+            .set_from_command_line(&settings::POLICY_CONFIG, vec!["c = 3".into()])
+            .unwrap();
         let config = flags.over(file).validate().unwrap();
         assert_eq!(config.listen.port(), 2);
         assert_eq!(config.etcd.unwrap().prefix, "/p/");
+        assert_eq!(config.policy_config, vec![("c".into(), "3".into())]);
+
+        let mut flags = ConfigLayer::default();
+        let err = flags
+            .set_from_command_line(&settings::POLICY_CONFIG, vec!["novalue".into()])
+            .unwrap_err();
+        assert_eq!(err.field, "policy.config");
+    }
+
+    #[test]
+    fn every_etcd_setting_needs_endpoints() {
+        for setting in settings::ALL.iter().filter(|s| s.section() == Some("etcd")) {
+            if setting.key == settings::ETCD_ENDPOINTS.key {
+                continue;
+            }
+            let mut layer = ConfigLayer::default();
+            let value = match setting.kind {
+                Kind::List | Kind::Pairs => vec!["x=1".into()],
+                _ => vec!["x".into()],
+            };
+            layer.set_from_command_line(setting, value).unwrap();
+            let err = layer.validate().unwrap_err();
+            assert_eq!(err.field, setting.key, "{err}");
+            assert!(err.message.contains("no etcd endpoint"), "{err}");
+        }
+    }
+
+    #[test]
+    fn every_setting_is_a_toml_key_with_its_flag_and_variable() {
+        for setting in settings::ALL {
+            let (section, leaf) = match setting.key.split_once('.') {
+                Some((section, leaf)) => (format!("[{section}]\n"), leaf),
+                None => (String::new(), setting.key),
+            };
+            let value = match setting.kind {
+                Kind::List => "[]",
+                Kind::Pairs => "{}",
+                Kind::Count(_) => "1",
+                _ => "\"x\"",
+            };
+            ConfigLayer::parse_toml(&format!("{section}{leaf} = {value}"), "t")
+                .unwrap_or_else(|e| panic!("{}: {e}", setting.key));
+            let help = setting.help_line();
+            assert!(help.contains(&setting.default_text()), "{help}");
+        }
+        assert_eq!(settings::ETCD_LEASE_TTL.flag(), "--etcd-lease-ttl");
+        assert_eq!(settings::ETCD_LEASE_TTL.env(), "REGCACHE_ETCD_LEASE_TTL");
+        assert_eq!(
+            settings::ETCD_LEASE_TTL.help_line(),
+            "[etcd.lease_ttl] TTL of the host's lease: a host that dies leaves its nodes listed \
+             this long; whole seconds, 1s to 3600s [default: 15s]"
+        );
+    }
+
+    /// README.md's table of settings is this table, rendered: when a setting changes, this test
+    /// fails and prints the table to paste.
+    #[test]
+    fn the_readme_lists_every_setting() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let want = settings::markdown_table();
+        assert!(
+            readme.contains(&want),
+            "README.md's table of settings differs from the settings; it should read:\n\n{want}"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! before anything runs, and [`EtcdRegistry::connect`](super::EtcdRegistry::connect) is the
 //! separate step that reads the TLS files and dials etcd.
 
+use std::fmt;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,7 +17,7 @@ pub const MIN_HTTP2_KEEPALIVE: Duration = Duration::from_secs(5);
 /// The key prefix by default: go-micro's.
 pub const DEFAULT_PREFIX: &str = "/micro/registry/";
 
-/// The request (and connect) timeout by default: far above a healthy etcd's milliseconds, and
+/// The request timeout by default: far above a healthy etcd's milliseconds, and
 /// short enough that a lookup waiting on a refresh from a dead etcd gives up while its caller
 /// still waits.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,7 +26,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// expires, and a host that dies leaves its nodes listed for at most this long.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
-/// Accepted request (and connect) timeouts. Below 100 ms an attempt's own floor (a third of the
+/// Accepted request timeouts (connecting is bounded by the request timeout too). Below 100 ms an attempt's own floor (a third of the
 /// request timeout, at least 100 ms) would outlast the whole request; beyond 5 minutes a caller
 /// (and every lookup that waits on a refresh) would be left hanging on a dead etcd for longer
 /// than any operator means.
@@ -37,7 +38,49 @@ pub const REQUEST_TIMEOUT_RANGE: RangeInclusive<Duration> =
 pub const LEASE_TTL_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
 
-/// Why a configuration was refused.
+/// A setting of [`EtcdConfig`], as its builder names it: which one a [`ConfigError`] concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// The endpoints ([`EtcdConfig::new`]).
+    Endpoints,
+    /// [`EtcdConfig::user`].
+    User,
+    /// [`EtcdConfig::tls_client`].
+    TlsClient,
+    /// [`EtcdConfig::prefix`].
+    Prefix,
+    /// [`EtcdConfig::request_timeout`].
+    RequestTimeout,
+    /// [`EtcdConfig::lease_ttl`].
+    LeaseTtl,
+    /// [`EtcdConfig::keep_alive_interval`].
+    KeepAliveInterval,
+    /// [`EtcdConfig::http2_keepalive`].
+    Http2Keepalive,
+    /// [`EtcdConfig::retry_backoff_max`].
+    RetryBackoffMax,
+    /// [`EtcdConfig::endpoint_probe_interval`].
+    EndpointProbeInterval,
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Setting::Endpoints => "endpoints",
+            Setting::User => "user",
+            Setting::TlsClient => "tls_client",
+            Setting::Prefix => "prefix",
+            Setting::RequestTimeout => "request_timeout",
+            Setting::LeaseTtl => "lease_ttl",
+            Setting::KeepAliveInterval => "keep_alive_interval",
+            Setting::Http2Keepalive => "http2_keepalive",
+            Setting::RetryBackoffMax => "retry_backoff_max",
+            Setting::EndpointProbeInterval => "endpoint_probe_interval",
+        })
+    }
+}
+
+/// Why a configuration was refused. [`ConfigError::setting`] says which setting it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// No endpoint was given.
@@ -64,8 +107,8 @@ pub enum ConfigError {
     /// A duration setting is out of range.
     #[error("{setting} {message}")]
     BadDuration {
-        /// The setting's name.
-        setting: &'static str,
+        /// The setting.
+        setting: Setting,
         /// What is wrong with it.
         message: String,
     },
@@ -75,6 +118,21 @@ pub enum ConfigError {
     /// Only one of the client certificate and key was given.
     #[error("a client certificate needs its key, and a key its certificate")]
     HalfClientIdentity,
+}
+
+impl ConfigError {
+    /// The setting the refusal concerns.
+    pub fn setting(&self) -> Setting {
+        match self {
+            ConfigError::NoEndpoints
+            | ConfigError::BadEndpoint(_)
+            | ConfigError::SchemeMismatch { .. } => Setting::Endpoints,
+            ConfigError::BadPrefix(_) => Setting::Prefix,
+            ConfigError::BadDuration { setting, .. } => *setting,
+            ConfigError::BadCredentials => Setting::User,
+            ConfigError::HalfClientIdentity => Setting::TlsClient,
+        }
+    }
 }
 
 /// TLS files for the connection to etcd (read at connect time, not at validation).
@@ -96,7 +154,6 @@ pub struct EtcdConfig {
     pub(crate) tls: Option<TlsPaths>,
     pub(crate) prefix: String,
     pub(crate) request_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
     pub(crate) lease_ttl: Duration,
     pub(crate) keep_alive_interval: Option<Duration>,
     pub(crate) http2_keepalive_interval: Duration,
@@ -116,7 +173,6 @@ impl EtcdConfig {
             tls: None,
             prefix: DEFAULT_PREFIX.into(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            connect_timeout: DEFAULT_REQUEST_TIMEOUT,
             lease_ttl: DEFAULT_LEASE_TTL,
             keep_alive_interval: None,
             http2_keepalive_interval: Duration::from_secs(10),
@@ -170,19 +226,15 @@ impl EtcdConfig {
     }
 
     /// Bound on every registry call, retries included: no call waits longer, even on a hung
-    /// etcd. Default 5 s.
+    /// etcd; connecting is bounded by it too. Default [`DEFAULT_REQUEST_TIMEOUT`], within
+    /// [`REQUEST_TIMEOUT_RANGE`].
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
-    /// Bound on the first contact in `connect`. Default 5 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// TTL of this host's lease, in whole seconds (etcd's unit). Default 15 s.
+    /// TTL of this host's lease, in whole seconds (etcd's unit). Default [`DEFAULT_LEASE_TTL`],
+    /// within [`LEASE_TTL_RANGE`].
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
         self
@@ -244,7 +296,7 @@ impl EtcdConfig {
         {
             return Err(ConfigError::HalfClientIdentity);
         }
-        let positive = |setting: &'static str, d: Duration| {
+        let positive = |setting: Setting, d: Duration| {
             if d.is_zero() {
                 Err(ConfigError::BadDuration {
                     setting,
@@ -254,32 +306,22 @@ impl EtcdConfig {
                 Ok(())
             }
         };
-        let within = |setting: &'static str, d: Duration, range: &RangeInclusive<Duration>| {
-            if range.contains(&d) {
-                Ok(())
-            } else {
-                Err(ConfigError::BadDuration {
-                    setting,
-                    message: format!("must be between {:?} and {:?}", range.start(), range.end()),
-                })
-            }
-        };
-        within(
-            "request_timeout",
-            self.request_timeout,
-            &REQUEST_TIMEOUT_RANGE,
-        )?;
-        within(
-            "connect_timeout",
-            self.connect_timeout,
-            &REQUEST_TIMEOUT_RANGE,
-        )?;
-        positive("retry_backoff_max", self.retry_backoff_max)?;
-        positive("endpoint_probe_interval", self.endpoint_probe_interval)?;
-        positive("http2_keepalive_timeout", self.http2_keepalive_timeout)?;
+        if !REQUEST_TIMEOUT_RANGE.contains(&self.request_timeout) {
+            return Err(ConfigError::BadDuration {
+                setting: Setting::RequestTimeout,
+                message: format!(
+                    "must be between {:?} and {:?}",
+                    REQUEST_TIMEOUT_RANGE.start(),
+                    REQUEST_TIMEOUT_RANGE.end()
+                ),
+            });
+        }
+        positive(Setting::RetryBackoffMax, self.retry_backoff_max)?;
+        positive(Setting::EndpointProbeInterval, self.endpoint_probe_interval)?;
+        positive(Setting::Http2Keepalive, self.http2_keepalive_timeout)?;
         if !LEASE_TTL_RANGE.contains(&self.lease_ttl) || self.lease_ttl.subsec_nanos() != 0 {
             return Err(ConfigError::BadDuration {
-                setting: "lease_ttl",
+                setting: Setting::LeaseTtl,
                 message: format!(
                     "must be a whole number of seconds, at least 1 and at most {}",
                     LEASE_TTL_RANGE.end().as_secs()
@@ -289,7 +331,7 @@ impl EtcdConfig {
         let interval = self.effective_keep_alive_interval();
         if interval.is_zero() || interval >= self.lease_ttl {
             return Err(ConfigError::BadDuration {
-                setting: "keep_alive_interval",
+                setting: Setting::KeepAliveInterval,
                 message: format!(
                     "must be positive and below the lease TTL ({:?})",
                     self.lease_ttl
@@ -298,7 +340,7 @@ impl EtcdConfig {
         }
         if self.http2_keepalive_interval < MIN_HTTP2_KEEPALIVE {
             return Err(ConfigError::BadDuration {
-                setting: "http2_keepalive_interval",
+                setting: Setting::Http2Keepalive,
                 message: format!(
                     "must be at least {MIN_HTTP2_KEEPALIVE:?}: etcd answers faster pings with GOAWAY"
                 ),
@@ -412,10 +454,6 @@ mod tests {
                 base().request_timeout(Duration::from_secs(301)),
                 "between 100ms and 300s",
             ),
-            (
-                base().connect_timeout(Duration::from_secs(3600)),
-                "connect_timeout must be between",
-            ),
             (base().lease_ttl(Duration::from_secs(3601)), "at most 3600"),
             (base().lease_ttl(Duration::ZERO), "at least 1"),
             (base().retry_backoff_max(Duration::ZERO), "positive"),
@@ -433,7 +471,6 @@ mod tests {
         let base = || EtcdConfig::new(["127.0.0.1:1", "[::1]:65535"]);
         for timeout in [*REQUEST_TIMEOUT_RANGE.start(), *REQUEST_TIMEOUT_RANGE.end()] {
             base().request_timeout(timeout).validate().unwrap();
-            base().connect_timeout(timeout).validate().unwrap();
         }
         for ttl in [*LEASE_TTL_RANGE.start(), *LEASE_TTL_RANGE.end()] {
             base().lease_ttl(ttl).validate().unwrap();

@@ -1,0 +1,447 @@
+//! The table of the host's settings. Each setting is defined once here: its TOML key, the name
+//! of its value, one help sentence, its default and its kind (what it takes, and its range). The
+//! flag and the environment variable are derived from the key; `regcache run --help`, the
+//! README's table and the validation messages are rendered from the entry, so none can drift.
+//!
+//! Defaults and ranges stay with the module that owns the concept (the HTTP server's timeouts,
+//! etcd's lease TTL) and are referenced here by exactly one entry.
+
+use std::fmt::Write as _;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use crate::http;
+use crate::registry::etcd;
+
+use super::{DEFAULT_LISTEN, DEFAULT_SNAPSHOT_INTERVAL, SNAPSHOT_INTERVAL_RANGE};
+
+/// One setting of the host.
+#[derive(Debug)]
+pub struct Setting {
+    /// Dotted as in the TOML file: `etcd.lease_ttl` is `lease_ttl` in `[etcd]`.
+    pub key: &'static str,
+    /// The value's placeholder in the help: `DURATION`.
+    pub value_name: &'static str,
+    /// What the setting does, in a sentence or two.
+    pub help: &'static str,
+    /// What it takes.
+    pub kind: Kind,
+    /// What applies when it is not set.
+    pub default: Default,
+}
+
+/// What a setting takes.
+#[derive(Debug)]
+pub enum Kind {
+    /// Any text.
+    Text,
+    /// A socket address, `127.0.0.1:7070`.
+    Address,
+    /// One of these words.
+    Choice(&'static [&'static str]),
+    /// A path to a file or a directory (read at start, never while validating).
+    Path,
+    /// A secret given inline; its value is never shown. Its file twin is the setting named
+    /// like it with `_file` appended, of kind [`Kind::SecretFile`]; give one or the other.
+    Secret,
+    /// A file holding the secret of the setting named like this one without `_file`.
+    SecretFile,
+    /// A duration (`500ms`, `5s`, `2m`, `1h`) within the range.
+    Duration(&'static RangeInclusive<Duration>),
+    /// A duration of the etcd registry's own configuration: its range is checked by
+    /// [`EtcdConfig::validate`](etcd::EtcdConfig::validate), which embedders building an
+    /// `EtcdConfig` themselves rely on as well, and is only documented from here.
+    EtcdDuration {
+        /// The range the registry accepts.
+        range: &'static RangeInclusive<Duration>,
+        /// Whether it counts in whole seconds (etcd's unit for a lease).
+        whole_seconds: bool,
+    },
+    /// A whole number within the range.
+    Count(&'static RangeInclusive<u64>),
+    /// A list of text, comma-separated in a flag or a variable.
+    List,
+    /// A `KEY=VALUE` table: a TOML table in the file, repeated flags or a comma-separated
+    /// variable on the command line (which replace the file's whole table).
+    Pairs,
+}
+
+/// What applies when a setting is not set.
+#[derive(Debug)]
+pub enum Default {
+    /// This text, as if given.
+    Text(&'static str),
+    /// This duration.
+    Duration(Duration),
+    /// Nothing.
+    None,
+    /// Nothing, which means this.
+    NoneMeans(&'static str),
+    /// A value computed when the host starts, described by the function.
+    Derived(fn() -> String),
+}
+
+/// Where the host listens.
+pub static LISTEN: Setting = Setting {
+    key: "listen",
+    value_name: "ADDR",
+    help: "Address of the HTTP API (port 0 picks a free one, logged)",
+    kind: Kind::Address,
+    default: Default::Text(DEFAULT_LISTEN),
+};
+
+/// etcd's endpoints.
+pub static ETCD_ENDPOINTS: Setting = Setting {
+    key: "etcd.endpoints",
+    value_name: "ENDPOINTS",
+    help: "etcd endpoints, host:port or http(s)://host:port (port 1 to 65535)",
+    kind: Kind::List,
+    default: Default::NoneMeans("an embedded in-memory registry"),
+};
+
+/// etcd's user name.
+pub static ETCD_USER: Setting = Setting {
+    key: "etcd.user",
+    value_name: "USER",
+    help: "etcd user name",
+    kind: Kind::Text,
+    default: Default::NoneMeans("authentication off"),
+};
+
+/// etcd's password.
+pub static ETCD_PASSWORD: Setting = Setting {
+    key: "etcd.password",
+    value_name: "PASSWORD",
+    help: "etcd password (prefer the environment or a file over a flag)",
+    kind: Kind::Secret,
+    default: Default::None,
+};
+
+/// A file holding etcd's password.
+pub static ETCD_PASSWORD_FILE: Setting = Setting {
+    key: "etcd.password_file",
+    value_name: "FILE",
+    help: "File holding the etcd password (trailing newline ignored)",
+    kind: Kind::SecretFile,
+    default: Default::None,
+};
+
+/// The CA of etcd's certificate.
+pub static ETCD_CA: Setting = Setting {
+    key: "etcd.ca",
+    value_name: "FILE",
+    help: "CA of etcd's server certificate (PEM); turns TLS on. The TLS files are read and \
+           parsed at start: one that is not PEM, holds no certificate, or a key that is not \
+           the certificate's stops the start",
+    kind: Kind::Path,
+    default: Default::NoneMeans("plain HTTP/2"),
+};
+
+/// The client certificate for etcd.
+pub static ETCD_CERT: Setting = Setting {
+    key: "etcd.cert",
+    value_name: "FILE",
+    help: "Client certificate for etcd (PEM), for etcd's client-certificate authentication",
+    kind: Kind::Path,
+    default: Default::None,
+};
+
+/// The client certificate's key.
+pub static ETCD_KEY: Setting = Setting {
+    key: "etcd.key",
+    value_name: "FILE",
+    help: "Key of the client certificate (PEM)",
+    kind: Kind::Path,
+    default: Default::None,
+};
+
+/// The registry's key prefix.
+pub static ETCD_PREFIX: Setting = Setting {
+    key: "etcd.prefix",
+    value_name: "PREFIX",
+    help: "Key prefix of the registry (go-micro's by default)",
+    kind: Kind::Text,
+    default: Default::Text(etcd::DEFAULT_PREFIX),
+};
+
+/// The bound of every etcd call.
+pub static ETCD_REQUEST_TIMEOUT: Setting = Setting {
+    key: "etcd.request_timeout",
+    value_name: "DURATION",
+    help: "Bound of every etcd call, retries included, and of connecting",
+    kind: Kind::EtcdDuration {
+        range: &etcd::REQUEST_TIMEOUT_RANGE,
+        whole_seconds: false,
+    },
+    default: Default::Duration(etcd::DEFAULT_REQUEST_TIMEOUT),
+};
+
+/// The TTL of the host's lease.
+pub static ETCD_LEASE_TTL: Setting = Setting {
+    key: "etcd.lease_ttl",
+    value_name: "DURATION",
+    help: "TTL of the host's lease: a host that dies leaves its nodes listed this long",
+    kind: Kind::EtcdDuration {
+        range: &etcd::LEASE_TTL_RANGE,
+        whole_seconds: true,
+    },
+    default: Default::Duration(etcd::DEFAULT_LEASE_TTL),
+};
+
+/// The policy component.
+pub static POLICY_FILE: Setting = Setting {
+    key: "policy.file",
+    value_name: "FILE",
+    help: "Policy component to load and watch (SIGHUP reloads it too)",
+    kind: Kind::Path,
+    default: Default::NoneMeans("the embedded default policy"),
+};
+
+/// The policy's operator configuration.
+pub static POLICY_CONFIG: Setting = Setting {
+    key: "policy.config",
+    value_name: "KEY=VALUE",
+    help: "Policy configuration, passed to the policy's `configure`",
+    kind: Kind::Pairs,
+    default: Default::None,
+};
+
+/// The admin endpoints' bearer token.
+pub static ADMIN_TOKEN: Setting = Setting {
+    key: "admin_token",
+    value_name: "TOKEN",
+    help: "Bearer token of the admin endpoints (PUT /v1/policy)",
+    kind: Kind::Secret,
+    default: Default::NoneMeans("the admin endpoints are disabled"),
+};
+
+/// A file holding the admin token.
+pub static ADMIN_TOKEN_FILE: Setting = Setting {
+    key: "admin_token_file",
+    value_name: "FILE",
+    help: "File holding the admin token (trailing newline ignored)",
+    kind: Kind::SecretFile,
+    default: Default::None,
+};
+
+/// The state directory.
+pub static STATE_DIR: Setting = Setting {
+    key: "state_dir",
+    value_name: "DIR",
+    help: "Directory for the cache snapshot and precompiled policies (created if missing). If \
+           it cannot be written the host warns and runs without them (a snapshot there is \
+           still read)",
+    kind: Kind::Path,
+    default: Default::NoneMeans("no snapshot, the policy compiled at each start"),
+};
+
+/// How often the snapshot is written.
+pub static SNAPSHOT_INTERVAL: Setting = Setting {
+    key: "snapshot_interval",
+    value_name: "DURATION",
+    help: "How often the snapshot is written",
+    kind: Kind::Duration(&SNAPSHOT_INTERVAL_RANGE),
+    default: Default::Duration(DEFAULT_SNAPSHOT_INTERVAL),
+};
+
+/// Time to receive a request head.
+pub static HTTP_HEADER_READ_TIMEOUT: Setting = Setting {
+    key: "http.header_read_timeout",
+    value_name: "DURATION",
+    help: "Time a client has to send a request head (and again its body); a silent or \
+           dripping connection is closed after it",
+    kind: Kind::Duration(&http::HEADER_READ_TIMEOUT_RANGE),
+    default: Default::Duration(http::DEFAULT_HEADER_READ_TIMEOUT),
+};
+
+/// Time a kept-alive connection may wait for its next request.
+pub static HTTP_IDLE_TIMEOUT: Setting = Setting {
+    key: "http.idle_timeout",
+    value_name: "DURATION",
+    help: "Time a kept-alive connection may wait for its next request",
+    kind: Kind::Duration(&http::IDLE_TIMEOUT_RANGE),
+    default: Default::Duration(http::DEFAULT_IDLE_TIMEOUT),
+};
+
+/// Time a client may read none of its answer.
+pub static HTTP_WRITE_TIMEOUT: Setting = Setting {
+    key: "http.write_timeout",
+    value_name: "DURATION",
+    help: "Time the host waits for a client to read any of its answer (or of answers to \
+           requests it pipelined); the connection is closed after it",
+    kind: Kind::Duration(&http::WRITE_TIMEOUT_RANGE),
+    default: Default::Duration(http::DEFAULT_WRITE_TIMEOUT),
+};
+
+/// Connections open at once.
+pub static HTTP_MAX_CONNECTIONS: Setting = Setting {
+    key: "http.max_connections",
+    value_name: "N",
+    help: "Connections open at once; at the limit a new one replaces one with no request in \
+           flight or an answer left unread",
+    kind: Kind::Count(&http::MAX_CONNECTIONS_RANGE),
+    default: Default::Derived(|| {
+        format!(
+            "RLIMIT_NOFILE less {}, at most {}",
+            http::RESERVED_DESCRIPTORS,
+            http::DEFAULT_MAX_CONNECTIONS_CAP
+        )
+    }),
+};
+
+/// How logs are written.
+pub static LOG_FORMAT: Setting = Setting {
+    key: "log_format",
+    value_name: "FORMAT",
+    help: "How logs are written",
+    kind: Kind::Choice(&["text", "json"]),
+    default: Default::Text("text"),
+};
+
+/// Every setting, in the order `run --help` and the README list them.
+pub static ALL: [&Setting; 22] = [
+    &LISTEN,
+    &ETCD_ENDPOINTS,
+    &ETCD_USER,
+    &ETCD_PASSWORD,
+    &ETCD_PASSWORD_FILE,
+    &ETCD_CA,
+    &ETCD_CERT,
+    &ETCD_KEY,
+    &ETCD_PREFIX,
+    &ETCD_REQUEST_TIMEOUT,
+    &ETCD_LEASE_TTL,
+    &POLICY_FILE,
+    &POLICY_CONFIG,
+    &ADMIN_TOKEN,
+    &ADMIN_TOKEN_FILE,
+    &STATE_DIR,
+    &SNAPSHOT_INTERVAL,
+    &HTTP_HEADER_READ_TIMEOUT,
+    &HTTP_IDLE_TIMEOUT,
+    &HTTP_WRITE_TIMEOUT,
+    &HTTP_MAX_CONNECTIONS,
+    &LOG_FORMAT,
+];
+
+/// The setting with this key.
+pub fn find(key: &str) -> Option<&'static Setting> {
+    ALL.iter().copied().find(|setting| setting.key == key)
+}
+
+/// The command-line flag of a key, e.g. `--etcd-lease-ttl`.
+pub fn flag(key: &str) -> String {
+    format!("--{}", key.replace(['.', '_'], "-"))
+}
+
+/// The environment variable of a key, e.g. `REGCACHE_ETCD_LEASE_TTL`.
+pub fn env(key: &str) -> String {
+    format!("REGCACHE_{}", key.replace(['.', '-'], "_").to_uppercase())
+}
+
+/// A duration as the configuration writes it in messages and help (`100ms`, `300s`).
+pub fn show(duration: Duration) -> String {
+    format!("{duration:?}")
+}
+
+impl Setting {
+    /// The `[section]` of the TOML file the setting is in, if any.
+    pub fn section(&self) -> Option<&'static str> {
+        self.key.split_once('.').map(|(section, _)| section)
+    }
+
+    /// The command-line flag, e.g. `--etcd-lease-ttl`.
+    pub fn flag(&self) -> String {
+        flag(self.key)
+    }
+
+    /// The environment variable, e.g. `REGCACHE_ETCD_LEASE_TTL`.
+    pub fn env(&self) -> String {
+        env(self.key)
+    }
+
+    /// What the setting does and what it takes (the kind's notation and range).
+    pub fn describe(&self) -> String {
+        let mut text = self.help.to_string();
+        match &self.kind {
+            Kind::Text | Kind::Address | Kind::Path | Kind::Secret | Kind::SecretFile => {}
+            Kind::Choice(choices) => {
+                let _ = write!(text, ": {}", choices.join(" or "));
+            }
+            Kind::Duration(range)
+            | Kind::EtcdDuration {
+                range,
+                whole_seconds: false,
+            } => {
+                let _ = write!(text, "; {}", range_text(range));
+            }
+            Kind::EtcdDuration {
+                range,
+                whole_seconds: true,
+            } => {
+                let _ = write!(text, "; whole seconds, {}", range_text(range));
+            }
+            Kind::Count(range) => {
+                let _ = write!(text, "; {} to {}", range.start(), range.end());
+            }
+            Kind::List => text.push_str("; comma-separated"),
+            Kind::Pairs => text.push_str(
+                "; repeatable (comma-separated in the environment), replacing the file's whole \
+                 table",
+            ),
+        }
+        text
+    }
+
+    /// What applies when the setting is not set, as the help and the README state it.
+    pub fn default_text(&self) -> String {
+        match &self.default {
+            Default::Text(text) => (*text).to_string(),
+            Default::Duration(duration) => show(*duration),
+            Default::None => "none".to_string(),
+            Default::NoneMeans(meaning) => format!("none: {meaning}"),
+            Default::Derived(describe) => describe(),
+        }
+    }
+
+    /// The line of `run --help`: the TOML key, what it does, its default.
+    pub fn help_line(&self) -> String {
+        format!(
+            "[{}] {} [default: {}]",
+            self.key,
+            self.describe(),
+            self.default_text()
+        )
+    }
+}
+
+fn range_text(range: &RangeInclusive<Duration>) -> String {
+    format!("{} to {}", show(*range.start()), show(*range.end()))
+}
+
+/// A duration range as validation messages state it.
+pub fn between(range: &RangeInclusive<Duration>) -> String {
+    format!(
+        "between {} and {}",
+        show(*range.start()),
+        show(*range.end())
+    )
+}
+
+/// The README's table of settings (Markdown), rendered from [`ALL`].
+pub fn markdown_table() -> String {
+    let mut table =
+        String::from("| Setting | Flag / variable | Default | What it does |\n|---|---|---|---|\n");
+    for setting in ALL {
+        let _ = writeln!(
+            table,
+            "| `{}` | `{}` `{}` | {} | {} |",
+            setting.key,
+            setting.flag(),
+            setting.env(),
+            setting.default_text(),
+            setting.describe()
+        );
+    }
+    table
+}
