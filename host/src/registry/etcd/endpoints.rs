@@ -99,7 +99,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 
 /// One client per endpoint, without credentials: a probe must cost etcd no Authenticate.
 async fn probe_clients(shared: &Shared, urls: &[String]) -> Result<Vec<Client>, String> {
-    let options = super::connect_options(&shared.config).map_err(|e| e.to_string())?;
+    let options = super::connect::options(&shared.config).map_err(|e| e.to_string())?;
     let mut probes = Vec::new();
     for url in urls {
         let probe = Client::connect([url], Some(options.clone()))

@@ -19,19 +19,97 @@
 //!
 //! Retries use jittered exponential backoff capped at `retry_backoff_max`, forever: giving up
 //! after a few tries (as Kratos does) leaves services unregistered until a restart.
+//!
+//! The keeper owns the lease: [`Lease`] is the one record of which lease is current, and every
+//! write of owned keys goes through [`Shared::put_owned`] here (grant a lease if there is none,
+//! put the keys on it, grant again if etcd says it is gone), as does the release at shutdown.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::sync::{MutexGuard, Notify, watch as signal};
+use tokio::time::{Instant, sleep_until};
 
+use super::Shared;
+use super::error::{Deadline, registry_error};
+use super::owned::{Owned, Puts, settle, targets};
+use super::ownership::{self, Foreign, HostLeases, Target};
+use super::retry::Backoff;
 use super::stats::Stats;
-use super::{Backoff, Puts, Shared, error};
-use crate::registry::ErrorKind;
+use crate::registry::{ErrorKind, RegistryError};
+
+/// The current lease, the leases of this host, and the keys waiting to be put back.
+pub(crate) struct Lease {
+    /// The current lease (`None`: none granted yet, or the last one lost): the one record of
+    /// it, which the keep-alive loop follows and the watch reads. Written only under `writer`.
+    current: signal::Sender<Option<i64>>,
+    /// Held across a grant and the puts that follow, so that one writer at a time decides
+    /// which lease the owned keys are on; a deregistration holds it so that no re-put writes
+    /// back the key it deletes.
+    writer: tokio::sync::Mutex<()>,
+    /// This host's leases, the current one and an earlier run's.
+    pub(crate) mine: HostLeases,
+    /// Owned keys to check and put back (see [`repair`]).
+    repairs: Mutex<Vec<String>>,
+    repair_wake: Notify,
+}
+
+/// The right to change the current lease and write owned keys on it.
+pub(crate) struct LeaseGuard<'a> {
+    current: &'a signal::Sender<Option<i64>>,
+    _writer: MutexGuard<'a, ()>,
+}
+
+impl LeaseGuard<'_> {
+    pub(crate) fn id(&self) -> Option<i64> {
+        *self.current.borrow()
+    }
+
+    fn set(&mut self, id: Option<i64>) {
+        self.current.send_if_modified(|current| {
+            let changed = *current != id;
+            *current = id;
+            changed
+        });
+    }
+}
+
+impl Lease {
+    pub(crate) fn new(mine: HostLeases) -> Lease {
+        Lease {
+            current: signal::channel(None).0,
+            writer: tokio::sync::Mutex::new(()),
+            mine,
+            repairs: Mutex::new(Vec::new()),
+            repair_wake: Notify::new(),
+        }
+    }
+
+    /// The current lease, if any.
+    pub(crate) fn id(&self) -> Option<i64> {
+        *self.current.borrow()
+    }
+
+    /// Waits for the right to change the lease and write on it.
+    pub(crate) async fn lock(&self) -> LeaseGuard<'_> {
+        let writer = self.writer.lock().await;
+        LeaseGuard {
+            current: &self.current,
+            _writer: writer,
+        }
+    }
+
+    /// Asks the keeper to check and put back `keys` (those still owned then).
+    pub(crate) fn request_repair(&self, keys: impl IntoIterator<Item = String>) {
+        self.repairs.lock().unwrap().extend(keys);
+        self.repair_wake.notify_one();
+    }
+}
 
 /// Runs until shutdown.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
-    let mut lease_rx = shared.lease_id.subscribe();
+    let mut lease_rx = shared.lease.current.subscribe();
     let mut endpoint_removed = shared.endpoint_removed.subscribe();
     let mut backoff = Backoff::new(shared.config.retry_backoff_max);
     let request_timeout = shared.config.request_timeout;
@@ -48,7 +126,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = lease_rx.changed() => {}
-                    _ = shared.repair_wake.notified() => {}
+                    _ = shared.lease.repair_wake.notified() => {}
                 }
                 continue;
             }
@@ -63,36 +141,37 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         // Marked seen before the open: a removal during it may mean the stream went to that
         // member, and is re-opened once more.
         endpoint_removed.mark_unchanged();
-        let opened = timeout(request_timeout, shared.client.lease_client().keep_alive(id)).await;
-        let opened = opened.map(|r| r.map_err(|e| error("lease_keep_alive", &e)));
+        let opened = Deadline::after(request_timeout)
+            .bound("lease_keep_alive", async {
+                let mut client = shared.client.lease_client();
+                client
+                    .keep_alive(id)
+                    .await
+                    .map_err(|e| registry_error("lease_keep_alive", &e))
+            })
+            .await;
         let (mut keeper, mut stream) = match opened {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) if e.kind == ErrorKind::NotFound => {
+            Ok(pair) => pair,
+            Err(e) if e.kind == ErrorKind::NotFound => {
                 tracing::warn!(
                     lease = id,
                     "lease not found on reopening keep-alive; re-granting"
                 );
-                shared.record_failure();
+                shared.contact.record_failure();
                 if !reput_all(&shared, Some(id)).await {
                     shared.pause(&mut backoff).await;
                 }
                 continue;
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(lease = id, error = %e, "cannot open keep-alive stream");
-                shared.record_failure();
-                shared.pause(&mut backoff).await;
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!(lease = id, "opening keep-alive stream timed out");
-                shared.record_failure();
+                shared.contact.record_failure();
                 shared.pause(&mut backoff).await;
                 continue;
             }
         };
         Stats::bump(&shared.stats.keepalive_stream_starts);
-        shared.touch();
+        shared.contact.touch();
         backoff.reset();
         if !repair(&shared).await {
             shared.pause(&mut backoff).await;
@@ -112,7 +191,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     tracing::info!(lease = id, "an endpoint left rotation; reopening keep-alive");
                     break;
                 }
-                _ = shared.repair_wake.notified() => {
+                _ = shared.lease.repair_wake.notified() => {
                     if !repair(&shared).await {
                         break;
                     }
@@ -126,29 +205,29 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 msg = stream.message() => match msg {
                     Ok(Some(resp)) if resp.ttl() > 0 => {
                         last_ack = Instant::now();
-                        shared.touch();
+                        shared.contact.touch();
                     }
                     Ok(Some(_)) => {
                         tracing::warn!(lease = id, "lease expired (keep-alive answered TTL 0); re-granting");
-                        shared.touch();
-                        shared.record_failure();
+                        shared.contact.touch();
+                        shared.contact.record_failure();
                         reput_all(&shared, Some(id)).await;
                         break;
                     }
                     Ok(None) => {
                         tracing::warn!(lease = id, "keep-alive stream ended; reopening");
-                        shared.record_failure();
+                        shared.contact.record_failure();
                         break;
                     }
                     Err(e) => {
                         tracing::warn!(lease = id, error = %e, "keep-alive stream failed; reopening");
-                        shared.record_failure();
+                        shared.contact.record_failure();
                         break;
                     }
                 },
                 _ = sleep_until(last_ack + ttl) => {
                     tracing::warn!(lease = id, "no keep-alive answer for a whole TTL; reopening");
-                    shared.record_failure();
+                    shared.contact.record_failure();
                     break;
                 }
             }
@@ -160,18 +239,18 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 /// missing) with a new one and puts every owned key on it. Returns whether that succeeded.
 async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
     let mut lease = shared.lease.lock().await;
-    if lost.is_none() && lease.is_some() {
+    if lost.is_none() && lease.id().is_some() {
         return true; // a registration granted one while we waited, and put its keys on it
     }
     if let Some(id) = lost {
-        if *lease != lost {
+        if lease.id() != lost {
             return true; // another path already replaced it and put every key on the new one
         }
-        *lease = None;
+        lease.set(None);
         Stats::bump(&shared.stats.lease_regrants);
-        shared.leases.forget(&[id]).await;
+        shared.lease.mine.forget(&[id]).await;
     }
-    match shared.put_owned(&mut lease, &Puts::All, "reput").await {
+    match shared.put_owned(&mut lease, &Puts::All).await {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "re-putting owned keys failed; will retry");
@@ -186,7 +265,7 @@ async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
 /// holds are marked in conflict (or dropped, if never written). Returns false if that failed;
 /// the keys stay queued.
 async fn repair(shared: &Shared) -> bool {
-    let mut keys: Vec<String> = std::mem::take(&mut *shared.repairs.lock().unwrap());
+    let mut keys: Vec<String> = std::mem::take(&mut *shared.lease.repairs.lock().unwrap());
     if keys.is_empty() {
         return true;
     }
@@ -194,13 +273,13 @@ async fn repair(shared: &Shared) -> bool {
     keys.dedup();
     let mut lease = shared.lease.lock().await;
     match shared
-        .put_owned(&mut lease, &Puts::Repair(keys.clone()), "reput")
+        .put_owned(&mut lease, &Puts::Repair(keys.clone()))
         .await
     {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "re-putting deleted owned keys failed; will retry");
-            shared.repairs.lock().unwrap().extend(keys);
+            shared.lease.repairs.lock().unwrap().extend(keys);
             false
         }
     }
@@ -213,7 +292,7 @@ async fn repair(shared: &Shared) -> bool {
 /// when etcd is slow, must not hold up the keep-alives of a lease granted meanwhile.
 pub(crate) async fn forget_expired_leases(shared: Arc<Shared>) {
     let mut gone = Vec::new();
-    for id in shared.leases.all() {
+    for id in shared.lease.mine.all() {
         let alive = shared
             .call("lease_ttl", |mut c| async move {
                 c.lease_time_to_live(id, None).await
@@ -230,6 +309,181 @@ pub(crate) async fn forget_expired_leases(shared: Arc<Shared>) {
     if !gone.is_empty() {
         // Under the lease lock, which orders every write of the leases file.
         let _lease = shared.lease.lock().await;
-        shared.leases.forget(&gone).await;
+        shared.lease.mine.forget(&gone).await;
+    }
+}
+
+/// What a write of owned keys is, which decides how it is counted: a registration, answered
+/// to its caller, or a re-put of keys this host holds already (also counted in `reputs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Registration,
+    Reput,
+}
+
+impl Write {
+    fn op(self) -> &'static str {
+        match self {
+            Write::Registration => "register",
+            Write::Reput => "reput",
+        }
+    }
+}
+
+impl Shared {
+    /// Puts owned keys on the current lease, granting one first if there is none. If etcd
+    /// says the lease is gone, grants a new one and puts every owned key on it. Keys someone
+    /// else holds are refused, yielded (marked in conflict, or dropped if never written) or
+    /// taken, as [`targets`] says (see [`ownership`]).
+    pub(crate) async fn put_owned(
+        &self,
+        lease: &mut LeaseGuard<'_>,
+        puts: &Puts,
+    ) -> Result<(), RegistryError> {
+        // A registration's keys are counted as the registration, every other key (those of a
+        // new lease) as a re-put.
+        let write = match puts {
+            Puts::Registration(..) => Write::Registration,
+            Puts::Repair(_) | Puts::All => Write::Reput,
+        };
+        let mut everything = false;
+        for _ in 0..2 {
+            let id = match lease.id() {
+                Some(id) => id,
+                None => {
+                    let id = self.grant().await?;
+                    lease.set(Some(id));
+                    everything = true;
+                    id
+                }
+            };
+            // The lease lock keeps deregistrations out until the writes are done, so a key
+            // deregistered meanwhile is not written back.
+            let targets = targets(&self.owned.lock().unwrap(), puts, everything);
+            // A registration refused for one of its nodes must not stop the other keys of a
+            // new lease from being put on it: those are written first, in their own write.
+            let (refusable, others): (Vec<Target>, Vec<Target>) = targets
+                .into_iter()
+                .partition(|t| t.foreign == Foreign::Refuse);
+            let written = match self.write_settled(Write::Reput, id, others).await {
+                Ok(()) => self.write_settled(write, id, refusable).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                // A put on a lease etcd no longer has (expired, revoked, lost) is refused as
+                // not found; nothing else in these transactions can be.
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    tracing::warn!(lease = id, "lease gone while putting; granting a new one");
+                    Stats::bump(&self.stats.lease_regrants);
+                    self.lease.mine.forget(&[id]).await;
+                    lease.set(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RegistryError::new(
+            ErrorKind::Unavailable,
+            write.op(),
+            "the lease was lost twice in a row",
+        ))
+    }
+
+    /// Grants a lease of the configured TTL and records it as this host's before any key is
+    /// on it: a crash from then on leaves a lease that the next run recognizes as its own.
+    async fn grant(&self) -> Result<i64, RegistryError> {
+        let ttl = self.config.lease_ttl.as_secs() as i64;
+        let granted = self
+            .call("lease_grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?;
+        Stats::bump(&self.stats.lease_grants);
+        tracing::info!(lease = granted.id(), ttl = granted.ttl(), "granted lease");
+        self.lease.mine.add(granted.id()).await;
+        Ok(granted.id())
+    }
+
+    /// Writes `targets` ([`ownership::write`]) and records what it found ([`settle`]):
+    /// conflicts that start and registrations refused are counted and logged.
+    async fn write_settled(
+        &self,
+        write: Write,
+        lease: i64,
+        targets: Vec<Target>,
+    ) -> Result<(), RegistryError> {
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let checked: Vec<(String, u64)> = targets
+            .iter()
+            .map(|t| (t.key.clone(), t.owned.serial))
+            .collect();
+        let written = ownership::write(self, write.op(), lease, targets).await?;
+        if write == Write::Reput {
+            let count = written.count as u64;
+            self.stats.reputs.fetch_add(count, Ordering::Relaxed);
+        }
+        let settled = settle(&mut self.owned.lock().unwrap(), &checked, &written.yielded);
+        for (key, owner) in settled.conflicts {
+            Stats::bump(&self.stats.conflicts);
+            tracing::warn!(
+                key,
+                owner_lease = owner,
+                "a registration of this host is held by someone else; not writing it back \
+                 while they hold it"
+            );
+        }
+        for (key, owner) in settled.refused {
+            Stats::bump(&self.stats.conflicts);
+            tracing::warn!(
+                key,
+                owner_lease = owner,
+                "registration refused when written (it was answered during an outage): someone \
+                 else holds the node; dropped"
+            );
+        }
+        Ok(())
+    }
+
+    /// At shutdown: deletes this host's `owned` keys and revokes its lease, so that none is
+    /// left in etcd. The revocation takes the keys on the lease with it, but not an owned key
+    /// someone rewrote on no lease (`etcdctl put`) and that was not put back yet: it would stay
+    /// for ever. Hence the guarded deletes (never of someone else's key), first: once the
+    /// lease is revoked, the node is free for another host to register, and a delete after
+    /// that could meet its registration.
+    pub(crate) async fn release(&self, lease: &mut LeaseGuard<'_>, owned: &[(String, Owned)]) {
+        // One request timeout for both steps: with etcd hung (a hung etcd fails the first
+        // delete and stops them), a shutdown must not wait a timeout per step (a pod's grace
+        // period is typically 30 s, drain included).
+        let deadline = Deadline::after(self.config.request_timeout);
+        let op = "shutdown_delete";
+        let deleted = self
+            .within(
+                op,
+                deadline,
+                ownership::delete_own(self, op, owned, lease.id()),
+            )
+            .await;
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "could not delete this host's keys; those on its lease expire by TTL");
+        }
+        let Some(id) = lease.id() else {
+            return;
+        };
+        lease.set(None);
+        let revoke = self.call(
+            "lease_revoke",
+            |mut c| async move { c.lease_revoke(id).await },
+        );
+        match self.within("lease_revoke", deadline, revoke).await {
+            Ok(_) => {
+                tracing::info!(lease = id, "revoked lease");
+                self.lease.mine.forget(&[id]).await;
+            }
+            Err(e) => {
+                tracing::warn!(lease = id, error = %e, "could not revoke lease; it expires by TTL")
+            }
+        }
     }
 }

@@ -41,7 +41,8 @@ use std::sync::Mutex;
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
-use super::{Owned, Shared};
+use super::Shared;
+use super::owned::Owned;
 use crate::fsutil::{read_regular, write_atomically};
 use crate::registry::{ErrorKind, RegistryError, Takeover};
 
@@ -414,7 +415,7 @@ async fn write_batch(
                 value: kv.value(),
             });
             let owned = &target.owned;
-            let is_mine = |l| shared.leases.is_mine(l);
+            let is_mine = |l| shared.lease.mine.is_mine(l);
             match decide(held, &owned.value, lease, is_mine, owned.is_written()) {
                 Step::Done => {}
                 Step::Write(expect) => {

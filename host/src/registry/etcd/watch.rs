@@ -17,15 +17,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::mpsc;
-use tokio::time::timeout;
 
+use super::Shared;
+use super::connect::MAX_MESSAGE_BYTES;
+use super::error::{Deadline, registry_error};
+use super::retry::Backoff;
 use super::stats::Stats;
-use super::{Backoff, MAX_MESSAGE_BYTES, Shared};
 use crate::model::{Service, group_by_version};
 use crate::registry::WatchEvent;
 
@@ -255,7 +256,7 @@ fn snapshot(mirror: &BTreeMap<String, Box<[u8]>>, revision: i64) -> WatchEvent {
 enum Stopped {
     /// etcd compacted past our revision: re-list.
     Compacted(i64),
-    /// etcd cancelled the watch for another reason (e.g. an invalid auth token).
+    /// etcd cancelled the watch for another reason (e.g. an invalid auth token), in its words.
     Canceled(String),
     /// The stream ended or failed (etcd killed, connection lost, pings unanswered): a failure.
     Lost(String),
@@ -283,26 +284,27 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
         // Marked seen before the create: a removal during it may mean the stream went to that
         // member, and is re-created once more.
         endpoint_removed.mark_unchanged();
-        let mut client = shared
-            .client
-            .watch_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let mut stream =
-            match timeout(request_timeout, client.watch(prefix.clone(), Some(options))).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot create the registry watch");
-                    shared.record_failure();
-                    shared.pause(&mut backoff).await;
-                    continue;
-                }
-                Err(_) => {
-                    tracing::warn!("creating the registry watch timed out");
-                    shared.record_failure();
-                    shared.pause(&mut backoff).await;
-                    continue;
-                }
-            };
+        let created = Deadline::after(request_timeout)
+            .bound("watch", async {
+                let mut client = shared
+                    .client
+                    .watch_client()
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                client
+                    .watch(prefix.clone(), Some(options))
+                    .await
+                    .map_err(|e| registry_error("watch", &e))
+            })
+            .await;
+        let mut stream = match created {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the registry watch");
+                shared.contact.record_failure();
+                shared.pause(&mut backoff).await;
+                continue;
+            }
+        };
         Stats::bump(&shared.stats.watch_starts);
         if started {
             Stats::bump(&shared.stats.watch_restarts);
@@ -321,7 +323,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 Ok(None) => break Stopped::Lost("stream ended".into()),
                 Err(e) => break Stopped::Lost(e.to_string()),
             };
-            shared.touch();
+            shared.contact.touch();
             if resp.canceled() {
                 if resp.compact_revision() > 0 {
                     break Stopped::Compacted(resp.compact_revision());
@@ -329,7 +331,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 break Stopped::Canceled(resp.cancel_reason().to_string());
             }
             if resp.created() {
-                shared.watch_connected.store(true, Ordering::Relaxed);
+                shared.contact.set_watch_connected(true);
                 backoff.reset();
                 continue;
             }
@@ -364,7 +366,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
             deleted.extend(overwritten(&shared, &put));
             request_repairs(&shared, deleted);
         };
-        shared.watch_connected.store(false, Ordering::Relaxed);
+        shared.contact.set_watch_connected(false);
 
         match stopped {
             Stopped::Compacted(compacted) => {
@@ -376,27 +378,25 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
             }
             Stopped::Canceled(reason) => {
                 tracing::warn!(%reason, "etcd cancelled the registry watch; re-creating it");
-                if reason.contains("auth") || reason.contains("token") {
-                    // A unary call goes through the client's token refresh, so the next watch
-                    // carries a valid token. Concurrent calls share the one Authenticate.
-                    let probe = shared
-                        .call("token_refresh", |mut c| {
-                            let prefix = prefix.clone();
-                            async move {
-                                c.get(
-                                    prefix,
-                                    Some(GetOptions::new().with_prefix().with_count_only()),
-                                )
-                                .await
-                            }
-                        })
-                        .await;
-                    if probe.is_err() {
-                        shared.pause(&mut backoff).await;
-                    }
-                } else {
-                    shared.pause(&mut backoff).await;
-                }
+                // etcd says why only in words (an expired or invalid auth token is the usual
+                // reason), and words are no contract. So every cancel other than a compaction
+                // is treated as one for the token: a unary call goes through the client's
+                // token refresh, so the next watch carries a valid token (concurrent calls
+                // share the one Authenticate). For any other reason that costs one count-only
+                // read, and the backoff keeps a watch cancelled again and again from spinning.
+                let _ = shared
+                    .call("token_refresh", |mut c| {
+                        let prefix = prefix.clone();
+                        async move {
+                            c.get(
+                                prefix,
+                                Some(GetOptions::new().with_prefix().with_count_only()),
+                            )
+                            .await
+                        }
+                    })
+                    .await;
+                shared.pause(&mut backoff).await;
             }
             Stopped::Moved => {
                 tracing::info!(
@@ -405,7 +405,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 );
             }
             Stopped::Lost(reason) => {
-                shared.record_failure();
+                shared.contact.record_failure();
                 tracing::warn!(%reason, revision, "registry watch lost; resuming");
                 shared.pause(&mut backoff).await;
             }
@@ -432,8 +432,8 @@ pub(crate) async fn flush_lagged(shared: Arc<Shared>) {
 /// [`RELIST_TIMEOUTS`] request timeouts, so a member that hangs mid-list cannot hold the watch
 /// down page after page.
 async fn relist(shared: &Shared) -> Option<i64> {
-    let bound = shared.config.request_timeout * RELIST_TIMEOUTS;
-    let (kvs, revision) = match shared.list_prefix_within("relist", bound).await {
+    let deadline = Deadline::after(shared.config.request_timeout * RELIST_TIMEOUTS);
+    let (kvs, revision) = match shared.list_prefix("relist", deadline).await {
         Ok(listed) => listed,
         Err(e) => {
             tracing::warn!(error = %e, "re-listing the registry failed; will retry");
@@ -463,7 +463,7 @@ fn overwritten(shared: &Shared, puts: &[&KeyValue]) -> Vec<String> {
     if puts.is_empty() {
         return Vec::new();
     }
-    let lease = *shared.lease_id.borrow();
+    let lease = shared.lease.id();
     let owned = shared.owned.lock().unwrap();
     puts.iter()
         .filter_map(|kv| {
@@ -487,8 +487,7 @@ fn request_repairs(shared: &Shared, keys: Vec<String>) {
     };
     if !owned.is_empty() {
         tracing::info!(keys = ?owned, "checking owned keys etcd shows deleted or changed");
-        shared.repairs.lock().unwrap().extend(owned);
-        shared.repair_wake.notify_one();
+        shared.lease.request_repair(owned);
     }
 }
 
