@@ -74,7 +74,8 @@ pub fn request(
     request_within(addr, method, path, headers, body, REQUEST_TIMEOUT)
 }
 
-/// [`request`] with each read and write (and connecting) bounded by `timeout`.
+/// [`request`] with each read and write bounded by `timeout` (and connecting by the shorter
+/// of `timeout` and 5 s).
 pub fn request_within(
     addr: SocketAddr,
     method: &str,
