@@ -9,12 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::flight::Flight;
 use crate::decision::EvictionReason;
 use crate::model::{Metadata, Node, Service};
-use crate::registry::{ErrorKind, RegistryError};
+use crate::registry::ErrorKind;
 
 /// What lookups see of an entry: immutable, shared by every answer given from it.
 #[derive(Debug, Default)]
@@ -57,17 +57,6 @@ pub(crate) struct NodeState {
     pub confirmed: Instant,
     /// Kept as suspect by an eviction guard until then.
     pub suspect_until: Option<Instant>,
-}
-
-/// The result of one refresh, as every waiter sees it.
-pub(crate) type FlightOutcome = Result<(), RegistryError>;
-
-/// A refresh in flight.
-#[derive(Debug)]
-pub(crate) struct Flight {
-    pub id: u64,
-    pub done: watch::Receiver<Option<FlightOutcome>>,
-    pub overdue: bool,
 }
 
 /// What writers change under the entry's lock.

@@ -18,12 +18,20 @@ use std::collections::BTreeSet;
 use tokio::time::Instant;
 
 use super::entry::EntryState;
-use super::stats::Counter;
-use super::{Inner, millis};
-use crate::decision::{EvictionContext, EvictionDecision, EvictionReason};
+use super::health::HealthCell;
+use super::millis;
+use super::stats::{Counter, Counters};
+use crate::decision::{Decide, EvictionContext, EvictionDecision, EvictionReason};
 use crate::model::Service;
 
-impl Inner {
+/// The eviction guard of one cache: the parts of it a judgement reads and counts with.
+pub(super) struct Guard<'a> {
+    pub policy: &'a dyn Decide,
+    pub health: &'a HealthCell,
+    pub counters: &'a Counters,
+}
+
+impl Guard<'_> {
     /// Applies a full listing of `service` (a refresh or a resync) to its entry, counts the
     /// suspects it names again, and sends the nodes it lacks to the guard as one removal for
     /// `reason`. Nodes in `ignored` are left to the watch. The caller publishes.
@@ -87,7 +95,7 @@ impl Inner {
         }
         state.deletions.extend(fresh.iter().map(|_| now));
         let nodes_before = state.nodes.len() as u32;
-        let (health, now_ms) = self.fresh_health_and_wall_ms();
+        let (health, now_ms) = self.health.sampled_view_and_wall_ms();
         let context = EvictionContext {
             service,
             now_ms,
@@ -141,17 +149,5 @@ impl Inner {
             policy = %decided.policy,
             "eviction guard"
         );
-    }
-
-    /// Judges the pending batch of `service`, if any.
-    pub(super) fn flush_batch(&self, service: &str, now: Instant) {
-        let Some(entry) = self.entries.get(service).map(|e| e.clone()) else {
-            return;
-        };
-        let mut state = entry.lock();
-        let removals = std::mem::take(&mut state.pending).into_iter().collect();
-        state.pending_since = None;
-        self.judge(service, &mut state, removals, now);
-        entry.publish(&state);
     }
 }

@@ -13,6 +13,9 @@
 //! 3. Callers wait on a [`tokio::sync::watch`] channel for at most their own bound. A waiter
 //!    that gives up (or is dropped) never cancels the flight for the others, and a stalled
 //!    flight can never hold a waiter beyond its bound.
+//!
+//! [`Flight`] is the singleflight's slot in an entry's state, [`Joined`] a caller's place in
+//! it, and `Refresh` the task, which ends its flight however it stops.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,15 +23,27 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::entry::{Entry, Flight, FlightOutcome, View};
+use super::Inner;
+use super::entry::{Entry, View};
 use super::stats::Counter;
-use super::{Answer, Inner, LookupError, Reply, Source};
 use crate::decision::{EvictionReason, Settings};
 use crate::registry::{ErrorKind, RegistryError};
 
+/// The result of one refresh, as every waiter sees it.
+pub(crate) type FlightOutcome = Result<(), RegistryError>;
+
+/// The refresh in flight of an entry, kept in its state: the singleflight's slot.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    pub id: u64,
+    pub done: watch::Receiver<Option<FlightOutcome>>,
+    /// A waiter's bound ran out before the refresh answered.
+    pub overdue: bool,
+}
+
 /// Why no refresh was started or joined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+pub(super) enum Refusal {
     /// Attempted within the retry interval; `failed` if that attempt failed.
     RateLimited { failed: bool },
     /// A refresh is in flight and already made a caller's wait run out.
@@ -37,10 +52,18 @@ enum Refusal {
     Budget,
 }
 
-impl Inner {
-    /// Starts one background refresh if the rate limit, the singleflight and the budget allow.
-    pub(super) fn refresh_in_background(
-        self: &Arc<Inner>,
+/// A caller's place in a flight, to wait on.
+pub(super) struct Joined {
+    entry: Arc<Entry>,
+    id: u64,
+    done: watch::Receiver<Option<FlightOutcome>>,
+}
+
+impl Flight {
+    /// Starts one background refresh of `service` if the rate limit, the singleflight and the
+    /// budget allow.
+    pub(super) fn start_in_background(
+        inner: &Arc<Inner>,
         service: &str,
         view: &View,
         settings: &Settings,
@@ -54,24 +77,62 @@ impl Inner {
         if recently(view.attempted_at, settings.min_retry_interval, now) {
             return;
         }
-        let Some(entry) = self.entries.get(service).map(|e| e.clone()) else {
+        let Some(entry) = inner.entries.get(service).map(|e| e.clone()) else {
             return;
         };
-        let _ = self.flight_for(entry, settings, now, false);
+        let _ = Flight::join_or_start(inner, entry, settings, now, false);
+    }
+
+    /// Joins the refresh of `service` in flight or starts one, for a caller about to wait: the
+    /// rate limit from the lock-free `view` first, then again under the entry's lock (an entry
+    /// is created for a service not cached, if the budget allows).
+    pub(super) fn join(
+        inner: &Arc<Inner>,
+        service: &str,
+        view: Option<&View>,
+        settings: &Settings,
+        now: Instant,
+    ) -> Result<Joined, Refusal> {
+        if let Some(view) = view {
+            if view.in_flight && view.flight_overdue {
+                return Err(Refusal::Overdue);
+            }
+            if !view.in_flight && recently(view.attempted_at, settings.min_retry_interval, now) {
+                inner.counters.inc(Counter::RefreshesRateLimited);
+                let failed = view.consecutive_failures > 0;
+                return Err(Refusal::RateLimited { failed });
+            }
+        }
+        let (entry, token) = match inner.entries.get(service) {
+            Some(entry) => (entry.clone(), false),
+            None => {
+                if !inner.budget.take(settings.registry_budget_per_second, now) {
+                    inner.counters.inc(Counter::RefreshesBudgetDenied);
+                    return Err(Refusal::Budget);
+                }
+                let entry = inner
+                    .entries
+                    .entry(Arc::from(service))
+                    .or_insert_with(|| Arc::new(Entry::new(service)))
+                    .clone();
+                (entry, true)
+            }
+        };
+        Flight::join_or_start(inner, entry, settings, now, token)
     }
 
     /// Joins the refresh in flight or starts one; `token` says whether a budget token was
     /// already taken for it (it is returned if no refresh starts).
-    fn flight_for(
-        self: &Arc<Inner>,
+    fn join_or_start(
+        inner: &Arc<Inner>,
         entry: Arc<Entry>,
         settings: &Settings,
         now: Instant,
         token: bool,
-    ) -> Result<(u64, watch::Receiver<Option<FlightOutcome>>), Refusal> {
+    ) -> Result<Joined, Refusal> {
         let refund = || {
             if token {
-                self.budget.refund(settings.registry_budget_per_second);
+                inner.budget.refund(settings.registry_budget_per_second);
             }
         };
         let mut state = entry.lock();
@@ -80,18 +141,20 @@ impl Inner {
             if flight.overdue {
                 return Err(Refusal::Overdue);
             }
-            self.counters.inc(Counter::FlightsJoined);
-            return Ok((flight.id, flight.done.clone()));
+            inner.counters.inc(Counter::FlightsJoined);
+            let (id, done) = (flight.id, flight.done.clone());
+            drop(state);
+            return Ok(Joined { entry, id, done });
         }
         if recently(state.attempted_at, settings.min_retry_interval, now) {
             refund();
-            self.counters.inc(Counter::RefreshesRateLimited);
+            inner.counters.inc(Counter::RefreshesRateLimited);
             return Err(Refusal::RateLimited {
                 failed: state.consecutive_failures > 0,
             });
         }
-        if !token && !self.budget.take(settings.registry_budget_per_second, now) {
-            self.counters.inc(Counter::RefreshesBudgetDenied);
+        if !token && !inner.budget.take(settings.registry_budget_per_second, now) {
+            inner.counters.inc(Counter::RefreshesBudgetDenied);
             return Err(Refusal::Budget);
         }
         let (tx, rx) = watch::channel(None);
@@ -106,45 +169,99 @@ impl Inner {
         state.deleted_in_flight.clear();
         entry.publish(&state);
         drop(state);
-        self.counters.inc(Counter::FlightsStarted);
-        let inner = Arc::clone(self);
-        tokio::spawn(async move { inner.run_flight(entry, id, tx).await });
-        Ok((id, rx))
-    }
-
-    /// The refresh itself, in its own task so that no caller can cancel it.
-    async fn run_flight(
-        self: Arc<Inner>,
-        entry: Arc<Entry>,
-        id: u64,
-        done: watch::Sender<Option<FlightOutcome>>,
-    ) {
-        // Dropped first on every exit, the guard ends the flight if this task panicked or was
-        // cancelled (runtime shutdown) before it did; `done` is dropped after it, so waiters
-        // see the flight end only once the entry no longer says it is in flight.
-        let _ended = EndFlight {
-            inner: &self,
-            entry: &entry,
+        inner.counters.inc(Counter::FlightsStarted);
+        let refresh = Refresh {
+            inner: Arc::clone(inner),
+            entry: entry.clone(),
             id,
+            done: tx,
         };
-        let started = Instant::now();
-        let result = match tokio::time::timeout(
-            self.options.refresh_timeout,
-            self.registry.get_service(&entry.name),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(RegistryError::new(
-                ErrorKind::Timeout,
+        tokio::spawn(refresh.run());
+        Ok(Joined {
+            entry,
+            id,
+            done: rx,
+        })
+    }
+}
+
+impl Joined {
+    /// Waits for the flight's outcome at most `wait`. A waiter whose bound runs out marks the
+    /// flight overdue; it never cancels it for the others.
+    pub(super) async fn wait(
+        mut self,
+        inner: &Inner,
+        wait: Duration,
+    ) -> (Arc<Entry>, FlightOutcome) {
+        let outcome = match tokio::time::timeout(wait, self.done.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => outcome.clone().expect("waited for Some"),
+            Ok(Err(_)) => Err(RegistryError::new(
+                ErrorKind::Unavailable,
                 "get_service",
-                format!(
-                    "no answer within the cache's refresh timeout of {:?}",
-                    self.options.refresh_timeout
-                ),
+                "the refresh task ended without an answer",
             )),
+            Err(_) => {
+                inner.counters.inc(Counter::FlightWaitTimeouts);
+                mark_overdue(&self.entry, self.id);
+                Err(RegistryError::new(
+                    ErrorKind::Timeout,
+                    "get_service",
+                    format!("no answer within the wait bound of {wait:?}"),
+                ))
+            }
         };
-        self.counters
+        (self.entry, outcome)
+    }
+}
+
+/// A waiter's bound ran out: the attempt counts as failed (timeout) now, so that the
+/// policy and later callers see the registry as slow without waiting for the flight's end.
+fn mark_overdue(entry: &Entry, id: u64) {
+    let mut state = entry.lock();
+    let Some(flight) = state.flight.as_mut().filter(|f| f.id == id) else {
+        return;
+    };
+    if flight.overdue {
+        return;
+    }
+    flight.overdue = true;
+    state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+    state.last_error = Some(ErrorKind::Timeout);
+    entry.publish(&state);
+}
+
+/// One refresh, run in its own task so that no caller can cancel it.
+///
+/// Dropping it ends its flight if it is still in flight: a task that panicked or was
+/// cancelled (runtime shutdown) before answering would otherwise leave its entry "in flight"
+/// for ever: no refresh would start again, every waiter would fail at once and the sweep
+/// would never drop it. `done` is a field, so it is dropped after that: waiters see the flight
+/// end only once the entry no longer says it is in flight.
+struct Refresh {
+    inner: Arc<Inner>,
+    entry: Arc<Entry>,
+    id: u64,
+    done: watch::Sender<Option<FlightOutcome>>,
+}
+
+impl Refresh {
+    async fn run(self) {
+        let Refresh {
+            inner, entry, id, ..
+        } = &self;
+        let started = Instant::now();
+        let timeout = inner.options.refresh_timeout;
+        let result =
+            match tokio::time::timeout(timeout, inner.registry.get_service(&entry.name)).await {
+                Ok(result) => result,
+                Err(_) => Err(RegistryError::new(
+                    ErrorKind::Timeout,
+                    "get_service",
+                    format!("no answer within the cache's refresh timeout of {timeout:?}"),
+                )),
+            };
+        inner
+            .counters
             .count_get(result.as_ref().map(|_| ()).map_err(|e| e.kind));
         let now = Instant::now();
         let answered = match &result {
@@ -153,19 +270,19 @@ impl Inner {
             Err(_) => None,
         };
         match &result {
-            _ if answered.is_some() => self.health.contact(),
-            Err(e) if e.kind.is_outage() => self.health.failure(),
+            _ if answered.is_some() => inner.health.contact(),
+            Err(e) if e.kind.is_outage() => inner.health.failure(),
             Err(_) | Ok(_) => {}
         }
         {
             let mut state = entry.lock();
-            let flight = state.flight.take_if(|f| f.id == id);
+            let flight = state.flight.take_if(|f| f.id == *id);
             match (answered, &result) {
                 (Some(listing), _) => {
                     state.consecutive_failures = 0;
                     state.last_error = None;
                     let ignored = std::mem::take(&mut state.deleted_in_flight);
-                    self.reconcile(
+                    inner.guard().reconcile(
                         &entry.name,
                         &mut state,
                         listing,
@@ -187,201 +304,23 @@ impl Inner {
             }
             entry.publish(&state);
         }
-        let _ = done.send(Some(result.map(|_| ())));
+        let _ = self.done.send(Some(result.map(|_| ())));
     }
+}
 
-    /// Ends flight `id` of `entry` if it is still in flight: its task ended without an answer,
-    /// which counts as a failed attempt.
-    fn abandon_flight(&self, entry: &Entry, id: u64) {
-        let mut state = entry.lock();
-        let Some(flight) = state.flight.take_if(|f| f.id == id) else {
+impl Drop for Refresh {
+    fn drop(&mut self) {
+        let mut state = self.entry.lock();
+        let Some(flight) = state.flight.take_if(|f| f.id == self.id) else {
             return;
         };
         if !flight.overdue {
             state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         }
         state.last_error = Some(ErrorKind::Unavailable);
-        entry.publish(&state);
+        self.entry.publish(&state);
         drop(state);
-        tracing::warn!(service = %entry.name, "a refresh task ended without an answer");
-    }
-
-    /// A waiter's bound ran out: the attempt counts as failed (timeout) now, so that the
-    /// policy and later callers see the registry as slow without waiting for the flight's end.
-    fn flight_overdue(&self, entry: &Entry, id: u64) {
-        let mut state = entry.lock();
-        let Some(flight) = state.flight.as_mut().filter(|f| f.id == id) else {
-            return;
-        };
-        if flight.overdue {
-            return;
-        }
-        flight.overdue = true;
-        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-        state.last_error = Some(ErrorKind::Timeout);
-        entry.publish(&state);
-    }
-}
-
-/// Ends a flight whose task stops without ending it (see [`Inner::abandon_flight`]). Without
-/// it a panicking or cancelled refresh would leave its entry "in flight" for ever: no refresh
-/// would start again, every waiter would fail at once and the sweep would never drop it.
-struct EndFlight<'a> {
-    inner: &'a Inner,
-    entry: &'a Entry,
-    id: u64,
-}
-
-impl Drop for EndFlight<'_> {
-    fn drop(&mut self) {
-        self.inner.abandon_flight(self.entry, self.id);
-    }
-}
-
-impl Reply<'_> {
-    /// Refresh and wait at most `wait`; on failure serve stale if `fallback` allows.
-    pub(super) async fn refresh_and_wait(
-        self,
-        view: Option<Arc<View>>,
-        wait: Duration,
-        fallback: bool,
-        now: Instant,
-    ) -> Result<Answer, LookupError> {
-        let inner = self.inner;
-        let settings = self.policy.settings;
-        // 1. The rate limit, before joining anything.
-        if let Some(view) = &view {
-            if view.in_flight && view.flight_overdue {
-                return self.refused(Refusal::Overdue, fallback, now);
-            }
-            if !view.in_flight && recently(view.attempted_at, settings.min_retry_interval, now) {
-                inner.counters.inc(Counter::RefreshesRateLimited);
-                let failed = view.consecutive_failures > 0;
-                return self.refused(Refusal::RateLimited { failed }, fallback, now);
-            }
-        }
-        // 2. Join or start, re-checking under the entry's lock.
-        let (entry, token) = match inner.entries.get(self.service) {
-            Some(entry) => (entry.clone(), false),
-            None => {
-                if !inner.budget.take(settings.registry_budget_per_second, now) {
-                    inner.counters.inc(Counter::RefreshesBudgetDenied);
-                    return self.refused(Refusal::Budget, fallback, now);
-                }
-                let entry = inner
-                    .entries
-                    .entry(Arc::from(self.service))
-                    .or_insert_with(|| Arc::new(Entry::new(self.service)))
-                    .clone();
-                (entry, true)
-            }
-        };
-        let (id, mut done) = match inner.flight_for(entry.clone(), &settings, now, token) {
-            Ok(flight) => flight,
-            Err(refusal) => return self.refused(refusal, fallback, now),
-        };
-        // 3. Wait, bounded.
-        let outcome = match tokio::time::timeout(wait, done.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => outcome.clone().expect("waited for Some"),
-            Ok(Err(_)) => Err(RegistryError::new(
-                ErrorKind::Unavailable,
-                "get_service",
-                "the refresh task ended without an answer",
-            )),
-            Err(_) => {
-                inner.counters.inc(Counter::FlightWaitTimeouts);
-                inner.flight_overdue(&entry, id);
-                Err(RegistryError::new(
-                    ErrorKind::Timeout,
-                    "get_service",
-                    format!("no answer within the wait bound of {wait:?}"),
-                ))
-            }
-        };
-        let view = entry.view();
-        let now = Instant::now();
-        match outcome {
-            Ok(()) if view.cached() => Ok(self.answer(view, Source::Registry, now)),
-            Err(e) if e.kind == ErrorKind::NotFound && view.cached() => {
-                // The registry lists nothing, but the guard kept (suspect) nodes.
-                Ok(self.answer(view, Source::Stale, now))
-            }
-            Ok(())
-            | Err(RegistryError {
-                kind: ErrorKind::NotFound,
-                ..
-            }) => {
-                inner.counters.inc(Counter::NotFoundRegistry);
-                Err(LookupError::NotFound {
-                    service: self.service.to_string(),
-                    reason: format!("the registry has no node of {}", self.service),
-                    provenance: Source::Registry,
-                    policy: self.policy,
-                })
-            }
-            Err(e) if fallback && view.cached() => {
-                tracing::debug!(service = self.service, "serving stale: {e}");
-                Ok(self.answer(view, Source::Stale, now))
-            }
-            Err(e) => {
-                let kind = e.kind;
-                Err(self.unavailable(e.to_string(), Some(kind), Counter::UnavailableRegistry))
-            }
-        }
-    }
-
-    /// Answers without a refresh: stale if allowed, the recent answer if the last attempt
-    /// succeeded, else a fast failure.
-    fn refused(
-        self,
-        refusal: Refusal,
-        fallback: bool,
-        now: Instant,
-    ) -> Result<Answer, LookupError> {
-        let view = self.inner.entries.get(self.service).map(|e| e.view());
-        let settings = self.policy.settings;
-        if let Some(view) = view {
-            let recent_success = matches!(refusal, Refusal::RateLimited { failed: false });
-            if view.cached() && (fallback || recent_success) {
-                let fresh = recent_success
-                    && view
-                        .refreshed_at
-                        .is_some_and(|t| now.saturating_duration_since(t) < settings.ttl);
-                let source = if fresh { Source::Fresh } else { Source::Stale };
-                return Ok(self.answer(view, source, now));
-            }
-            if recent_success && view.negative {
-                self.inner.counters.inc(Counter::NotFoundNegative);
-                return Err(LookupError::NotFound {
-                    service: self.service.to_string(),
-                    reason: format!("{} not found (negative cache)", self.service),
-                    provenance: Source::Negative,
-                    policy: self.policy,
-                });
-            }
-        }
-        let (reason, counter) = match refusal {
-            Refusal::RateLimited { .. } => (
-                format!(
-                    "the registry was asked for this service less than {:?} ago; not asking again yet",
-                    settings.min_retry_interval
-                ),
-                Counter::UnavailableRateLimited,
-            ),
-            Refusal::Overdue => (
-                "a refresh of this service is in flight and already overdue".to_string(),
-                Counter::UnavailableOverdue,
-            ),
-            Refusal::Budget => (
-                format!(
-                    "the registry budget of {} requests per second is spent",
-                    settings.registry_budget_per_second
-                ),
-                Counter::UnavailableBudget,
-            ),
-        };
-        let cause = Some(ErrorKind::Unavailable);
-        Err(self.unavailable(reason, cause, counter))
+        tracing::warn!(service = %self.entry.name, "a refresh task ended without an answer");
     }
 }
 

@@ -5,6 +5,7 @@
 //! the maintenance task samples it every tick, and the cache's own evidence (a refresh
 //! answered or timed out, a watch event received) is recorded as it happens.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,8 +16,10 @@ use crate::registry::Registry;
 
 /// The sampled health. Its instants are tokio's (the cache's clock, which tests may pause);
 /// the registry's are converted as they are merged.
-#[derive(Debug)]
 pub(crate) struct HealthCell {
+    registry: Arc<dyn Registry>,
+    /// The cache's watch stream is open (the registry's own flag says whether it is current).
+    watch_alive: AtomicBool,
     base: Instant,
     /// Wall-clock milliseconds at `base`: lookups derive the wall clock from the one monotonic
     /// reading they take anyway (a clock read costs tens of ns in a VM, on every lookup).
@@ -55,8 +58,10 @@ impl Moment {
 }
 
 impl HealthCell {
-    pub fn new() -> Self {
+    pub fn new(registry: Arc<dyn Registry>) -> Self {
         HealthCell {
+            registry,
+            watch_alive: AtomicBool::new(false),
             base: Instant::now(),
             base_wall_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -68,7 +73,7 @@ impl HealthCell {
     }
 
     /// The health now, and the wall clock in ms since the Unix epoch, from one clock reading.
-    pub fn view_and_wall_ms(&self) -> (HealthView, u64) {
+    fn view_and_wall_ms(&self) -> (HealthView, u64) {
         self.view_and_wall_ms_at(Instant::now())
     }
 
@@ -107,10 +112,22 @@ impl HealthCell {
         self.failure_at(Instant::now());
     }
 
-    /// Samples the registry's health; `watch_alive` is whether the cache's watch stream is open.
-    pub fn sample(&self, registry: &dyn Registry, watch_alive: bool) {
-        let health = registry.health();
-        let connected = health.watch_connected && watch_alive;
+    /// Records whether the cache's watch stream is open, and samples the registry's health.
+    pub fn set_watch_alive(&self, alive: bool) {
+        self.watch_alive.store(alive, Ordering::Relaxed);
+        self.sample();
+    }
+
+    /// Samples the registry's health now (off the hot path: it may take the registry's lock)
+    /// and returns it, with the wall clock from the same reading lookups derive theirs from.
+    pub fn sampled_view_and_wall_ms(&self) -> (HealthView, u64) {
+        self.sample();
+        self.view_and_wall_ms()
+    }
+
+    fn sample(&self) {
+        let health = self.registry.health();
+        let connected = health.watch_connected && self.watch_alive.load(Ordering::Relaxed);
         if self.watch_connected.load(Ordering::Relaxed) != connected {
             self.watch_connected.store(connected, Ordering::Relaxed);
         }

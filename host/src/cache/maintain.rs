@@ -6,7 +6,6 @@
 //! lookup and is dropped (see the module doc of [`super`] for why the whole prefix is watched).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -15,103 +14,105 @@ use tokio::time::{Instant, sleep_until};
 
 use super::Inner;
 use super::stats::Counter;
-use crate::decision::{EvictionReason, HealthView};
+use crate::decision::EvictionReason;
 use crate::model::Service;
 use crate::registry::WatchEvent;
 
 /// How long to wait before re-subscribing when the watch stream ended.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
-/// Starts the maintenance task of `inner`; it ends once `inner` is dropped.
-pub(super) fn spawn(inner: &Arc<Inner>) {
-    let watch = inner.registry.watch();
-    inner.watch_alive.store(true, Ordering::Relaxed);
-    inner.health.sample(&*inner.registry, true);
-    let tick = inner.options.tick;
-    tokio::spawn(run(Arc::downgrade(inner), watch, tick));
+/// The maintenance task's own state; it holds the cache weakly, so that dropping the last
+/// clone of the cache ends it.
+pub(super) struct Maintenance {
+    inner: Weak<Inner>,
+    watch: Option<mpsc::Receiver<WatchEvent>>,
+    /// When to subscribe again after the watch stream ended.
+    resubscribe_at: Option<Instant>,
+    /// Services with an open batch of removals, and when it closes.
+    batches: BTreeMap<Arc<str>, Instant>,
+    tick: Duration,
+    next_tick: Instant,
+    /// The last tick at which the watch was connected: its silence confirmed every node then.
+    watch_confirmed_at: Option<Instant>,
 }
 
-async fn run(weak: Weak<Inner>, watch: mpsc::Receiver<WatchEvent>, tick: Duration) {
-    let mut watch = Some(watch);
-    // Services with an open batch of removals, and when it closes.
-    let mut batches: BTreeMap<Arc<str>, Instant> = BTreeMap::new();
-    let mut next_tick = Instant::now() + tick;
-    let mut resubscribe_at = None;
-    loop {
-        let wake = batches
-            .values()
-            .min()
-            .map_or(next_tick, |close| (*close).min(next_tick));
-        let event = match watch.as_mut() {
-            Some(rx) => tokio::select! {
-                event = rx.recv() => Some(event),
-                _ = sleep_until(wake) => None,
-            },
-            None => {
-                sleep_until(wake).await;
-                None
-            }
+impl Maintenance {
+    /// Starts the maintenance task of `inner`, ticking every `tick`.
+    pub(super) fn spawn(inner: &Arc<Inner>, tick: Duration) {
+        let watch = inner.registry.watch();
+        inner.health.set_watch_alive(true);
+        let task = Maintenance {
+            inner: Arc::downgrade(inner),
+            watch: Some(watch),
+            resubscribe_at: None,
+            batches: BTreeMap::new(),
+            tick,
+            next_tick: Instant::now() + tick,
+            watch_confirmed_at: None,
         };
-        let Some(inner) = weak.upgrade() else {
-            return;
-        };
-        let now = Instant::now();
-        match event {
-            Some(Some(event)) => inner.apply_event(event, now, &mut batches),
-            Some(None) => {
-                tracing::warn!("the registry's watch stream ended; re-subscribing");
-                watch = None;
-                inner.watch_alive.store(false, Ordering::Relaxed);
-                inner.health.sample(&*inner.registry, false);
-                resubscribe_at = Some(now + RESUBSCRIBE_AFTER);
+        tokio::spawn(task.run());
+    }
+
+    async fn run(mut self) {
+        loop {
+            let wake = self
+                .batches
+                .values()
+                .min()
+                .map_or(self.next_tick, |close| (*close).min(self.next_tick));
+            let event = match self.watch.as_mut() {
+                Some(rx) => tokio::select! {
+                    event = rx.recv() => Some(event),
+                    _ = sleep_until(wake) => None,
+                },
+                None => {
+                    sleep_until(wake).await;
+                    None
+                }
+            };
+            let Some(inner) = self.inner.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            match event {
+                Some(Some(event)) => self.apply_event(&inner, event, now),
+                Some(None) => {
+                    tracing::warn!("the registry's watch stream ended; re-subscribing");
+                    self.watch = None;
+                    inner.health.set_watch_alive(false);
+                    self.resubscribe_at = Some(now + RESUBSCRIBE_AFTER);
+                }
+                None => {}
             }
-            None => {}
-        }
-        let due: Vec<Arc<str>> = batches
-            .iter()
-            .filter(|(_, close)| **close <= now)
-            .map(|(service, _)| service.clone())
-            .collect();
-        for service in due {
-            batches.remove(&service);
-            inner.flush_batch(&service, now);
-        }
-        if now >= next_tick {
-            if watch.is_none() && resubscribe_at.is_some_and(|at| at <= now) {
-                watch = Some(inner.registry.watch());
-                inner.watch_alive.store(true, Ordering::Relaxed);
-                resubscribe_at = None;
+            let due: Vec<Arc<str>> = self
+                .batches
+                .iter()
+                .filter(|(_, close)| **close <= now)
+                .map(|(service, _)| service.clone())
+                .collect();
+            for service in due {
+                self.batches.remove(&service);
+                flush_batch(&inner, &service, now);
             }
-            inner.tick(now);
-            next_tick = now + tick;
+            if now >= self.next_tick {
+                if self.watch.is_none() && self.resubscribe_at.is_some_and(|at| at <= now) {
+                    self.watch = Some(inner.registry.watch());
+                    inner.health.set_watch_alive(true);
+                    self.resubscribe_at = None;
+                }
+                self.sweep(&inner, now);
+                self.next_tick = now + self.tick;
+            }
         }
     }
-}
 
-impl Inner {
-    /// Samples the registry's health now (off the hot path) and returns it.
-    pub(super) fn fresh_health(&self) -> HealthView {
-        self.fresh_health_and_wall_ms().0
-    }
-
-    /// [`Inner::fresh_health`], and the wall clock from the same reading lookups derive theirs from.
-    pub(super) fn fresh_health_and_wall_ms(&self) -> (HealthView, u64) {
-        self.health
-            .sample(&*self.registry, self.watch_alive.load(Ordering::Relaxed));
-        self.health.view_and_wall_ms()
-    }
-
-    fn apply_event(
-        &self,
-        event: WatchEvent,
-        now: Instant,
-        batches: &mut BTreeMap<Arc<str>, Instant>,
-    ) {
-        self.health.contact();
+    fn apply_event(&mut self, inner: &Inner, event: WatchEvent, now: Instant) {
+        inner.health.contact();
         match event {
             WatchEvent::Put { service, .. } => {
-                let Some(entry) = self.entries.get(service.name.as_str()).map(|e| e.clone()) else {
-                    self.counters.inc(Counter::WatchIgnored);
+                let Some(entry) = inner.entries.get(service.name.as_str()).map(|e| e.clone())
+                else {
+                    inner.counters.inc(Counter::WatchIgnored);
                     return;
                 };
                 let mut state = entry.lock();
@@ -120,18 +121,18 @@ impl Inner {
                 }
                 let restored = state.upsert(&service, now);
                 entry.publish(&state);
-                self.counters.inc(Counter::WatchPuts);
-                self.counters.add(Counter::SuspectsRestored, restored);
+                inner.counters.inc(Counter::WatchPuts);
+                inner.counters.add(Counter::SuspectsRestored, restored);
             }
             WatchEvent::Delete {
                 service, node_id, ..
             } => {
-                let Some(entry) = self.entries.get(service.as_str()).map(|e| e.clone()) else {
-                    self.counters.inc(Counter::WatchIgnored);
+                let Some(entry) = inner.entries.get(service.as_str()).map(|e| e.clone()) else {
+                    inner.counters.inc(Counter::WatchIgnored);
                     return;
                 };
-                self.counters.inc(Counter::WatchDeletes);
-                let batch = self.policy.active().settings.eviction_batch;
+                inner.counters.inc(Counter::WatchDeletes);
+                let batch = inner.policy.active().settings.eviction_batch;
                 let mut state = entry.lock();
                 if state.flight.is_some() {
                     state.deleted_in_flight.insert(node_id.clone());
@@ -146,15 +147,15 @@ impl Inner {
                 state.pending.insert(node_id, EvictionReason::WatchDelete);
                 if batch.is_zero() {
                     let removals = std::mem::take(&mut state.pending).into_iter().collect();
-                    self.judge(&entry.name, &mut state, removals, now);
+                    inner.guard().judge(&entry.name, &mut state, removals, now);
                     entry.publish(&state);
                 } else if state.pending_since.is_none() {
                     state.pending_since = Some(now);
-                    batches.insert(entry.name.clone(), now + batch);
+                    self.batches.insert(entry.name.clone(), now + batch);
                 }
             }
             WatchEvent::Resync { services, .. } => {
-                self.counters.inc(Counter::WatchResyncs);
+                inner.counters.inc(Counter::WatchResyncs);
                 // Grouped once: each cached entry then finds its listing with one map lookup
                 // instead of a scan of every service in the registry.
                 let mut by_name: HashMap<String, Vec<Service>> = HashMap::new();
@@ -164,14 +165,14 @@ impl Inner {
                         .or_default()
                         .push(service);
                 }
-                let entries: Vec<_> = self.entries.iter().map(|e| e.value().clone()).collect();
+                let entries: Vec<_> = inner.entries.iter().map(|e| e.value().clone()).collect();
                 for entry in entries {
                     let listing = by_name.get(&*entry.name).map_or(&[][..], Vec::as_slice);
                     let mut state = entry.lock();
                     if state.nodes.is_empty() && listing.is_empty() {
                         continue;
                     }
-                    self.reconcile(
+                    inner.guard().reconcile(
                         &entry.name,
                         &mut state,
                         listing,
@@ -187,26 +188,20 @@ impl Inner {
     }
 
     /// The periodic sweep.
-    fn tick(&self, now: Instant) {
-        let health = self.fresh_health();
-        let confirmed_at = {
-            let mut at = self
-                .watch_confirmed_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if health.watch_connected {
-                *at = Some(now);
-            }
-            *at
-        };
-        let settings = self.policy.active().settings;
+    fn sweep(&mut self, inner: &Inner, now: Instant) {
+        let (health, _) = inner.health.sampled_view_and_wall_ms();
+        if health.watch_connected {
+            self.watch_confirmed_at = Some(now);
+        }
+        let confirmed_at = self.watch_confirmed_at;
+        let settings = inner.policy.active().settings;
         // Entries with nothing cached are kept while they still rate-limit or answer "not
         // found"; after that they are only memory.
         let retention = settings
             .negative_ttl
             .max(settings.min_retry_interval)
-            .max(self.options.refresh_timeout);
-        let entries: Vec<_> = self.entries.iter().map(|e| e.value().clone()).collect();
+            .max(inner.options.refresh_timeout);
+        let entries: Vec<_> = inner.entries.iter().map(|e| e.value().clone()).collect();
         let mut unused = Vec::new();
         let unused_now = |view: &super::entry::View| {
             let last = view.attempted_at.max(view.refreshed_at);
@@ -228,8 +223,8 @@ impl Inner {
             }
             let mut state = entry.lock();
             let expired = state.expire_suspects(now);
-            self.counters.add(Counter::SuspectsExpired, expired);
-            let node_ttl = self.options.node_ttl;
+            inner.counters.add(Counter::SuspectsExpired, expired);
+            let node_ttl = inner.options.node_ttl;
             let stale: Vec<(String, EvictionReason)> = if ttl_due {
                 state
                     .nodes
@@ -246,7 +241,7 @@ impl Inner {
                 Vec::new()
             };
             let judged = !stale.is_empty();
-            self.judge(&entry.name, &mut state, stale, now);
+            inner.guard().judge(&entry.name, &mut state, stale, now);
             if expired > 0 || judged {
                 entry.publish(&state);
             }
@@ -254,8 +249,21 @@ impl Inner {
         // Re-checked under the map's lock: since the scan, a lookup may have attempted a
         // refresh (and finished it) or the registry answered "not found" again.
         for name in unused {
-            self.entries
+            inner
+                .entries
                 .remove_if(&name, |_, entry| unused_now(&entry.view()));
         }
     }
+}
+
+/// Judges the pending batch of `service`, if any.
+fn flush_batch(inner: &Inner, service: &str, now: Instant) {
+    let Some(entry) = inner.entries.get(service).map(|e| e.clone()) else {
+        return;
+    };
+    let mut state = entry.lock();
+    let removals = std::mem::take(&mut state.pending).into_iter().collect();
+    state.pending_since = None;
+    inner.guard().judge(service, &mut state, removals, now);
+    entry.publish(&state);
 }

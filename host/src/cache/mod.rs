@@ -10,8 +10,8 @@
 //! 1. Read the service's entry: a sharded map ([`dashmap`]) read and one atomic load of the
 //!    entry's immutable view ([`entry`]). No global lock, no allocation.
 //! 2. Build the [`LookupContext`] and ask the policy ([`Decide::decide_lookup`]).
-//! 3. Act: serve the view as fresh or stale (sharing it with the [`Answer`]); start one
-//!    background refresh; refresh and wait; or reject.
+//! 3. Act ([`reply`]): serve the view as fresh or stale (sharing it with the [`Answer`]);
+//!    start one background refresh; refresh and wait; or reject.
 //!
 //! Refreshes go through [`flight`]: the per-service rate limit (`min-retry-interval`, enforced
 //! by the host whatever the policy says) is checked *before* a caller joins a refresh and again
@@ -42,11 +42,11 @@ mod evict;
 mod flight;
 mod health;
 mod maintain;
+mod reply;
 mod snapshot;
 mod stats;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -66,6 +66,11 @@ pub use stats::{
 use crate::decision::{Decide, LookupContext, LookupDecision, PolicyInfo, RejectionKind};
 use crate::registry::Registry;
 use entry::{Entry, View};
+use evict::Guard;
+use flight::Flight;
+use health::HealthCell;
+use maintain::Maintenance;
+use reply::Reply;
 use stats::{Counter, Counters};
 
 /// Options of a [`RegistryCache`]; the policy's settings decide everything else.
@@ -113,17 +118,15 @@ impl CacheBuilder {
     pub fn build(self) -> RegistryCache {
         let settings = self.policy.active().settings;
         let inner = Arc::new(Inner {
+            health: HealthCell::new(self.registry.clone()),
             registry: self.registry,
             policy: self.policy,
             entries: DashMap::with_hasher(EntryHasher::default()),
             budget: budget::Budget::new(settings.registry_budget_per_second),
-            health: health::HealthCell::new(),
             counters: Counters::new(),
             options: self.options,
-            watch_alive: AtomicBool::new(false),
-            watch_confirmed_at: std::sync::Mutex::new(None),
         });
-        maintain::spawn(&inner);
+        Maintenance::spawn(&inner, self.options.tick);
         RegistryCache { inner }
     }
 }
@@ -139,13 +142,9 @@ pub(crate) struct Inner {
     policy: Arc<dyn Decide>,
     entries: DashMap<Arc<str>, Arc<Entry>, EntryHasher>,
     budget: budget::Budget,
-    health: health::HealthCell,
+    health: HealthCell,
     counters: Counters,
     options: Options,
-    /// The maintenance task's watch stream is open.
-    watch_alive: AtomicBool,
-    /// The last tick at which the watch was connected: its silence confirmed every node then.
-    watch_confirmed_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl RegistryCache {
@@ -189,19 +188,14 @@ impl RegistryCache {
         });
         let policy = decided.policy;
         let settings = policy.settings;
-        let reply = Reply {
-            inner,
-            service,
-            policy,
-            label,
-        };
+        let reply = Reply::new(inner, service, policy, label);
         match (decided.decision, view) {
             (LookupDecision::ServeCached, Some(view)) if view.cached() => {
                 Ok(reply.answer(view, Source::Fresh, now))
             }
             (LookupDecision::ServeStale { refresh }, Some(view)) if view.cached() => {
                 if refresh {
-                    inner.refresh_in_background(service, &view, &settings, now);
+                    Flight::start_in_background(inner, service, &view, &settings, now);
                 }
                 Ok(reply.answer(view, Source::Stale, now))
             }
@@ -283,6 +277,15 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Inner {
+    /// The eviction guard, over this cache's policy, health and counters.
+    fn guard(&self) -> Guard<'_> {
+        Guard {
+            policy: &*self.policy,
+            health: &self.health,
+            counters: &self.counters,
+        }
+    }
+
     /// The policy's context for a lookup of `service`.
     fn context<'a>(
         &self,
@@ -312,71 +315,6 @@ impl Inner {
             },
             refresh_in_flight: view.in_flight,
             ..cold
-        }
-    }
-}
-
-/// Builds the answers and errors of one lookup.
-struct Reply<'a> {
-    inner: &'a Arc<Inner>,
-    service: &'a str,
-    policy: Arc<PolicyInfo>,
-    label: &'static str,
-}
-
-impl Reply<'_> {
-    fn answer(self, view: Arc<View>, source: Source, now: Instant) -> Answer {
-        self.inner.counters.inc(match source {
-            Source::Fresh => Counter::AnsweredFresh,
-            Source::Stale => Counter::AnsweredStale,
-            Source::Registry | Source::Negative | Source::Policy => Counter::AnsweredRegistry,
-        });
-        Answer {
-            age: view.refreshed_at.map(|t| now.saturating_duration_since(t)),
-            view,
-            source,
-            policy: self.policy,
-            decision: self.label,
-        }
-    }
-
-    fn reject(self, kind: RejectionKind, reason: String, negative: bool) -> LookupError {
-        match kind {
-            RejectionKind::NotFound => {
-                self.inner.counters.inc(if negative {
-                    Counter::NotFoundNegative
-                } else {
-                    Counter::NotFoundPolicy
-                });
-                LookupError::NotFound {
-                    service: self.service.to_string(),
-                    reason,
-                    provenance: if negative {
-                        Source::Negative
-                    } else {
-                        Source::Policy
-                    },
-                    policy: self.policy,
-                }
-            }
-            RejectionKind::Unavailable => {
-                self.unavailable(reason, None, Counter::UnavailablePolicy)
-            }
-        }
-    }
-
-    fn unavailable(
-        self,
-        reason: String,
-        cause: Option<crate::registry::ErrorKind>,
-        counter: Counter,
-    ) -> LookupError {
-        self.inner.counters.inc(counter);
-        LookupError::Unavailable {
-            service: self.service.to_string(),
-            reason,
-            cause,
-            policy: self.policy,
         }
     }
 }

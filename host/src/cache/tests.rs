@@ -412,7 +412,7 @@ async fn cached_five(f: &Fixture) {
         .await
         .unwrap();
     assert_eq!(f.cache.lookup("svc").await.unwrap().node_count(), 5);
-    f.cache.inner.fresh_health();
+    f.cache.inner.health.sampled_view_and_wall_ms();
 }
 
 #[tokio::test(start_paused = true)]
@@ -500,14 +500,28 @@ async fn a_single_removal_soon_after_a_registry_failure_is_kept_suspect() {
         ..SETTINGS
     });
     cached_five(&f).await;
-    assert_eq!(f.cache.inner.fresh_health().since_failure_ms, None);
+    assert_eq!(
+        f.cache
+            .inner
+            .health
+            .sampled_view_and_wall_ms()
+            .0
+            .since_failure_ms,
+        None
+    );
     // A background refresh fails, as against a frozen etcd.
     f.registry.set_failure(Some(ErrorKind::Timeout));
     advance(Duration::from_secs(2)).await;
     assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
     assert!(
         eventually(Duration::from_secs(1), || {
-            f.cache.inner.fresh_health().since_failure_ms.is_some()
+            f.cache
+                .inner
+                .health
+                .sampled_view_and_wall_ms()
+                .0
+                .since_failure_ms
+                .is_some()
         })
         .await,
         "the failure is part of the registry's health"
