@@ -5,11 +5,11 @@
 //! resumes from the last revision it applied, so a kill and restart of etcd loses and
 //! duplicates nothing. When etcd cannot resume (the revision was compacted) the stream answers
 //! `canceled` with `compact_revision` set: the registry re-lists, replaces the mirror, and sends
-//! every receiver [`WatchEvent::Resync`]. A watch cancelled for an expired auth token is
-//! re-created after a cheap unary call lets the client re-authenticate (the client refreshes
-//! tokens for unary calls only). A stream that may be on a member just taken out of rotation
-//! (see [`endpoints`](super::endpoints)) is re-created at once, resuming from the same
-//! revision; other streams to a hung etcd end through HTTP/2 pings.
+//! every receiver [`WatchEvent::Resync`]. A watch cancelled for any other reason (usually an
+//! expired auth token) is re-created after a cheap unary call lets the client re-authenticate
+//! (the client refreshes tokens for unary calls only). A stream that may be on a member just
+//! taken out of rotation (see [`endpoints`](super::endpoints)) is re-created at once, resuming
+//! from the same revision; other streams to a hung etcd end through HTTP/2 pings.
 //!
 //! Each receiver gets a `Resync` of the mirror first, so that subscribing never races with
 //! changes. A receiver that falls behind by a whole queue is not dropped and does not block
