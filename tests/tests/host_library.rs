@@ -1,0 +1,137 @@
+//! The library as an embedder uses it: two `regcache::Host`s built in one process on one real
+//! etcd, served, shut down. One host's registration is seen through the other's HTTP API and
+//! cache; each host's shutdown takes its keys out of etcd; and once both have returned from
+//! `serve`, no task of theirs is left on the runtime and, once the runtime is gone, no thread.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use regcache::Host;
+use regcache::config::{ConfigLayer, HostConfig};
+use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
+use regcache_tests::etcd::EtcdCluster;
+use regcache_tests::http::request;
+use regcache_tests::policies::policy_path;
+use regcache_tests::registry::{register_now, service};
+use regcache_tests::wait::eventually_blocking;
+
+/// A host on `etcd` keeping its state in `state_dir`, with `policy_file` if given (watched).
+fn host_config(etcd: &EtcdCluster, state_dir: &Path, policy_file: Option<&Path>) -> HostConfig {
+    let endpoints = serde_json::to_string(&etcd.endpoints()).unwrap();
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n",
+        state_dir.display().to_string()
+    );
+    if let Some(file) = policy_file {
+        toml += &format!("[policy]\nfile = {:?}\n", file.display().to_string());
+    }
+    toml += &format!("[etcd]\nendpoints = {endpoints}\n");
+    ConfigLayer::parse_toml(&toml, "test")
+        .unwrap()
+        .validate()
+        .unwrap()
+}
+
+/// The process's threads: id → name.
+fn threads() -> BTreeMap<String, String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            Some((
+                path.file_name()?.to_string_lossy().into_owned(),
+                name.trim().to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
+    let harness = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = harness.block_on(EtcdCluster::start(1)).unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let policy_file = policy_path("default");
+
+    // wasmtime compiles on rayon's process-wide pool, started by the first compilation and
+    // kept for the life of the process: started here, before the threads are counted. The
+    // engine's epoch thread ends a tick after the engine.
+    drop(PolicyEngine::new(EngineOptions::default(), PolicySpec::embedded_default(vec![])).unwrap());
+    assert!(eventually_blocking(Duration::from_secs(2), || {
+        !threads().values().any(|name| name == "regcache-policy-epoch")
+    }));
+    let before = threads();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // A watches a policy file (a task and the watcher's thread); B runs the embedded one.
+        let a = host_config(&etcd, dirs[0].path(), Some(&policy_file));
+        let a = Host::build(a).await.unwrap();
+        let b = Host::build(host_config(&etcd, dirs[1].path(), None)).await.unwrap();
+        assert_ne!(a.http_address(), b.http_address());
+
+        register_now(&**a.registry(), &service("greeter", "1.0", "on-a")).await;
+        let b_cache = b.cache().clone();
+        let b_address = b.http_address();
+        let (stop_a, a_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_b, b_stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving_a = tokio::spawn(a.serve(async {
+            let _ = a_stopped.await;
+        }));
+        let serving_b = tokio::spawn(b.serve(async {
+            let _ = b_stopped.await;
+        }));
+
+        // A's registration reaches B through etcd: over B's HTTP API and in-process.
+        let seen_over_http = tokio::task::spawn_blocking(move || {
+            eventually_blocking(Duration::from_secs(10), || {
+                request(b_address, "GET", "/v1/services/greeter", &[], b"")
+                    .is_ok_and(|answer| answer.status == 200 && answer.text().contains("on-a"))
+            })
+        })
+        .await
+        .unwrap();
+        assert!(seen_over_http, "B's API never answered A's registration");
+        let answer = b_cache.lookup("greeter").await.unwrap();
+        assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["on-a"]);
+        drop(b_cache);
+
+        stop_a.send(()).unwrap();
+        serving_a.await.unwrap().unwrap();
+        let keys = etcd
+            .etcdctl(None, &["get", "--prefix", "--keys-only", "/micro/registry/"])
+            .unwrap();
+        assert!(!keys.contains("on-a"), "A's key outlived its shutdown: {keys}");
+        stop_b.send(()).unwrap();
+        serving_b.await.unwrap().unwrap();
+    });
+
+    let alive = || runtime.metrics().num_alive_tasks();
+    assert!(
+        eventually_blocking(Duration::from_secs(2), || alive() == 0),
+        "{} task(s) still alive after both hosts returned from serve",
+        alive()
+    );
+    drop(runtime);
+    let left = || {
+        let now = threads();
+        now.into_iter()
+            .filter(|(id, _)| !before.contains_key(id))
+            .map(|(_, name)| name)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually_blocking(Duration::from_secs(5), || left().is_empty()),
+        "threads left behind: {:?}",
+        left()
+    );
+}
