@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::time::{Instant, advance};
+use tokio::time::{Instant, advance, sleep, sleep_until};
 
 use super::*;
 use crate::decision::{
@@ -15,6 +15,12 @@ use crate::decision::{
 use crate::model::{Node, Service};
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::{ErrorKind, Registry};
+
+/// The fixtures' maintenance tick. On the paused clock a test that sleeps lets every task
+/// that is ready run before time moves, so sleeping one tick past the moment something is due
+/// (a watch event: now; a batch of removals: `eviction-batch` from now) awaits it exactly,
+/// without polling.
+const TICK: Duration = Duration::from_millis(10);
 
 const SETTINGS: Settings = Settings {
     ttl: Duration::from_secs(60),
@@ -161,25 +167,13 @@ fn fixture(settings: Settings) -> Fixture {
     let registry = Arc::new(MemoryRegistry::new());
     let policy = TestPolicy::new(settings);
     let cache = RegistryCache::builder(registry.clone(), policy.clone())
-        .tick(Duration::from_millis(10))
+        .tick(TICK)
         .build();
     Fixture {
         registry,
         policy,
         cache,
     }
-}
-
-/// Polls `condition` on the paused clock for at most `bound`.
-async fn eventually(bound: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + bound;
-    while Instant::now() < end {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    condition()
 }
 
 #[tokio::test(start_paused = true)]
@@ -255,11 +249,8 @@ async fn without_cache_a_down_registry_fails_fast_within_the_interval() {
     let f = fixture(SETTINGS);
     f.registry.register(&service("svc", &["a"])).await.unwrap();
     // Let the watch event go by first, or it would fill the entry behind the test's back.
-    assert!(
-        eventually(Duration::from_secs(1), || f.cache.stats().watch.ignored
-            == 1)
-        .await
-    );
+    sleep(TICK).await;
+    assert_eq!(f.cache.stats().watch.ignored, 1);
     f.registry.set_failure(Some(ErrorKind::Unavailable));
     let err = f.cache.lookup("svc").await.unwrap_err();
     assert!(
@@ -294,6 +285,7 @@ async fn a_stalled_refresh_bounds_its_waiters_and_survives_their_drop() {
     let f = fixture(SETTINGS);
     f.registry.register(&service("svc", &["a"])).await.unwrap();
     f.registry.set_latency(Duration::from_secs(4));
+    let refresh_started = Instant::now();
     // A waiter dropped early does not cancel the refresh.
     let dropped = {
         let cache = f.cache.clone();
@@ -333,11 +325,8 @@ async fn a_stalled_refresh_bounds_its_waiters_and_survives_their_drop() {
         "refused as overdue, not as rate limited"
     );
     // The refresh itself finishes and fills the cache.
-    assert!(
-        eventually(Duration::from_secs(2), || f.cache.stats().get_service.ok
-            == 1)
-        .await
-    );
+    sleep_until(refresh_started + Duration::from_secs(4) + TICK).await;
+    assert_eq!(f.cache.stats().get_service.ok, 1);
     assert_eq!(f.registry.get_service_calls(), 1);
     let answer = f.cache.lookup("svc").await.unwrap();
     assert_eq!(answer.source, Source::Fresh);
@@ -398,12 +387,9 @@ async fn distinct_unknown_names_cannot_exceed_the_budget() {
         "{err}"
     );
     assert_eq!(f.registry.get_service_calls(), 20);
-    // Unused entries are swept once they no longer rate-limit.
-    assert!(
-        eventually(Duration::from_secs(30), || f.cache.is_empty()).await,
-        "{}",
-        f.cache.len()
-    );
+    // Unused entries are swept once they no longer rate-limit nor answer "not found".
+    sleep(SETTINGS.min_retry_interval.max(SETTINGS.negative_ttl) + TICK).await;
+    assert!(f.cache.is_empty(), "{}", f.cache.len());
 }
 
 async fn cached_five(f: &Fixture) {
@@ -422,7 +408,7 @@ async fn a_burst_of_deletions_is_one_guard_call_and_kept_suspect() {
     for id in ["n1", "n2", "n3", "n4"] {
         f.registry.expire("svc", id);
     }
-    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    sleep(SETTINGS.eviction_batch + TICK).await;
     let hold = SETTINGS.max_suspect_hold.as_millis() as u64;
     assert_eq!(
         f.policy.guards(),
@@ -434,29 +420,23 @@ async fn a_burst_of_deletions_is_one_guard_call_and_kept_suspect() {
     assert!(!answer.is_suspect("n5"));
     // A node registered again becomes normal.
     f.registry.register(&service("svc", &["n2"])).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(1), || {
-            f.cache
-                .inner
-                .entries
-                .get("svc")
-                .unwrap()
-                .view()
-                .suspects
-                .len()
-                == 3
-        })
-        .await
+    sleep(TICK).await;
+    assert_eq!(
+        f.cache
+            .inner
+            .entries
+            .get("svc")
+            .unwrap()
+            .view()
+            .suspects
+            .len(),
+        3
     );
     assert_eq!(f.cache.stats().evictions.suspects_restored, 1);
     // The others leave when their hold ends.
     advance(SETTINGS.max_suspect_hold).await;
-    assert!(
-        eventually(Duration::from_secs(1), || {
-            f.cache.inner.entries.get("svc").unwrap().view().nodes == 2
-        })
-        .await
-    );
+    sleep(2 * TICK).await;
+    assert_eq!(f.cache.inner.entries.get("svc").unwrap().view().nodes, 2);
     let answer = f.cache.lookup("svc").await.unwrap();
     assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["n2", "n5"]);
     assert_eq!(f.cache.stats().evictions.suspects_expired, 3);
@@ -470,7 +450,7 @@ async fn a_strict_guard_applies_the_burst() {
     for id in ["n1", "n2", "n3", "n4"] {
         f.registry.expire("svc", id);
     }
-    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    sleep(SETTINGS.eviction_batch + TICK).await;
     assert_eq!(f.policy.guards(), vec![(5, 1, 4, EvictionDecision::Evict)]);
     let answer = f.cache.lookup("svc").await.unwrap();
     assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["n5"]);
@@ -481,12 +461,8 @@ async fn a_single_deregistration_is_applied_at_once() {
     let f = fixture(SETTINGS);
     cached_five(&f).await;
     f.registry.expire("svc", "n3");
-    assert!(
-        eventually(Duration::from_secs(1), || {
-            f.cache.inner.entries.get("svc").unwrap().view().nodes == 4
-        })
-        .await
-    );
+    sleep(SETTINGS.eviction_batch + TICK).await;
+    assert_eq!(f.cache.inner.entries.get("svc").unwrap().view().nodes, 4);
     assert_eq!(f.policy.guards(), vec![(5, 4, 1, EvictionDecision::Evict)]);
     assert_eq!(f.registry.get_service_calls(), 1, "no refresh involved");
     assert_eq!(f.cache.node_count(), 4);
@@ -513,22 +489,20 @@ async fn a_single_removal_soon_after_a_registry_failure_is_kept_suspect() {
     f.registry.set_failure(Some(ErrorKind::Timeout));
     advance(Duration::from_secs(2)).await;
     assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
+    sleep(TICK).await;
     assert!(
-        eventually(Duration::from_secs(1), || {
-            f.cache
-                .inner
-                .health
-                .sampled_view_and_wall_ms()
-                .0
-                .since_failure_ms
-                .is_some()
-        })
-        .await,
+        f.cache
+            .inner
+            .health
+            .sampled_view_and_wall_ms()
+            .0
+            .since_failure_ms
+            .is_some(),
         "the failure is part of the registry's health"
     );
     f.registry.set_failure(None);
     f.registry.expire("svc", "n3");
-    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    sleep(SETTINGS.eviction_batch + TICK).await;
     let hold = SETTINGS.max_suspect_hold.as_millis() as u64;
     assert_eq!(
         f.policy.guards(),
@@ -547,13 +521,14 @@ async fn suspects_leave_when_a_listing_reconfirms_them_absent_and_the_guard_agre
     for id in ["n1", "n2", "n3", "n4"] {
         f.registry.expire("svc", id);
     }
-    assert!(eventually(Duration::from_secs(1), || !f.policy.guards().is_empty()).await);
+    sleep(SETTINGS.eviction_batch + TICK).await;
     let guards = |f: &Fixture| f.policy.guards().len();
     // Within the window the burst still counts: a listing of only n5 asks the guard again,
     // which keeps them (their hold is not extended).
     advance(Duration::from_secs(2)).await;
     assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
-    assert!(eventually(Duration::from_secs(1), || guards(&f) == 2).await);
+    sleep(TICK).await;
+    assert_eq!(guards(&f), 2);
     let hold = SETTINGS.max_suspect_hold.as_millis() as u64;
     assert_eq!(
         f.policy.guards()[1],
@@ -564,12 +539,8 @@ async fn suspects_leave_when_a_listing_reconfirms_them_absent_and_the_guard_agre
     // Past the window the burst is over: the next listing's re-confirmation is applied.
     advance(SETTINGS.eviction_window).await;
     assert_eq!(f.cache.lookup("svc").await.unwrap().source, Source::Stale);
-    assert!(
-        eventually(Duration::from_secs(1), || {
-            f.cache.inner.entries.get("svc").unwrap().view().nodes == 1
-        })
-        .await
-    );
+    sleep(TICK).await;
+    assert_eq!(f.cache.inner.entries.get("svc").unwrap().view().nodes, 1);
     assert_eq!(f.policy.guards()[2], (5, 1, 0, EvictionDecision::Evict));
     assert_eq!(f.cache.stats().evictions.suspects_confirmed_absent, 4);
     assert_eq!(f.cache.stats().evictions.evicted, 0);
@@ -585,12 +556,8 @@ async fn a_watched_registration_appears_without_a_refresh() {
         .register(&service("other", &["x"]))
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(1), || {
-            f.cache.inner.entries.get("svc").unwrap().view().nodes == 2
-        })
-        .await
-    );
+    sleep(TICK).await;
+    assert_eq!(f.cache.inner.entries.get("svc").unwrap().view().nodes, 2);
     let answer = f.cache.lookup("svc").await.unwrap();
     assert_eq!(answer.source, Source::Fresh);
     assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["a", "b"]);
@@ -740,7 +707,7 @@ fn scripted_fixture(settings: Settings) -> (Fixture, Arc<Scripted>) {
     });
     let policy = TestPolicy::new(settings);
     let cache = RegistryCache::builder(scripted.clone(), policy.clone())
-        .tick(Duration::from_millis(10))
+        .tick(TICK)
         .build();
     let fixture = Fixture {
         registry,
@@ -755,11 +722,8 @@ async fn a_panicking_refresh_does_not_leave_its_entry_in_flight() {
     let (f, scripted) = scripted_fixture(SETTINGS);
     f.registry.register(&service("svc", &["a"])).await.unwrap();
     // Let the watch event go by first, or it would fill the entry behind the test's back.
-    assert!(
-        eventually(Duration::from_secs(1), || f.cache.stats().watch.ignored
-            == 1)
-        .await
-    );
+    sleep(TICK).await;
+    assert_eq!(f.cache.stats().watch.ignored, 1);
     scripted.panic.store(true, Ordering::Relaxed);
     let err = f.cache.lookup("svc").await.unwrap_err();
     assert!(matches!(err, LookupError::Unavailable { .. }), "{err}");
@@ -791,21 +755,11 @@ async fn a_refresh_read_before_a_watch_delete_does_not_bring_the_node_back() {
     }
     assert_eq!(f.registry.get_service_calls(), 2, "the listing was read");
     f.registry.expire("svc", "n5");
-    assert!(
-        eventually(Duration::from_millis(900), || f
-            .cache
-            .stats()
-            .evictions
-            .evicted
-            == 1)
-        .await
-    );
-    assert!(
-        eventually(Duration::from_secs(2), || f.cache.stats().get_service.ok
-            == 2)
-        .await,
-        "the refresh ended"
-    );
+    // The watch's removal is judged when its batch closes, before the listing is applied.
+    sleep(SETTINGS.eviction_batch + TICK).await;
+    assert_eq!(f.cache.stats().evictions.evicted, 1);
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(f.cache.stats().get_service.ok, 2, "the refresh ended");
     let answer = f.cache.lookup("svc").await.unwrap();
     assert_eq!(
         answer.node_ids().collect::<Vec<_>>(),
