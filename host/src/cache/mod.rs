@@ -137,6 +137,9 @@ pub struct RegistryCache {
     inner: Arc<Inner>,
 }
 
+/// What the lookup path, the refresh tasks and the maintenance task share; each concern's
+/// logic lives with its own type ([`flight::Flight`], [`evict::Guard`],
+/// [`maintain::Maintenance`], [`reply::Reply`]).
 pub(crate) struct Inner {
     registry: Arc<dyn Registry>,
     policy: Arc<dyn Decide>,
