@@ -45,6 +45,9 @@ pub struct Deferred {
     connect_failed_at: Mutex<Option<Instant>>,
     /// Set by shutdown before the registry exists: it is then shut down as soon as it comes.
     shut: Mutex<bool>,
+    /// The tasks feeding earlier watchers; each ends when the registry's watch does, which
+    /// shutdown waits for.
+    forwarders: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Deferred {
@@ -70,13 +73,14 @@ impl Deferred {
         }
         for tx in self.pending.lock().unwrap().drain(..) {
             let mut rx = registry.watch();
-            tokio::spawn(async move {
+            let forwarder = tokio::spawn(async move {
                 while let Some(event) = rx.recv().await {
                     if tx.send(event).await.is_err() {
                         break;
                     }
                 }
             });
+            self.forwarders.lock().unwrap().push(forwarder);
         }
         // `register` checks `inner` under this lock, so every early registration is here; the
         // map is emptied only once all of them are handed over, for `registrations` to list.
@@ -243,6 +247,13 @@ impl Registry for Deferred {
         self.early_registrations.lock().unwrap().clear();
         if let Some(inner) = inner {
             inner.shutdown().await;
+        }
+        let forwarders: Vec<_> = self.forwarders.lock().unwrap().drain(..).collect();
+        for forwarder in forwarders {
+            // The registry's watch is closed by its shutdown; a watcher that stopped reading
+            // could still hold a forwarder at a full queue, so it is aborted, not awaited alone.
+            forwarder.abort();
+            let _ = forwarder.await;
         }
     }
 }

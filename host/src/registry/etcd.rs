@@ -445,8 +445,13 @@ impl Registry for EtcdRegistry {
         let shared = &self.shared;
         // Stop the tasks first so that nothing re-puts what the revocation deletes.
         let _ = shared.shutdown.send(true);
-        for task in self.tasks.lock().unwrap().drain(..) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap().drain(..).collect();
+        for task in &tasks {
             task.abort();
+        }
+        // An aborted task ends at its next await; awaited so that none outlives the shutdown.
+        for task in tasks {
+            let _ = task.await;
         }
         let owned: Vec<(String, Owned)> = std::mem::take(&mut *shared.owned.lock().unwrap())
             .into_iter()
