@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -307,7 +307,31 @@ pub struct HostConfig {
     pub http: HttpSettings,
 }
 
+/// Largest configuration file read: a few hundred lines make a generous one.
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+
 impl ConfigLayer {
+    /// Reads and parses the TOML file at `path` (I/O: the one read of configuration that
+    /// precedes validation). Only a regular file of at most 1 MiB is read.
+    pub fn read_toml_file(path: &Path) -> Result<ConfigLayer, ConfigError> {
+        let bytes = read_regular(path, MAX_CONFIG_FILE).map_err(|e| {
+            ConfigError::new(
+                "config",
+                format!("cannot read the configuration file {}: {e}", path.display()),
+            )
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            ConfigError::new(
+                "config",
+                format!(
+                    "the configuration file {} is not UTF-8 text",
+                    path.display()
+                ),
+            )
+        })?;
+        ConfigLayer::parse_toml(&text, &path.display().to_string())
+    }
+
     /// Parses a TOML document (`origin` names it in errors). Errors are one line: the line of
     /// the document and what is wrong with it.
     pub fn parse_toml(text: &str, origin: &str) -> Result<ConfigLayer, ConfigError> {

@@ -201,8 +201,9 @@ impl Host {
     /// background connection to etcd if it did not answer at build, the periodic snapshot.
     /// Then stops accepting, lets requests in flight finish (at most 10 s), stops the
     /// background work, writes the snapshot and shuts the registry down (deleting this host's
-    /// keys and revoking its lease, within one etcd request timeout). Every task the host
-    /// started has ended when this returns.
+    /// keys and revoking its lease, within one etcd request timeout). The tasks it stopped
+    /// have ended when this returns; the rest (the cache's maintenance, the etcd client's
+    /// connections) end within moments, as the last handle on what they serve is dropped.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Host {
             parts,

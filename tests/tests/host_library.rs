@@ -61,9 +61,17 @@ fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
     // wasmtime compiles on rayon's process-wide pool, started by the first compilation and
     // kept for the life of the process: started here, before the threads are counted. The
     // engine's epoch thread ends a tick after the engine.
-    drop(PolicyEngine::new(EngineOptions::default(), PolicySpec::embedded_default(vec![])).unwrap());
+    drop(
+        PolicyEngine::new(
+            EngineOptions::default(),
+            PolicySpec::embedded_default(vec![]),
+        )
+        .unwrap(),
+    );
     assert!(eventually_blocking(Duration::from_secs(2), || {
-        !threads().values().any(|name| name == "regcache-policy-epoch")
+        !threads()
+            .values()
+            .any(|name| name == "regcache-policy-epoch")
     }));
     let before = threads();
 
@@ -76,7 +84,9 @@ fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         // A watches a policy file (a task and the watcher's thread); B runs the embedded one.
         let a = host_config(&etcd, dirs[0].path(), Some(&policy_file));
         let a = Host::build(a).await.unwrap();
-        let b = Host::build(host_config(&etcd, dirs[1].path(), None)).await.unwrap();
+        let b = Host::build(host_config(&etcd, dirs[1].path(), None))
+            .await
+            .unwrap();
         assert_ne!(a.http_address(), b.http_address());
 
         register_now(&**a.registry(), &service("greeter", "1.0", "on-a")).await;
@@ -108,9 +118,15 @@ fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         stop_a.send(()).unwrap();
         serving_a.await.unwrap().unwrap();
         let keys = etcd
-            .etcdctl(None, &["get", "--prefix", "--keys-only", "/micro/registry/"])
+            .etcdctl(
+                None,
+                &["get", "--prefix", "--keys-only", "/micro/registry/"],
+            )
             .unwrap();
-        assert!(!keys.contains("on-a"), "A's key outlived its shutdown: {keys}");
+        assert!(
+            !keys.contains("on-a"),
+            "A's key outlived its shutdown: {keys}"
+        );
         stop_b.send(()).unwrap();
         serving_b.await.unwrap().unwrap();
     });

@@ -6,14 +6,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Arg, ArgAction, ArgMatches, Command, FromArgMatches};
 use regcache::config::settings::{self, Kind, Setting};
 use regcache::config::{ConfigError, ConfigLayer};
-use regcache::fsutil::read_regular;
-
-/// Largest configuration file read: a few hundred lines make a generous one.
-const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
 /// The argument holding the configuration file's path.
 const CONFIG: &str = "config";
@@ -105,18 +100,7 @@ impl RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.config {
-        Some(path) => {
-            let bytes = read_regular(path, MAX_CONFIG_FILE).with_context(|| {
-                format!("cannot read the configuration file {}", path.display())
-            })?;
-            let text = String::from_utf8(bytes).with_context(|| {
-                format!(
-                    "the configuration file {} is not UTF-8 text",
-                    path.display()
-                )
-            })?;
-            ConfigLayer::parse_toml(&text, &path.display().to_string())?
-        }
+        Some(path) => ConfigLayer::read_toml_file(path)?,
         None => ConfigLayer::default(),
     };
     let config = args.layer()?.over(file).validate()?;

@@ -3,28 +3,28 @@
 //! This is the only code in regcache that speaks etcd. It owns one client (all endpoints, one
 //! auth token shared by every call and stream), and background tasks:
 //!
-//! - [`lease`]: one lease per host and one long-lived LeaseKeepAlive stream. On any loss (TTL 0,
+//! - `lease.rs`: one lease per host and one long-lived LeaseKeepAlive stream. On any loss (TTL 0,
 //!   "lease not found", the stream ending or falling silent) it re-opens the stream or grants a
 //!   new lease and re-puts every owned key, with jittered backoff, forever. It owns the lease
-//!   and every write of this host's keys ([`owned`]: what they are).
-//! - [`watch`]: one prefix watch (with `prev_kv`) that mirrors the registry, fans events out to
+//!   and every write of this host's keys (`owned.rs`: what they are).
+//! - `watch.rs`: one prefix watch (with `prev_kv`) that mirrors the registry, fans events out to
 //!   every [`Registry::watch`] receiver, resumes from the last revision after a loss, re-lists
 //!   and sends [`WatchEvent::Resync`] after a compaction, feeds [`Registry::health`], and asks
-//!   the lease task to re-put an owned key it sees deleted or changed by someone else. A small timer task resyncs
-//!   receivers that fell behind even when no further event comes.
-//! - [`ownership`]: which leases are this host's (remembered in the state dir across restarts)
+//!   the lease task to re-put an owned key it sees deleted or changed by someone else. A small
+//!   timer task resyncs receivers that fell behind even when no further event comes.
+//! - `ownership.rs`: which leases are this host's (remembered in the state dir across restarts)
 //!   and the transactions that write an owned key only while no other host's lease holds it,
 //!   so that a registration never takes over another host's node (unless forced) and a re-put
 //!   yields to one that did.
-//! - [`endpoints`]: with several endpoints, takes a member that stopped answering (killed or
+//! - `endpoints.rs`: with several endpoints, takes a member that stopped answering (killed or
 //!   hung) out of the client's balancer (else about a third of calls keep failing or waiting)
 //!   and puts it back once it answers again.
 //!
 //! Every unary call is bounded by the configured request timeout, retries included, so a hung
 //! etcd (SIGSTOP) never hangs a caller; transient failures (a dead member, "leader changed")
-//! are retried on the balancer's next pick within that bound ([`retry`], with the failures
-//! classified by [`error`]). Expired auth tokens are refreshed by the client for unary calls;
-//! a cancelled watch is re-created here after one unary call. [`connect`] dials, [`list`]
+//! are retried on the balancer's next pick within that bound (`retry.rs`, with the failures
+//! classified by `error.rs`). Expired auth tokens are refreshed by the client for unary calls;
+//! a cancelled watch is re-created here after one unary call. `connect.rs` dials, `list.rs`
 //! reads the whole prefix a page at a time. This file holds the registry, the state its tasks
 //! share, and the [`Registry`] implementation.
 //!

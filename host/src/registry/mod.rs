@@ -9,7 +9,7 @@
 //! (re-put by the lease logic), and a watch stream resumes by itself after any loss, announcing
 //! gaps with [`WatchEvent::Resync`]. Callers never reconnect anything.
 
-pub mod deferred;
+pub(crate) mod deferred;
 pub mod etcd;
 pub mod memory;
 
