@@ -265,16 +265,7 @@ mod tests {
     use crate::registry::memory::MemoryRegistry;
 
     fn service() -> Service {
-        Service {
-            name: "greeter".into(),
-            version: "1".into(),
-            nodes: vec![Node {
-                id: "n1".into(),
-                address: "127.0.0.1:1".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
+        crate::registry::one_node_service("greeter", "1", "n1")
     }
 
     #[tokio::test]

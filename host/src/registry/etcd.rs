@@ -79,9 +79,9 @@ use tokio::task::JoinHandle;
 
 use super::{
     Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
-    check_registration,
+    check_registration, versions_found,
 };
-use crate::model::{Service, group_by_version, key_segment};
+use crate::model::{Service, key_segment};
 use error::Deadline;
 use lease::Lease;
 use owned::{Owned, Puts};
@@ -373,14 +373,7 @@ impl Registry for EtcdRegistry {
             })
             .filter(|s| s.name == name)
             .collect();
-        if found.is_empty() {
-            return Err(RegistryError::new(
-                ErrorKind::NotFound,
-                "get_service",
-                format!("service {name} not found"),
-            ));
-        }
-        Ok(group_by_version(found))
+        versions_found(name, found)
     }
 
     async fn list_services(&self) -> Result<Vec<String>, RegistryError> {

@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 
 use super::{
     Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
-    check_registration,
+    check_registration, versions_found,
 };
-use crate::model::{Service, group_by_version};
+use crate::model::Service;
 
 /// Capacity of each watcher's queue; a watcher that falls this far behind loses events, as a
 /// slow etcd watcher would be cancelled.
@@ -278,14 +278,7 @@ impl Registry for MemoryRegistry {
             .filter(|((service, _), _)| service == name)
             .map(|(_, s)| s.clone())
             .collect();
-        if found.is_empty() {
-            return Err(RegistryError::new(
-                ErrorKind::NotFound,
-                "get_service",
-                format!("service {name} not found"),
-            ));
-        }
-        Ok(group_by_version(found))
+        versions_found(name, found)
     }
 
     async fn list_services(&self) -> Result<Vec<String>, RegistryError> {
@@ -346,20 +339,8 @@ impl Registry for MemoryRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Node;
 
-    fn service(name: &str, version: &str, node: &str) -> Service {
-        Service {
-            name: name.into(),
-            version: version.into(),
-            nodes: vec![Node {
-                id: node.into(),
-                address: "127.0.0.1:1".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
-    }
+    use crate::registry::one_node_service as service;
 
     #[tokio::test]
     async fn register_get_watch_and_deregister() {

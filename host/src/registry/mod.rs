@@ -186,6 +186,37 @@ pub enum Registered {
     Later(RegistryError),
 }
 
+/// `get_service`'s answer from the values found for `name`: grouped by version, or `NotFound`
+/// if there are none.
+pub(crate) fn versions_found(
+    name: &str,
+    found: Vec<Service>,
+) -> Result<Vec<Service>, RegistryError> {
+    if found.is_empty() {
+        return Err(RegistryError::new(
+            ErrorKind::NotFound,
+            "get_service",
+            format!("service {name} not found"),
+        ));
+    }
+    Ok(crate::model::group_by_version(found))
+}
+
+/// A service of one node at a loopback address, for the registries' unit tests.
+#[cfg(test)]
+pub(crate) fn one_node_service(name: &str, version: &str, node: &str) -> Service {
+    Service {
+        name: name.into(),
+        version: version.into(),
+        nodes: vec![crate::model::Node {
+            id: node.into(),
+            address: "127.0.0.1:1".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// Refuses a registration no registry can keep: no name, no node, or a node without an id.
 pub(crate) fn check_registration(service: &Service) -> Result<(), RegistryError> {
     if service.name.is_empty()
