@@ -39,39 +39,23 @@ const HEALTHY: HealthView = HealthView {
     since_failure_ms: None,
 };
 
+const NOW_MS: u64 = 1_000_000;
+
 fn cold(service: &str) -> LookupContext<'_> {
-    LookupContext {
-        service,
-        now_ms: 1_000_000,
-        cached: false,
-        negative: false,
-        versions: 0,
-        nodes: 0,
-        suspect_nodes: 0,
-        since_refresh_ms: None,
-        since_attempt_ms: None,
-        consecutive_failures: 0,
-        last_error: None,
-        refresh_in_flight: false,
-        health: HEALTHY,
-    }
+    LookupContext::cold(service, NOW_MS, HEALTHY)
 }
 
 fn cached(service: &str, age_ms: u64) -> LookupContext<'_> {
     LookupContext {
-        cached: true,
-        versions: 1,
         nodes: 5,
-        since_refresh_ms: Some(age_ms),
-        since_attempt_ms: Some(age_ms),
-        ..cold(service)
+        ..LookupContext::cached(service, NOW_MS, HEALTHY, age_ms)
     }
 }
 
 fn mass_deletion() -> EvictionContext<'static> {
     EvictionContext {
         service: "svc",
-        now_ms: 1_000_000,
+        now_ms: NOW_MS,
         nodes_before: 5,
         nodes_after: 1,
         recent_deletions: 4,
