@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use regcache_tests::etcd::wait_for;
+use regcache_tests::wait::eventually;
 
 use crate::load::{self, Target};
 
@@ -27,7 +27,7 @@ impl Host {
             .spawn()?;
         let host = Host { child, addr };
         let health = Target::get(addr, "/healthz");
-        let up = wait_for(Duration::from_secs(30), || {
+        let up = eventually(Duration::from_secs(30), || {
             let health = health.clone();
             async move { load::run(&health, 1, Duration::from_millis(5)).await.ok > 0 }
         })

@@ -11,8 +11,9 @@ use hyper::Method;
 use hyper::body::Bytes;
 use regcache::registry::Registry;
 use regcache_tests::cache::registry;
-use regcache_tests::etcd::{EtcdCluster, wait_for};
+use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::service;
+use regcache_tests::wait::eventually;
 
 use crate::compare::{Rounds, rounds};
 use crate::host::Host;
@@ -50,7 +51,7 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
         }
         let host = Host::start(&["--etcd-endpoints", &etcd.endpoints().join(",")]).await?;
         let lookup = Target::get(host.addr, "/v1/services/greeter");
-        let ready = wait_for(Duration::from_secs(20), || {
+        let ready = eventually(Duration::from_secs(20), || {
             let lookup = lookup.clone();
             async move { load::run(&lookup, 1, Duration::from_millis(10)).await.ok > 0 }
         })
