@@ -100,7 +100,7 @@ impl std::error::Error for ConfigError {}
 /// A value given to a setting, before it is checked. Which variant a setting takes follows
 /// from its [`Kind`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Value {
+pub(crate) enum Value {
     /// Text: most kinds.
     Text(String),
     /// A [`Kind::List`].
@@ -173,24 +173,24 @@ impl fmt::Debug for Secret {
 
 impl Secret {
     /// The secret's value, reading the file if need be (I/O: call it when building, not when
-    /// validating). `field` names the inline setting in the error (`admin_token`); a file's
-    /// errors name its `_file` twin (`admin_token_file`), the setting that gave the path.
-    pub fn read(&self, field: &str) -> Result<String, ConfigError> {
+    /// validating). Errors name `inline`, the setting that gave the value, or `file`, the one
+    /// that gave the path.
+    pub fn read(&self, inline: &Setting, file: &Setting) -> Result<String, ConfigError> {
         let (value, field) = match self {
-            Secret::Inline(value) => (value.clone(), field.to_string()),
+            Secret::Inline(value) => (value.clone(), inline.key),
             Secret::File(path) => {
-                let field = format!("{field}_file");
+                let field = file.key;
                 let bytes = read_regular(path, MAX_SECRET_FILE).map_err(|e| {
-                    ConfigError::new(&field, format!("cannot read {}: {e}", path.display()))
+                    ConfigError::new(field, format!("cannot read {}: {e}", path.display()))
                 })?;
                 let text = String::from_utf8(bytes).map_err(|_| {
-                    ConfigError::new(&field, format!("{} is not UTF-8 text", path.display()))
+                    ConfigError::new(field, format!("{} is not UTF-8 text", path.display()))
                 })?;
                 (text.trim_end_matches(['\n', '\r']).to_string(), field)
             }
         };
         if value.is_empty() {
-            return Err(ConfigError::new(&field, "is empty"));
+            return Err(ConfigError::new(field, "is empty"));
         }
         Ok(value)
     }
@@ -247,12 +247,12 @@ impl EtcdSettings {
             client: self.client.clone(),
         };
         paths.check().map_err(|e| {
-            let field = match e.file {
-                etcd::TlsFile::Ca => "etcd.ca",
-                etcd::TlsFile::Cert => "etcd.cert",
-                etcd::TlsFile::Key => "etcd.key",
+            let setting = match e.file {
+                etcd::TlsFile::Ca => &settings::ETCD_CA,
+                etcd::TlsFile::Cert => &settings::ETCD_CERT,
+                etcd::TlsFile::Key => &settings::ETCD_KEY,
             };
-            ConfigError::new(field, e.to_string())
+            ConfigError::new(setting.key, e.to_string())
         })
     }
 }
@@ -525,7 +525,7 @@ impl ConfigLayer {
     fn text_or_default(&self, setting: &Setting) -> &str {
         match (self.text(setting), &setting.default) {
             (Some(text), _) => text,
-            (None, settings::Default::Text(text)) => text,
+            (None, settings::DefaultValue::Text(text)) => text,
             (None, other) => unreachable!("{} has no default text ({other:?})", setting.key),
         }
     }
@@ -601,7 +601,7 @@ impl ConfigLayer {
     /// [`Kind::EtcdDuration`]'s range is the registry's to check) or the default.
     fn duration(&self, setting: &Setting) -> Result<Duration, ConfigError> {
         let Some(text) = self.text(setting) else {
-            let settings::Default::Duration(default) = setting.default else {
+            let settings::DefaultValue::Duration(default) = setting.default else {
                 unreachable!("{} has no default duration", setting.key)
             };
             return Ok(default);
@@ -755,7 +755,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed {
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (one number, one unit).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -950,16 +950,20 @@ mod tests {
 
         let missing = dir.path().join("missing");
         let secret = Secret::File(missing.clone());
-        let err = secret.read("admin_token").unwrap_err();
+        let err = secret
+            .read(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)
+            .unwrap_err();
         assert_eq!(err.field, "admin_token_file");
         assert!(err.to_string().contains(&missing.display().to_string()));
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();
-        let err = Secret::File(empty).read("etcd.password").unwrap_err();
+        let err = Secret::File(empty)
+            .read(&settings::ETCD_PASSWORD, &settings::ETCD_PASSWORD_FILE)
+            .unwrap_err();
         assert_eq!(err.field, "etcd.password_file");
         assert_eq!(
             Secret::Inline(String::new())
-                .read("admin_token")
+                .read(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)
                 .unwrap_err()
                 .field,
             "admin_token"
@@ -973,18 +977,28 @@ mod tests {
         let secret = Secret::File(path.clone());
         let reader = secret.clone();
         crate::fsutil::testing::assert_refuses_special_files(&path, move || {
-            let err = reader.read("admin_token").unwrap_err();
+            let err = reader
+                .read(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)
+                .unwrap_err();
             assert_eq!(err.field, "admin_token_file");
             Err(err.to_string())
         });
         std::fs::write(&path, vec![b'x'; MAX_SECRET_FILE as usize + 1]).unwrap();
-        let err = secret.read("admin_token").unwrap_err().to_string();
+        let err = secret
+            .read(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("more than") && err.contains(&path.display().to_string()),
             "{err}"
         );
         std::fs::write(&path, "t0ken\n").unwrap();
-        assert_eq!(secret.read("admin_token").unwrap(), "t0ken");
+        assert_eq!(
+            secret
+                .read(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)
+                .unwrap(),
+            "t0ken"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cache::RegistryCache;
-use crate::config::{ConfigError, HostConfig};
+use crate::config::{ConfigError, HostConfig, settings};
 use crate::decision::Decide;
 use crate::http;
 use crate::metrics::{HostMetrics, Sources};
@@ -88,7 +88,7 @@ impl Host {
         let admin_token = config
             .admin_token
             .as_ref()
-            .map(|secret| secret.read("admin_token"))
+            .map(|secret| secret.read(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE))
             .transpose()?;
         if let Some(etcd) = &config.etcd {
             etcd.check_tls_files()?;
@@ -104,7 +104,7 @@ impl Host {
         // connection is opened.
         let spec = match &config.policy_file {
             Some(path) => PolicySpec::from_file(path, config.policy_config.clone())
-                .map_err(|e| ConfigError::new("policy.file", e.to_string()))?,
+                .map_err(|e| ConfigError::new(settings::POLICY_FILE.key, e.to_string()))?,
             None => PolicySpec::embedded_default(config.policy_config.clone()),
         };
         let state_dir = config.state_dir.as_deref().map(StateDir::open);
@@ -228,16 +228,21 @@ impl Host {
         let snapshot_writer = snapshots.write_periodically(&parts.cache);
 
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(http.serve(async {
+        let mut server = tokio::spawn(http.serve(async {
             let _ = drain_rx.await;
         }));
         shutdown.await;
         tracing::info!("shutting down: draining requests");
         let _ = drain_tx.send(());
-        match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
-            Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping"),
+            Err(_) => {
+                tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping them");
+                // No handler may reach the registry once it is shut down below.
+                server.abort();
+                let _ = server.await;
+            }
         }
         for task in background {
             task.abort();

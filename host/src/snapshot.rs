@@ -11,7 +11,7 @@
 //! back. Reads are suspicious: only a regular file is read, never past the size it had when
 //! opened; the file starts with a header line carrying the payload's length and sha256, and a
 //! file that is truncated, corrupt, or of another format is refused with a [`SnapshotError`]
-//! (the daemon logs it and starts empty).
+//! (the host logs it and starts empty).
 //!
 //! Architecture invariant: this module knows the file format only; what the payload holds is the
 //! cache's business.

@@ -1,7 +1,8 @@
-//! The library as an embedder uses it: two `regcache::Host`s built in one process on one real
-//! etcd, served, shut down. One host's registration is seen through the other's HTTP API and
-//! cache; each host's shutdown takes its keys out of etcd; and once both have returned from
-//! `serve`, no task of theirs is left on the runtime and, once the runtime is gone, no thread.
+//! The library as an embedder uses it: `regcache::Host`s built in one process on one real etcd,
+//! served, shut down. One host's registration is seen through another's HTTP API and cache;
+//! each host's shutdown takes its keys out of etcd; a host built while etcd is unreachable
+//! connects in the background once it answers; and once every host has returned from `serve`,
+//! no task of theirs is left on the runtime and, once the runtime is gone, no thread.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,12 +14,13 @@ use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
 use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::http::request;
 use regcache_tests::policies::policy_path;
+use regcache_tests::proxy::TcpProxy;
 use regcache_tests::registry::{register_now, service};
-use regcache_tests::wait::eventually_blocking;
+use regcache_tests::wait::{eventually, eventually_blocking};
 
-/// A host on `etcd` keeping its state in `state_dir`, with `policy_file` if given (watched).
-fn host_config(etcd: &EtcdCluster, state_dir: &Path, policy_file: Option<&Path>) -> HostConfig {
-    let endpoints = serde_json::to_string(&etcd.endpoints()).unwrap();
+/// A host on `endpoints` keeping its state in `state_dir`, with `policy_file` if given (watched).
+fn host_config(endpoints: &[String], state_dir: &Path, policy_file: Option<&Path>) -> HostConfig {
+    let endpoints = serde_json::to_string(endpoints).unwrap();
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n",
         state_dir.display().to_string()
@@ -49,13 +51,20 @@ fn threads() -> BTreeMap<String, String> {
 }
 
 #[test]
-fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
-    let harness = tokio::runtime::Builder::new_current_thread()
+fn hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
+    // The harness's own runtime (etcd, the proxy), started before the threads are counted.
+    let harness = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let etcd = harness.block_on(EtcdCluster::start(1)).unwrap();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let endpoints = etcd.endpoints();
+    let proxy = harness
+        .block_on(TcpProxy::start(endpoints[0].trim_start_matches("http://")))
+        .unwrap();
+    harness.block_on(proxy.cut());
+    let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
     let policy_file = policy_path("default");
 
     // wasmtime compiles on rayon's process-wide pool, started by the first compilation and
@@ -82,12 +91,20 @@ fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         .unwrap();
     runtime.block_on(async {
         // A watches a policy file (a task and the watcher's thread); B runs the embedded one.
-        let a = host_config(&etcd, dirs[0].path(), Some(&policy_file));
+        let a = host_config(&endpoints, dirs[0].path(), Some(&policy_file));
         let a = Host::build(a).await.unwrap();
-        let b = Host::build(host_config(&etcd, dirs[1].path(), None))
-            .await
-            .unwrap();
+        let b = host_config(&endpoints, dirs[1].path(), None);
+        let b = Host::build(b).await.unwrap();
         assert_ne!(a.http_address(), b.http_address());
+        // C reaches etcd through a proxy that refuses connections: it is built all the same,
+        // and connects in the background once the proxy forwards.
+        let c = host_config(&[proxy.url()], dirs[2].path(), None);
+        let c = Host::build(c).await.unwrap();
+        let c_cache = c.cache().clone();
+        let (stop_c, c_stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving_c = tokio::spawn(c.serve(async {
+            let _ = c_stopped.await;
+        }));
 
         register_now(&**a.registry(), &service("greeter", "1.0", "on-a")).await;
         let b_cache = b.cache().clone();
@@ -114,6 +131,26 @@ fn two_hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         let answer = b_cache.lookup("greeter").await.unwrap();
         assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["on-a"]);
         drop(b_cache);
+
+        assert!(
+            c_cache.lookup("greeter").await.is_err(),
+            "C has no etcd yet"
+        );
+        proxy.heal();
+        let c_connected = eventually(Duration::from_secs(10), || async {
+            c_cache
+                .lookup("greeter")
+                .await
+                .is_ok_and(|answer| answer.node_ids().eq(["on-a"]))
+        })
+        .await;
+        assert!(
+            c_connected,
+            "C never answered from etcd once the proxy forwarded"
+        );
+        drop(c_cache);
+        stop_c.send(()).unwrap();
+        serving_c.await.unwrap().unwrap();
 
         stop_a.send(()).unwrap();
         serving_a.await.unwrap().unwrap();

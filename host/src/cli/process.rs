@@ -5,7 +5,7 @@ use anyhow::Context;
 use regcache::Host;
 use regcache::config::{HostConfig, LogFormat};
 use regcache::policy::reload::Reloader;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// Runs the host until SIGTERM or SIGINT. Errors are start-up failures (a secret file that
 /// cannot be read, a port in use, a policy that does not load).
@@ -21,13 +21,18 @@ pub fn run(config: HostConfig) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let host = Host::build(config).await?;
+        // A signal during the build (etcd's first connection may take the request timeout)
+        // stops the start: nothing is served yet, so there is nothing to drain.
+        let host = tokio::select! {
+            host = Host::build(config) => host?,
+            name = stop_signal(&mut term, &mut int) => {
+                tracing::info!("{name} while starting: stopped");
+                return Ok(());
+            }
+        };
         let reloads = tokio::spawn(reload_on_sighup(hangups, host.policy_reloader()));
         host.serve(async {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
+            let name = stop_signal(&mut term, &mut int).await;
             tracing::info!("{name}");
         })
         .await?;
@@ -35,6 +40,14 @@ pub fn run(config: HostConfig) -> anyhow::Result<()> {
         tracing::info!("bye");
         Ok(())
     })
+}
+
+/// The first of SIGTERM and SIGINT; its name.
+async fn stop_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -51,7 +64,7 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Reloads the policy file on every SIGHUP (or logs that there is none to reload).
-async fn reload_on_sighup(mut hangups: tokio::signal::unix::Signal, reloader: Option<Reloader>) {
+async fn reload_on_sighup(mut hangups: Signal, reloader: Option<Reloader>) {
     while hangups.recv().await.is_some() {
         let Some(reloader) = reloader.clone() else {
             tracing::info!("SIGHUP: no policy file is configured; nothing to reload");

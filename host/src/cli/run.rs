@@ -29,7 +29,7 @@ impl clap::Args for RunArgs {
                 "Every option can also come from the TOML file given with --config (flags and \
                  environment win), under the name in brackets. With no etcd endpoint the host \
                  runs on an embedded in-memory registry. SIGHUP reloads the policy file; \
-                 SIGTERM/SIGINT drain requests, revoke the lease, write the snapshot and exit.",
+                 SIGTERM/SIGINT drain requests, write the snapshot, revoke the lease and exit.",
             )
             .arg(
                 Arg::new(CONFIG)

@@ -27,7 +27,7 @@ pub struct Setting {
     /// What it takes.
     pub kind: Kind,
     /// What applies when it is not set.
-    pub default: Default,
+    pub default: DefaultValue,
 }
 
 /// What a setting takes.
@@ -68,7 +68,7 @@ pub enum Kind {
 
 /// What applies when a setting is not set.
 #[derive(Debug)]
-pub enum Default {
+pub enum DefaultValue {
     /// This text, as if given.
     Text(&'static str),
     /// This duration.
@@ -87,7 +87,7 @@ pub static LISTEN: Setting = Setting {
     value_name: "ADDR",
     help: "Address of the HTTP API (port 0 picks a free one, logged)",
     kind: Kind::Address,
-    default: Default::Text(DEFAULT_LISTEN),
+    default: DefaultValue::Text(DEFAULT_LISTEN),
 };
 
 /// etcd's endpoints.
@@ -96,7 +96,7 @@ pub static ETCD_ENDPOINTS: Setting = Setting {
     value_name: "ENDPOINTS",
     help: "etcd endpoints, host:port or http(s)://host:port (port 1 to 65535)",
     kind: Kind::List,
-    default: Default::NoneMeans("an embedded in-memory registry"),
+    default: DefaultValue::NoneMeans("an embedded in-memory registry"),
 };
 
 /// etcd's user name.
@@ -105,7 +105,7 @@ pub static ETCD_USER: Setting = Setting {
     value_name: "USER",
     help: "etcd user name",
     kind: Kind::Text,
-    default: Default::NoneMeans("authentication off"),
+    default: DefaultValue::NoneMeans("authentication off"),
 };
 
 /// etcd's password.
@@ -114,7 +114,7 @@ pub static ETCD_PASSWORD: Setting = Setting {
     value_name: "PASSWORD",
     help: "etcd password (prefer the environment or a file over a flag)",
     kind: Kind::Secret,
-    default: Default::None,
+    default: DefaultValue::None,
 };
 
 /// A file holding etcd's password.
@@ -123,7 +123,7 @@ pub static ETCD_PASSWORD_FILE: Setting = Setting {
     value_name: "FILE",
     help: "File holding the etcd password (trailing newline ignored)",
     kind: Kind::SecretFile,
-    default: Default::None,
+    default: DefaultValue::None,
 };
 
 /// The CA of etcd's certificate.
@@ -134,7 +134,7 @@ pub static ETCD_CA: Setting = Setting {
            parsed at start: one that is not PEM, holds no certificate, or a key that is not \
            the certificate's stops the start",
     kind: Kind::Path,
-    default: Default::NoneMeans("plain HTTP/2"),
+    default: DefaultValue::NoneMeans("plain HTTP/2"),
 };
 
 /// The client certificate for etcd.
@@ -143,7 +143,7 @@ pub static ETCD_CERT: Setting = Setting {
     value_name: "FILE",
     help: "Client certificate for etcd (PEM), for etcd's client-certificate authentication",
     kind: Kind::Path,
-    default: Default::None,
+    default: DefaultValue::None,
 };
 
 /// The client certificate's key.
@@ -152,7 +152,7 @@ pub static ETCD_KEY: Setting = Setting {
     value_name: "FILE",
     help: "Key of the client certificate (PEM)",
     kind: Kind::Path,
-    default: Default::None,
+    default: DefaultValue::None,
 };
 
 /// The registry's key prefix.
@@ -161,7 +161,7 @@ pub static ETCD_PREFIX: Setting = Setting {
     value_name: "PREFIX",
     help: "Key prefix of the registry (go-micro's by default)",
     kind: Kind::Text,
-    default: Default::Text(etcd::DEFAULT_PREFIX),
+    default: DefaultValue::Text(etcd::DEFAULT_PREFIX),
 };
 
 /// The bound of every etcd call.
@@ -173,7 +173,7 @@ pub static ETCD_REQUEST_TIMEOUT: Setting = Setting {
         range: &etcd::REQUEST_TIMEOUT_RANGE,
         whole_seconds: false,
     },
-    default: Default::Duration(etcd::DEFAULT_REQUEST_TIMEOUT),
+    default: DefaultValue::Duration(etcd::DEFAULT_REQUEST_TIMEOUT),
 };
 
 /// The TTL of the host's lease.
@@ -185,7 +185,7 @@ pub static ETCD_LEASE_TTL: Setting = Setting {
         range: &etcd::LEASE_TTL_RANGE,
         whole_seconds: true,
     },
-    default: Default::Duration(etcd::DEFAULT_LEASE_TTL),
+    default: DefaultValue::Duration(etcd::DEFAULT_LEASE_TTL),
 };
 
 /// The policy component.
@@ -194,7 +194,7 @@ pub static POLICY_FILE: Setting = Setting {
     value_name: "FILE",
     help: "Policy component to load and watch (SIGHUP reloads it too)",
     kind: Kind::Path,
-    default: Default::NoneMeans("the embedded default policy"),
+    default: DefaultValue::NoneMeans("the embedded default policy"),
 };
 
 /// The policy's operator configuration.
@@ -203,7 +203,7 @@ pub static POLICY_CONFIG: Setting = Setting {
     value_name: "KEY=VALUE",
     help: "Policy configuration, passed to the policy's `configure`",
     kind: Kind::Pairs,
-    default: Default::None,
+    default: DefaultValue::None,
 };
 
 /// The admin endpoints' bearer token.
@@ -212,7 +212,7 @@ pub static ADMIN_TOKEN: Setting = Setting {
     value_name: "TOKEN",
     help: "Bearer token of the admin endpoints (PUT /v1/policy)",
     kind: Kind::Secret,
-    default: Default::NoneMeans("the admin endpoints are disabled"),
+    default: DefaultValue::NoneMeans("the admin endpoints are disabled"),
 };
 
 /// A file holding the admin token.
@@ -221,7 +221,7 @@ pub static ADMIN_TOKEN_FILE: Setting = Setting {
     value_name: "FILE",
     help: "File holding the admin token (trailing newline ignored)",
     kind: Kind::SecretFile,
-    default: Default::None,
+    default: DefaultValue::None,
 };
 
 /// The state directory.
@@ -232,7 +232,7 @@ pub static STATE_DIR: Setting = Setting {
            it cannot be written the host warns and runs without them (a snapshot there is \
            still read)",
     kind: Kind::Path,
-    default: Default::NoneMeans("no snapshot, the policy compiled at each start"),
+    default: DefaultValue::NoneMeans("no snapshot, the policy compiled at each start"),
 };
 
 /// How often the snapshot is written.
@@ -241,7 +241,7 @@ pub static SNAPSHOT_INTERVAL: Setting = Setting {
     value_name: "DURATION",
     help: "How often the snapshot is written",
     kind: Kind::Duration(&SNAPSHOT_INTERVAL_RANGE),
-    default: Default::Duration(DEFAULT_SNAPSHOT_INTERVAL),
+    default: DefaultValue::Duration(DEFAULT_SNAPSHOT_INTERVAL),
 };
 
 /// Time to receive a request head.
@@ -251,7 +251,7 @@ pub static HTTP_HEADER_READ_TIMEOUT: Setting = Setting {
     help: "Time a client has to send a request head (and again its body); a silent or \
            dripping connection is closed after it",
     kind: Kind::Duration(&http::HEADER_READ_TIMEOUT_RANGE),
-    default: Default::Duration(http::DEFAULT_HEADER_READ_TIMEOUT),
+    default: DefaultValue::Duration(http::DEFAULT_HEADER_READ_TIMEOUT),
 };
 
 /// Time a kept-alive connection may wait for its next request.
@@ -260,7 +260,7 @@ pub static HTTP_IDLE_TIMEOUT: Setting = Setting {
     value_name: "DURATION",
     help: "Time a kept-alive connection may wait for its next request",
     kind: Kind::Duration(&http::IDLE_TIMEOUT_RANGE),
-    default: Default::Duration(http::DEFAULT_IDLE_TIMEOUT),
+    default: DefaultValue::Duration(http::DEFAULT_IDLE_TIMEOUT),
 };
 
 /// Time a client may read none of its answer.
@@ -270,7 +270,7 @@ pub static HTTP_WRITE_TIMEOUT: Setting = Setting {
     help: "Time the host waits for a client to read any of its answer (or of answers to \
            requests it pipelined); the connection is closed after it",
     kind: Kind::Duration(&http::WRITE_TIMEOUT_RANGE),
-    default: Default::Duration(http::DEFAULT_WRITE_TIMEOUT),
+    default: DefaultValue::Duration(http::DEFAULT_WRITE_TIMEOUT),
 };
 
 /// Connections open at once.
@@ -280,7 +280,7 @@ pub static HTTP_MAX_CONNECTIONS: Setting = Setting {
     help: "Connections open at once; at the limit a new one replaces one with no request in \
            flight or an answer left unread",
     kind: Kind::Count(&http::MAX_CONNECTIONS_RANGE),
-    default: Default::Derived(|| {
+    default: DefaultValue::Derived(|| {
         format!(
             "RLIMIT_NOFILE less {}, at most {}",
             http::RESERVED_DESCRIPTORS,
@@ -295,7 +295,7 @@ pub static LOG_FORMAT: Setting = Setting {
     value_name: "FORMAT",
     help: "How logs are written",
     kind: Kind::Choice(&["text", "json"]),
-    default: Default::Text("text"),
+    default: DefaultValue::Text("text"),
 };
 
 /// Every setting, in the order `run --help` and the README list them.
@@ -325,7 +325,7 @@ pub static ALL: [&Setting; 22] = [
 ];
 
 /// The setting with this key.
-pub fn find(key: &str) -> Option<&'static Setting> {
+pub(crate) fn find(key: &str) -> Option<&'static Setting> {
     ALL.iter().copied().find(|setting| setting.key == key)
 }
 
@@ -340,7 +340,7 @@ pub fn env(key: &str) -> String {
 }
 
 /// A duration as the configuration writes it in messages and help (`100ms`, `300s`).
-pub fn show(duration: Duration) -> String {
+pub(crate) fn show(duration: Duration) -> String {
     format!("{duration:?}")
 }
 
@@ -396,11 +396,11 @@ impl Setting {
     /// What applies when the setting is not set, as the help and the README state it.
     pub fn default_text(&self) -> String {
         match &self.default {
-            Default::Text(text) => (*text).to_string(),
-            Default::Duration(duration) => show(*duration),
-            Default::None => "none".to_string(),
-            Default::NoneMeans(meaning) => format!("none: {meaning}"),
-            Default::Derived(describe) => describe(),
+            DefaultValue::Text(text) => (*text).to_string(),
+            DefaultValue::Duration(duration) => show(*duration),
+            DefaultValue::None => "none".to_string(),
+            DefaultValue::NoneMeans(meaning) => format!("none: {meaning}"),
+            DefaultValue::Derived(describe) => describe(),
         }
     }
 
@@ -420,7 +420,7 @@ fn range_text(range: &RangeInclusive<Duration>) -> String {
 }
 
 /// A duration range as validation messages state it.
-pub fn between(range: &RangeInclusive<Duration>) -> String {
+pub(crate) fn between(range: &RangeInclusive<Duration>) -> String {
     format!(
         "between {} and {}",
         show(*range.start()),
@@ -429,7 +429,8 @@ pub fn between(range: &RangeInclusive<Duration>) -> String {
 }
 
 /// The README's table of settings (Markdown), rendered from [`ALL`].
-pub fn markdown_table() -> String {
+#[cfg(test)]
+pub(crate) fn markdown_table() -> String {
     let mut table =
         String::from("| Setting | Flag / variable | Default | What it does |\n|---|---|---|---|\n");
     for setting in ALL {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::config::HostConfig;
+use crate::config::{HostConfig, settings};
 use crate::metrics::RegistryStatsSource;
 use crate::registry::deferred::Deferred;
 use crate::registry::etcd::{EtcdConfig, EtcdRegistry};
@@ -54,7 +54,7 @@ pub(super) async fn registry(
     let password = etcd
         .user
         .as_ref()
-        .map(|(_, secret)| secret.read("etcd.password"))
+        .map(|(_, secret)| secret.read(&settings::ETCD_PASSWORD, &settings::ETCD_PASSWORD_FILE))
         .transpose()?;
     let mut etcd_config = etcd.registry_config(password);
     if let Some(dir) = state_dir {

@@ -43,6 +43,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -248,10 +249,15 @@ pub async fn serve(
     });
     let (closing_tx, closing) = watch::channel(false);
     let mut warnings = Warnings::default();
+    // Owned here, so that a server dropped before its connections closed (its caller stopped
+    // waiting for the drain) takes them with it rather than leaving handlers running.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
+            // Reaps closed connections, which the set would otherwise keep until the end.
+            Some(_) = connections.join_next() => continue,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
@@ -296,7 +302,7 @@ pub async fn serve(
                 }
             },
         };
-        tokio::spawn(
+        connections.spawn(
             server
                 .clone()
                 .connection(stream, admission, closing.clone()),
@@ -304,7 +310,7 @@ pub async fn serve(
     }
     drop(listener);
     let _ = closing_tx.send(true);
-    server.open.all_closed().await;
+    while connections.join_next().await.is_some() {}
 }
 
 /// Whether an `accept` error concerns only the connection being accepted.
@@ -473,7 +479,6 @@ fn can_give_up(activity: &Activity) -> bool {
 /// close, by age.
 struct Open {
     permits: Arc<Semaphore>,
-    max: usize,
     handles: Mutex<BTreeMap<u64, Arc<Handle>>>,
     next_id: AtomicU64,
 }
@@ -530,7 +535,6 @@ impl Open {
     fn new(max: usize) -> Self {
         Open {
             permits: Arc::new(Semaphore::new(max)),
-            max,
             handles: Mutex::default(),
             next_id: AtomicU64::new(0),
         }
@@ -587,12 +591,6 @@ impl Open {
         // A stored permit: the connection sees it even if it is not waiting right now.
         handle.close.notify_one();
         Some(place)
-    }
-
-    /// Waits until every connection has closed.
-    async fn all_closed(&self) {
-        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
-        let _ = self.permits.acquire_many(all).await;
     }
 }
 

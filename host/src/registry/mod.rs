@@ -24,8 +24,7 @@ use crate::model::Service;
 ///
 /// `Conflict` comes only from registrations, never from the reads a lookup makes, so a policy
 /// never meets it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// The registry did not answer in time.
     Timeout,

@@ -10,10 +10,12 @@ use regcache::decision::{
 };
 use regcache::registry::ErrorKind;
 
-/// A lookup context in JSON; absent fields describe a cold lookup with a healthy registry.
-#[derive(Debug, Deserialize)]
+/// A lookup context in JSON; absent fields describe a cold lookup with a healthy registry:
+/// nothing cached, no attempt made, the watch connected and etcd heard from just now.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LookupJson {
+    #[serde(default = "example_service")]
     service: String,
     now_ms: u64,
     cached: bool,
@@ -26,31 +28,23 @@ pub struct LookupJson {
     consecutive_failures: u32,
     last_error: Option<ErrorKindJson>,
     refresh_in_flight: bool,
+    #[serde(default = "yes")]
     watch_connected: bool,
+    #[serde(default = "just_now")]
     since_last_contact_ms: Option<u64>,
     since_failure_ms: Option<u64>,
 }
 
-impl Default for LookupJson {
-    fn default() -> Self {
-        LookupJson {
-            service: "example".into(),
-            now_ms: 0,
-            cached: false,
-            negative: false,
-            versions: 0,
-            nodes: 0,
-            suspect_nodes: 0,
-            since_refresh_ms: None,
-            since_attempt_ms: None,
-            consecutive_failures: 0,
-            last_error: None,
-            refresh_in_flight: false,
-            watch_connected: true,
-            since_last_contact_ms: Some(0),
-            since_failure_ms: None,
-        }
-    }
+fn example_service() -> String {
+    "example".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn just_now() -> Option<u64> {
+    Some(0)
 }
 
 impl<'a> From<&'a LookupJson> for LookupContext<'a> {
@@ -248,5 +242,24 @@ impl From<EvictionDecision> for EvictionDecisionJson {
             }
             EvictionDecision::Keep => EvictionDecisionJson::Keep,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_lookup_is_a_cold_one_with_a_healthy_registry() {
+        let json: LookupJson = serde_json::from_str("{}").unwrap();
+        let healthy = HealthView {
+            watch_connected: true,
+            since_last_contact_ms: Some(0),
+            since_failure_ms: None,
+        };
+        assert_eq!(
+            LookupContext::from(&json),
+            LookupContext::cold("example", 0, healthy)
+        );
     }
 }

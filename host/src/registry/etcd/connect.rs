@@ -27,6 +27,11 @@ pub(crate) async fn dial(config: &EtcdConfig) -> Result<Client, RegistryError> {
                 .map_err(|e| registry_error("connect", &e))
         })
         .await
+        // The operator reads which endpoints did not answer.
+        .map_err(|mut e| {
+            e.message = format!("{} ({})", e.message, urls.join(", "));
+            e
+        })
 }
 
 /// Everything about the connection but the credentials, which only the registry's own client

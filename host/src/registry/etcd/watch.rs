@@ -383,7 +383,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut revision: i64) {
                 // is treated as one for the token: a unary call goes through the client's
                 // token refresh, so the next watch carries a valid token (concurrent calls
                 // share the one Authenticate). For any other reason that costs one count-only
-                // read, and the backoff keeps a watch cancelled again and again from spinning.
+                // read, and the backoff keeps a watch cancelled again and again from spinning
+                // (reset when a watch is created: the first pause after one is 25 ms
+                // at most).
                 let _ = shared
                     .call("token_refresh", |mut c| {
                         let prefix = prefix.clone();
