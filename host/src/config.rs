@@ -22,6 +22,7 @@
 
 pub mod settings;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -119,23 +120,39 @@ pub struct ConfigLayer {
     values: BTreeMap<&'static str, Value>,
 }
 
-/// The TOML values a [`Kind::Pairs`] table accepts: strings, integers and booleans, all passed
-/// to the policy as text.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum PairValue {
-    Text(String),
-    Integer(i64),
-    Bool(bool),
+/// A value of a [`Kind::Pairs`] table in TOML: a string, a whole number or a boolean, passed
+/// to the policy as text. Any other type is refused saying what is accepted.
+struct PairValue(String);
+
+impl<'de> Deserialize<'de> for PairValue {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PairValueVisitor)
+    }
 }
 
-impl fmt::Display for PairValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PairValue::Text(s) => f.write_str(s),
-            PairValue::Integer(i) => write!(f, "{i}"),
-            PairValue::Bool(b) => write!(f, "{b}"),
-        }
+struct PairValueVisitor;
+
+impl Visitor<'_> for PairValueVisitor {
+    type Value = PairValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string, a whole number or a boolean")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<PairValue, E> {
+        Ok(PairValue(value.to_string()))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<PairValue, E> {
+        Ok(PairValue(value.to_string()))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<PairValue, E> {
+        Ok(PairValue(value.to_string()))
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<PairValue, E> {
+        Ok(PairValue(value.to_string()))
     }
 }
 
@@ -317,14 +334,17 @@ impl ConfigLayer {
         let bytes = read_regular(path, MAX_CONFIG_FILE).map_err(|e| {
             ConfigError::new(
                 "config",
-                format!("cannot read the configuration file {}: {e}", path.display()),
+                format!(
+                    "cannot read the configuration file {} (--config / REGCACHE_CONFIG): {e}",
+                    path.display()
+                ),
             )
         })?;
         let text = String::from_utf8(bytes).map_err(|_| {
             ConfigError::new(
                 "config",
                 format!(
-                    "the configuration file {} is not UTF-8 text",
+                    "the configuration file {} (--config / REGCACHE_CONFIG) is not UTF-8 text",
                     path.display()
                 ),
             )
@@ -336,11 +356,13 @@ impl ConfigLayer {
     /// the document and what is wrong with it.
     pub fn parse_toml(text: &str, origin: &str) -> Result<ConfigLayer, ConfigError> {
         let mut layer = ConfigLayer::default();
+        let reading = Cell::new(None);
         toml::Deserializer::parse(text)
             .and_then(|document| {
                 TomlSection {
                     section: None,
                     layer: &mut layer,
+                    reading: &reading,
                 }
                 .deserialize(document)
             })
@@ -354,7 +376,11 @@ impl ConfigLayer {
                         format!(", line {line} (`{content}`)")
                     })
                     .unwrap_or_default();
-                ConfigError::new("config", format!("{origin}{place}: {message}"))
+                // A value of the wrong type names its setting (and so its flag and variable).
+                let field = reading
+                    .get()
+                    .map_or("config", |setting: &Setting| setting.key);
+                ConfigError::new(field, format!("{origin}{place}: {message}"))
             })?;
         Ok(layer)
     }
@@ -368,20 +394,29 @@ impl ConfigLayer {
     ) -> Result<(), ConfigError> {
         let value = match setting.kind {
             Kind::List => Value::List(given),
-            Kind::Pairs => Value::Pairs(
-                given
-                    .iter()
-                    .map(|pair| match pair.split_once('=') {
-                        Some((key, value)) => {
-                            Ok((key.trim().to_string(), value.trim().to_string()))
-                        }
-                        None => Err(ConfigError::new(
+            Kind::Pairs => {
+                let mut pairs = BTreeMap::new();
+                for pair in &given {
+                    let Some((key, value)) = pair.split_once('=') else {
+                        return Err(ConfigError::new(
                             setting.key,
                             format!("`{pair}` is not KEY=VALUE"),
-                        )),
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
+                        ));
+                    };
+                    let key = key.trim();
+                    // Twice is a mistake (the TOML table refuses it too), not "the last wins".
+                    if pairs
+                        .insert(key.to_string(), value.trim().to_string())
+                        .is_some()
+                    {
+                        return Err(ConfigError::new(
+                            setting.key,
+                            format!("`{key}` is given twice"),
+                        ));
+                    }
+                }
+                Value::Pairs(pairs)
+            }
             Kind::Count(_) => {
                 let text = given.pop().unwrap_or_default();
                 Value::Count(text.trim().parse().map_err(|_| {
@@ -658,6 +693,8 @@ fn etcd_setting(setting: etcd::Setting) -> &'static Setting {
 struct TomlSection<'a> {
     section: Option<&'static str>,
     layer: &'a mut ConfigLayer,
+    /// The setting whose value is being read, if any: an error raised meanwhile is its.
+    reading: &'a Cell<Option<&'static Setting>>,
 }
 
 /// A key of a TOML section: a setting, or a section of settings.
@@ -685,12 +722,15 @@ impl<'de> Visitor<'de> for TomlSection<'_> {
         while let Some(key) = map.next_key_seed(KeySeed(self.section))? {
             match key {
                 TomlKey::Setting(setting) => {
+                    self.reading.set(Some(setting));
                     let value = map.next_value_seed(ValueSeed(setting))?;
+                    self.reading.set(None);
                     self.layer.values.insert(setting.key, value);
                 }
                 TomlKey::Section(section) => map.next_value_seed(TomlSection {
                     section: Some(section),
                     layer: &mut *self.layer,
+                    reading: self.reading,
                 })?,
             }
         }
@@ -709,7 +749,11 @@ impl<'de> DeserializeSeed<'de> for KeySeed {
             Some(section) => format!("{section}.{key}"),
             None => key.clone(),
         };
-        if let Some(setting) = settings::find(&full) {
+        // A quoted key holding a dot (`"etcd.prefix"`) is one key, not a setting of a section:
+        // taken for one, it would set the setting a second time, one of the two ignored.
+        if !key.contains('.')
+            && let Some(setting) = settings::find(&full)
+        {
             return Ok(TomlKey::Setting(setting));
         }
         let in_this_section = || {
@@ -745,7 +789,7 @@ impl<'de> DeserializeSeed<'de> for ValueSeed {
             Kind::Pairs => Value::Pairs(
                 BTreeMap::<String, PairValue>::deserialize(deserializer)?
                     .into_iter()
-                    .map(|(key, value)| (key, value.to_string()))
+                    .map(|(key, PairValue(value))| (key, value))
                     .collect(),
             ),
             Kind::Count(_) => Value::Count(u64::deserialize(deserializer)?),
@@ -1084,6 +1128,92 @@ mod tests {
             readme.contains(&want),
             "README.md's table of settings differs from the settings; it should read:\n\n{want}"
         );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_setting() {
+        let cases = [
+            (
+                "[etcd]\nendpoints = [\"a:1\"]\nlease_ttl = 15",
+                "etcd.lease_ttl",
+                "line 3",
+            ),
+            ("admin_token = [\"a\"]", "admin_token", "sequence"),
+            ("log_format = { a = 1 }", "log_format", "map"),
+            (
+                "snapshot_interval = 1.5",
+                "snapshot_interval",
+                "floating point",
+            ),
+            ("state_dir = true", "state_dir", "boolean"),
+            ("[http]\nmax_connections = -1", "http.max_connections", "-1"),
+            ("[etcd]\nendpoints = [1, 2]", "etcd.endpoints", "integer"),
+            ("[etcd]\nendpoints = \"a:1\"", "etcd.endpoints", "string"),
+        ];
+        for (text, field, want) in cases {
+            let err = toml(text).unwrap_err();
+            assert_eq!(err.field, field, "{text}: {err}");
+            let line = err.to_string();
+            assert!(
+                line.contains(want) && !line.contains('\n'),
+                "{text}: {line}"
+            );
+            assert!(line.contains(&settings::flag(field)), "{text}: {line}");
+        }
+        // A key that is not a setting stays the file's error.
+        assert_eq!(toml("etcd = 5").unwrap_err().field, "config");
+    }
+
+    #[test]
+    fn a_policy_config_value_of_another_type_says_what_it_takes() {
+        for value in ["1.5", "{ b = 1 }", "[1]", "1979-05-27"] {
+            let text = format!("[policy]\nconfig = {{ a = {value} }}");
+            let err = toml(&text).unwrap_err();
+            assert_eq!(err.field, "policy.config", "{text}: {err}");
+            let line = err.to_string();
+            assert!(!line.contains("PairValue"), "{text}: {line}");
+            assert!(
+                line.contains("a string, a whole number or a boolean"),
+                "{text}: {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_quoted_dotted_key_is_not_a_setting() {
+        // `"etcd.prefix"` is one TOML key, not `prefix` in `[etcd]`: accepted, it would set the
+        // same setting as `[etcd] prefix`, one of the two silently ignored.
+        let text = "\"etcd.prefix\" = \"/a/\"\n[etcd]\nendpoints = [\"a:1\"]\nprefix = \"/b/\"";
+        let err = toml(text).unwrap_err();
+        assert_eq!(err.field, "config", "{err}");
+        assert!(err.message.contains("unknown field `etcd.prefix`"), "{err}");
+        assert!(toml("[etcd]\n\"etcd.prefix\" = \"/a/\"").is_err());
+    }
+
+    #[test]
+    fn a_policy_config_key_given_twice_on_the_command_line_is_refused() {
+        let mut layer = ConfigLayer::default();
+        let err = layer
+            .set_from_command_line(&settings::POLICY_CONFIG, vec!["a=1".into(), " a =2".into()])
+            .unwrap_err();
+        assert_eq!(err.field, "policy.config");
+        assert!(err.message.contains("`a` is given twice"), "{err}");
+    }
+
+    #[test]
+    fn a_configuration_file_that_cannot_be_read_names_its_flag_and_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let not_utf8 = dir.path().join("latin1.toml");
+        std::fs::write(&not_utf8, b"listen = \"\xff\"\n").unwrap();
+        for path in [missing, not_utf8] {
+            let line = ConfigLayer::read_toml_file(&path).unwrap_err().to_string();
+            assert!(
+                line.contains(&path.display().to_string())
+                    && line.contains("(--config / REGCACHE_CONFIG)"),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Its options are built from the table of settings ([`regcache::config::settings`]), so each
 //! flag, variable and help line is the setting's own.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,7 +19,9 @@ const CONFIG: &str = "config";
 #[derive(Debug)]
 pub struct RunArgs {
     config: Option<PathBuf>,
-    given: Vec<(&'static Setting, Vec<String>)>,
+    /// Taken as given, not as UTF-8 text: a value that is not is refused naming its setting,
+    /// where clap would only say that some argument is not.
+    given: Vec<(&'static Setting, Vec<OsString>)>,
 }
 
 impl clap::Args for RunArgs {
@@ -36,7 +39,8 @@ impl clap::Args for RunArgs {
                     .long(CONFIG)
                     .env("REGCACHE_CONFIG")
                     .value_name("FILE")
-                    .value_parser(clap::value_parser!(PathBuf))
+                    // Not clap's path parser: it refuses an empty path without naming the variable.
+                    .value_parser(clap::builder::OsStringValueParser::new())
                     .help("TOML configuration file; flags and REGCACHE_* variables override its fields"),
             );
         settings::ALL
@@ -55,9 +59,12 @@ fn argument(setting: &'static Setting) -> Arg {
         .long(setting.flag().trim_start_matches('-').to_string())
         .env(setting.env())
         .value_name(setting.value_name)
+        .value_parser(clap::builder::OsStringValueParser::new())
         .help(setting.help_line());
     match setting.kind {
         Kind::List | Kind::Pairs => arg.action(ArgAction::Append).value_delimiter(','),
+        // `-1` is the count's value (refused by the setting), not an unknown flag.
+        Kind::Count(_) => arg.allow_negative_numbers(true),
         Kind::Secret => arg.hide_env_values(true),
         _ => arg,
     }
@@ -70,11 +77,11 @@ impl FromArgMatches for RunArgs {
 
     fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
         Ok(RunArgs {
-            config: matches.remove_one(CONFIG),
+            config: matches.remove_one::<OsString>(CONFIG).map(PathBuf::from),
             given: settings::ALL
                 .iter()
                 .filter_map(|setting| {
-                    let values = matches.remove_many::<String>(setting.key)?;
+                    let values = matches.remove_many::<OsString>(setting.key)?;
                     Some((*setting, values.collect()))
                 })
                 .collect(),
@@ -92,6 +99,14 @@ impl RunArgs {
     fn layer(self) -> Result<ConfigLayer, ConfigError> {
         let mut layer = ConfigLayer::default();
         for (setting, values) in self.given {
+            let values = values
+                .into_iter()
+                .map(|value| {
+                    value
+                        .into_string()
+                        .map_err(|_| ConfigError::new(setting.key, "is not UTF-8 text"))
+                })
+                .collect::<Result<_, _>>()?;
             layer.set_from_command_line(setting, values)?;
         }
         Ok(layer)
@@ -100,10 +115,75 @@ impl RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = match &args.config {
+        Some(path) if path.as_os_str().is_empty() => {
+            return Err(ConfigError::new(
+                CONFIG,
+                "the configuration file's path (--config / REGCACHE_CONFIG) is empty",
+            )
+            .into());
+        }
         Some(path) => ConfigLayer::read_toml_file(path)?,
         None => ConfigLayer::default(),
     };
     let config = args.layer()?.over(file).validate()?;
     super::process::run(config)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    use clap::{Args, Command, FromArgMatches};
+
+    use super::*;
+
+    /// The configuration layer of these command-line arguments (after `run`).
+    fn layer(args: Vec<OsString>) -> Result<ConfigLayer, String> {
+        let command = RunArgs::augment_args(Command::new("run").no_binary_name(true));
+        let mut matches = command
+            .try_get_matches_from(args)
+            .map_err(|e| format!("clap: {e}"))?;
+        let args = RunArgs::from_arg_matches_mut(&mut matches).map_err(|e| e.to_string())?;
+        args.layer().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_names_its_setting() {
+        let err = layer(vec![
+            "--etcd-prefix".into(),
+            OsString::from_vec(b"/\xff/".to_vec()),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("`etcd.prefix` (--etcd-prefix / REGCACHE_ETCD_PREFIX)")
+                && err.contains("not UTF-8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_configuration_path_names_its_flag_and_variable() {
+        for args in [vec!["--config", ""], vec!["--config="]] {
+            let command = RunArgs::augment_args(Command::new("run").no_binary_name(true));
+            let mut matches = command.try_get_matches_from(args).unwrap();
+            let args = RunArgs::from_arg_matches_mut(&mut matches).unwrap();
+            let err = run(args).unwrap_err().to_string();
+            assert!(
+                err.contains("(--config / REGCACHE_CONFIG)") && err.contains("empty"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_negative_count_is_refused_by_its_setting() {
+        let err = layer(vec!["--http-max-connections".into(), "-1".into()]).unwrap_err();
+        assert!(
+            err.contains("`http.max_connections` (--http-max-connections")
+                && err.contains("`-1` is not a whole number"),
+            "{err}"
+        );
+    }
 }
