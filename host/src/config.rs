@@ -432,6 +432,12 @@ impl ConfigLayer {
     /// This layer with `self`'s settings winning over `lower`'s.
     pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
         let mut values = lower.values;
+        for (inline, file) in settings::SECRET_TWINS {
+            if self.values.contains_key(inline.key) || self.values.contains_key(file.key) {
+                values.remove(inline.key);
+                values.remove(file.key);
+            }
+        }
         values.extend(self.values);
         ConfigLayer { values }
     }
@@ -1011,6 +1017,27 @@ mod tests {
                 .unwrap_err()
                 .field,
             "admin_token"
+        );
+    }
+
+    #[test]
+    fn a_higher_layer_giving_a_secret_either_way_replaces_both_of_a_lower_one() {
+        let file = ConfigLayer::parse_toml("admin_token = \"from-the-file\"", "f").unwrap();
+        let mut flags = ConfigLayer::default();
+        flags
+            .set_from_command_line(&settings::ADMIN_TOKEN_FILE, vec!["/run/token".into()])
+            .unwrap();
+        let config = flags.over(file).validate().unwrap();
+        assert_eq!(
+            config.admin_token,
+            Some(Secret::File(PathBuf::from("/run/token")))
+        );
+        let both =
+            ConfigLayer::parse_toml("admin_token = \"a\"\nadmin_token_file = \"/t\"", "f").unwrap();
+        let err = both.validate().unwrap_err();
+        assert_eq!(
+            err.field, "admin_token",
+            "one layer giving both is still refused"
         );
     }
 

@@ -298,6 +298,14 @@ pub static LOG_FORMAT: Setting = Setting {
     default: DefaultValue::Text("text"),
 };
 
+/// The settings that give one value two ways, inline or in a file: a layer that gives either
+/// replaces both of a lower layer's (a token file in the environment overrides a token in the
+/// configuration file).
+pub(crate) static SECRET_TWINS: [(&Setting, &Setting); 2] = [
+    (&ETCD_PASSWORD, &ETCD_PASSWORD_FILE),
+    (&ADMIN_TOKEN, &ADMIN_TOKEN_FILE),
+];
+
 /// Every setting, in the order `run --help` and the README list them.
 pub static ALL: [&Setting; 22] = [
     &LISTEN,
