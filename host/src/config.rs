@@ -491,45 +491,19 @@ impl ConfigLayer {
                 };
             }
         };
-        let user = match (
-            self.text(&settings::ETCD_USER),
-            self.secret(&settings::ETCD_PASSWORD, &settings::ETCD_PASSWORD_FILE)?,
-        ) {
-            (Some(user), Some(password)) => Some((user.to_string(), password)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    settings::ETCD_PASSWORD.key,
-                    "is required with `etcd.user` (or `etcd.password_file`)",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    settings::ETCD_USER.key,
-                    "is required with `etcd.password`",
-                ));
-            }
-        };
+        let user = together(
+            (&settings::ETCD_USER, self.text(&settings::ETCD_USER)),
+            (
+                &settings::ETCD_PASSWORD,
+                self.secret(&settings::ETCD_PASSWORD, &settings::ETCD_PASSWORD_FILE)?,
+            ),
+        )?
+        .map(|(user, password)| (user.to_string(), password));
         let ca = self.path(&settings::ETCD_CA)?;
-        let client = match (
-            self.path(&settings::ETCD_CERT)?,
-            self.path(&settings::ETCD_KEY)?,
-        ) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    settings::ETCD_KEY.key,
-                    "is required with `etcd.cert`",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    settings::ETCD_CERT.key,
-                    "is required with `etcd.key`",
-                ));
-            }
-        };
+        let client = together(
+            (&settings::ETCD_CERT, self.path(&settings::ETCD_CERT)?),
+            (&settings::ETCD_KEY, self.path(&settings::ETCD_KEY)?),
+        )?;
         if client.is_some() && ca.is_none() {
             return Err(ConfigError::new(
                 settings::ETCD_CA.key,
@@ -823,6 +797,31 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     millis
         .map(Duration::from_millis)
         .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// Two settings that only mean something together: both, or neither. The error names the one
+/// missing (and its file twin, for a secret).
+fn together<A, B>(
+    (a, a_value): (&Setting, Option<A>),
+    (b, b_value): (&Setting, Option<B>),
+) -> Result<Option<(A, B)>, ConfigError> {
+    let missing = |missing: &Setting, given: &Setting| {
+        let or_file = settings::SECRET_TWINS
+            .iter()
+            .find(|(inline, _)| inline.key == missing.key)
+            .map(|(_, file)| format!(" (or `{}`)", file.key))
+            .unwrap_or_default();
+        ConfigError::new(
+            missing.key,
+            format!("is required with `{}`{or_file}", given.key),
+        )
+    };
+    match (a_value, b_value) {
+        (Some(a_value), Some(b_value)) => Ok(Some((a_value, b_value))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(missing(b, a)),
+        (None, Some(_)) => Err(missing(a, b)),
+    }
 }
 
 #[cfg(test)]
