@@ -24,11 +24,20 @@ use crate::wait::eventually_blocking;
 /// How long a host may take to start listening (it compiles its policy first).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The address logged after `marker` on `line`, if any.
+fn logged_address(line: &str, marker: &str) -> Option<String> {
+    let rest = line.split(marker).nth(1)?;
+    let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next()?;
+    Some(addr.to_string())
+}
+
 /// A running `regcache run`.
 pub struct Host {
     child: Option<Child>,
     /// Where the API listens.
     pub addr: SocketAddr,
+    /// Where the etcd-compatible endpoint listens, when `--etcd-api-listen` was given.
+    pub etcd_api: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
 }
 
@@ -111,12 +120,16 @@ impl Host {
             let log = log.clone();
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
+                // The etcd endpoint is bound (and logged) before the HTTP API.
+                let mut etcd_api = None;
                 for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                    if let Some(addr) = line.split("listening on http://").nth(1) {
-                        let addr = addr.split(|c: char| c.is_whitespace() || c == '"').next();
-                        if let (Some(tx), Some(addr)) = (tx.take(), addr) {
-                            let _ = tx.send(addr.to_string());
-                        }
+                    if let Some(addr) = logged_address(&line, "etcd API listening on ") {
+                        etcd_api = Some(addr);
+                    }
+                    if let Some(addr) = logged_address(&line, "listening on http://")
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send((addr, etcd_api.take()));
                     }
                     let mut log = log.lock().unwrap();
                     log.push_str(&line);
@@ -127,10 +140,16 @@ impl Host {
         let mut host = Host {
             child: Some(child),
             addr: "127.0.0.1:0".parse().unwrap(),
+            etcd_api: None,
             log,
         };
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(addr) => host.addr = addr.parse().context("parsing the logged address")?,
+            Ok((addr, etcd_api)) => {
+                host.addr = addr.parse().context("parsing the logged address")?;
+                host.etcd_api = etcd_api
+                    .map(|a| a.parse().context("parsing the logged etcd API address"))
+                    .transpose()?;
+            }
             Err(_) => bail!(
                 "the host did not listen within {START_TIMEOUT:?}; its log:\n{}",
                 host.log()
