@@ -166,6 +166,19 @@ pub fn key_segment(name: &str) -> String {
     name.replace('/', "-")
 }
 
+/// Groups single-node services of any names by name, then by version as [`group_by_version`]
+/// does: a listing of the whole registry.
+pub fn group_services(services: impl IntoIterator<Item = Service>) -> Vec<Service> {
+    let mut by_name: BTreeMap<String, Vec<Service>> = BTreeMap::new();
+    for service in services {
+        by_name
+            .entry(service.name.clone())
+            .or_default()
+            .push(service);
+    }
+    by_name.into_values().flat_map(group_by_version).collect()
+}
+
 /// Groups single-node services (as read from etcd) by version, merging their nodes the way
 /// go-micro's `GetService` does. The output is sorted by version for stable answers.
 pub fn group_by_version(services: impl IntoIterator<Item = Service>) -> Vec<Service> {

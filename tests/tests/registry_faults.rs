@@ -267,6 +267,7 @@ async fn kill_and_restart_resumes_the_watch_without_losing_or_duplicating_an_eve
                 service,
                 node_id,
                 revision,
+                ..
             } => ("delete", service.clone(), node_id.clone(), *revision),
             WatchEvent::Resync { .. } => panic!("no resync expected: nothing was compacted"),
         })

@@ -681,6 +681,16 @@ impl Registry for Scripted {
     async fn list_services(&self) -> Result<Vec<String>, crate::registry::RegistryError> {
         self.inner.list_services().await
     }
+    async fn list_all(&self) -> Result<Vec<Service>, crate::registry::RegistryError> {
+        self.inner.list_all().await
+    }
+    async fn verify_credentials(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<crate::registry::Verdict, crate::registry::RegistryError> {
+        self.inner.verify_credentials(user, password).await
+    }
     fn watch(&self) -> tokio::sync::mpsc::Receiver<crate::registry::WatchEvent> {
         self.inner.watch()
     }

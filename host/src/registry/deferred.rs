@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
-    check_registration,
+    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, Verdict,
+    WatchEvent, check_registration,
 };
 use crate::model::Service;
 
@@ -177,6 +177,20 @@ impl Registry for Deferred {
 
     async fn list_services(&self) -> Result<Vec<String>, RegistryError> {
         self.inner("list_services")?.list_services().await
+    }
+
+    async fn list_all(&self) -> Result<Vec<Service>, RegistryError> {
+        self.inner("list_all")?.list_all().await
+    }
+
+    async fn verify_credentials(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Verdict, RegistryError> {
+        self.inner("verify_credentials")?
+            .verify_credentials(user, password)
+            .await
     }
 
     fn watch(&self) -> mpsc::Receiver<WatchEvent> {

@@ -78,8 +78,8 @@ use tokio::sync::{mpsc, watch as signal};
 use tokio::task::JoinHandle;
 
 use super::{
-    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
-    check_registration, versions_found,
+    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, Verdict,
+    WatchEvent, check_registration, versions_found,
 };
 use crate::model::{Service, key_segment};
 use error::Deadline;
@@ -405,6 +405,49 @@ impl Registry for EtcdRegistry {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+
+    async fn list_all(&self) -> Result<Vec<Service>, RegistryError> {
+        let shared = &self.shared;
+        // As `list_services`: the mirror while the watch keeps it current, else etcd.
+        if shared.contact.watch_connected() {
+            return Ok(shared.hub.lock().unwrap().services());
+        }
+        let deadline = Deadline::after(shared.config.request_timeout);
+        let (kvs, _) = shared.list_prefix("list_all", deadline).await?;
+        Ok(crate::model::group_services(
+            shared.decode_all(kvs).into_values(),
+        ))
+    }
+
+    async fn verify_credentials(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Verdict, RegistryError> {
+        // etcd answers a refused password and disabled authentication with these codes; the
+        // registry's own classification folds both into `InvalidInput`.
+        self.shared
+            .call("verify_credentials", |c| {
+                let (user, password) = (user.to_string(), password.to_string());
+                async move {
+                    match c.auth_client().authenticate(user, password).await {
+                        Ok(_) => Ok(Verdict::Valid),
+                        Err(etcd_client::Error::GRpcStatus(s))
+                            if s.code() == tonic::Code::InvalidArgument =>
+                        {
+                            Ok(Verdict::Refused)
+                        }
+                        Err(etcd_client::Error::GRpcStatus(s))
+                            if s.code() == tonic::Code::FailedPrecondition =>
+                        {
+                            Ok(Verdict::AuthDisabled)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await
     }
 
     fn watch(&self) -> mpsc::Receiver<WatchEvent> {

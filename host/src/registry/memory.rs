@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, WatchEvent,
-    check_registration, versions_found,
+    Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, Verdict,
+    WatchEvent, check_registration, versions_found,
 };
 use crate::model::Service;
 
@@ -148,11 +148,12 @@ impl MemoryRegistry {
         let mut state = self.state.lock().unwrap();
         let key = (service.to_string(), node_id.to_string());
         state.holders.remove(&key);
-        if state.nodes.remove(&key).is_some() {
+        if let Some(previous) = state.nodes.remove(&key) {
             state.revision += 1;
             let event = WatchEvent::Delete {
                 service: key.0,
                 node_id: key.1,
+                previous,
                 revision: state.revision,
             };
             state.publish(event);
@@ -287,6 +288,16 @@ impl Registry for MemoryRegistry {
         let mut names: Vec<String> = state.nodes.keys().map(|(s, _)| s.clone()).collect();
         names.dedup();
         Ok(names)
+    }
+
+    async fn list_all(&self) -> Result<Vec<Service>, RegistryError> {
+        self.enter("list_all").await?;
+        let state = self.state.lock().unwrap();
+        Ok(crate::model::group_services(state.nodes.values().cloned()))
+    }
+
+    async fn verify_credentials(&self, _: &str, _: &str) -> Result<Verdict, RegistryError> {
+        Ok(Verdict::AuthDisabled)
     }
 
     fn watch(&self) -> mpsc::Receiver<WatchEvent> {

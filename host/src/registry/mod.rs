@@ -126,6 +126,9 @@ pub enum WatchEvent {
         service: String,
         /// The node id.
         node_id: String,
+        /// The node as it was, a service with that one node: watchers that keep no copy of
+        /// their own (etcd's `prev_kv`) learn what left.
+        previous: Service,
         /// The etcd revision of the change.
         revision: i64,
     },
@@ -173,6 +176,17 @@ pub struct Health {
     /// When the registry last failed this host (a call timed out or found it unavailable, a
     /// lease went unanswered or expired, the watch broke), if ever.
     pub last_failure: Option<Instant>,
+}
+
+/// What the registry's own authentication says of a user name and password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The registry accepts them.
+    Valid,
+    /// The registry refuses them.
+    Refused,
+    /// The registry has no authentication: there is nothing to check.
+    AuthDisabled,
 }
 
 /// What became of a registration the registry accepted.
@@ -271,6 +285,20 @@ pub trait Registry: Send + Sync + 'static {
     /// Lists the names of all registered services, sorted; this host's own registrations are
     /// included even while they wait to be written ([`Registered::Later`]).
     async fn list_services(&self) -> Result<Vec<String>, RegistryError>;
+
+    /// Every service, grouped by version as [`Registry::get_service`] returns them. Served from
+    /// memory while the registry's watch keeps a current copy, so it may be called per client
+    /// request.
+    async fn list_all(&self) -> Result<Vec<Service>, RegistryError>;
+
+    /// Asks the registry's own authentication whether `user` may log in with `password`: one
+    /// request, which clients of the host's etcd endpoint pay once per verdict period instead of
+    /// once per connection.
+    async fn verify_credentials(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Verdict, RegistryError>;
 
     /// Starts a watch of the whole prefix. The stream resumes by itself after any loss and
     /// ends only when the registry is shut down or the receiver is dropped.

@@ -27,7 +27,7 @@ use super::connect::MAX_MESSAGE_BYTES;
 use super::error::{Deadline, registry_error};
 use super::retry::Backoff;
 use super::stats::Stats;
-use crate::model::{Service, group_by_version};
+use crate::model::{Service, group_services};
 use crate::registry::WatchEvent;
 
 /// Capacity of each receiver's queue.
@@ -133,6 +133,11 @@ impl Hub {
         }
     }
 
+    /// Every mirrored service, grouped by version.
+    pub(crate) fn services(&self) -> Vec<Service> {
+        group_services(self.mirror.values().filter_map(|v| Service::decode(v).ok()))
+    }
+
     fn snapshot(&self) -> WatchEvent {
         snapshot(&self.mirror, self.revision)
     }
@@ -228,6 +233,7 @@ impl Hub {
                 self.publish(WatchEvent::Delete {
                     service: old.name.clone(),
                     node_id: node.id.clone(),
+                    previous: old.with_single_node(node),
                     revision,
                 });
             }
@@ -237,17 +243,10 @@ impl Hub {
 
 /// The whole mirror as a `Resync`, grouped by service and version.
 fn snapshot(mirror: &BTreeMap<String, Box<[u8]>>, revision: i64) -> WatchEvent {
-    let mut by_name: BTreeMap<String, Vec<Service>> = BTreeMap::new();
     // Every stored value decoded when it was stored; `ok()` only keeps a surprise from
     // crashing the watch.
-    for service in mirror.values().filter_map(|v| Service::decode(v).ok()) {
-        by_name
-            .entry(service.name.clone())
-            .or_default()
-            .push(service);
-    }
     WatchEvent::Resync {
-        services: by_name.into_values().flat_map(group_by_version).collect(),
+        services: group_services(mirror.values().filter_map(|v| Service::decode(v).ok())),
         revision,
     }
 }
