@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
+use super::changes::Changes;
 use super::flight::Flight;
 use crate::decision::EvictionReason;
 use crate::model::{Metadata, Node, Service};
@@ -92,14 +93,17 @@ pub(crate) struct Entry {
     pub name: Arc<str>,
     view: ArcSwap<View>,
     state: Mutex<EntryState>,
+    /// Where changes of the view are recorded, when the cache keeps a feed.
+    changes: Option<Arc<Changes>>,
 }
 
 impl Entry {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, changes: Option<Arc<Changes>>) -> Self {
         Entry {
             name: Arc::from(name),
             view: ArcSwap::from_pointee(View::default()),
             state: Mutex::new(EntryState::default()),
+            changes,
         }
     }
 
@@ -113,9 +117,14 @@ impl Entry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes `state` as the new view.
+    /// Publishes `state` as the new view, recording what changed for the feed. Writers hold
+    /// the entry's lock, so views are published, and changes recorded, in order.
     pub fn publish(&self, state: &EntryState) {
-        self.view.store(Arc::new(state.view(&self.name)));
+        let view = Arc::new(state.view(&self.name));
+        let before = self.view.swap(view.clone());
+        if let Some(changes) = &self.changes {
+            changes.record_diff(&before.services, &view.services);
+        }
     }
 }
 

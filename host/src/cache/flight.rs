@@ -113,7 +113,7 @@ impl Flight {
                 let entry = inner
                     .entries
                     .entry(Arc::from(service))
-                    .or_insert_with(|| Arc::new(Entry::new(service)))
+                    .or_insert_with(|| Arc::new(Entry::new(service, inner.changes.clone())))
                     .clone();
                 (entry, true)
             }

@@ -108,11 +108,25 @@ impl Maintenance {
 
     fn apply_event(&mut self, inner: &Inner, event: WatchEvent, now: Instant) {
         inner.health.contact();
+        let Some(changes) = &inner.changes else {
+            return self.apply(inner, event, now);
+        };
+        let revision = event.revision();
+        if matches!(event, WatchEvent::Resync { .. }) {
+            changes.reset(revision);
+        }
+        changes.applying(revision, || self.apply(inner, event, now));
+    }
+
+    fn apply(&mut self, inner: &Inner, event: WatchEvent, now: Instant) {
         match event {
             WatchEvent::Put { service, .. } => {
                 let Some(entry) = inner.entries.get(service.name.as_str()).map(|e| e.clone())
                 else {
                     inner.counters.inc(Counter::WatchIgnored);
+                    if let Some(changes) = &inner.changes {
+                        changes.pass_through(Some(service), None);
+                    }
                     return;
                 };
                 let mut state = entry.lock();
@@ -125,10 +139,16 @@ impl Maintenance {
                 inner.counters.add(Counter::SuspectsRestored, restored);
             }
             WatchEvent::Delete {
-                service, node_id, ..
+                service,
+                node_id,
+                previous,
+                ..
             } => {
                 let Some(entry) = inner.entries.get(service.as_str()).map(|e| e.clone()) else {
                     inner.counters.inc(Counter::WatchIgnored);
+                    if let Some(changes) = &inner.changes {
+                        changes.pass_through(None, Some(previous));
+                    }
                     return;
                 };
                 inner.counters.inc(Counter::WatchDeletes);

@@ -37,6 +37,7 @@
 
 mod answer;
 mod budget;
+mod changes;
 mod entry;
 mod evict;
 mod flight;
@@ -58,12 +59,14 @@ type EntryHasher = foldhash::fast::RandomState;
 use tokio::time::Instant;
 
 pub use answer::{Answer, LookupError, Source};
+pub use changes::{Change, Changes, Compacted, FeedItem, HISTORY as CHANGE_HISTORY, Subscription};
 pub use snapshot::{CacheSnapshot, SnapshotEntry};
 pub use stats::{
     AnswerStats, CacheStats, DecisionStats, EvictionStats, FlightStats, RequestStats, WatchStats,
 };
 
 use crate::decision::{Decide, LookupContext, LookupDecision, PolicyInfo, RejectionKind};
+use crate::model::Service;
 use crate::registry::Registry;
 use entry::{Entry, View};
 use evict::Guard;
@@ -79,6 +82,7 @@ struct Options {
     refresh_timeout: Duration,
     node_ttl: Duration,
     tick: Duration,
+    record_changes: bool,
 }
 
 /// Builds a [`RegistryCache`].
@@ -113,6 +117,14 @@ impl CacheBuilder {
         self
     }
 
+    /// Keeps a feed of every change of a node as lookups see it ([`RegistryCache::changes`]),
+    /// for fronts that stream changes. Default: off (it costs a comparison of views on every
+    /// change of an entry, and the memory of [`CHANGE_HISTORY`] changes).
+    pub fn record_changes(mut self, record: bool) -> Self {
+        self.options.record_changes = record;
+        self
+    }
+
     /// Builds the cache and starts its maintenance task (watch, holds, TTLs). Must be called
     /// within a Tokio runtime; the task ends soon after the last clone of the cache is dropped.
     pub fn build(self) -> RegistryCache {
@@ -124,6 +136,10 @@ impl CacheBuilder {
             entries: DashMap::with_hasher(EntryHasher::default()),
             budget: budget::Budget::new(settings.registry_budget_per_second),
             counters: Counters::new(),
+            changes: self
+                .options
+                .record_changes
+                .then(|| Arc::new(Changes::default())),
             options: self.options,
         });
         Maintenance::spawn(&inner, self.options.tick);
@@ -147,6 +163,7 @@ pub(crate) struct Inner {
     budget: budget::Budget,
     health: HealthCell,
     counters: Counters,
+    changes: Option<Arc<Changes>>,
     options: Options,
 }
 
@@ -165,6 +182,7 @@ impl RegistryCache {
                 refresh_timeout: Duration::from_secs(5),
                 node_ttl: Duration::from_secs(600),
                 tick: Duration::from_millis(100),
+                record_changes: false,
             },
         }
     }
@@ -235,6 +253,22 @@ impl RegistryCache {
                     .await
             }
         }
+    }
+
+    /// The feed of changes, if the cache was built to record them
+    /// ([`CacheBuilder::record_changes`]).
+    pub fn changes(&self) -> Option<&Arc<Changes>> {
+        self.inner.changes.as_ref()
+    }
+
+    /// What the cache holds of every service it has nodes of, as lookups would be answered
+    /// from it (suspects included), without asking the policy: for listings.
+    pub fn cached_services(&self) -> Vec<Service> {
+        self.inner
+            .entries
+            .iter()
+            .flat_map(|e| e.value().view().services.to_vec())
+            .collect()
     }
 
     /// A snapshot of the counters.

@@ -128,7 +128,7 @@ impl RegistryCache {
                 .entry(Arc::from(item.service.as_str()))
                 .or_insert_with(|| {
                     inserted = true;
-                    let entry = Entry::new(&item.service);
+                    let entry = Entry::new(&item.service, self.inner.changes.clone());
                     {
                         let mut state = entry.lock();
                         for service in item.services.iter() {

@@ -776,3 +776,72 @@ async fn a_refresh_read_before_a_watch_delete_does_not_bring_the_node_back() {
         ["n1", "n2", "n3", "n4"]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_change_feed_sends_a_guarded_removal_only_when_the_guard_lets_the_node_go() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let policy = TestPolicy::new(SETTINGS);
+    let cache = RegistryCache::builder(registry.clone(), policy.clone())
+        .tick(TICK)
+        .record_changes(true)
+        .build();
+    let f = Fixture {
+        registry,
+        policy,
+        cache,
+    };
+    cached_five(&f).await;
+    let changes = f.cache.changes().unwrap().clone();
+    let mut live = changes.subscribe(0).unwrap().live;
+    let mut received = Vec::new();
+    let mut drain = |live: &mut tokio::sync::broadcast::Receiver<crate::cache::FeedItem>| {
+        while let Ok(crate::cache::FeedItem::Change(c)) = live.try_recv() {
+            received.push((c.node_id().to_string(), c.current.is_some(), c.revision));
+        }
+        std::mem::take(&mut received)
+    };
+    for id in ["n1", "n2", "n3", "n4"] {
+        f.registry.expire("svc", id);
+    }
+    sleep(SETTINGS.eviction_batch + TICK).await;
+    assert_eq!(
+        f.cache.lookup("svc").await.unwrap().suspect_nodes().len(),
+        4
+    );
+    assert_eq!(
+        drain(&mut live),
+        [],
+        "suspects are not removed from the feed"
+    );
+    // A service nobody looked up passes through as the registry said.
+    f.registry
+        .register(&service("other", &["o1"]))
+        .await
+        .unwrap();
+    f.registry.expire("other", "o1");
+    sleep(TICK).await;
+    let other = drain(&mut live);
+    assert_eq!(
+        other
+            .iter()
+            .map(|(id, put, _)| (id.as_str(), *put))
+            .collect::<Vec<_>>(),
+        [("o1", true), ("o1", false)]
+    );
+    advance(SETTINGS.max_suspect_hold).await;
+    sleep(2 * TICK).await;
+    let released = drain(&mut live);
+    assert_eq!(
+        released
+            .iter()
+            .map(|(id, put, _)| (id.as_str(), *put))
+            .collect::<Vec<_>>(),
+        [("n1", false), ("n2", false), ("n3", false), ("n4", false)],
+        "the deletes come when the hold ends"
+    );
+    let revisions: Vec<i64> = other.iter().chain(&released).map(|c| c.2).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+    // A client resuming from the first of them gets them again.
+    let resumed = changes.subscribe(revisions[0]).unwrap().backlog;
+    assert_eq!(resumed.len(), revisions.len());
+}

@@ -142,6 +142,17 @@ pub enum WatchEvent {
     },
 }
 
+impl WatchEvent {
+    /// The registry revision of the event.
+    pub fn revision(&self) -> i64 {
+        match self {
+            WatchEvent::Put { revision, .. }
+            | WatchEvent::Delete { revision, .. }
+            | WatchEvent::Resync { revision, .. } => *revision,
+        }
+    }
+}
+
 /// Whether a registration may take over a node that another host's lease holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Takeover {
