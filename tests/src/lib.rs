@@ -10,12 +10,14 @@
 //! - [`binary`]: the `regcache` binary.
 //! - [`cache`]: policies with operator configuration and a cache over real etcd.
 //! - [`host`]: `regcache run` as a child process.
+//! - [`etcdctl`]: Debian's `etcdctl` against etcd or the host's etcd endpoint, runs bounded.
 //! - [`http`]: the one HTTP client, for the host's API and etcd's metrics.
 //! - [`wait`]: the one bounded wait, for conditions that await and for those that block.
 
 pub mod binary;
 pub mod cache;
 pub mod etcd;
+pub mod etcdctl;
 pub mod host;
 pub mod http;
 pub mod policies;
