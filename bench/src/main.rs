@@ -5,6 +5,8 @@
 //! scenario briefly, for CI's smoke check; its numbers are not claims.
 
 mod compare;
+mod etcd_arms;
+mod gomicro_clients;
 mod host;
 mod load;
 mod measure;
@@ -23,7 +25,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (policy_cost, hot_path, http_vs_etcd, outage, penetration,
-    /// auth_load, scale, hot_swap); repeatable.
+    /// auth_load, scale, hot_swap, etcd_api); repeatable.
     #[arg(long, action = clap::ArgAction::Append)]
     only: Vec<String>,
     /// Where to write latest.md and latest.json.
@@ -63,6 +65,10 @@ fn main() -> anyhow::Result<()> {
             Box::new(move || scenarios::auth_load::run(quick)),
         ),
         ("scale", Box::new(move || scenarios::scale::run(quick))),
+        (
+            "etcd_api",
+            Box::new(move || scenarios::etcd_api::run(quick)),
+        ),
     ];
     let mut sections = Vec::new();
     for (name, scenario) in &scenarios {

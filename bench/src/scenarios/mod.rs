@@ -1,6 +1,7 @@
-//! The benchmark scenarios of issue 6, one module each.
+//! The benchmark scenarios of issue 6 (and `etcd_api`, issue 11's), one module each.
 
 pub mod auth_load;
+pub mod etcd_api;
 pub mod hot_path;
 pub mod hot_swap;
 pub mod http_vs_etcd;
