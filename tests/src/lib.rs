@@ -11,12 +11,14 @@
 //! - [`cache`]: policies with operator configuration and a cache over real etcd.
 //! - [`host`]: `regcache run` as a child process.
 //! - [`etcdctl`]: Debian's `etcdctl` against etcd or the host's etcd endpoint, runs bounded.
+//! - [`gomicro`]: `gomicro-sim`, many go-micro processes on the etcd v3 Go client, built with Go.
 //! - [`http`]: the one HTTP client, for the host's API and etcd's metrics.
 //! - [`wait`]: the one bounded wait, for conditions that await and for those that block.
 
 pub mod binary;
 pub mod cache;
 pub mod etcd;
+pub mod gomicro;
 pub mod etcdctl;
 pub mod host;
 pub mod http;
