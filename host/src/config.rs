@@ -33,6 +33,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 
+pub use crate::etcd_api::EtcdApiSettings;
 use crate::fsutil::read_regular;
 use crate::http;
 use crate::registry::etcd::{self, EtcdConfig};
@@ -322,6 +323,8 @@ pub struct HostConfig {
     pub snapshot_interval: Duration,
     /// The HTTP server's connections.
     pub http: HttpSettings,
+    /// The etcd-compatible endpoint, or `None` when it is off.
+    pub etcd_api: Option<EtcdApiSettings>,
 }
 
 /// Largest configuration file read: a few hundred lines make a generous one.
@@ -464,7 +467,38 @@ impl ConfigLayer {
                     .count(&settings::HTTP_MAX_CONNECTIONS)?
                     .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             },
+            etcd_api: self.etcd_api()?,
         })
+    }
+
+    fn etcd_api(&self) -> Result<Option<EtcdApiSettings>, ConfigError> {
+        if self.text(&settings::ETCD_API_LISTEN).is_none() {
+            // As with etcd's section: a bound set for an endpoint that is off is a mistake.
+            let set = settings::ALL.iter().find(|setting| {
+                setting.section() == Some("etcd_api") && self.values.contains_key(setting.key)
+            });
+            return match set {
+                Some(setting) => Err(ConfigError::new(
+                    setting.key,
+                    "is set but the etcd endpoint is off (`etcd_api.listen`)",
+                )),
+                None => Ok(None),
+            };
+        }
+        let count = |setting| -> Result<usize, ConfigError> {
+            let n = self.count_or_default(setting)?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        Ok(Some(EtcdApiSettings {
+            listen: self.address(&settings::ETCD_API_LISTEN)?,
+            credential_ttl: self.duration(&settings::ETCD_API_CREDENTIAL_TTL)?,
+            max_leases_per_connection: count(&settings::ETCD_API_MAX_LEASES_PER_CONNECTION)?,
+            max_watches_per_connection: count(&settings::ETCD_API_MAX_WATCHES_PER_CONNECTION)?,
+            max_streams_per_connection: u32::try_from(count(
+                &settings::ETCD_API_MAX_STREAMS_PER_CONNECTION,
+            )?)
+            .unwrap_or(u32::MAX),
+        }))
     }
 
     fn etcd(&self) -> Result<Option<EtcdSettings>, ConfigError> {
@@ -596,6 +630,15 @@ impl ConfigLayer {
             return Err(ConfigError::new(setting.key, "a key is empty"));
         }
         Ok(pairs)
+    }
+
+    /// The count given, or the setting's default count.
+    fn count_or_default(&self, setting: &Setting) -> Result<u64, ConfigError> {
+        match (self.count(setting)?, &setting.default) {
+            (Some(n), _) => Ok(n),
+            (None, settings::DefaultValue::Count(n)) => Ok(*n),
+            (None, other) => unreachable!("{} has no default count ({other:?})", setting.key),
+        }
     }
 
     fn count(&self, setting: &Setting) -> Result<Option<u64>, ConfigError> {

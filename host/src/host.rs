@@ -25,11 +25,14 @@ use anyhow::Context;
 use crate::cache::RegistryCache;
 use crate::config::{ConfigError, HostConfig, settings};
 use crate::decision::Decide;
+use crate::etcd_api;
 use crate::http;
 use crate::metrics::{HostMetrics, Sources};
 use crate::policy::reload::Reloader;
 use crate::policy::{EngineOptions, PolicyEngine, PolicySpec};
 use crate::registry::Registry;
+use crate::registry::etcd::DEFAULT_PREFIX;
+use crate::registry::layout::GoMicro;
 use crate::state_dir::StateDir;
 
 use self::connect::PendingConnection;
@@ -70,6 +73,7 @@ impl Parts {
 pub struct Host {
     parts: Parts,
     http: http::Front,
+    etcd_api: Option<etcd_api::Front>,
     reloader: Option<Reloader>,
     pending_connection: Option<PendingConnection>,
     snapshots: Snapshots,
@@ -121,6 +125,7 @@ impl Host {
         let registry = connect::registry(&config, writable_state_dir).await?;
         let cache = RegistryCache::builder(registry.registry.clone(), Arc::new(engine.clone()))
             .refresh_timeout(refresh_timeout(&config))
+            .record_changes(config.etcd_api.is_some())
             .build();
 
         // The embedded registry's registrations end with the process: a snapshot of them
@@ -150,6 +155,20 @@ impl Host {
             metrics,
             serving_snapshot,
         };
+        // Bound before the HTTP API, whose address line tells a supervisor the host is up.
+        let etcd_api = match &config.etcd_api {
+            Some(settings) => {
+                let prefix = config.etcd.as_ref().map_or(DEFAULT_PREFIX, |e| &e.prefix);
+                // etcd's authentication is on exactly when the host logs in to etcd.
+                let auth_required = config.etcd.as_ref().is_some_and(|e| e.user.is_some());
+                let layout = Arc::new(GoMicro::new(prefix));
+                Some(
+                    etcd_api::Front::bind(settings.clone(), parts.clone(), layout, auth_required)
+                        .await?,
+                )
+            }
+            None => None,
+        };
         let http = http::Front::bind(
             config.listen,
             config.http.limits(),
@@ -165,6 +184,7 @@ impl Host {
         Ok(Host {
             parts,
             http,
+            etcd_api,
             reloader,
             pending_connection: registry.pending,
             snapshots,
@@ -174,6 +194,11 @@ impl Host {
     /// The address the HTTP API listens on (the port chosen if the configuration said 0).
     pub fn http_address(&self) -> SocketAddr {
         self.http.local_addr()
+    }
+
+    /// The address of the etcd-compatible endpoint, if it is on.
+    pub fn etcd_api_address(&self) -> Option<SocketAddr> {
+        self.etcd_api.as_ref().map(etcd_api::Front::local_addr)
     }
 
     /// The cache: lookups in-process, decided by the policy as over HTTP.
@@ -208,6 +233,7 @@ impl Host {
         let Host {
             parts,
             http,
+            etcd_api,
             reloader,
             pending_connection,
             snapshots,
@@ -227,22 +253,33 @@ impl Host {
         }
         let snapshot_writer = snapshots.write_periodically(&parts.cache);
 
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut server = tokio::spawn(http.serve(async {
-            let _ = drain_rx.await;
-        }));
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let drain = move || {
+            let mut drain_rx = drain_rx.clone();
+            async move {
+                let _ = drain_rx.wait_for(|drain| *drain).await;
+            }
+        };
+        let mut servers = tokio::task::JoinSet::new();
+        servers.spawn(http.serve(drain()));
+        if let Some(etcd_api) = etcd_api {
+            servers.spawn(etcd_api.serve(drain()));
+        }
         shutdown.await;
         tracing::info!("shutting down: draining requests");
-        let _ = drain_tx.send(());
-        match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
-            Err(_) => {
-                tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping them");
-                // No handler may reach the registry once it is shut down below.
-                server.abort();
-                let _ = server.await;
+        let _ = drain_tx.send(true);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(ended) = servers.join_next().await {
+                if let Err(e) = ended {
+                    tracing::warn!("a front's server task failed: {e}");
+                }
             }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping them");
+            // No handler may reach the registry once it is shut down below.
+            servers.shutdown().await;
         }
         for task in background {
             task.abort();

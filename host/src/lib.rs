@@ -59,6 +59,7 @@
 pub mod cache;
 pub mod config;
 pub mod decision;
+mod etcd_api;
 mod fsutil;
 mod host;
 mod http;

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use crate::etcd_api;
 use crate::http;
 use crate::registry::etcd;
 
@@ -73,6 +74,8 @@ pub enum DefaultValue {
     Text(&'static str),
     /// This duration.
     Duration(Duration),
+    /// This number.
+    Count(u64),
     /// Nothing.
     None,
     /// Nothing, which means this.
@@ -289,6 +292,54 @@ pub static HTTP_MAX_CONNECTIONS: Setting = Setting {
     }),
 };
 
+/// Where the etcd-compatible endpoint listens.
+pub static ETCD_API_LISTEN: Setting = Setting {
+    key: "etcd_api.listen",
+    value_name: "ADDR",
+    help: "Address of the etcd-compatible gRPC endpoint, for unchanged etcd registry clients \
+           (go-micro's, etcdctl, clientv3; port 0 picks a free one, logged)",
+    kind: Kind::Address,
+    default: DefaultValue::NoneMeans("off"),
+};
+
+/// How long a credential's verdict is remembered.
+pub static ETCD_API_CREDENTIAL_TTL: Setting = Setting {
+    key: "etcd_api.credential_ttl",
+    value_name: "DURATION",
+    help: "How long the endpoint takes etcd's verdict on a user and password as given (one \
+           etcd Authenticate per credential per period; a refusal is kept 5s)",
+    kind: Kind::Duration(&etcd_api::CREDENTIAL_TTL_RANGE),
+    default: DefaultValue::Duration(etcd_api::DEFAULT_CREDENTIAL_TTL),
+};
+
+/// Leases per connection.
+pub static ETCD_API_MAX_LEASES_PER_CONNECTION: Setting = Setting {
+    key: "etcd_api.max_leases_per_connection",
+    value_name: "N",
+    help: "Leases one client connection of the endpoint may hold",
+    kind: Kind::Count(&etcd_api::PER_CONNECTION_RANGE),
+    default: DefaultValue::Count(etcd_api::DEFAULT_MAX_LEASES_PER_CONNECTION),
+};
+
+/// Watches per connection.
+pub static ETCD_API_MAX_WATCHES_PER_CONNECTION: Setting = Setting {
+    key: "etcd_api.max_watches_per_connection",
+    value_name: "N",
+    help: "Watches one client connection of the endpoint may hold",
+    kind: Kind::Count(&etcd_api::PER_CONNECTION_RANGE),
+    default: DefaultValue::Count(etcd_api::DEFAULT_MAX_WATCHES_PER_CONNECTION),
+};
+
+/// Streams per connection.
+pub static ETCD_API_MAX_STREAMS_PER_CONNECTION: Setting = Setting {
+    key: "etcd_api.max_streams_per_connection",
+    value_name: "N",
+    help: "Calls and streams one client connection of the endpoint may have open at once \
+           (HTTP/2's concurrent streams)",
+    kind: Kind::Count(&etcd_api::STREAMS_RANGE),
+    default: DefaultValue::Count(etcd_api::DEFAULT_MAX_STREAMS_PER_CONNECTION),
+};
+
 /// How logs are written.
 pub static LOG_FORMAT: Setting = Setting {
     key: "log_format",
@@ -307,7 +358,7 @@ pub(crate) static SECRET_TWINS: [(&Setting, &Setting); 2] = [
 ];
 
 /// Every setting, in the order `run --help` and the README list them.
-pub static ALL: [&Setting; 22] = [
+pub static ALL: [&Setting; 27] = [
     &LISTEN,
     &ETCD_ENDPOINTS,
     &ETCD_USER,
@@ -329,6 +380,11 @@ pub static ALL: [&Setting; 22] = [
     &HTTP_IDLE_TIMEOUT,
     &HTTP_WRITE_TIMEOUT,
     &HTTP_MAX_CONNECTIONS,
+    &ETCD_API_LISTEN,
+    &ETCD_API_CREDENTIAL_TTL,
+    &ETCD_API_MAX_LEASES_PER_CONNECTION,
+    &ETCD_API_MAX_WATCHES_PER_CONNECTION,
+    &ETCD_API_MAX_STREAMS_PER_CONNECTION,
     &LOG_FORMAT,
 ];
 
@@ -406,6 +462,7 @@ impl Setting {
         match &self.default {
             DefaultValue::Text(text) => (*text).to_string(),
             DefaultValue::Duration(duration) => show(*duration),
+            DefaultValue::Count(count) => count.to_string(),
             DefaultValue::None => "none".to_string(),
             DefaultValue::NoneMeans(meaning) => format!("none: {meaning}"),
             DefaultValue::Derived(describe) => describe(),

@@ -11,6 +11,7 @@
 
 pub(crate) mod deferred;
 pub mod etcd;
+pub mod layout;
 pub mod memory;
 
 use std::time::Instant;
