@@ -62,6 +62,18 @@ pub(crate) struct Parts {
 }
 
 impl Parts {
+    /// Deregisters a node this host registered, on its process's word: from the registry, and
+    /// from the cache at once (see [`RegistryCache::forget_deregistered`]).
+    pub(crate) async fn deregister(
+        &self,
+        service: &str,
+        node_id: &str,
+    ) -> Result<(), crate::registry::RegistryError> {
+        self.registry.deregister(service, node_id).await?;
+        self.cache.forget_deregistered(service, node_id);
+        Ok(())
+    }
+
     /// Whether answers come from the snapshot read at start.
     pub(crate) fn serving_snapshot(&self) -> bool {
         self.serving_snapshot.load(Ordering::Relaxed)

@@ -76,6 +76,10 @@ pub struct Compacted {
 
 /// A subscription: the kept changes from the start revision, then live ones.
 pub struct Subscription {
+    /// The subscriber's changes are those after this revision: the start less one, or the
+    /// feed's revision when it subscribed "from now". Live changes at or before it were
+    /// recorded before the subscription, and are not the subscriber's.
+    pub after: i64,
     /// Changes at or after the start revision that happened before the subscription.
     pub backlog: Vec<Arc<Change>>,
     /// What happens next.
@@ -142,6 +146,7 @@ impl Changes {
         };
         // Under the lock: no change is recorded between the backlog and the live receiver.
         Ok(Subscription {
+            after: if start <= 0 { state.last } else { start - 1 },
             backlog,
             live: self.sender.subscribe(),
         })

@@ -255,6 +255,22 @@ impl RegistryCache {
         }
     }
 
+    /// Removes a node this host deregistered itself, for the node's own process (a client's
+    /// delete, or its lease ending): a deliberate departure, which the eviction guard is not
+    /// asked about. The guard weighs the registry's word that nodes vanished, and a burst of a
+    /// service's processes leaving on purpose would otherwise be held as suspect and handed
+    /// out for the whole hold.
+    pub fn forget_deregistered(&self, service: &str, node_id: &str) {
+        let Some(entry) = self.inner.entries.get(service).map(|e| e.clone()) else {
+            return;
+        };
+        let mut state = entry.lock();
+        state.pending.remove(node_id);
+        if state.nodes.remove(node_id).is_some() {
+            entry.publish(&state);
+        }
+    }
+
     /// The feed of changes, if the cache was built to record them
     /// ([`CacheBuilder::record_changes`]).
     pub fn changes(&self) -> Option<&Arc<Changes>> {

@@ -845,3 +845,18 @@ async fn the_change_feed_sends_a_guarded_removal_only_when_the_guard_lets_the_no
     let resumed = changes.subscribe(revisions[0]).unwrap().backlog;
     assert_eq!(resumed.len(), revisions.len());
 }
+
+#[tokio::test(start_paused = true)]
+async fn nodes_this_host_deregistered_leave_at_once_without_the_guard() {
+    let f = fixture(SETTINGS);
+    cached_five(&f).await;
+    for id in ["n1", "n2", "n3", "n4"] {
+        f.registry.expire("svc", id);
+        f.cache.forget_deregistered("svc", id);
+    }
+    sleep(SETTINGS.eviction_batch + TICK).await;
+    let answer = f.cache.lookup("svc").await.unwrap();
+    assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["n5"]);
+    assert!(answer.suspect_nodes().is_empty());
+    assert_eq!(f.policy.guards(), vec![], "no removal left for the guard to judge");
+}

@@ -296,7 +296,7 @@ impl PbKvService for Endpoint {
         let mut deleted = 0;
         for (key, service) in mine {
             let node = &service.nodes[0].id;
-            match self.parts.registry.deregister(&service.name, node).await {
+            match self.parts.deregister(&service.name, node).await {
                 Ok(()) => {
                     deleted += 1;
                     self.leases.detach(&key);

@@ -10,7 +10,27 @@ use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::leases::Departed;
 use super::{Endpoint, STREAM_QUEUE};
+use crate::registry::ErrorKind;
+
+impl Endpoint {
+    /// Deregisters the nodes of ended client leases; what etcd cannot take now is retried on
+    /// the next expiry tick.
+    pub(super) async fn deregister_departed(&self, departed: Vec<Departed>) {
+        for node in departed {
+            match self.parts.deregister(&node.service, &node.node_id).await {
+                Ok(()) => {}
+                // Not this host's (any more): nothing of it is left to remove.
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(key = node.key, error = %e, "cannot deregister a client's key yet; retrying");
+                    self.leases.retry_later(node);
+                }
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl PbLeaseService for Endpoint {
@@ -33,7 +53,8 @@ impl PbLeaseService for Endpoint {
         &self,
         request: Request<PbLeaseRevokeRequest>,
     ) -> Result<Response<PbLeaseRevokeResponse>, Status> {
-        self.leases.revoke(request.into_inner().id).await?;
+        let departed = self.leases.revoke(request.into_inner().id)?;
+        self.deregister_departed(departed).await;
         Ok(Response::new(PbLeaseRevokeResponse {
             header: self.header(),
         }))

@@ -1,12 +1,13 @@
 //! Clients' leases, kept by the host and never in etcd: a client's keys are written under the
 //! host's own lease (one lease and one keep-alive stream for every process of the node), and
 //! this table says which client lease each key lives by. When a client lease expires or is
-//! revoked (its process died or left), its keys are deregistered; a deregistration etcd cannot
-//! take now is retried until it can, unless the key is put again meanwhile.
+//! revoked (its process died or left), the table gives its keys up to be deregistered
+//! (`lease.rs` does); a deregistration etcd cannot take now is retried until it can, unless
+//! the key is put again meanwhile. The table does no I/O.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -14,7 +15,6 @@ use tonic::Status;
 
 use super::status;
 use crate::model::Service;
-use crate::registry::{ErrorKind, Registry};
 
 /// etcd's shortest lease (with its default election timeout): shorter TTLs are raised to it.
 pub(super) const MIN_TTL: i64 = 2;
@@ -33,6 +33,14 @@ pub(super) struct Written {
     pub(super) service: Service,
 }
 
+/// A key whose client lease ended: its node is to be deregistered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Departed {
+    pub(super) key: String,
+    pub(super) service: String,
+    pub(super) node_id: String,
+}
+
 struct ClientLease {
     ttl: i64,
     expires: Instant,
@@ -46,8 +54,8 @@ struct Table {
     leases: HashMap<i64, ClientLease>,
     keys: HashMap<String, Written>,
     per_peer: HashMap<SocketAddr, usize>,
-    /// Keys whose deregistration failed, to try again (with the node to deregister).
-    retry: HashMap<String, (String, String)>,
+    /// Deregistrations that failed, by key, to try again.
+    retry: HashMap<String, Departed>,
 }
 
 /// What a lease's time to live answers.
@@ -60,15 +68,13 @@ pub(super) struct TimeToLive {
 /// The table of client leases and of the keys written through the endpoint.
 pub(super) struct Leases {
     table: Mutex<Table>,
-    registry: Arc<dyn Registry>,
     max_per_connection: usize,
 }
 
 impl Leases {
-    pub(super) fn new(registry: Arc<dyn Registry>, max_per_connection: usize) -> Self {
+    pub(super) fn new(max_per_connection: usize) -> Self {
         Leases {
             table: Mutex::default(),
-            registry,
             max_per_connection,
         }
     }
@@ -202,61 +208,43 @@ impl Leases {
         Some(written)
     }
 
-    /// etcd's `LeaseRevoke`: the lease goes, and its keys are deregistered.
-    pub(super) async fn revoke(&self, id: i64) -> Result<(), Status> {
-        let keys = {
-            let mut table = self.table.lock().unwrap();
-            let lease = table
-                .leases
-                .remove(&id)
-                .ok_or_else(status::lease_not_found)?;
-            table.release(&lease);
-            table.take_keys(&lease)
-        };
-        self.deregister(keys).await;
-        Ok(())
+    /// etcd's `LeaseRevoke`: the lease goes; returns its keys, to deregister.
+    pub(super) fn revoke(&self, id: i64) -> Result<Vec<Departed>, Status> {
+        let mut table = self.table.lock().unwrap();
+        let lease = table
+            .leases
+            .remove(&id)
+            .ok_or_else(status::lease_not_found)?;
+        table.release(&lease);
+        Ok(table.take_keys(&lease))
     }
 
-    /// Ends the leases whose TTL ran out and deregisters their keys; retries deregistrations
-    /// that failed before.
-    pub(super) async fn expire(&self) {
-        let now = Instant::now();
-        let keys = {
-            let mut table = self.table.lock().unwrap();
-            let expired: Vec<i64> = table
-                .leases
-                .iter()
-                .filter(|(_, lease)| lease.expires <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            let mut keys: Vec<(String, (String, String))> = table.retry.drain().collect();
-            for id in expired {
-                if let Some(lease) = table.leases.remove(&id) {
-                    tracing::debug!(lease = id, keys = lease.keys.len(), "client lease expired");
-                    table.release(&lease);
-                    keys.extend(table.take_keys(&lease));
-                }
+    /// Ends the leases whose TTL ran out: their keys, and those whose deregistration failed
+    /// before, to deregister.
+    pub(super) fn take_expired(&self, now: Instant) -> Vec<Departed> {
+        let mut table = self.table.lock().unwrap();
+        let expired: Vec<i64> = table
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut departed: Vec<Departed> = table.retry.drain().map(|(_, d)| d).collect();
+        for id in expired {
+            if let Some(lease) = table.leases.remove(&id) {
+                tracing::debug!(lease = id, keys = lease.keys.len(), "client lease expired");
+                table.release(&lease);
+                departed.extend(table.take_keys(&lease));
             }
-            keys
-        };
-        self.deregister(keys).await;
+        }
+        departed
     }
 
-    async fn deregister(&self, keys: Vec<(String, (String, String))>) {
-        for (key, (service, node)) in keys {
-            match self.registry.deregister(&service, &node).await {
-                Ok(()) => {}
-                // Not this host's (any more): nothing of it is left to remove.
-                Err(e) if e.kind == ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "cannot deregister a client's key yet; retrying");
-                    let mut table = self.table.lock().unwrap();
-                    // Put again meanwhile: the new registration stays.
-                    if !table.keys.contains_key(&key) {
-                        table.retry.insert(key, (service, node));
-                    }
-                }
-            }
+    /// Keeps a deregistration that failed, to try again, unless its key was put again since.
+    pub(super) fn retry_later(&self, departed: Departed) {
+        let mut table = self.table.lock().unwrap();
+        if !table.keys.contains_key(&departed.key) {
+            table.retry.insert(departed.key.clone(), departed);
         }
     }
 }
@@ -274,15 +262,85 @@ impl Table {
     }
 
     /// Removes the lease's keys from the table: what to deregister.
-    fn take_keys(&mut self, lease: &ClientLease) -> Vec<(String, (String, String))> {
+    fn take_keys(&mut self, lease: &ClientLease) -> Vec<Departed> {
         lease
             .keys
             .iter()
             .filter_map(|key| {
                 let written = self.keys.remove(key)?;
-                let node = written.service.nodes.first()?.id.clone();
-                Some((key.clone(), (written.service.name, node)))
+                let node_id = written.service.nodes.first()?.id.clone();
+                Some(Departed {
+                    key: key.clone(),
+                    service: written.service.name,
+                    node_id,
+                })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::one_node_service;
+
+    fn nodes(departed: Vec<Departed>) -> Vec<String> {
+        let mut ids: Vec<String> = departed.into_iter().map(|d| d.node_id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_or_revoked_lease_gives_its_keys_up_and_a_moved_key_stays() {
+        let leases = Leases::new(2);
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let (short, ttl) = leases.grant(0, 1, Some(peer)).unwrap();
+        assert_eq!(ttl, MIN_TTL, "raised to etcd's minimum");
+        let (long, _) = leases.grant(77, 60, Some(peer)).unwrap();
+        assert_eq!(long, 77);
+        assert!(
+            leases.grant(0, 60, Some(peer)).is_err(),
+            "the connection's bound"
+        );
+        assert!(
+            leases.grant(0, 60, None).is_ok(),
+            "another connection's count is its own"
+        );
+        assert!(leases.grant(77, 60, None).is_err(), "an id in use");
+        for (node, lease) in [("a", short), ("b", short), ("c", long)] {
+            let service = one_node_service("svc", "1", node);
+            leases.attach(&format!("k/{node}"), lease, service).unwrap();
+        }
+        // "b" moves to the long lease: it no longer lives by the short one.
+        leases
+            .attach("k/b", long, one_node_service("svc", "1", "b"))
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(leases.keep_alive(short), Some(MIN_TTL));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(leases.take_expired(Instant::now()).is_empty(), "kept alive");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let departed = leases.take_expired(Instant::now());
+        assert_eq!(nodes(departed.clone()), ["a"]);
+        assert_eq!(leases.keep_alive(short), None);
+        assert!(
+            leases.grant(0, 60, Some(peer)).is_ok(),
+            "the expired lease gave its place back"
+        );
+        // A failed deregistration comes back, unless the key was put again.
+        leases.retry_later(departed[0].clone());
+        assert_eq!(nodes(leases.take_expired(Instant::now())), ["a"]);
+        leases.retry_later(departed[0].clone());
+        leases
+            .attach("k/a", 0, one_node_service("svc", "1", "a"))
+            .unwrap();
+        assert!(
+            leases.take_expired(Instant::now()).is_empty(),
+            "put again: it stays"
+        );
+
+        assert_eq!(nodes(leases.revoke(long).unwrap()), ["b", "c"]);
+        assert!(leases.revoke(long).is_err());
+        assert_eq!(leases.lease_of("k/c"), 0);
     }
 }

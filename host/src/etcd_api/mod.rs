@@ -174,7 +174,7 @@ impl Front {
                 parts.registry.clone(),
                 settings.credential_ttl,
             ),
-            leases: Leases::new(parts.registry.clone(), settings.max_leases_per_connection),
+            leases: Leases::new(settings.max_leases_per_connection),
             watch_counts: Arc::default(),
             changes,
             layout,
@@ -212,7 +212,8 @@ impl Front {
                 let mut tick = tokio::time::interval(leases::EXPIRY_TICK);
                 loop {
                     tick.tick().await;
-                    endpoint.leases.expire().await;
+                    let departed = endpoint.leases.take_expired(tokio::time::Instant::now());
+                    endpoint.deregister_departed(departed).await;
                 }
             }
         });

@@ -254,8 +254,11 @@ impl Endpoint {
         if tx.send(Ok(created)).await.is_err() {
             return;
         }
-        let mut last = 0;
-        let Subscription { backlog, mut live } = subscription;
+        let Subscription {
+            after: mut last,
+            backlog,
+            mut live,
+        } = subscription;
         if !self.send_events(&watch, &backlog, &mut last, &tx).await {
             return;
         }

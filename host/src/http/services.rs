@@ -285,7 +285,7 @@ pub(super) async fn deregister(
             format!("{service}/{node} is not registered by this host"),
         ));
     }
-    state.registry.deregister(&service, &node).await?;
+    state.deregister(&service, &node).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
