@@ -8,8 +8,8 @@
 //! The `regcache run` binary is glue around the two calls (logging, the runtime, signals); an
 //! embedder or a test builds as many hosts in one process as it likes.
 //!
-//! Fronts (the HTTP API today) are thin: each takes the host's [`Parts`] and maps its protocol
-//! onto the cache, the registry and the policy engine.
+//! Fronts (the HTTP API, the etcd-compatible endpoint) are thin: each takes the host's [`Parts`]
+//! and maps its protocol onto the cache, the registry and the policy engine.
 
 mod connect;
 mod snapshots;
