@@ -18,7 +18,6 @@ use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchStream,
 };
 use regcache_tests::registry::service;
-use regcache_tests::wait::eventually;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::{MissedTickBehavior, timeout};
@@ -32,7 +31,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// seconds per `Authenticate`, and setting up must not fail where measuring would not.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Clients set up at once: enough to be quick, few enough not to time each other out.
-const SETUP_CONCURRENCY: usize = 16;
+pub const SETUP_CONCURRENCY: usize = 16;
 
 /// A user and password of etcd's auth.
 #[derive(Debug, Clone)]
@@ -157,13 +156,18 @@ impl FleetOutcome {
 
 impl Fleet {
     /// Starts every process at once (as after a deploy, or a restart of the fleet), lets them
-    /// run for the window, then has them deregister, and returns what they saw.
-    pub async fn run(&self) -> FleetOutcome {
+    /// run for the window, then has them deregister, and returns what they saw. Process `i`
+    /// starts with `connected[i]` when given (already authenticated), else connects first.
+    pub async fn run(&self, connected: Option<Vec<Client>>) -> FleetOutcome {
         let started = Instant::now();
         let deadline = started + self.window;
         let fleet = Arc::new(self.clone());
+        let mut connected = connected.map(Vec::into_iter);
         let tasks: Vec<_> = (0..self.processes)
-            .map(|i| tokio::spawn(process(fleet.clone(), i, started, deadline)))
+            .map(|i| {
+                let client = connected.as_mut().and_then(Iterator::next);
+                tokio::spawn(process(fleet.clone(), i, client, started, deadline))
+            })
             .collect();
         let mut outcome = FleetOutcome::default();
         for task in tasks {
@@ -211,6 +215,7 @@ async fn bounded<T>(
 async fn process(
     fleet: Arc<Fleet>,
     index: usize,
+    mut client: Option<Client>,
     started: Instant,
     deadline: Instant,
 ) -> ProcessOutcome {
@@ -220,7 +225,6 @@ async fn process(
     let key = format!("{}{}/{node}", fleet.prefix, fleet.service);
     let value = service(&fleet.service, "1.0.0", &node).encode();
     let calls = format!("{}{}/", fleet.prefix, fleet.calls);
-    let mut client: Option<Client> = None;
     let mut lease: Option<i64> = None;
     let mut watch: Option<JoinHandle<()>> = None;
     let mut beat = tokio::time::interval(fleet.beat);
@@ -451,15 +455,6 @@ impl Watchers {
             .iter()
             .map(|s| s.puts.load(Ordering::Relaxed))
             .sum()
-    }
-
-    /// Waits until the watchers have received `puts` puts and `deletes` deletes in all (at
-    /// least), at most `within`; returns whether they did.
-    pub async fn await_totals(&self, puts: u64, deletes: u64, within: Duration) -> bool {
-        eventually(within, || {
-            std::future::ready(self.puts() >= puts && self.deletes() >= deletes)
-        })
-        .await
     }
 }
 

@@ -14,7 +14,7 @@
 //!    once during the same freeze. Last: the freeze leaves etcd's leases and the host's policy
 //!    (its outage grace) in a state the other parts must not start from.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, PutOptions};
 use regcache_tests::etcd::EtcdCluster;
@@ -23,7 +23,9 @@ use regcache_tests::wait::eventually;
 
 use crate::compare::{Rounds, rounds, rounds_now};
 use crate::etcd_arms::{EndpointHost, GrpcProxy, cpu_seconds};
-use crate::gomicro_clients::{Credential, Fleet, FleetOutcome, Watchers, connect, ranges};
+use crate::gomicro_clients::{
+    Credential, Fleet, FleetOutcome, SETUP_CONCURRENCY, Watchers, connect, connect_many, ranges,
+};
 use crate::load::Outcome;
 use crate::report::{Row, Section};
 
@@ -66,7 +68,8 @@ const BURST_SETTLE: Duration = Duration::from_secs(2);
 struct Effort {
     processes: usize,
     fleet_rounds: usize,
-    fleet_window: Duration,
+    start_window: Duration,
+    steady_window: Duration,
     range_rounds: usize,
     range_window: Duration,
     watchers: usize,
@@ -81,7 +84,8 @@ impl Effort {
             Effort {
                 processes: 20,
                 fleet_rounds: 1,
-                fleet_window: Duration::from_secs(3),
+                start_window: Duration::from_secs(2),
+                steady_window: Duration::from_millis(1_500),
                 range_rounds: 2,
                 range_window: Duration::from_millis(500),
                 watchers: 10,
@@ -93,7 +97,8 @@ impl Effort {
             Effort {
                 processes: 500,
                 fleet_rounds: 2,
-                fleet_window: Duration::from_secs(20),
+                start_window: Duration::from_secs(20),
+                steady_window: Duration::from_secs(10),
                 range_rounds: 8,
                 range_window: Duration::from_secs(3),
                 watchers: 100,
@@ -300,6 +305,13 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
     let effort = Effort::new(quick);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let began = Instant::now();
+        let progress = |part: &str| {
+            eprintln!(
+                "regcache-bench: etcd_api {part} ({:.1} s)",
+                began.elapsed().as_secs_f64()
+            )
+        };
         let etcd = EtcdCluster::start(1).await?;
         let credentials = create_users(&etcd)?;
         etcd.enable_auth("root", ROOT_PASSWORD).await?;
@@ -325,6 +337,43 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
             );
         }
 
+        notes.push(format!(
+            "*Fleet* ({} round(s), arms rotated, each on a freshly started proxy or host): {} \
+             processes, process i logging in as one of {USERS} users (i mod {USERS}), each \
+             with its own connection, registering (Grant, Put with the lease, TTL {FLEET_TTL} \
+             s), renewing with one-shot keep-alives every {} s, looking `{CALLED}` up once and \
+             watching it, deregistering at the end. *start*: all processes start at once and \
+             connect themselves (an `Authenticate` each, 5 s bound, retried every beat) for \
+             {:.0} s, counted from before the proxy or host starts until etcd has finished \
+             the `Authenticate` calls left behind. *steady*: the same processes connected \
+             beforehand ({SETUP_CONCURRENCY} at a time, not counted), then registering and renewing for {:.0} s.",
+            effort.fleet_rounds,
+            effort.processes,
+            BEAT.as_secs(),
+            effort.start_window.as_secs_f64(),
+            effort.steady_window.as_secs_f64(),
+        ));
+        notes.push(format!(
+            "*Ranges*: {RANGE_CALLERS} closed-loop callers per arm sharing one connection, a \
+             serializable prefix Range of `{CALLED}` ({NODES} nodes written without a lease), \
+             arms interleaved round by round, {} rounds of {:.1} s. *Burst*: {} watchers per \
+             arm, each its own connection (prefix watch with previous values), all three arms \
+             watching the same burst at once; {BURST_LOST} of the {NODES} leases of `{BURST}` \
+             revoked at once, deletes counted until the direct watchers had all of them and \
+             {:.0} s more; {} round(s), the nodes put back between rounds. *Freeze*: \
+             {FREEZE_CALLERS} callers per arm each sending a Range every {} ms, all arms at \
+             once, {:.0} s with etcd running, then {:.0} s with it SIGSTOPped (kept frozen \
+             until the Ranges in flight are answered or time out).",
+            effort.range_rounds,
+            effort.range_window.as_secs_f64(),
+            effort.watchers,
+            BURST_SETTLE.as_secs_f64(),
+            effort.burst_rounds,
+            FREEZE_PACE.as_millis(),
+            effort.reference.as_secs_f64(),
+            effort.freeze.as_secs_f64(),
+        ));
+        progress("fleet");
         let fleet = fleet_part(&etcd, &credentials, effort, built).await?;
         rows.extend(fleet.rows);
         notes.extend(fleet.notes);
@@ -340,10 +389,14 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
             let endpoint = middles[a].as_ref().expect("built").endpoint();
             clients[a] = Some(connect(endpoint, &credentials[0]).await?);
         }
+        progress("ranges");
         rows.extend(range_part(&clients, effort).await?);
+        progress("burst");
         let burst = burst_part(&etcd, &mut root, &middles, &clients, &credentials, effort).await?;
         rows.extend(burst);
+        progress("freeze");
         rows.extend(freeze_part(&etcd, &clients, effort).await?);
+        progress("done");
 
         Ok(Section {
             title: format!(
@@ -351,47 +404,40 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
                  etcd auth on ({} processes, {USERS} users)",
                 effort.processes
             ),
-            measured: format!(
-                "on loopback against one etcd 3.4 member with auth on (bcrypt cost 10), with the \
-                 Rust etcd-client crate (0.21) as the client of all three arms, driving \
-                 go-micro's registry calls (bench/src/gomicro_clients.rs; go-micro's 5 s bound \
-                 on every call); `etcd grpc-proxy start` and `regcache run --etcd-api-listen` \
-                 as separate processes with their default settings; counts from etcd's \
-                 /metrics (grpc_server_started_total), CPU from /proc/<pid>/stat. Fleet: \
-                 {} processes, process i logging in as one of {USERS} users (i mod {USERS}), \
-                 registering (Grant, Put with the lease) and renewing with one-shot \
-                 keep-alives every {} s for {:.0} s, each process looking `{CALLED}` up once \
-                 and watching it; arms rotated round by round, {} round(s), each on a freshly \
-                 started proxy or host and counted from before it started until etcd is quiet \
-                 again. Ranges: {RANGE_CALLERS} closed-loop callers per arm on one connection, \
-                 a serializable prefix Range of `{CALLED}` ({NODES} nodes), arms interleaved \
-                 round by round, {} rounds of {:.1} s. Burst: {} watchers per arm, each its own \
-                 connection, all three arms watching the same burst at once, {} round(s). \
-                 Freeze: {FREEZE_CALLERS} callers per arm each sending a Range every {} ms, all \
-                 arms at once, {:.0} s with etcd running then {:.0} s with it SIGSTOPped",
-                effort.processes,
-                BEAT.as_secs(),
-                effort.fleet_window.as_secs_f64(),
-                effort.fleet_rounds,
-                effort.range_rounds,
-                effort.range_window.as_secs_f64(),
-                effort.watchers,
-                effort.burst_rounds,
-                FREEZE_PACE.as_millis(),
-                effort.reference.as_secs_f64(),
-                effort.freeze.as_secs_f64(),
-            ),
+            measured: "on loopback against one etcd 3.4 member with auth on (bcrypt cost 10), \
+                 with the Rust etcd-client crate (0.21) as the client of all three arms, driving \
+                 go-micro's registry calls (bench/src/gomicro_clients.rs), each call bounded by \
+                 go-micro's 5 s; `etcd grpc-proxy start` and `regcache run --etcd-api-listen` \
+                 run as separate processes with their default settings; counts from etcd's \
+                 /metrics (grpc_server_started_total), CPU time from /proc/<pid>/stat; the \
+                 parts are described below the table"
+                .into(),
             rows,
             notes,
         })
     })
 }
 
-/// One arm's fleet run: what its processes saw, what reached etcd, what the middle cost.
-struct FleetRun {
+/// One phase of an arm's fleet run: what its processes saw, what reached etcd and what it cost
+/// etcd and the process in between.
+struct Phase {
     fleet: FleetOutcome,
     etcd: EtcdLoad,
     middle_cpu: f64,
+    seconds: f64,
+}
+
+/// One arm's fleet run, on a freshly started proxy or host.
+struct FleetRun {
+    /// Every process starting at once with go-micro's timeouts, as a fleet restarting after a
+    /// deploy or an outage: counted until etcd has finished the work they left it.
+    start: Phase,
+    /// The same processes connected beforehand (one at a time, not counted here), then
+    /// registering and renewing: the steady state.
+    steady: Phase,
+    /// Streams opened at etcd over the whole run, the proxy's or host's own included.
+    keepalive_streams: f64,
+    watch_streams: f64,
 }
 
 struct Part {
@@ -409,13 +455,13 @@ async fn fleet_arm(
     if arm == ENDPOINT && !built {
         return Ok(None);
     }
+    let began = Instant::now();
     settle(etcd).await?;
     let before = EtcdLoad::read(etcd)?;
     let middle = Middle::start(arm, etcd, built)
         .await?
         .expect("a built arm starts");
-    let middle_before = middle.cpu_seconds()?;
-    let fleet = Fleet {
+    let fleet = |window: Duration| Fleet {
         endpoint: middle.endpoint().to_string(),
         credentials: credentials.to_vec(),
         processes: effort.processes,
@@ -424,17 +470,46 @@ async fn fleet_arm(
         calls: CALLED.into(),
         ttl: FLEET_TTL,
         beat: BEAT,
-        window: effort.fleet_window,
-    }
-    .run()
-    .await;
-    let middle_cpu = middle.cpu_seconds()? - middle_before;
-    drop(middle);
+        window,
+    };
+
+    let (middle_at, started) = (middle.cpu_seconds()?, Instant::now());
+    let start = fleet(effort.start_window).run(None).await;
+    let middle_cpu = middle.cpu_seconds()? - middle_at;
     settle(etcd).await?;
-    Ok(Some(FleetRun {
-        fleet,
-        etcd: EtcdLoad::read(etcd)?.since(&before),
+    let at_start = EtcdLoad::read(etcd)?;
+    let start = Phase {
+        fleet: start,
+        etcd: at_start.since(&before),
         middle_cpu,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+
+    let connected = connect_many(middle.endpoint(), credentials, effort.processes).await?;
+    settle(etcd).await?;
+    let steady_before = EtcdLoad::read(etcd)?;
+    let (middle_at, started) = (middle.cpu_seconds()?, Instant::now());
+    let steady = fleet(effort.steady_window).run(Some(connected)).await;
+    let steady = Phase {
+        fleet: steady,
+        middle_cpu: middle.cpu_seconds()? - middle_at,
+        seconds: started.elapsed().as_secs_f64(),
+        etcd: EtcdLoad::read(etcd)?.since(&steady_before),
+    };
+    drop(middle);
+    let total = EtcdLoad::read(etcd)?.since(&before);
+    eprintln!(
+        "regcache-bench: etcd_api fleet, {}: {:.1} s from start to quiet, {:.1} s steady, {:.1} s in all",
+        LABELS[arm],
+        start.seconds,
+        steady.seconds,
+        began.elapsed().as_secs_f64()
+    );
+    Ok(Some(FleetRun {
+        start,
+        steady,
+        keepalive_streams: total.keepalive_streams,
+        watch_streams: total.watch_streams,
     }))
 }
 
@@ -444,106 +519,132 @@ async fn fleet_part(
     effort: Effort,
     built: bool,
 ) -> anyhow::Result<Part> {
-    // The errors each arm's processes saw in its first run, for the notes.
+    // The errors each arm's processes saw in its first start, for the notes.
     let mut errors: [Option<Vec<(String, u64)>>; ARMS] = [None, None, None];
     let runs: Rounds<Option<FleetRun>, ARMS> = rounds(effort.fleet_rounds, async |a| {
-        eprintln!("regcache-bench: etcd_api fleet, {}", LABELS[a]);
         let run = fleet_arm(etcd, a, credentials, effort, built).await;
         if let Ok(Some(run)) = &run {
-            errors[a].get_or_insert_with(|| run.fleet.top_errors(3));
+            errors[a].get_or_insert_with(|| run.start.fleet.top_errors(3));
         }
         run
     })
     .await
     .transpose()?;
     let arms: Vec<usize> = (0..ARMS).filter(|&a| a != ENDPOINT || built).collect();
-    let processes = effort.processes as f64;
+    let processes = effort.processes;
     let mut rows = Vec::new();
     let per = |a: usize, f: &dyn Fn(&FleetRun) -> f64| runs.per_round(|r| f(arm(r, a)));
+    let failures = |o: &FleetOutcome| {
+        (o.keepalives_failed + o.registration_failures + o.connect_failures) as f64
+    };
     for &a in &arms {
         let label = LABELS[a];
         rows.push(Row::rounds(
-            format!("fleet, {label}: processes registered at the end (of {processes})"),
-            per(a, &|r| r.fleet.registered_at_end as f64),
+            format!("start, {label}: processes registered at the end (of {processes})"),
+            per(a, &|r| r.start.fleet.registered_at_end as f64),
             "",
         ));
-        rows.push(Row::rounds(
-            format!("fleet, {label}: slowest first registration (of those registered)"),
-            per(a, &|r| {
-                r.fleet
-                    .registration_times
-                    .last()
-                    .map_or(f64::NAN, Duration::as_secs_f64)
-            }),
-            "s",
-        ));
+        let registered_all = per(a, &|r| r.start.fleet.registration_times.len() as f64).min;
+        if registered_all >= processes as f64 {
+            rows.push(Row::rounds(
+                format!("start, {label}: slowest first registration"),
+                per(a, &|r| {
+                    r.start
+                        .fleet
+                        .registration_times
+                        .last()
+                        .map_or(0.0, Duration::as_secs_f64)
+                }),
+                "s",
+            ));
+        }
         let mut authenticate = Row::rounds(
-            format!("fleet, {label}: Authenticate calls reaching etcd"),
-            per(a, &|r| r.etcd.authenticate),
-            "",
-        );
-        let mut keepalives = Row::rounds(
-            format!("fleet, {label}: LeaseKeepAlive streams reaching etcd"),
-            per(a, &|r| r.etcd.keepalive_streams),
-            "",
-        );
-        let mut watches = Row::rounds(
-            format!("fleet, {label}: Watch streams reaching etcd"),
-            per(a, &|r| r.etcd.watch_streams),
+            format!("start, {label}: Authenticate calls reaching etcd"),
+            per(a, &|r| r.start.etcd.authenticate),
             "",
         );
         if a == ENDPOINT {
-            // One per distinct credential (the processes' and the host's own), one lease
-            // stream and one watch: the host's.
+            // One per distinct credential: the processes' and the host's own.
             authenticate = authenticate.at_most((USERS + 1) as f64);
+        }
+        rows.push(authenticate);
+        rows.push(Row::rounds(
+            format!("start, {label}: etcd CPU until etcd is quiet again"),
+            per(a, &|r| r.start.etcd.cpu_seconds),
+            "CPU s",
+        ));
+        rows.push(Row::rounds(
+            format!("start, {label}: connects, registrations and keep-alives failed"),
+            per(a, &|r| failures(&r.start.fleet)),
+            "",
+        ));
+    }
+    for &a in &arms {
+        let label = LABELS[a];
+        let mut keepalives = Row::rounds(
+            format!("steady, {label}: LeaseKeepAlive streams reaching etcd (whole run)"),
+            per(a, &|r| r.keepalive_streams),
+            "",
+        );
+        let mut watches = Row::rounds(
+            format!("steady, {label}: Watch streams reaching etcd (whole run)"),
+            per(a, &|r| r.watch_streams),
+            "",
+        );
+        if a == ENDPOINT {
+            // The host's own lease stream and watch, opened when it starts.
             keepalives = keepalives.at_most(1.0);
             watches = watches.at_most(1.0);
         }
-        rows.extend([authenticate, keepalives, watches]);
+        rows.extend([keepalives, watches]);
         rows.push(Row::rounds(
-            format!("fleet, {label}: LeaseGrant calls reaching etcd"),
-            per(a, &|r| r.etcd.lease_grants),
+            format!("steady, {label}: processes registered at the end (of {processes})"),
+            per(a, &|r| r.steady.fleet.registered_at_end as f64),
             "",
         ));
         rows.push(Row::rounds(
-            format!("fleet, {label}: Range calls reaching etcd"),
-            per(a, &|r| r.etcd.ranges),
+            format!("steady, {label}: one-shot keep-alives answered"),
+            per(a, &|r| r.steady.fleet.keepalives_ok as f64),
             "",
         ));
         rows.push(Row::rounds(
-            format!("fleet, {label}: etcd CPU"),
-            per(a, &|r| r.etcd.cpu_seconds),
-            "CPU s",
+            format!("steady, {label}: LeaseGrant and Range calls reaching etcd"),
+            per(a, &|r| r.steady.etcd.lease_grants + r.steady.etcd.ranges),
+            "",
+        ));
+        rows.push(Row::rounds(
+            format!("steady, {label}: etcd CPU per second"),
+            per(a, &|r| r.steady.etcd.cpu_seconds / r.steady.seconds),
+            "CPU s/s",
         ));
         if a != DIRECT {
             rows.push(Row::rounds(
-                format!("fleet, {label}: CPU of the {label} process itself"),
-                per(a, &|r| r.middle_cpu),
-                "CPU s",
+                format!("steady, {label}: CPU of the {label} process per second"),
+                per(a, &|r| r.steady.middle_cpu / r.steady.seconds),
+                "CPU s/s",
             ));
         }
         rows.push(Row::rounds(
-            format!("fleet, {label}: one-shot keep-alives answered"),
-            per(a, &|r| r.fleet.keepalives_ok as f64),
-            "",
-        ));
-        rows.push(Row::rounds(
-            format!("fleet, {label}: keep-alives, registrations and connects failed"),
+            format!("steady, {label}: registrations, keep-alives and deregistrations failed"),
             per(a, &|r| {
-                (r.fleet.keepalives_failed
-                    + r.fleet.registration_failures
-                    + r.fleet.connect_failures) as f64
+                failures(&r.steady.fleet)
+                    + (r.steady.fleet.registration_times.len() - r.steady.fleet.deregistered) as f64
             }),
             "",
         ));
     }
+    let last = *arms.last().expect("arms");
     for &a in &arms[..arms.len() - 1] {
-        let last = *arms.last().expect("arms");
+        let ratio =
+            |f: fn(&FleetRun) -> f64| runs.per_round(|r| f(arm(r, a)) / f(arm(r, last)).max(1e-3));
         rows.push(Row::rounds(
-            format!("fleet: etcd CPU, {} / {}", LABELS[a], LABELS[last]),
-            runs.per_round(|r| {
-                arm(r, a).etcd.cpu_seconds / arm(r, last).etcd.cpu_seconds.max(1e-3)
-            }),
+            format!("start: etcd CPU, {} / {}", LABELS[a], LABELS[last]),
+            ratio(|r| r.start.etcd.cpu_seconds),
+            "x",
+        ));
+        rows.push(Row::rounds(
+            format!("steady: etcd CPU, {} / {}", LABELS[a], LABELS[last]),
+            ratio(|r| r.steady.etcd.cpu_seconds / r.steady.seconds),
             "x",
         ));
     }
@@ -556,7 +657,7 @@ async fn fleet_part(
             .collect();
         if !listed.is_empty() {
             notes.push(format!(
-                "Fleet, {}: errors the processes saw in round 1 (most frequent): {}.",
+                "Fleet start, {}: errors the processes saw in round 1 (most frequent): {}.",
                 LABELS[a],
                 listed.join("; ")
             ));
@@ -640,31 +741,54 @@ async fn range_part(clients: &[Option<Client>; ARMS], effort: Effort) -> anyhow:
     Ok(rows)
 }
 
-/// Deletes each arm's watchers received since `before`, per watcher.
-fn deletes_per_watcher(watchers: &[Option<Watchers>; ARMS], before: &[u64; ARMS]) -> [f64; ARMS] {
+/// Which events of a watch are counted.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Put,
+    Delete,
+}
+
+/// Events of `kind` each arm's watchers have received so far, summed over its watchers.
+fn received(watchers: &[Option<Watchers>; ARMS], kind: Kind) -> [u64; ARMS] {
     std::array::from_fn(|a| {
-        watchers[a].as_ref().map_or(f64::NAN, |w| {
-            (w.deletes() - before[a]) as f64 / w.len() as f64
+        watchers[a].as_ref().map_or(0, |w| match kind {
+            Kind::Put => w.puts(),
+            Kind::Delete => w.deletes(),
         })
     })
 }
 
-fn deletes_now(watchers: &[Option<Watchers>; ARMS]) -> [u64; ARMS] {
-    std::array::from_fn(|a| watchers[a].as_ref().map_or(0, Watchers::deletes))
-}
-
-fn puts_now(watchers: &[Option<Watchers>; ARMS]) -> [u64; ARMS] {
-    std::array::from_fn(|a| watchers[a].as_ref().map_or(0, Watchers::puts))
-}
-
-/// Waits until every arm's watchers have received `count` more puts each than `before`.
-async fn await_puts(watchers: &[Option<Watchers>; ARMS], before: &[u64; ARMS], count: u64) {
-    for (a, w) in watchers.iter().enumerate() {
-        if let Some(w) = w {
-            let want = before[a] + count * w.len() as u64;
-            w.await_totals(want, 0, Duration::from_secs(10)).await;
-        }
+/// Waits until the direct watchers have received `count` more events of `kind` each than
+/// `before` (etcd always sends them), then until every arm's watchers have, at most
+/// [`BURST_SETTLE`] more; the whole of it when `full` (an arm expected to send none must be
+/// given all the time the others had). Returns the events each arm delivered per watcher.
+async fn await_events(
+    watchers: &[Option<Watchers>; ARMS],
+    kind: Kind,
+    before: &[u64; ARMS],
+    count: u64,
+    full: bool,
+) -> [f64; ARMS] {
+    let complete = |a: usize| {
+        watchers[a]
+            .as_ref()
+            .is_none_or(|w| received(watchers, kind)[a] >= before[a] + count * w.len() as u64)
+    };
+    eventually(Duration::from_secs(10), || {
+        std::future::ready(complete(DIRECT))
+    })
+    .await;
+    if full {
+        tokio::time::sleep(BURST_SETTLE).await;
+    } else {
+        eventually(BURST_SETTLE, || std::future::ready((0..ARMS).all(complete))).await;
     }
+    let now = received(watchers, kind);
+    std::array::from_fn(|a| {
+        watchers[a]
+            .as_ref()
+            .map_or(f64::NAN, |w| (now[a] - before[a]) as f64 / w.len() as f64)
+    })
 }
 
 /// How many nodes of the burst service each arm lists (go-micro's `GetService`).
@@ -708,28 +832,22 @@ async fn burst_part(
             Some(Watchers::start(middle.endpoint(), credentials, effort.watchers, &prefix).await?);
         watch_streams[a] = EtcdLoad::read(etcd)?.since(&before).watch_streams;
     }
-    let direct = watchers[DIRECT].as_ref().expect("etcd direct always runs");
-    let per_watcher = effort.watchers as u64;
-
-    // The control: one deregistration, which every arm should deliver.
-    let before = deletes_now(&watchers);
+    // The control: one deregistration, which every arm should deliver, and its return.
     let last = NODES - 1;
+    let before = received(&watchers, Kind::Delete);
     root.lease_revoke(leases[last]).await?;
-    direct
-        .await_totals(0, before[DIRECT] + per_watcher, Duration::from_secs(10))
-        .await;
-    tokio::time::sleep(BURST_SETTLE).await;
-    let control = deletes_per_watcher(&watchers, &before);
-    let puts = puts_now(&watchers);
+    let control = await_events(&watchers, Kind::Delete, &before, 1, false).await;
+    let before = received(&watchers, Kind::Put);
     leases[last] = register_burst_node(root, last).await?;
-    await_puts(&watchers, &puts, 1).await;
+    await_events(&watchers, Kind::Put, &before, 1, false).await;
 
     let mut delivered = Vec::new();
     let mut nodes_after = Vec::new();
+    let mut returned = Vec::new();
     for _ in 0..effort.burst_rounds {
         // Past the host's batching of the previous removals and puts.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = deletes_now(&watchers);
+        let before = received(&watchers, Kind::Delete);
         let lost: Vec<_> = (1..=BURST_LOST)
             .map(|n| {
                 let (mut client, lease) = (root.clone(), leases[n]);
@@ -739,21 +857,14 @@ async fn burst_part(
         for revoke in lost {
             revoke.await??;
         }
-        direct
-            .await_totals(
-                0,
-                before[DIRECT] + BURST_LOST as u64 * per_watcher,
-                Duration::from_secs(10),
-            )
-            .await;
-        tokio::time::sleep(BURST_SETTLE).await;
-        delivered.push(deletes_per_watcher(&watchers, &before));
+        let lost = BURST_LOST as u64;
+        delivered.push(await_events(&watchers, Kind::Delete, &before, lost, true).await);
         nodes_after.push(listed(clients).await);
-        let puts = puts_now(&watchers);
+        let before = received(&watchers, Kind::Put);
         for (n, lease) in leases.iter_mut().enumerate().skip(1).take(BURST_LOST) {
             *lease = register_burst_node(root, n).await?;
         }
-        await_puts(&watchers, &puts, BURST_LOST as u64).await;
+        returned.push(await_events(&watchers, Kind::Put, &before, lost, false).await);
     }
     for lease in leases {
         root.lease_revoke(lease).await?;
@@ -762,6 +873,7 @@ async fn burst_part(
 
     let delivered = simultaneous(&delivered);
     let nodes_after = simultaneous(&nodes_after);
+    let returned = simultaneous(&returned);
     let mut rows = Vec::new();
     for a in (0..ARMS).filter(|&a| middles[a].is_some()) {
         let label = LABELS[a];
@@ -792,6 +904,11 @@ async fn burst_part(
         rows.push(Row::rounds(
             format!("burst, {label}: nodes listed right after the burst (of {NODES})"),
             nodes_after.per_round(|r| r[a]),
+            "",
+        ));
+        rows.push(Row::rounds(
+            format!("burst, {label}: puts per watcher when the {BURST_LOST} nodes come back"),
+            returned.per_round(|r| r[a]),
             "",
         ));
     }
