@@ -18,8 +18,14 @@ use regcache_tests::proxy::TcpProxy;
 use regcache_tests::registry::{register_now, service};
 use regcache_tests::wait::{eventually, eventually_blocking};
 
-/// A host on `endpoints` keeping its state in `state_dir`, with `policy_file` if given (watched).
-fn host_config(endpoints: &[String], state_dir: &Path, policy_file: Option<&Path>) -> HostConfig {
+/// A host on `endpoints` keeping its state in `state_dir`, with `policy_file` if given (watched),
+/// and the etcd-compatible endpoint if `etcd_api`.
+fn host_config(
+    endpoints: &[String],
+    state_dir: &Path,
+    policy_file: Option<&Path>,
+    etcd_api: bool,
+) -> HostConfig {
     let endpoints = serde_json::to_string(endpoints).unwrap();
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n",
@@ -29,6 +35,9 @@ fn host_config(endpoints: &[String], state_dir: &Path, policy_file: Option<&Path
         toml += &format!("[policy]\nfile = {:?}\n", file.display().to_string());
     }
     toml += &format!("[etcd]\nendpoints = {endpoints}\n");
+    if etcd_api {
+        toml += "[etcd_api]\nlisten = \"127.0.0.1:0\"\n";
+    }
     ConfigLayer::parse_toml(&toml, "test")
         .unwrap()
         .validate()
@@ -90,15 +99,16 @@ fn hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        // A watches a policy file (a task and the watcher's thread); B runs the embedded one.
-        let a = host_config(&endpoints, dirs[0].path(), Some(&policy_file));
+        // A watches a policy file (a task and the watcher's thread); B runs the embedded one
+        // and serves the etcd-compatible endpoint too.
+        let a = host_config(&endpoints, dirs[0].path(), Some(&policy_file), false);
         let a = Host::build(a).await.unwrap();
-        let b = host_config(&endpoints, dirs[1].path(), None);
+        let b = host_config(&endpoints, dirs[1].path(), None, true);
         let b = Host::build(b).await.unwrap();
         assert_ne!(a.http_address(), b.http_address());
         // C reaches etcd through a proxy that refuses connections: it is built all the same,
         // and connects in the background once the proxy forwards.
-        let c = host_config(&[proxy.url()], dirs[2].path(), None);
+        let c = host_config(&[proxy.url()], dirs[2].path(), None, false);
         let c = Host::build(c).await.unwrap();
         let c_cache = c.cache().clone();
         let (stop_c, c_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -109,6 +119,8 @@ fn hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         register_now(&**a.registry(), &service("greeter", "1.0", "on-a")).await;
         let b_cache = b.cache().clone();
         let b_address = b.http_address();
+        let b_etcd_api = b.etcd_api_address().expect("B serves the etcd endpoint");
+        assert_eq!(a.etcd_api_address(), None);
         let (stop_a, a_stopped) = tokio::sync::oneshot::channel::<()>();
         let (stop_b, b_stopped) = tokio::sync::oneshot::channel::<()>();
         let serving_a = tokio::spawn(a.serve(async {
@@ -131,6 +143,31 @@ fn hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
         let answer = b_cache.lookup("greeter").await.unwrap();
         assert_eq!(answer.node_ids().collect::<Vec<_>>(), ["on-a"]);
         drop(b_cache);
+
+        // An etcd client of B's endpoint sees it too, and holds a watch and a keep-alive
+        // stream open while B shuts down: they end with B's serve.
+        let mut client = etcd_client::Client::connect([b_etcd_api.to_string()], None)
+            .await
+            .unwrap();
+        let listed = client
+            .get(
+                "/micro/registry/greeter/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(listed.kvs().len(), 1);
+        assert!(listed.kvs()[0].key_str().unwrap().ends_with("/on-a"));
+        let lease = client.lease_grant(10, None).await.unwrap().id();
+        let (mut keeper, _keep_alives) = client.lease_keep_alive(lease).await.unwrap();
+        keeper.keep_alive().await.unwrap();
+        let _events = client
+            .watch(
+                "/micro/registry/",
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
 
         assert!(
             c_cache.lookup("greeter").await.is_err(),
@@ -164,8 +201,15 @@ fn hosts_on_one_etcd_serve_shut_down_and_leave_no_task_or_thread() {
             !keys.contains("on-a"),
             "A's key outlived its shutdown: {keys}"
         );
+        let stopping = std::time::Instant::now();
         stop_b.send(()).unwrap();
         serving_b.await.unwrap().unwrap();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "B's streams held its shutdown for {:?}",
+            stopping.elapsed()
+        );
+        drop((client, keeper));
     });
 
     let alive = || runtime.metrics().num_alive_tasks();
