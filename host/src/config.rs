@@ -492,6 +492,7 @@ impl ConfigLayer {
         Ok(Some(EtcdApiSettings {
             listen: self.address(&settings::ETCD_API_LISTEN)?,
             credential_ttl: self.duration(&settings::ETCD_API_CREDENTIAL_TTL)?,
+            max_connections: count(&settings::ETCD_API_MAX_CONNECTIONS)?,
             max_leases_per_connection: count(&settings::ETCD_API_MAX_LEASES_PER_CONNECTION)?,
             max_watches_per_connection: count(&settings::ETCD_API_MAX_WATCHES_PER_CONNECTION)?,
             max_streams_per_connection: u32::try_from(count(

@@ -312,6 +312,16 @@ pub static ETCD_API_CREDENTIAL_TTL: Setting = Setting {
     default: DefaultValue::Duration(etcd_api::DEFAULT_CREDENTIAL_TTL),
 };
 
+/// Connections of the endpoint.
+pub static ETCD_API_MAX_CONNECTIONS: Setting = Setting {
+    key: "etcd_api.max_connections",
+    value_name: "N",
+    help: "Connections the endpoint keeps open at once; past it a new one is closed at once \
+           (its client retries)",
+    kind: Kind::Count(&etcd_api::PER_CONNECTION_RANGE),
+    default: DefaultValue::Count(etcd_api::DEFAULT_MAX_CONNECTIONS),
+};
+
 /// Leases per connection.
 pub static ETCD_API_MAX_LEASES_PER_CONNECTION: Setting = Setting {
     key: "etcd_api.max_leases_per_connection",
@@ -358,7 +368,7 @@ pub(crate) static SECRET_TWINS: [(&Setting, &Setting); 2] = [
 ];
 
 /// Every setting, in the order `run --help` and the README list them.
-pub static ALL: [&Setting; 27] = [
+pub static ALL: [&Setting; 28] = [
     &LISTEN,
     &ETCD_ENDPOINTS,
     &ETCD_USER,
@@ -382,6 +392,7 @@ pub static ALL: [&Setting; 27] = [
     &HTTP_MAX_CONNECTIONS,
     &ETCD_API_LISTEN,
     &ETCD_API_CREDENTIAL_TTL,
+    &ETCD_API_MAX_CONNECTIONS,
     &ETCD_API_MAX_LEASES_PER_CONNECTION,
     &ETCD_API_MAX_WATCHES_PER_CONNECTION,
     &ETCD_API_MAX_STREAMS_PER_CONNECTION,

@@ -15,6 +15,7 @@
 //! Bounds per client connection (leases, watches, concurrent streams) are settings; reaching
 //! one is an error to that client (`ResourceExhausted`), never a cost to the others.
 
+mod accept;
 mod auth;
 mod cluster;
 mod kv;
@@ -35,9 +36,10 @@ use etcd_client::proto::{
     PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbResponseHeader,
     PbWatchServer,
 };
-use tokio::sync::watch as signal;
+use tokio::sync::{mpsc, watch as signal};
+use tonic::codegen::tokio_stream::StreamExt;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::cache::Changes;
 use crate::host::Parts;
@@ -52,16 +54,21 @@ pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(60);
 /// The range of the credential TTL.
 pub const CREDENTIAL_TTL_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
+/// Default bound of connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 /// Default bound of leases one connection holds.
 pub const DEFAULT_MAX_LEASES_PER_CONNECTION: u64 = 1000;
 /// Default bound of watches one connection holds.
 pub const DEFAULT_MAX_WATCHES_PER_CONNECTION: u64 = 1000;
 /// Default bound of one connection's concurrent gRPC streams (HTTP/2's setting).
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u64 = 256;
-/// The range of the per-connection bounds of leases and watches.
+/// The range of the bounds of connections, and of leases and watches per connection.
 pub const PER_CONNECTION_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 /// The range of the per-connection bound of streams (an HTTP/2 setting, 32 bits).
 pub const STREAMS_RANGE: RangeInclusive<u64> = 1..=65_536;
+
+/// Connections accepted and not yet taken up by the server.
+const ACCEPT_QUEUE: usize = 16;
 
 /// Queue of responses of one stream (keep-alive, watch) waiting for its client.
 const STREAM_QUEUE: usize = 64;
@@ -78,6 +85,8 @@ pub struct EtcdApiSettings {
     pub listen: SocketAddr,
     /// How long a verdict of etcd's on a credential is remembered.
     pub credential_ttl: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
     /// Leases one connection may hold.
     pub max_leases_per_connection: usize,
     /// Watches one connection may hold.
@@ -246,13 +255,22 @@ impl Front {
             // server would wait for them.
             let _ = stop.send(true);
         };
+        let (admitted, connections) = mpsc::channel(ACCEPT_QUEUE);
+        let acceptor = tokio::spawn(accept::accept(
+            listener,
+            endpoint.settings.max_connections,
+            admitted,
+        ));
+        let incoming = ReceiverStream::new(connections).map(Ok::<_, std::io::Error>);
         if let Err(e) = server
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
         {
             tracing::warn!("etcd API server failed: {e}");
         }
-        expiry.abort();
-        let _ = expiry.await;
+        for task in [expiry, acceptor] {
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
