@@ -154,11 +154,13 @@ impl Host {
             Arc::new(AtomicBool::new(imported > 0 && registry.pending.is_some()));
 
         let connection_stats = Arc::new(http::ConnectionStats::default());
+        let etcd_api_stats = Arc::new(etcd_api::EtcdApiStats::default());
         let metrics = Arc::new(HostMetrics::new(Sources {
             engine: engine.clone(),
             cache: cache.clone(),
             registry: registry.stats,
             http: connection_stats.clone(),
+            etcd_api: config.etcd_api.as_ref().map(|_| etcd_api_stats.clone()),
         }));
         let parts = Parts {
             cache,
@@ -175,8 +177,14 @@ impl Host {
                 let auth_required = config.etcd.as_ref().is_some_and(|e| e.user.is_some());
                 let layout = Arc::new(GoMicro::new(prefix));
                 Some(
-                    etcd_api::Front::bind(settings.clone(), parts.clone(), layout, auth_required)
-                        .await?,
+                    etcd_api::Front::bind(
+                        settings.clone(),
+                        parts.clone(),
+                        layout,
+                        auth_required,
+                        etcd_api_stats,
+                    )
+                    .await?,
                 )
             }
             None => None,

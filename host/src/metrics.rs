@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry as MetricRegistry;
 
 use crate::cache::RegistryCache;
 use crate::decision::Decide;
+use crate::etcd_api::EtcdApiStats;
 use crate::http::ConnectionStats;
 use crate::policy::PolicyEngine;
 use crate::registry::etcd::StatsSnapshot;
@@ -35,6 +36,8 @@ pub struct Sources {
     pub registry: RegistryStatsSource,
     /// The HTTP server's connection counters.
     pub http: Arc<ConnectionStats>,
+    /// The etcd endpoint's counters, when it is on.
+    pub etcd_api: Option<Arc<EtcdApiStats>>,
 }
 
 impl fmt::Debug for Sources {
@@ -295,6 +298,51 @@ impl Collector for Sources {
                 ("other", h.accept_errors_other),
             ],
         )?;
+        if let Some(etcd_api) = &self.etcd_api {
+            let s = etcd_api.snapshot();
+            gauge(
+                &mut e,
+                "regcache_etcd_api_connections_open",
+                "Connections open to the etcd endpoint.",
+                s.connections_open as i64,
+            )?;
+            counter(
+                &mut e,
+                "regcache_etcd_api_connections_refused",
+                "Connections the etcd endpoint closed at once at etcd_api.max_connections.",
+                s.connections_refused,
+            )?;
+            counters(
+                &mut e,
+                "regcache_etcd_api_logins",
+                "Authenticate calls to the etcd endpoint: the credential checked with etcd, \
+                 answered from a remembered verdict, or refused.",
+                "outcome",
+                [
+                    ("checked_with_etcd", s.logins_checked_with_etcd),
+                    ("remembered", s.logins_remembered),
+                    ("refused", s.logins_refused),
+                ],
+            )?;
+            gauge(
+                &mut e,
+                "regcache_etcd_api_client_leases",
+                "Client leases the etcd endpoint holds (none of them in etcd).",
+                s.client_leases as i64,
+            )?;
+            counter(
+                &mut e,
+                "regcache_etcd_api_client_leases_expired",
+                "Client leases that expired, their keys deregistered.",
+                s.client_leases_expired,
+            )?;
+            gauge(
+                &mut e,
+                "regcache_etcd_api_watches",
+                "Watches open on the etcd endpoint.",
+                s.watches as i64,
+            )?;
+        }
         counter(
             &mut e,
             "regcache_registration_conflicts",

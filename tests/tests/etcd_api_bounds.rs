@@ -46,16 +46,28 @@ async fn connections_leases_and_watches_are_bounded_per_client_without_cost_to_o
         refused.contains("ResourceExhausted") || refused.contains("resource"),
         "{refused}"
     );
-    assert!(refused.contains("etcd_api.max_leases_per_connection"), "{refused}");
+    assert!(
+        refused.contains("etcd_api.max_leases_per_connection"),
+        "{refused}"
+    );
     second
         .lease_grant(30, None)
         .await
         .expect("another connection's leases are its own");
 
     let prefix = Some(WatchOptions::new().with_prefix());
-    let _watch_a = first.watch("/micro/registry/", prefix.clone()).await.unwrap();
-    let _watch_b = first.watch("/micro/registry/", prefix.clone()).await.unwrap();
-    let mut third = first.watch("/micro/registry/", prefix.clone()).await.unwrap();
+    let _watch_a = first
+        .watch("/micro/registry/", prefix.clone())
+        .await
+        .unwrap();
+    let _watch_b = first
+        .watch("/micro/registry/", prefix.clone())
+        .await
+        .unwrap();
+    let mut third = first
+        .watch("/micro/registry/", prefix.clone())
+        .await
+        .unwrap();
     let cancelled = tokio::time::timeout(Duration::from_secs(5), third.message())
         .await
         .expect("the refusal comes at once");
@@ -100,6 +112,12 @@ async fn connections_leases_and_watches_are_bounded_per_client_without_cost_to_o
         }
     })
     .await;
-    assert!(served_again, "a place freed was not given to a new connection");
-    assert!(host.log().contains("etcd_api.max_connections"), "the refusals are logged");
+    assert!(
+        served_again,
+        "a place freed was not given to a new connection"
+    );
+    assert!(
+        host.log().contains("etcd_api.max_connections"),
+        "the refusals are logged"
+    );
 }

@@ -16,6 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use super::stats::{EtcdApiStats, Stat};
+
 /// How long accepting pauses after an error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
@@ -26,12 +28,20 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 pub(super) struct Admitted {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
+    stats: Arc<EtcdApiStats>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.stats.sub(Stat::ConnectionsOpen, 1);
+    }
 }
 
 /// Accepts on `listener` into `admitted` until the receiver is gone.
 pub(super) async fn accept(
     listener: TcpListener,
     max_connections: usize,
+    stats: Arc<EtcdApiStats>,
     admitted: mpsc::Sender<Admitted>,
 ) {
     let places = Arc::new(Semaphore::new(max_connections));
@@ -47,6 +57,7 @@ pub(super) async fn accept(
             }
         };
         let Ok(place) = places.clone().try_acquire_owned() else {
+            stats.inc(Stat::ConnectionsRefused);
             refused += 1;
             if logged_at.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
                 tracing::warn!(
@@ -60,9 +71,11 @@ pub(super) async fn accept(
         };
         // gRPC's small frames must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        stats.inc(Stat::ConnectionsOpen);
         let connection = Admitted {
             stream,
             _place: place,
+            stats: stats.clone(),
         };
         if admitted.send(connection).await.is_err() {
             return;

@@ -22,6 +22,7 @@ use tonic::Status;
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 
+use super::stats::{EtcdApiStats, Stat};
 use super::{Endpoint, status};
 use crate::registry::{Registry, Verdict};
 
@@ -57,6 +58,7 @@ pub(super) struct Auth {
     /// One check in flight per credential.
     checks: Mutex<HashMap<CredentialKey, Arc<tokio::sync::Mutex<()>>>>,
     tokens: Mutex<HashMap<String, Instant>>,
+    stats: Arc<EtcdApiStats>,
 }
 
 impl Auth {
@@ -64,6 +66,7 @@ impl Auth {
         required: bool,
         registry: Arc<dyn Registry>,
         credential_ttl: Duration,
+        stats: Arc<EtcdApiStats>,
     ) -> Self {
         Auth {
             required,
@@ -73,6 +76,7 @@ impl Auth {
             verdicts: Mutex::default(),
             checks: Mutex::default(),
             tokens: Mutex::default(),
+            stats,
         }
     }
 
@@ -86,6 +90,7 @@ impl Auth {
         }
         let key = self.credential_key(user, password);
         if !self.verified(key, user, password).await? {
+            self.stats.inc(Stat::LoginsRefused);
             return Err(status::auth_failed());
         }
         self.issue_token()
@@ -100,14 +105,17 @@ impl Auth {
         password: &str,
     ) -> Result<bool, Status> {
         if let Some(valid) = self.remembered(key, Instant::now()) {
+            self.stats.inc(Stat::LoginsRemembered);
             return Ok(valid);
         }
         let check = self.checks.lock().unwrap().entry(key).or_default().clone();
         let _turn = check.lock().await;
         // The caller ahead may have asked etcd meanwhile.
         if let Some(valid) = self.remembered(key, Instant::now()) {
+            self.stats.inc(Stat::LoginsRemembered);
             return Ok(valid);
         }
+        self.stats.inc(Stat::LoginsCheckedWithEtcd);
         let verdict = self.ask_registry(key, user, password).await;
         self.checks.lock().unwrap().remove(&key);
         verdict

@@ -7,12 +7,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::stats::{EtcdApiStats, Stat};
 use super::status;
 use crate::model::Service;
 
@@ -69,12 +70,14 @@ pub(super) struct TimeToLive {
 pub(super) struct Leases {
     table: Mutex<Table>,
     max_per_connection: usize,
+    stats: Arc<EtcdApiStats>,
 }
 
 impl Leases {
-    pub(super) fn new(max_per_connection: usize) -> Self {
+    pub(super) fn new(max_per_connection: usize, stats: Arc<EtcdApiStats>) -> Self {
         Leases {
             table: Mutex::default(),
+            stats,
             max_per_connection,
         }
     }
@@ -123,6 +126,7 @@ impl Leases {
         if let Some(peer) = peer {
             *table.per_peer.entry(peer).or_default() += 1;
         }
+        self.stats.inc(Stat::ClientLeases);
         Ok((id, ttl))
     }
 
@@ -216,6 +220,7 @@ impl Leases {
             .remove(&id)
             .ok_or_else(status::lease_not_found)?;
         table.release(&lease);
+        self.stats.sub(Stat::ClientLeases, 1);
         Ok(table.take_keys(&lease))
     }
 
@@ -234,6 +239,8 @@ impl Leases {
             if let Some(lease) = table.leases.remove(&id) {
                 tracing::debug!(lease = id, keys = lease.keys.len(), "client lease expired");
                 table.release(&lease);
+                self.stats.sub(Stat::ClientLeases, 1);
+                self.stats.inc(Stat::ClientLeasesExpired);
                 departed.extend(table.take_keys(&lease));
             }
         }
@@ -292,7 +299,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_expired_or_revoked_lease_gives_its_keys_up_and_a_moved_key_stays() {
-        let leases = Leases::new(2);
+        let stats = Arc::new(EtcdApiStats::default());
+        let leases = Leases::new(2, stats.clone());
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let (short, ttl) = leases.grant(0, 1, Some(peer)).unwrap();
         assert_eq!(ttl, MIN_TTL, "raised to etcd's minimum");
@@ -339,7 +347,10 @@ mod tests {
             "put again: it stays"
         );
 
+        assert_eq!(stats.snapshot().client_leases_expired, 1);
+        assert_eq!(stats.snapshot().client_leases, 3);
         assert_eq!(nodes(leases.revoke(long).unwrap()), ["b", "c"]);
+        assert_eq!(stats.snapshot().client_leases, 2);
         assert!(leases.revoke(long).is_err());
         assert_eq!(leases.lease_of("k/c"), 0);
     }

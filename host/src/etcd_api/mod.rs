@@ -21,6 +21,7 @@ mod cluster;
 mod kv;
 mod lease;
 mod leases;
+mod stats;
 mod status;
 mod watch;
 
@@ -44,6 +45,8 @@ use tonic::transport::Server;
 use crate::cache::Changes;
 use crate::host::Parts;
 use crate::registry::layout::Layout;
+
+pub use self::stats::EtcdApiStats;
 
 use self::auth::{Auth, AuthService};
 use self::leases::Leases;
@@ -104,6 +107,7 @@ pub(crate) struct Shared {
     leases: Leases,
     watch_counts: Arc<WatchCounts>,
     settings: EtcdApiSettings,
+    stats: Arc<EtcdApiStats>,
     client_url: String,
     member_id: u64,
     cluster_id: u64,
@@ -153,6 +157,7 @@ impl Front {
         parts: Parts,
         layout: Arc<dyn Layout>,
         auth_required: bool,
+        stats: Arc<EtcdApiStats>,
     ) -> anyhow::Result<Front> {
         let changes = parts
             .cache
@@ -182,9 +187,11 @@ impl Front {
                 auth_required,
                 parts.registry.clone(),
                 settings.credential_ttl,
+                stats.clone(),
             ),
-            leases: Leases::new(settings.max_leases_per_connection),
-            watch_counts: Arc::default(),
+            leases: Leases::new(settings.max_leases_per_connection, stats.clone()),
+            watch_counts: Arc::new(WatchCounts::new(stats.clone())),
+            stats,
             changes,
             layout,
             client_url: format!("http://{address}"),
@@ -259,6 +266,7 @@ impl Front {
         let acceptor = tokio::spawn(accept::accept(
             listener,
             endpoint.settings.max_connections,
+            endpoint.stats.clone(),
             admitted,
         ));
         let incoming = ReceiverStream::new(connections).map(Ok::<_, std::io::Error>);

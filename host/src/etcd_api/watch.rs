@@ -20,6 +20,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::kv::Scope;
+use super::stats::{EtcdApiStats, Stat};
 use super::{Endpoint, STREAM_QUEUE, status};
 use crate::cache::{Change, Compacted, FeedItem, Subscription};
 
@@ -44,8 +45,10 @@ const DUPLICATE_ID: &str = "etcdserver: mvcc: duplicate watch ID provided on the
 const STREAM_WIDE: i64 = -1;
 
 /// Watches open per connection, for the bound.
-#[derive(Default)]
-pub(super) struct WatchCounts(Mutex<HashMap<SocketAddr, usize>>);
+pub(super) struct WatchCounts {
+    per_peer: Mutex<HashMap<SocketAddr, usize>>,
+    stats: Arc<EtcdApiStats>,
+}
 
 /// One watch's place in its connection's count; given back when the watch ends.
 struct Slot {
@@ -54,15 +57,23 @@ struct Slot {
 }
 
 impl WatchCounts {
+    pub(super) fn new(stats: Arc<EtcdApiStats>) -> Self {
+        WatchCounts {
+            per_peer: Mutex::default(),
+            stats,
+        }
+    }
+
     fn take(self: &Arc<Self>, peer: Option<SocketAddr>, limit: usize) -> Option<Slot> {
         if let Some(peer) = peer {
-            let mut counts = self.0.lock().unwrap();
+            let mut counts = self.per_peer.lock().unwrap();
             let count = counts.entry(peer).or_default();
             if *count >= limit {
                 return None;
             }
             *count += 1;
         }
+        self.stats.inc(Stat::Watches);
         Some(Slot {
             counts: self.clone(),
             peer,
@@ -72,8 +83,9 @@ impl WatchCounts {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.counts.stats.sub(Stat::Watches, 1);
         if let Some(peer) = self.peer {
-            let mut counts = self.counts.0.lock().unwrap();
+            let mut counts = self.counts.per_peer.lock().unwrap();
             if let Some(count) = counts.get_mut(&peer) {
                 *count -= 1;
                 if *count == 0 {
