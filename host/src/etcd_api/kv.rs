@@ -21,6 +21,11 @@ use crate::model::Service;
 use crate::registry::ErrorKind;
 use crate::registry::layout::{KeyPlace, Layout};
 
+/// etcd's `RangeRequest.SortOrder.DESCEND`.
+const DESCEND: i32 = 2;
+/// etcd's `RangeRequest.SortTarget.VALUE`.
+const SORT_BY_VALUE: i32 = 4;
+
 /// What a key range covers.
 pub(super) enum Scope {
     /// One node's key.
@@ -207,17 +212,23 @@ impl PbKvService for Endpoint {
         let kvs = if request.count_only {
             Vec::new()
         } else {
-            nodes
+            let mut kvs: Vec<PbKeyValue> = nodes
                 .into_iter()
-                .take(if limit > 0 { limit } else { usize::MAX })
-                .map(|(key, service)| {
-                    let mut kv = self.key_value_at(key, &service, revision);
-                    if request.keys_only {
-                        kv.value.clear();
-                    }
-                    kv
-                })
-                .collect()
+                .map(|(key, service)| self.key_value_at(key, &service, revision))
+                .collect();
+            // Every key has the same revisions and version here: only the key and the value
+            // order them. Sorted by key already.
+            if request.sort_target == SORT_BY_VALUE {
+                kvs.sort_by(|a, b| a.value.cmp(&b.value));
+            }
+            if request.sort_order == DESCEND {
+                kvs.reverse();
+            }
+            kvs.truncate(if limit > 0 { limit } else { usize::MAX });
+            if request.keys_only {
+                kvs.iter_mut().for_each(|kv| kv.value.clear());
+            }
+            kvs
         };
         Ok(Response::new(PbRangeResponse {
             header: self.header(),
