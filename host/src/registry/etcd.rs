@@ -6,7 +6,8 @@
 //! - `lease.rs`: one lease per host and one long-lived LeaseKeepAlive stream. On any loss (TTL 0,
 //!   "lease not found", the stream ending or falling silent) it re-opens the stream or grants a
 //!   new lease and re-puts every owned key, with jittered backoff, forever. It owns the lease
-//!   and every write of this host's keys (`owned.rs`: what they are).
+//!   and every write of this host's keys (`owned.rs`: what they are), registrations arriving
+//!   together written together.
 //! - `watch.rs`: one prefix watch (with `prev_kv`) that mirrors the registry, fans events out to
 //!   every [`Registry::watch`] receiver, resumes from the last revision after a loss, re-lists
 //!   and sends [`WatchEvent::Resync`] after a compaction, feeds [`Registry::health`], and asks
@@ -84,7 +85,7 @@ use super::{
 use crate::model::{Service, key_segment};
 use error::Deadline;
 use lease::Lease;
-use owned::{Owned, Puts};
+use owned::Owned;
 use ownership::HostLeases;
 use stats::Stats;
 
@@ -267,6 +268,8 @@ impl Registry for EtcdRegistry {
     ) -> Result<Registered, RegistryError> {
         check_registration(service)?;
         let shared = &self.shared;
+        // Each key with the serial of the entry this registration puts in `owned`: its write
+        // and its undo concern that entry only, not one a later registration of the node put.
         let mut keys = Vec::new();
         let mut replaced = Vec::new();
         {
@@ -279,12 +282,10 @@ impl Registry for EtcdRegistry {
                     Some(p) if p.is_written() && takeover == Takeover::Refuse => None,
                     _ => Some(takeover),
                 };
-                let previous = owned.insert(
-                    key.clone(),
-                    Owned::new(service.with_single_node(node), unwritten),
-                );
-                replaced.push((key.clone(), previous));
-                keys.push(key);
+                let entry = Owned::new(service.with_single_node(node), unwritten);
+                keys.push((key.clone(), entry.serial));
+                let previous = owned.insert(key.clone(), entry);
+                replaced.push((key, previous));
             }
         }
         // The keys stay owned if this first write meets an outage: the lease task puts them as
@@ -293,28 +294,40 @@ impl Registry for EtcdRegistry {
         // registration dropped and logged: its caller has been answered) unless forced. A
         // refusal now (too large, permission denied, someone else's node) would be refused
         // forever: undo and report it.
-        // One bound for the whole registration: waiting for the lease lock, a grant and the
-        // puts are each bounded too, but their sum must not exceed what the caller configured.
+        // One bound for the whole registration: waiting for its turn (registrations arriving
+        // together are written together), a grant and the puts are each bounded too, but their
+        // sum must not exceed what the caller configured.
         let deadline = Deadline::after(shared.config.request_timeout);
-        let attempt = async {
-            let mut lease = shared.lease.lock().await;
-            let puts = Puts::Registration(keys.clone(), takeover);
-            shared.put_owned(&mut lease, &puts).await
-        };
+        let attempt = shared.put_registration(keys.clone(), takeover);
         match shared.within("register", deadline, attempt).await {
             Ok(()) => Ok(Registered::Now),
             Err(e) if e.kind.is_outage() => {
-                shared.lease.request_repair(keys);
+                shared
+                    .lease
+                    .request_repair(keys.into_iter().map(|(key, _)| key));
                 Ok(Registered::Later(e))
             }
             Err(e) => {
                 let mut owned = shared.owned.lock().unwrap();
-                for (key, previous) in replaced {
+                let mut restored = Vec::new();
+                for ((key, serial), (_, previous)) in keys.into_iter().zip(replaced) {
+                    if owned.get(&key).is_none_or(|o| o.serial != serial) {
+                        continue; // registered again since: that registration's now
+                    }
                     match previous {
-                        Some(previous) => owned.insert(key, previous),
-                        None => owned.remove(&key),
-                    };
+                        Some(previous) => {
+                            owned.insert(key.clone(), previous);
+                            restored.push(key);
+                        }
+                        None => {
+                            owned.remove(&key);
+                        }
+                    }
                 }
+                drop(owned);
+                // What the node was registered as before is checked and put back (or found
+                // someone else's) as any registration kept across a failed write is.
+                shared.lease.request_repair(restored);
                 Err(e)
             }
         }

@@ -23,20 +23,30 @@
 //! The keeper owns the lease: [`Lease`] is the one record of which lease is current, and every
 //! write of owned keys goes through [`Shared::put_owned`] here (grant a lease if there is none,
 //! put the keys on it, grant again if etcd says it is gone), as does the release at shutdown.
+//!
+//! Registrations are written together ([`Shared::put_registration`], a group commit): one writer
+//! at a time holds the lease, and those that arrive meanwhile queue; the next to hold it writes
+//! every queued registration's keys in as few transactions as they fit in and answers each with
+//! its own outcome. A fleet restarting at once then costs a few transactions instead of one
+//! round trip per registration, each waiting for the one before.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{MutexGuard, Notify, watch as signal};
+use tokio::sync::{MutexGuard, Notify, oneshot, watch as signal};
 use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
 use super::error::{Deadline, registry_error};
-use super::owned::{Owned, Puts, settle, targets};
+use super::owned::{Asked, Owned, Puts, settle, targets};
 use super::ownership::{self, Foreign, HostLeases, Target};
 use super::retry::Backoff;
 use super::stats::Stats;
-use crate::registry::{ErrorKind, RegistryError};
+use crate::registry::{ErrorKind, RegistryError, Takeover};
+
+/// Registrations a write refused, by their index in its [`Puts::Registrations`].
+pub(crate) type Refused = BTreeMap<usize, RegistryError>;
 
 /// The current lease, the leases of this host, and the keys waiting to be put back.
 pub(crate) struct Lease {
@@ -52,6 +62,14 @@ pub(crate) struct Lease {
     /// Owned keys to check and put back (see [`repair`]).
     repairs: Mutex<Vec<String>>,
     repair_wake: Notify,
+    /// Registrations waiting to be written by the next holder of `writer`.
+    queued: Mutex<Vec<Queued>>,
+}
+
+/// A registration waiting to be written, and where its outcome goes.
+struct Queued {
+    asked: Asked,
+    answer: oneshot::Sender<Result<(), RegistryError>>,
 }
 
 /// The right to change the current lease and write owned keys on it.
@@ -82,6 +100,7 @@ impl Lease {
             mine,
             repairs: Mutex::new(Vec::new()),
             repair_wake: Notify::new(),
+            queued: Mutex::new(Vec::new()),
         }
     }
 
@@ -251,7 +270,7 @@ async fn reput_all(shared: &Shared, lost: Option<i64>) -> bool {
         shared.lease.mine.forget(&[id]).await;
     }
     match shared.put_owned(&mut lease, &Puts::All).await {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(e) => {
             tracing::warn!(error = %e, "re-putting owned keys failed; will retry");
             false
@@ -276,7 +295,7 @@ async fn repair(shared: &Shared) -> bool {
         .put_owned(&mut lease, &Puts::Repair(keys.clone()))
         .await
     {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(e) => {
             tracing::warn!(error = %e, "re-putting deleted owned keys failed; will retry");
             shared.lease.repairs.lock().unwrap().extend(keys);
@@ -331,19 +350,112 @@ impl Write {
 }
 
 impl Shared {
+    /// Writes a registration's `keys` (each with the serial of the entry it put in `owned`):
+    /// [`Shared::put_owned`] for it, together with every registration queued meanwhile (see
+    /// the module doc). Answers its own outcome: `Ok`, its conflict, or the error of the write
+    /// (which then failed every registration written with it).
+    ///
+    /// Cancel-safe: a caller that stops waiting (its deadline) leaves its keys queued, to be
+    /// written as those of a registration answered before its write; a holder that stops
+    /// writing leaves the registrations it took unanswered, and they queue again.
+    pub(crate) async fn put_registration(
+        &self,
+        keys: Vec<(String, u64)>,
+        takeover: Takeover,
+    ) -> Result<(), RegistryError> {
+        loop {
+            let (answer, mut answered) = oneshot::channel();
+            let asked = Asked {
+                keys: keys.clone(),
+                takeover: Some(takeover),
+            };
+            self.lease
+                .queued
+                .lock()
+                .unwrap()
+                .push(Queued { asked, answer });
+            let outcome = tokio::select! {
+                // An earlier holder may have written it while this one waited for the lock.
+                biased;
+                outcome = &mut answered => outcome,
+                mut lease = self.lease.lock() => {
+                    let queued = std::mem::take(&mut *self.lease.queued.lock().unwrap());
+                    self.put_queued(&mut lease, queued).await;
+                    drop(lease);
+                    // Answered now: by this holder, or by an earlier one before it let go.
+                    answered.await
+                }
+            };
+            match outcome {
+                Ok(outcome) => return outcome,
+                // The holder that took it stopped before answering (its own deadline passed).
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Writes the `queued` registrations together and answers each. A refusal that is no
+    /// conflict (a transaction too large, a permission denied) may be one registration's doing
+    /// and would be forever: then each is written alone, so that only its own is refused. An
+    /// outage fails each (their callers keep them, to be written later).
+    async fn put_queued(&self, lease: &mut LeaseGuard<'_>, queued: Vec<Queued>) {
+        if queued.is_empty() {
+            return;
+        }
+        let asked: Vec<Asked> = queued
+            .iter()
+            .map(|q| Asked {
+                keys: q.asked.keys.clone(),
+                takeover: q.asked.takeover.filter(|_| !q.answer.is_closed()),
+            })
+            .collect();
+        let together = self
+            .put_owned(lease, &Puts::Registrations(asked.clone()))
+            .await;
+        let outcomes: Vec<Result<(), RegistryError>> = match together {
+            Ok(mut refused) => (0..asked.len())
+                .map(|i| refused.remove(&i).map_or(Ok(()), Err))
+                .collect(),
+            Err(e) if asked.len() > 1 && !e.kind.is_outage() => {
+                tracing::warn!(
+                    error = %e,
+                    registrations = asked.len(),
+                    "registrations written together were refused; writing each alone"
+                );
+                let mut outcomes = Vec::with_capacity(asked.len());
+                for one in &asked {
+                    let alone = Puts::Registrations(vec![one.clone()]);
+                    let outcome = self.put_owned(lease, &alone).await;
+                    outcomes.push(outcome.and_then(|mut r| r.remove(&0).map_or(Ok(()), Err)));
+                }
+                outcomes
+            }
+            Err(e) => vec![Err(e); asked.len()],
+        };
+        for ((queued, asked), outcome) in queued.into_iter().zip(asked).zip(outcomes) {
+            // A registration whose caller left is kept, as one answered during an outage is:
+            // written when etcd takes it.
+            if asked.takeover.is_none() && outcome.is_err() {
+                self.lease
+                    .request_repair(asked.keys.into_iter().map(|(k, _)| k));
+            }
+            let _ = queued.answer.send(outcome);
+        }
+    }
+
     /// Puts owned keys on the current lease, granting one first if there is none. If etcd
     /// says the lease is gone, grants a new one and puts every owned key on it. Keys someone
     /// else holds are refused, yielded (marked in conflict, or dropped if never written) or
-    /// taken, as [`targets`] says (see [`ownership`]).
+    /// taken, as [`targets`] says (see [`ownership`]); returns the registrations refused.
     pub(crate) async fn put_owned(
         &self,
         lease: &mut LeaseGuard<'_>,
         puts: &Puts,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Refused, RegistryError> {
         // A registration's keys are counted as the registration, every other key (those of a
         // new lease) as a re-put.
         let write = match puts {
-            Puts::Registration(..) => Write::Registration,
+            Puts::Registrations(_) => Write::Registration,
             Puts::Repair(_) | Puts::All => Write::Reput,
         };
         let mut everything = false;
@@ -366,11 +478,11 @@ impl Shared {
                 .into_iter()
                 .partition(|t| t.foreign == Foreign::Refuse);
             let written = match self.write_settled(Write::Reput, id, others).await {
-                Ok(()) => self.write_settled(write, id, refusable).await,
+                Ok(_) => self.write_settled(write, id, refusable).await,
                 Err(e) => Err(e),
             };
             match written {
-                Ok(()) => return Ok(()),
+                Ok(refused) => return Ok(refused),
                 // A put on a lease etcd no longer has (expired, revoked, lost) is refused as
                 // not found; nothing else in these transactions can be.
                 Err(e) if e.kind == ErrorKind::NotFound => {
@@ -405,21 +517,28 @@ impl Shared {
     }
 
     /// Writes `targets` ([`ownership::write`]) and records what it found ([`settle`]):
-    /// conflicts that start and registrations refused are counted and logged.
+    /// conflicts that start and registrations refused when written late are counted and
+    /// logged. Returns the registrations refused now (their callers answer for them).
     async fn write_settled(
         &self,
         write: Write,
         lease: i64,
         targets: Vec<Target>,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Refused, RegistryError> {
         if targets.is_empty() {
-            return Ok(());
+            return Ok(Refused::new());
         }
-        let checked: Vec<(String, u64)> = targets
+        let checked: Vec<(String, u64, Option<usize>)> = targets
             .iter()
-            .map(|t| (t.key.clone(), t.owned.serial))
+            .map(|t| (t.key.clone(), t.owned.serial, t.registration))
             .collect();
         let written = ownership::write(self, write.op(), lease, targets).await?;
+        // Nothing of a refused registration was written.
+        let checked: Vec<(String, u64)> = checked
+            .into_iter()
+            .filter(|(_, _, registration)| !written.refuses(*registration))
+            .map(|(key, serial, _)| (key, serial))
+            .collect();
         if write == Write::Reput {
             let count = written.count as u64;
             self.stats.reputs.fetch_add(count, Ordering::Relaxed);
@@ -443,7 +562,7 @@ impl Shared {
                  else holds the node; dropped"
             );
         }
-        Ok(())
+        Ok(written.refused)
     }
 
     /// At shutdown: deletes this host's `owned` keys and revokes its lease, so that none is

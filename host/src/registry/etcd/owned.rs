@@ -60,9 +60,10 @@ impl Owned {
 /// Which owned keys a write puts.
 #[derive(Debug, Clone)]
 pub(crate) enum Puts {
-    /// A registration's keys, answered now: someone else holding one fails it
-    /// ([`Takeover::Refuse`]) or is taken over ([`Takeover::Force`]).
-    Registration(Vec<String>, Takeover),
+    /// Registrations answered by this write (one or several written together): someone else
+    /// holding one of a registration's nodes fails that registration ([`Takeover::Refuse`]) or
+    /// is taken over ([`Takeover::Force`]).
+    Registrations(Vec<Asked>),
     /// Owned keys to check and put back: the watch saw them changed, or their registration
     /// was answered before they could be written.
     Repair(Vec<String>),
@@ -70,35 +71,65 @@ pub(crate) enum Puts {
     All,
 }
 
+/// One registration in a write: its keys, each with the serial of the entry it put in
+/// `owned`, and what it asked about someone else holding them.
+#[derive(Debug, Clone)]
+pub(crate) struct Asked {
+    pub(crate) keys: Vec<(String, u64)>,
+    /// `None`: its caller is no longer waiting (answered [`Later`](crate::registry::Registered)
+    /// at its deadline, or gone), so its keys are written as those of a registration answered
+    /// before its write are: as [`Owned::foreign`] says.
+    pub(crate) takeover: Option<Takeover>,
+}
+
 /// The owned keys `puts` writes (every one when `everything`: a new lease holds none), each
-/// with what to do about someone else holding it: a registration's own keys as it asked, any
-/// other as [`Owned::foreign`] says. Keys no longer owned (deregistered) are left out.
+/// with what to do about someone else holding it: a registration's own keys as it asked, and
+/// marked as its (by its index in `puts`), any other as [`Owned::foreign`] says. Keys no
+/// longer owned (deregistered) are left out, and so is a registration's key that a later
+/// registration of the node replaced: the write is that registration's. A registration's keys
+/// come together, in the order of `puts`, before any other.
 pub(super) fn targets(
     owned: &BTreeMap<String, Owned>,
     puts: &Puts,
     everything: bool,
 ) -> Vec<Target> {
-    let (keys, asked): (&[String], _) = match puts {
-        Puts::Registration(keys, takeover) => (keys, Some(*takeover)),
-        Puts::Repair(keys) => (keys, None),
-        Puts::All => (&[], None),
-    };
-    let keys: BTreeSet<&String> = keys.iter().collect();
-    let target = |key: &String, owned: &Owned| Target {
-        key: key.clone(),
+    let target = |key: &str, owned: &Owned, asked: Option<(usize, Takeover)>| Target {
+        key: key.to_string(),
         owned: owned.clone(),
-        foreign: match asked {
-            Some(takeover) if keys.contains(key) => Foreign::from(takeover),
-            _ => owned.foreign(),
-        },
+        foreign: asked.map_or_else(|| owned.foreign(), |(_, takeover)| takeover.into()),
+        registration: asked.map(|(i, _)| i),
     };
-    if everything || matches!(puts, Puts::All) {
-        owned.iter().map(|(k, o)| target(k, o)).collect()
-    } else {
-        keys.iter()
-            .filter_map(|k| owned.get(*k).map(|o| target(k, o)))
-            .collect()
+    let mut chosen = Vec::new();
+    let mut seen = BTreeSet::new();
+    match puts {
+        Puts::Registrations(registrations) => {
+            for (i, asked) in registrations.iter().enumerate() {
+                for (key, serial) in &asked.keys {
+                    let Some(o) = owned.get(key).filter(|o| o.serial == *serial) else {
+                        continue;
+                    };
+                    if seen.insert(key.as_str()) {
+                        chosen.push(target(key, o, asked.takeover.map(|t| (i, t))));
+                    }
+                }
+            }
+        }
+        Puts::Repair(keys) => {
+            for key in keys {
+                if let Some(o) = owned.get(key)
+                    && seen.insert(key.as_str())
+                {
+                    chosen.push(target(key, o, None));
+                }
+            }
+        }
+        Puts::All => {}
     }
+    if everything || matches!(puts, Puts::All) {
+        let rest = owned.iter().filter(|(k, _)| !seen.contains(k.as_str()));
+        chosen.extend(rest.map(|(k, o)| target(k, o, None)));
+    }
+    chosen
 }
 
 /// What a write found that changes this host's registrations.
@@ -164,11 +195,19 @@ mod tests {
         (node.to_string(), Owned::new(service, unwritten))
     }
 
-    fn policies(targets: &[Target]) -> Vec<(&str, Foreign)> {
+    fn policies(targets: &[Target]) -> Vec<(&str, Foreign, Option<usize>)> {
         targets
             .iter()
-            .map(|t| (t.key.as_str(), t.foreign))
+            .map(|t| (t.key.as_str(), t.foreign, t.registration))
             .collect()
+    }
+
+    fn asked(map: &BTreeMap<String, Owned>, keys: &[&str], takeover: Option<Takeover>) -> Asked {
+        let keys = keys
+            .iter()
+            .map(|k| (k.to_string(), map[*k].serial))
+            .collect();
+        Asked { keys, takeover }
     }
 
     /// A registration answered now refuses someone else's node for its own keys only: when a
@@ -184,26 +223,63 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let puts = Puts::Registration(vec!["mine".into()], Takeover::Refuse);
+        let puts = Puts::Registrations(vec![asked(&map, &["mine"], Some(Takeover::Refuse))]);
         assert_eq!(
             policies(&targets(&map, &puts, false)),
-            [("mine", Foreign::Refuse)]
+            [("mine", Foreign::Refuse, Some(0))]
         );
         assert_eq!(
             policies(&targets(&map, &puts, true)),
             [
-                ("forced", Foreign::Take),
-                ("kept", Foreign::Yield),
-                ("mine", Foreign::Refuse),
-                ("written", Foreign::Yield),
+                ("mine", Foreign::Refuse, Some(0)),
+                ("forced", Foreign::Take, None),
+                ("kept", Foreign::Yield, None),
+                ("written", Foreign::Yield, None),
             ],
             "a new lease: every key, each with its own registration's policy"
         );
         let repair = Puts::Repair(vec!["forced".into(), "gone".into(), "written".into()]);
         assert_eq!(
             policies(&targets(&map, &repair, false)),
-            [("forced", Foreign::Take), ("written", Foreign::Yield)],
+            [
+                ("forced", Foreign::Take, None),
+                ("written", Foreign::Yield, None)
+            ],
             "a forced registration stays forced until written; a key no longer owned is skipped"
+        );
+    }
+
+    /// Registrations written together: each key is marked as its registration's and keeps
+    /// what that one asked, a registration's keys stay together, one whose caller left is
+    /// written as a repair, and a node registered again since is left to the later
+    /// registration (written once, as its).
+    #[test]
+    fn registrations_written_together_keep_their_own_policies() {
+        let mut map: BTreeMap<String, Owned> = [
+            owned("a1", Some(Takeover::Refuse)),
+            owned("a2", Some(Takeover::Refuse)),
+            owned("b1", Some(Takeover::Force)),
+            owned("c1", Some(Takeover::Refuse)),
+            owned("shared", Some(Takeover::Refuse)),
+        ]
+        .into_iter()
+        .collect();
+        let first = asked(&map, &["a2", "shared", "a1"], Some(Takeover::Refuse));
+        map.insert("shared".into(), owned("shared", Some(Takeover::Force)).1);
+        let puts = Puts::Registrations(vec![
+            first,
+            asked(&map, &["b1", "shared"], Some(Takeover::Force)),
+            asked(&map, &["c1"], None),
+        ]);
+        assert_eq!(
+            policies(&targets(&map, &puts, false)),
+            [
+                ("a2", Foreign::Refuse, Some(0)),
+                ("a1", Foreign::Refuse, Some(0)),
+                ("b1", Foreign::Take, Some(1)),
+                ("shared", Foreign::Take, Some(1)),
+                ("c1", Foreign::Yield, None),
+            ]
         );
     }
 

@@ -60,6 +60,11 @@ const MAX_LEASES_FILE: u64 = 64 * 1024;
 /// Keys per transaction: etcd refuses more than 128 operations in one (`--max-txn-ops`).
 const TXN_KEYS: usize = 64;
 
+/// Bytes of keys and values put per transaction, unless one key alone is larger: etcd refuses
+/// a request over 1.5 MiB (`--max-request-bytes`), and registrations written together must not
+/// add up to a refusal that none of them would meet alone.
+const TXN_BYTES: usize = 1024 * 1024;
+
 /// Transactions per batch of keys before giving up: each retry means another writer changed a
 /// key between the read and the write, which a few rounds outlast.
 const TXN_ROUNDS: usize = 5;
@@ -306,7 +311,8 @@ pub(crate) fn decide(
 /// What a write does about a key another host's lease holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Foreign {
-    /// Fail with a conflict, writing nothing of that batch (a registration).
+    /// Refuse the key's registration with a conflict, writing none of its keys (the
+    /// transaction's other registrations are written).
     Refuse,
     /// Leave the key alone and report it; write the others (re-puts and repairs).
     Yield,
@@ -328,6 +334,17 @@ pub(crate) struct Target {
     pub(crate) key: String,
     pub(crate) owned: Owned,
     pub(crate) foreign: Foreign,
+    /// The registration this write answers that the key is one of (an index the caller
+    /// chose), if any: [`Foreign::Refuse`] refuses that registration, and its keys are kept in
+    /// one transaction when they fit.
+    pub(crate) registration: Option<usize>,
+}
+
+impl Target {
+    /// What the key adds to a transaction's size.
+    fn bytes(&self) -> usize {
+        self.key.len() + self.owned.value.len()
+    }
 }
 
 /// What [`write`] did.
@@ -337,12 +354,24 @@ pub(crate) struct Written {
     pub(crate) count: usize,
     /// Keys left to another lease ([`Foreign::Yield`]), with that lease.
     pub(crate) yielded: Vec<(String, i64)>,
+    /// Registrations refused ([`Foreign::Refuse`]), each with its conflict; none of their keys
+    /// was written, unless a registration too large for one transaction had some written by
+    /// an earlier one.
+    pub(crate) refused: BTreeMap<usize, RegistryError>,
+}
+
+impl Written {
+    /// Whether `registration` was refused.
+    pub(crate) fn refuses(&self, registration: Option<usize>) -> bool {
+        registration.is_some_and(|r| self.refused.contains_key(&r))
+    }
 }
 
 /// Writes `targets` on `lease`, each key only if it is this host's (absent, on one of its
-/// leases, or on no lease as the module doc says) or, with [`Foreign::Take`], anyone's. Each
-/// batch of [`TXN_KEYS`] keys is one transaction: all of it is written or, if a key with
-/// [`Foreign::Refuse`] is someone else's, none.
+/// leases, or on no lease as the module doc says) or, with [`Foreign::Take`], anyone's, in as
+/// few transactions as [`TXN_KEYS`] and [`TXN_BYTES`] allow ([`transactions`]). A key with
+/// [`Foreign::Refuse`] that is someone else's refuses its registration: none of that
+/// registration's keys is written, the others are.
 pub(crate) async fn write(
     shared: &Shared,
     op: &'static str,
@@ -350,12 +379,51 @@ pub(crate) async fn write(
     targets: Vec<Target>,
 ) -> Result<Written, RegistryError> {
     let mut written = Written::default();
-    let mut targets = targets.into_iter().peekable();
-    while targets.peek().is_some() {
-        let batch: Vec<Target> = targets.by_ref().take(TXN_KEYS).collect();
+    for mut batch in transactions(targets) {
+        // The rest of a registration too large for one transaction, refused in an earlier one.
+        batch.retain(|t| !written.refuses(t.registration));
         write_batch(shared, op, lease, batch, &mut written).await?;
     }
     Ok(written)
+}
+
+/// Packs `targets` into transactions of at most [`TXN_KEYS`] keys and [`TXN_BYTES`] bytes
+/// (or one key, if larger), in order, without splitting a registration's keys (consecutive,
+/// as [`targets`](super::owned::targets) puts them) unless it is too large for one alone: one
+/// registration's refusal then costs nothing of the others in other transactions.
+fn transactions(targets: Vec<Target>) -> Vec<Vec<Target>> {
+    let mut batches = Vec::new();
+    let mut batch: Vec<Target> = Vec::new();
+    let mut bytes = 0;
+    let mut targets = targets.into_iter().peekable();
+    while let Some(first) = targets.next() {
+        let mut unit = vec![first];
+        let registration = unit[0].registration;
+        while let Some(next) =
+            targets.next_if(|t| registration.is_some() && t.registration == registration)
+        {
+            unit.push(next);
+        }
+        let unit_bytes: usize = unit.iter().map(Target::bytes).sum();
+        let fits = batch.len() + unit.len() <= TXN_KEYS && bytes + unit_bytes <= TXN_BYTES;
+        if !fits && !batch.is_empty() {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        for target in unit {
+            let full = batch.len() == TXN_KEYS || bytes + target.bytes() > TXN_BYTES;
+            if full && !batch.is_empty() {
+                batches.push(std::mem::take(&mut batch));
+                bytes = 0;
+            }
+            bytes += target.bytes();
+            batch.push(target);
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
 async fn write_batch(
@@ -428,12 +496,13 @@ async fn write_batch(
                 } => match target.foreign {
                     Foreign::Refuse => {
                         let node = owned.service.nodes.first().map_or("", |n| n.id.as_str());
-                        return Err(RegistryError::conflict(
-                            op,
-                            &owned.service.name,
-                            node,
-                            owner,
-                        ));
+                        let conflict =
+                            RegistryError::conflict(op, &owned.service.name, node, owner);
+                        let Some(registration) = target.registration else {
+                            return Err(conflict);
+                        };
+                        // The first conflict found names the registration's refusal.
+                        written.refused.entry(registration).or_insert(conflict);
                     }
                     Foreign::Yield => written.yielded.push((target.key, owner)),
                     Foreign::Take => {
@@ -448,6 +517,8 @@ async fn write_batch(
                 },
             }
         }
+        // A refused registration writes none of its keys, whatever was decided for the others.
+        next.retain(|t| !written.refuses(t.registration));
         batch = next;
     }
     Err(RegistryError::new(
@@ -556,6 +627,55 @@ mod tests {
         );
         assert_eq!(unwritten(held(0, b"ours")), Step::Write(Some(7)));
         assert_eq!(unwritten(None), Step::Write(None));
+    }
+
+    fn target(node: &str, value_bytes: usize, registration: Option<usize>) -> Target {
+        let mut service = crate::registry::one_node_service("svc", "1", node);
+        service.metadata = [("pad".to_string(), "x".repeat(value_bytes))].into();
+        Target {
+            key: node.to_string(),
+            owned: Owned::new(service, None),
+            foreign: Foreign::Refuse,
+            registration,
+        }
+    }
+
+    fn shape(batches: &[Vec<Target>]) -> Vec<Vec<Option<usize>>> {
+        batches
+            .iter()
+            .map(|b| b.iter().map(|t| t.registration).collect())
+            .collect()
+    }
+
+    /// Registrations written together share transactions up to etcd's limits, and one that
+    /// fits in a transaction is never split across two (its refusal must cost the others
+    /// nothing); one too large for any is split, as a single registration always was.
+    #[test]
+    fn registrations_are_packed_into_transactions_whole() {
+        let keys = |registration, n| {
+            (0..n).map(move |i| target(&format!("{registration}-{i}"), 0, Some(registration)))
+        };
+        let targets: Vec<Target> = keys(0, 40)
+            .chain(keys(1, 30))
+            .chain(keys(2, 1))
+            .chain([target("rest", 0, None)])
+            .collect();
+        let batches = transactions(targets);
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [40, 32], "{:?}", shape(&batches));
+        assert!(batches[1].iter().all(|t| t.registration != Some(0)));
+
+        let batches = transactions(keys(0, TXN_KEYS * 2 + 1).collect());
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [TXN_KEYS, TXN_KEYS, 1], "too large for one: split");
+
+        // Bytes too: values of 40% of the bound go two by two.
+        let large = TXN_BYTES * 2 / 5;
+        let big: Vec<Target> = (0..4)
+            .map(|i| target(&format!("big-{i}"), large, Some(i)))
+            .collect();
+        let sizes: Vec<usize> = transactions(big).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 2]);
     }
 
     #[test]
