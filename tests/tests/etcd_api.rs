@@ -453,6 +453,14 @@ async fn kv_agrees_with_etcd(auth: bool) {
         assert!(direct.success(), "etcd: {direct:?}");
         assert!(through.success(), "endpoint: {through:?}");
         assert_eq!(simple_pairs(&through.stdout)[0].0, g1);
+        // What made clientv3 go on: etcd's FailedPrecondition text, in its warning.
+        let not_enabled =
+            "code = FailedPrecondition desc = etcdserver: authentication is not enabled";
+        assert!(direct.stderr.contains(not_enabled), "etcd: {direct:?}");
+        assert!(
+            through.stderr.contains(not_enabled),
+            "endpoint: {through:?}"
+        );
     }
     differences.assert_none(&fx.host);
 }
