@@ -18,8 +18,8 @@
 pub mod binary;
 pub mod cache;
 pub mod etcd;
-pub mod gomicro;
 pub mod etcdctl;
+pub mod gomicro;
 pub mod host;
 pub mod http;
 pub mod policies;
