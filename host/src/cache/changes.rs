@@ -6,11 +6,12 @@
 //! recorded when the guard lets it go. Services nobody looked up have no entry, and their watch
 //! events pass through as the registry sent them.
 //!
-//! Revisions are the registry's (etcd's) where a change follows one of its events, and one more
-//! than the last otherwise (a refresh, a suspect's hold running out), so they only grow and a
-//! client can resume from the last one it saw. The last [`HISTORY`] changes are kept for that;
-//! an older start, or a registry resync (etcd compacted what the host missed), is
-//! [`Compacted`], which tells the client to list again.
+//! Revisions are the registry's (etcd's): a change that follows one of its events carries that
+//! event's revision, any other (a refresh, a suspect's hold running out) the last revision the
+//! feed knows, as several changes of one etcd transaction share one. So they never run ahead of
+//! etcd's and never go back, and a client can start from a revision it read. The last
+//! [`HISTORY`] changes are kept for that; an older start, or a registry resync (etcd compacted
+//! what the host missed), is [`Compacted`], which tells the client to list again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -74,12 +75,9 @@ pub struct Compacted {
     pub complete_from: i64,
 }
 
-/// A subscription: the kept changes from the start revision, then live ones.
+/// A subscription: the kept changes from the start revision, then live ones (those of a
+/// start past the feed's revision included: a subscriber skips what precedes its start).
 pub struct Subscription {
-    /// The subscriber's changes are those after this revision: the start less one, or the
-    /// feed's revision when it subscribed "from now". Live changes at or before it were
-    /// recorded before the subscription, and are not the subscriber's.
-    pub after: i64,
     /// Changes at or after the start revision that happened before the subscription.
     pub backlog: Vec<Arc<Change>>,
     /// What happens next.
@@ -146,14 +144,13 @@ impl Changes {
         };
         // Under the lock: no change is recorded between the backlog and the live receiver.
         Ok(Subscription {
-            after: if start <= 0 { state.last } else { start - 1 },
             backlog,
             live: self.sender.subscribe(),
         })
     }
 
     /// Runs `apply` as the application of a registry event at `revision`: the changes it
-    /// records carry that revision (or the next one, should the feed be past it already).
+    /// records carry that revision (or the feed's, should it be past it already).
     pub(super) fn applying<T>(&self, revision: i64, apply: impl FnOnce() -> T) -> T {
         self.lock().applying = revision;
         let result = apply();
@@ -208,11 +205,7 @@ impl Changes {
     fn record(&self, changes: Vec<(Option<Service>, Option<Service>)>) {
         let mut state = self.lock();
         for (current, previous) in changes {
-            let revision = if state.applying > state.last {
-                state.applying
-            } else {
-                state.last + 1
-            };
+            let revision = state.applying.max(state.last);
             state.last = revision;
             let change = Arc::new(Change {
                 revision,
@@ -263,34 +256,38 @@ mod tests {
     }
 
     #[test]
-    fn diffs_number_changes_after_the_registry_revision_and_resume_from_any_kept_one() {
+    fn changes_carry_the_registry_revision_and_resume_from_any_kept_one() {
         let feed = Changes::default();
         let a = one_node_service("s", "1", "a");
         let b = one_node_service("s", "1", "b");
         let ab = crate::model::group_by_version([a.clone(), b.clone()]);
         feed.applying(10, || feed.record_diff(&[], &ab));
-        // Not after an event (a suspect's hold ran out): the next revision.
+        // Not after an event (a suspect's hold ran out): the feed's revision, etcd's last.
         feed.record_diff(&ab, std::slice::from_ref(&b));
+        feed.applying(12, || feed.pass_through(Some(a.clone()), None));
         let all = feed.subscribe(1).unwrap().backlog;
         assert_eq!(
             ids(&all),
-            [(10, "a", true), (11, "b", true), (12, "a", false)]
+            [
+                (10, "a", true),
+                (10, "b", true),
+                (10, "a", false),
+                (12, "a", true)
+            ]
         );
         assert_eq!(
             all[2].previous.as_ref(),
             Some(&a),
             "a delete carries the node"
         );
-        assert_eq!(
-            ids(&feed.subscribe(12).unwrap().backlog),
-            [(12, "a", false)]
-        );
-        // An event the feed is past already gets the next revision: revisions only grow.
-        feed.applying(11, || feed.pass_through(Some(a.clone()), None));
-        assert_eq!(feed.revision(), 13);
+        assert_eq!(ids(&feed.subscribe(11).unwrap().backlog), [(12, "a", true)]);
+        // An event the feed is past already takes the feed's revision: they never go back.
+        feed.applying(11, || feed.pass_through(None, Some(a.clone())));
+        assert_eq!(feed.revision(), 12);
+        assert_eq!(feed.subscribe(12).unwrap().backlog.len(), 2);
         // The same view again is no change.
         feed.record_diff(std::slice::from_ref(&b), std::slice::from_ref(&b));
-        assert_eq!(feed.revision(), 13);
+        assert_eq!(feed.subscribe(12).unwrap().backlog.len(), 2);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! descriptors the host's other front and etcd's connection need. Accept errors (descriptors
 //! running out) pause accepting briefly instead of spinning.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +22,10 @@ use super::stats::{EtcdApiStats, Stat};
 /// How long accepting pauses after an error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
+/// Time a new connection has to send its first bytes (HTTP/2's preface): a connection that
+/// says nothing holds a place under the bound and is closed after it.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Refusals are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -29,6 +34,8 @@ pub(super) struct Admitted {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
     stats: Arc<EtcdApiStats>,
+    /// Until the client has sent anything.
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Drop for Admitted {
@@ -76,6 +83,7 @@ pub(super) async fn accept(
             stream,
             _place: place,
             stats: stats.clone(),
+            silent_until: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
         };
         if admitted.send(connection).await.is_err() {
             return;
@@ -97,7 +105,22 @@ impl AsyncRead for Admitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if read.is_ready() {
+            self.silent_until = None;
+            return read;
+        }
+        match self
+            .silent_until
+            .as_mut()
+            .map(|sleep| sleep.as_mut().poll(cx))
+        {
+            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client sent nothing",
+            ))),
+            _ => Poll::Pending,
+        }
     }
 }
 

@@ -33,9 +33,20 @@ const TOKEN_TTL: Duration = Duration::from_secs(300);
 /// password in a loop costs etcd little, short enough that a password just set works soon.
 const REFUSED_TTL: Duration = Duration::from_secs(5);
 
-/// Tokens and verdicts kept at most; past it, expired ones are dropped, and if none has
-/// expired a login is refused rather than memory grown without bound.
-const MAX_ENTRIES: usize = 100_000;
+/// Verdicts kept at most; past it, expired ones are dropped (refusals first, acceptances being
+/// what outages are served from), and if none has expired the new verdict is not kept.
+const MAX_VERDICTS: usize = 100_000;
+
+/// Credentials checked with etcd at once, over all clients: wrong passwords in bulk must not
+/// swamp etcd (each costs it a bcrypt) or the host's own connection to it.
+const MAX_CHECKS_IN_FLIGHT: usize = 4;
+
+/// How long a login waits for its turn to be checked with etcd.
+const CHECK_QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long an earlier acceptance is taken again while etcd cannot answer, so that the logins
+/// waiting behind the one that asked do not each wait for etcd in turn.
+const OUTAGE_VERDICT_TTL: Duration = Duration::from_secs(5);
 
 /// The gRPC metadata key of etcd's token.
 const TOKEN_KEY: &str = "token";
@@ -57,7 +68,9 @@ pub(super) struct Auth {
     verdicts: Mutex<HashMap<CredentialKey, Remembered>>,
     /// One check in flight per credential.
     checks: Mutex<HashMap<CredentialKey, Arc<tokio::sync::Mutex<()>>>>,
-    tokens: Mutex<HashMap<String, Instant>>,
+    /// Checks in flight over all credentials.
+    checking: tokio::sync::Semaphore,
+    tokens: Mutex<Tokens>,
     stats: Arc<EtcdApiStats>,
 }
 
@@ -75,6 +88,7 @@ impl Auth {
             salt: rand::random(),
             verdicts: Mutex::default(),
             checks: Mutex::default(),
+            checking: tokio::sync::Semaphore::new(MAX_CHECKS_IN_FLIGHT),
             tokens: Mutex::default(),
             stats,
         }
@@ -93,7 +107,7 @@ impl Auth {
             self.stats.inc(Stat::LoginsRefused);
             return Err(status::auth_failed());
         }
-        self.issue_token()
+        Ok(self.tokens.lock().unwrap().issue(key, Instant::now()))
     }
 
     /// Whether the credential is valid: the remembered verdict, or etcd's, asked once for all
@@ -109,16 +123,26 @@ impl Auth {
             return Ok(valid);
         }
         let check = self.checks.lock().unwrap().entry(key).or_default().clone();
+        // Whoever leaves (answered, or its caller gone) takes the entry out: the map holds
+        // only credentials being checked.
+        let _leaving = CheckEntry {
+            checks: &self.checks,
+            key,
+        };
         let _turn = check.lock().await;
         // The caller ahead may have asked etcd meanwhile.
         if let Some(valid) = self.remembered(key, Instant::now()) {
             self.stats.inc(Stat::LoginsRemembered);
             return Ok(valid);
         }
+        let Ok(Ok(_permit)) = tokio::time::timeout(CHECK_QUEUE_WAIT, self.checking.acquire()).await
+        else {
+            return Err(Status::unavailable(
+                "regcache: too many logins are being checked with etcd; try again",
+            ));
+        };
         self.stats.inc(Stat::LoginsCheckedWithEtcd);
-        let verdict = self.ask_registry(key, user, password).await;
-        self.checks.lock().unwrap().remove(&key);
-        verdict
+        self.ask_registry(key, user, password).await
     }
 
     async fn ask_registry(
@@ -146,6 +170,7 @@ impl Auth {
                     .is_some_and(|r| r.valid);
                 if accepted_before {
                     tracing::debug!(error = %e, "etcd cannot check a credential; it was valid before");
+                    self.remember(key, true, OUTAGE_VERDICT_TTL);
                     Ok(true)
                 } else {
                     Err(status::registry(&e))
@@ -166,14 +191,14 @@ impl Auth {
     fn remember(&self, key: CredentialKey, valid: bool, ttl: Duration) {
         let now = Instant::now();
         let mut verdicts = self.verdicts.lock().unwrap();
-        if verdicts.len() >= MAX_ENTRIES {
+        if verdicts.len() >= MAX_VERDICTS {
             // Expired refusals go; expired acceptances are kept for outages while there is room.
             verdicts.retain(|_, r| r.until > now || r.valid);
-            if verdicts.len() >= MAX_ENTRIES {
+            if verdicts.len() >= MAX_VERDICTS {
                 verdicts.retain(|_, r| r.until > now);
             }
         }
-        if verdicts.len() < MAX_ENTRIES {
+        if verdicts.len() < MAX_VERDICTS {
             verdicts.insert(
                 key,
                 Remembered {
@@ -182,22 +207,6 @@ impl Auth {
                 },
             );
         }
-    }
-
-    fn issue_token(&self) -> Result<String, Status> {
-        let now = Instant::now();
-        let token = format!("regcache.{:032x}", rand::random::<u128>());
-        let mut tokens = self.tokens.lock().unwrap();
-        if tokens.len() >= MAX_ENTRIES {
-            tokens.retain(|_, expires| *expires > now);
-            if tokens.len() >= MAX_ENTRIES {
-                return Err(Status::resource_exhausted(
-                    "regcache: too many auth tokens in use; try again later",
-                ));
-            }
-        }
-        tokens.insert(token.clone(), now + TOKEN_TTL);
-        Ok(token)
     }
 
     /// Checks the token of a call, as etcd does on every call when its authentication is on.
@@ -209,18 +218,10 @@ impl Auth {
             return Err(status::user_empty());
         };
         let token = token.to_str().map_err(|_| status::invalid_token())?;
-        let now = Instant::now();
-        let mut tokens = self.tokens.lock().unwrap();
-        match tokens.get_mut(token) {
-            Some(expires) if *expires > now => {
-                *expires = now + TOKEN_TTL;
-                Ok(())
-            }
-            Some(_) => {
-                tokens.remove(token);
-                Err(status::invalid_token())
-            }
-            None => Err(status::invalid_token()),
+        if self.tokens.lock().unwrap().use_token(token, Instant::now()) {
+            Ok(())
+        } else {
+            Err(status::invalid_token())
         }
     }
 
@@ -232,6 +233,60 @@ impl Auth {
         hash.update(user.as_bytes());
         hash.update(password.as_bytes());
         hash.finalize().into()
+    }
+}
+
+/// Removes a credential's entry from the map of checks in flight when its caller leaves.
+struct CheckEntry<'a> {
+    checks: &'a Mutex<HashMap<CredentialKey, Arc<tokio::sync::Mutex<()>>>>,
+    key: CredentialKey,
+}
+
+impl Drop for CheckEntry<'_> {
+    fn drop(&mut self) {
+        self.checks.lock().unwrap().remove(&self.key);
+    }
+}
+
+/// The tokens issued: one per valid credential at a time, shared by its clients (etcd would
+/// issue one per login; any of them works the same), so the table is bounded by the
+/// credentials etcd accepts, not by how often clients log in.
+#[derive(Default)]
+struct Tokens {
+    by_token: HashMap<String, (CredentialKey, Instant)>,
+    by_credential: HashMap<CredentialKey, String>,
+}
+
+impl Tokens {
+    /// The credential's token, renewed, or a new one.
+    fn issue(&mut self, key: CredentialKey, now: Instant) -> String {
+        if let Some(token) = self.by_credential.get(&key).cloned()
+            && self.use_token(&token, now)
+        {
+            return token;
+        }
+        let token = format!("regcache.{:032x}", rand::random::<u128>());
+        if let Some(old) = self.by_credential.insert(key, token.clone()) {
+            self.by_token.remove(&old);
+        }
+        self.by_token.insert(token.clone(), (key, now + TOKEN_TTL));
+        token
+    }
+
+    /// Whether `token` is live; a use keeps it so for another [`TOKEN_TTL`].
+    fn use_token(&mut self, token: &str, now: Instant) -> bool {
+        match self.by_token.get_mut(token) {
+            Some((_, expires)) if *expires > now => {
+                *expires = now + TOKEN_TTL;
+                true
+            }
+            Some(&mut (key, _)) => {
+                self.by_token.remove(token);
+                self.by_credential.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 }
 

@@ -26,6 +26,9 @@ const DESCEND: i32 = 2;
 /// etcd's `RangeRequest.SortTarget.VALUE`.
 const SORT_BY_VALUE: i32 = 4;
 
+/// The key clientv3's health check reads.
+const HEALTH_KEY: &[u8] = b"health";
+
 /// What a key range covers.
 pub(super) enum Scope {
     /// One node's key.
@@ -203,6 +206,14 @@ impl PbKvService for Endpoint {
     ) -> Result<Response<PbRangeResponse>, Status> {
         let request = request.into_inner();
         self.check_revision(request.revision)?;
+        // `etcdctl endpoint health` reads this key and takes anything but etcd's own errors
+        // (or an answer) as unhealthy: it is answered, empty.
+        if request.key == HEALTH_KEY && request.range_end.is_empty() {
+            return Ok(Response::new(PbRangeResponse {
+                header: self.header(),
+                ..Default::default()
+            }));
+        }
         let scope = self.scope(&request.key, &request.range_end)?;
         let revision = self.revision();
         let nodes = self.read(&scope).await?;
@@ -212,19 +223,32 @@ impl PbKvService for Endpoint {
         let kvs = if request.count_only {
             Vec::new()
         } else {
-            let mut kvs: Vec<PbKeyValue> = nodes
-                .into_iter()
-                .map(|(key, service)| self.key_value_at(key, &service, revision))
-                .collect();
+            let limit = if limit > 0 { limit } else { usize::MAX };
             // Every key has the same revisions and version here: only the key and the value
-            // order them. Sorted by key already.
-            if request.sort_target == SORT_BY_VALUE {
+            // order them. Sorted by key already, so only a sort by value encodes what the
+            // limit then drops.
+            let mut kvs: Vec<PbKeyValue> = if request.sort_target == SORT_BY_VALUE {
+                let mut kvs: Vec<PbKeyValue> = nodes
+                    .into_iter()
+                    .map(|(key, service)| self.key_value_at(key, &service, revision))
+                    .collect();
                 kvs.sort_by(|a, b| a.value.cmp(&b.value));
-            }
-            if request.sort_order == DESCEND {
-                kvs.reverse();
-            }
-            kvs.truncate(if limit > 0 { limit } else { usize::MAX });
+                if request.sort_order == DESCEND {
+                    kvs.reverse();
+                }
+                kvs.truncate(limit);
+                kvs
+            } else {
+                let mut nodes: Vec<(String, Service)> = nodes.into_iter().collect();
+                if request.sort_order == DESCEND {
+                    nodes.reverse();
+                }
+                nodes.truncate(limit);
+                nodes
+                    .into_iter()
+                    .map(|(key, service)| self.key_value_at(key, &service, revision))
+                    .collect()
+            };
             if request.keys_only {
                 kvs.iter_mut().for_each(|kv| kv.value.clear());
             }
@@ -268,7 +292,7 @@ impl PbKvService for Endpoint {
             Err(lease_gone) => {
                 // It expired while the registration was written: take it back, as its expiry
                 // would have.
-                let _ = self.parts.registry.deregister(&service, &node).await;
+                let _ = self.parts.deregister(&service, &node).await;
                 return Err(lease_gone);
             }
         };

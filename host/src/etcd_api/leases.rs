@@ -22,6 +22,9 @@ pub(super) const MIN_TTL: i64 = 2;
 /// etcd's longest lease TTL.
 const MAX_TTL: i64 = 9_000_000_000;
 
+/// Client leases held at most, over all connections.
+const MAX_LEASES: usize = 100_000;
+
 /// How often expiries are looked for: a client's keys leave etcd within its TTL and this.
 pub(super) const EXPIRY_TICK: Duration = Duration::from_millis(250);
 
@@ -94,6 +97,13 @@ impl Leases {
         }
         let ttl = ttl.max(MIN_TTL);
         let mut table = self.table.lock().unwrap();
+        // Leases outlive their connection, so a client reconnecting escapes its connection's
+        // bound: the table has one of its own.
+        if table.leases.len() >= MAX_LEASES {
+            return Err(Status::resource_exhausted(format!(
+                "regcache: {MAX_LEASES} client leases are held, the most the host keeps"
+            )));
+        }
         if let Some(peer) = peer
             && table.per_peer.get(&peer).copied().unwrap_or(0) >= self.max_per_connection
         {
@@ -111,7 +121,12 @@ impl Leases {
                     break candidate;
                 }
             },
-            id if id < 0 || table.leases.contains_key(&id) => return Err(status::lease_exists()),
+            id if id < 0 => {
+                return Err(Status::invalid_argument(
+                    "regcache: a lease id is positive (0 lets the host choose one)",
+                ));
+            }
+            id if table.leases.contains_key(&id) => return Err(status::lease_exists()),
             id => id,
         };
         table.leases.insert(
@@ -132,17 +147,20 @@ impl Leases {
 
     /// etcd's keep-alive of one lease: its TTL, or `None` if it is gone (expired or revoked).
     pub(super) fn keep_alive(&self, id: i64) -> Option<i64> {
+        let now = Instant::now();
         let mut table = self.table.lock().unwrap();
-        let lease = table.leases.get_mut(&id)?;
-        lease.expires = Instant::now() + Duration::from_secs(lease.ttl as u64);
+        // One whose TTL ran out is dead, even before the expiry tick takes its keys.
+        let lease = table.leases.get_mut(&id).filter(|l| l.expires > now)?;
+        lease.expires = now + Duration::from_secs(lease.ttl as u64);
         Some(lease.ttl)
     }
 
     /// etcd's `LeaseTimeToLive`; `None` if the lease is gone.
     pub(super) fn time_to_live(&self, id: i64) -> Option<TimeToLive> {
+        let now = Instant::now();
         let table = self.table.lock().unwrap();
-        let lease = table.leases.get(&id)?;
-        let left = lease.expires.saturating_duration_since(Instant::now());
+        let lease = table.leases.get(&id).filter(|l| l.expires > now)?;
+        let left = lease.expires.saturating_duration_since(now);
         Some(TimeToLive {
             remaining: left.as_secs() as i64,
             granted: lease.ttl,
@@ -169,7 +187,9 @@ impl Leases {
 
     /// Whether `id` is a live lease.
     pub(super) fn exists(&self, id: i64) -> bool {
-        self.table.lock().unwrap().leases.contains_key(&id)
+        let now = Instant::now();
+        let table = self.table.lock().unwrap();
+        table.leases.get(&id).is_some_and(|l| l.expires > now)
     }
 
     /// Records `key` as written with `service` on `lease` (0: none), moving it off the lease
@@ -328,6 +348,12 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert!(leases.take_expired(Instant::now()).is_empty(), "kept alive");
         tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            leases.keep_alive(short),
+            None,
+            "dead before the tick takes its keys"
+        );
+        assert!(!leases.exists(short));
         let departed = leases.take_expired(Instant::now());
         assert_eq!(nodes(departed.clone()), ["a"]);
         assert_eq!(leases.keep_alive(short), None);

@@ -142,6 +142,17 @@ impl Shared {
     }
 }
 
+/// The URL clients reach the endpoint at: a wildcard listen address is reached on loopback
+/// (the endpoint serves the node's own processes).
+fn client_url(address: SocketAddr) -> String {
+    let reachable = if address.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), address.port())
+    } else {
+        address
+    };
+    format!("http://{reachable}")
+}
+
 /// The endpoint, bound and ready to serve.
 pub(crate) struct Front {
     listener: tokio::net::TcpListener,
@@ -194,7 +205,7 @@ impl Front {
             stats,
             changes,
             layout,
-            client_url: format!("http://{address}"),
+            client_url: client_url(address),
             member_id,
             cluster_id: member_id.rotate_left(32),
             stopping,
@@ -226,10 +237,18 @@ impl Front {
             let endpoint = endpoint.clone();
             async move {
                 let mut tick = tokio::time::interval(leases::EXPIRY_TICK);
+                // Deregistrations run beside the ticks: one etcd cannot answer must not hold
+                // the next expiries back. Owned here, so they end with this task.
+                let mut deregistrations = tokio::task::JoinSet::new();
                 loop {
                     tick.tick().await;
+                    while deregistrations.try_join_next().is_some() {}
                     let departed = endpoint.leases.take_expired(tokio::time::Instant::now());
-                    endpoint.deregister_departed(departed).await;
+                    if !departed.is_empty() {
+                        let endpoint = endpoint.clone();
+                        deregistrations
+                            .spawn(async move { endpoint.deregister_departed(departed).await });
+                    }
                 }
             }
         });

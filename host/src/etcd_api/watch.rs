@@ -99,6 +99,8 @@ impl Drop for Slot {
 /// One watch's options.
 struct Watch {
     id: i64,
+    /// Changes before this revision are not the watch's (0: it watches from now).
+    start: i64,
     scope: Scope,
     prev_kv: bool,
     no_put: bool,
@@ -153,10 +155,13 @@ impl Endpoint {
                     let id = if create.watch_id > 0 {
                         create.watch_id
                     } else {
+                        // Ids only grow, as etcd's: a late answer of an ended watch never
+                        // reads as a new one's.
                         while watches.contains_key(&next_id) {
                             next_id += 1;
                         }
-                        next_id
+                        next_id += 1;
+                        next_id - 1
                     };
                     let requested = Requested {
                         id,
@@ -171,6 +176,17 @@ impl Endpoint {
                         Entry::Occupied(_) => self.cancelled(id, DUPLICATE_ID),
                         Entry::Vacant(vacant) => match self.start_watch(requested, peer) {
                             Ok((watch, subscription, slot)) => {
+                                // Sent here, not by the watch's task: answers to creates come
+                                // in the order of the creates, as etcd's do.
+                                let created = PbWatchResponse {
+                                    header: self.header(),
+                                    watch_id: id,
+                                    created: true,
+                                    ..Default::default()
+                                };
+                                if tx.send(Ok(created)).await.is_err() {
+                                    return;
+                                }
                                 vacant.insert(tasks.spawn(self.clone().forward(
                                     watch,
                                     subscription,
@@ -184,9 +200,11 @@ impl Endpoint {
                     }
                 }
                 Some(PbWatchRequestUnion::CancelRequest(cancel)) => {
-                    if let Some(task) = watches.remove(&cancel.watch_id) {
-                        task.abort();
-                    }
+                    // etcd answers the cancel of a watch it does not have with nothing.
+                    let Some(task) = watches.remove(&cancel.watch_id) else {
+                        continue;
+                    };
+                    task.abort();
                     PbWatchResponse {
                         header: self.header(),
                         watch_id: cancel.watch_id,
@@ -231,6 +249,7 @@ impl Endpoint {
         )?;
         let watch = Watch {
             id,
+            start: request.start_revision.max(0),
             scope,
             prev_kv: request.prev_kv,
             no_put: request.filters.contains(&NO_PUT),
@@ -252,28 +271,17 @@ impl Endpoint {
         }
     }
 
-    /// Runs one watch: `created`, then the changes in its range, until it is cancelled, its
-    /// stream ends, or the feed can no longer tell it everything (then it is cancelled as
-    /// compacted: the client lists again).
+    /// Runs one watch (answered `created` already): the changes in its range from its start,
+    /// until it is cancelled, its stream ends, or the feed can no longer tell it everything (it
+    /// fell behind, or the registry resynced): then it is cancelled as compacted, and the
+    /// client lists again.
     async fn forward(self, watch: Watch, subscription: Subscription, tx: Responses, slot: Slot) {
         let _slot = slot;
-        let created = PbWatchResponse {
-            header: self.header(),
-            watch_id: watch.id,
-            created: true,
-            ..Default::default()
-        };
-        if tx.send(Ok(created)).await.is_err() {
+        let Subscription { backlog, mut live } = subscription;
+        if !self.send_events(&watch, &backlog, &tx).await {
             return;
         }
-        let Subscription {
-            after: mut last,
-            backlog,
-            mut live,
-        } = subscription;
-        if !self.send_events(&watch, &backlog, &mut last, &tx).await {
-            return;
-        }
+        drop(backlog);
         let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
         progress.tick().await;
         loop {
@@ -291,71 +299,57 @@ impl Endpoint {
                     continue;
                 }
             };
-            let outcome = match item {
+            let complete_from = match item {
                 Ok(FeedItem::Change(change)) => {
                     let mut changes = vec![change];
                     while changes.len() < BATCH {
                         match live.try_recv() {
                             Ok(FeedItem::Change(change)) => changes.push(change),
-                            // Sent with the next receive.
+                            // Taken by the next receive.
                             _ => break,
                         }
                     }
-                    Ok(changes)
-                }
-                Ok(FeedItem::Reset { revision }) => Err(revision),
-                // Fell behind the broadcast: resume from the history, if it still has what
-                // this watch has not sent.
-                Err(RecvError::Lagged(_)) => match self.changes.subscribe(last + 1) {
-                    Ok(resumed) => {
-                        live = resumed.live;
-                        Ok(resumed.backlog)
-                    }
-                    Err(Compacted { complete_from }) => Err(complete_from),
-                },
-                Err(RecvError::Closed) => return,
-            };
-            match outcome {
-                Ok(changes) => {
-                    if !self.send_events(&watch, &changes, &mut last, &tx).await {
+                    if !self.send_events(&watch, &changes, &tx).await {
                         return;
                     }
+                    continue;
                 }
-                Err(complete_from) => {
-                    let cancelled = PbWatchResponse {
-                        compact_revision: complete_from,
-                        created: false,
-                        ..self.cancelled(watch.id, status::COMPACTED)
-                    };
-                    let _ = tx.send(Ok(cancelled)).await;
-                    return;
-                }
-            }
+                Ok(FeedItem::Reset { revision }) => revision,
+                Err(RecvError::Lagged(_)) => self.revision() + 1,
+                Err(RecvError::Closed) => return,
+            };
+            let cancelled = PbWatchResponse {
+                compact_revision: complete_from,
+                created: false,
+                ..self.cancelled(watch.id, status::COMPACTED)
+            };
+            let _ = tx.send(Ok(cancelled)).await;
+            return;
         }
     }
 
-    /// Sends the changes in the watch's range not sent yet, in responses of at most [`BATCH`]
-    /// events; false once the client is gone.
-    async fn send_events(
-        &self,
-        watch: &Watch,
-        changes: &[Arc<Change>],
-        last: &mut i64,
-        tx: &Responses,
-    ) -> bool {
-        let events: Vec<PbEvent> = changes
-            .iter()
-            .filter(|c| c.revision > *last)
-            .filter_map(|c| self.event(watch, c))
-            .collect();
-        if let Some(change) = changes.last() {
-            *last = (*last).max(change.revision);
-        }
-        for chunk in events.chunks(BATCH) {
+    /// Sends the changes in the watch's range and from its start, in responses of at most
+    /// [`BATCH`] events, each built when its turn comes; false once the client is gone.
+    async fn send_events(&self, watch: &Watch, changes: &[Arc<Change>], tx: &Responses) -> bool {
+        let mut next = 0;
+        while next < changes.len() {
+            let mut events = Vec::new();
+            while next < changes.len() && events.len() < BATCH {
+                let change = &changes[next];
+                next += 1;
+                if change.revision >= watch.start
+                    && let Some(event) = self.event(watch, change)
+                {
+                    events.push(event);
+                }
+            }
+            if events.is_empty() {
+                continue;
+            }
             let response = PbWatchResponse {
                 header: self.header(),
                 watch_id: watch.id,
-                events: chunk.to_vec(),
+                events,
                 ..Default::default()
             };
             if tx.send(Ok(response)).await.is_err() {
