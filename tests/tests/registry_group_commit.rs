@@ -1,7 +1,8 @@
 //! Registrations made at once share etcd writes (group commit) against a real etcd: a fleet
 //! registering together costs a few transactions rather than one each, and every registration
 //! still gets its own answer: a node someone else holds refuses only the registration that
-//! asked for it, and an outage answers each `Later` within its own request timeout.
+//! asked for it, and an outage answers each `Later` within its own request timeout. A fleet
+//! deregistering together shares its deletes the same way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +90,50 @@ async fn a_fleet_registering_at_once_shares_a_few_transactions() {
     let mut raw = raw_client(&etcd, None).await;
     assert_eq!(registry.registrations().len(), fleet as usize + 1);
     assert!(all_registered(&mut raw, &registry).await);
+
+    // And all leaving at once, one of them twice: deleted together, each answered.
+    let before = txns(&etcd);
+    let start = Instant::now();
+    let leaving: Vec<_> = (0..=fleet)
+        .map(|i| {
+            let registry = registry.clone();
+            let i = i.min(fleet - 1);
+            let name = format!("svc-{}", i % 7);
+            tokio::spawn(async move { registry.deregister(&name, &format!("n{i}")).await })
+        })
+        .collect();
+    let mut not_found = 0;
+    for task in leaving {
+        match task.await.unwrap() {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::NotFound => not_found += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let used = txns(&etcd) - before;
+    eprintln!(
+        "{fleet} deregistrations at once: {used} transactions, {:?}",
+        start.elapsed()
+    );
+    assert_eq!(not_found, 1, "the second deregistration of one node");
+    assert!(
+        used <= fleet / 10,
+        "{used} transactions for {fleet} deregistrations at once"
+    );
+    let services: Vec<String> = registry
+        .registrations()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(services, ["first"]);
+    let left = raw
+        .get(
+            "/micro/registry/svc-",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0);
     registry.shutdown().await;
 }
 

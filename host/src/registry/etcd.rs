@@ -84,7 +84,7 @@ use super::{
 };
 use crate::model::{Service, key_segment};
 use error::Deadline;
-use lease::Lease;
+use lease::{Deregistration, Lease};
 use owned::Owned;
 use ownership::HostLeases;
 use stats::Stats;
@@ -350,19 +350,15 @@ impl Registry for EtcdRegistry {
         // an error and can retry, and the lease keeps the key alive meanwhile rather than
         // orphaning it under a lease nobody will ever delete it from. The lease lock keeps a
         // re-put (lease task, repair) from writing the key back between the delete and the
-        // removal from `owned`. One bound for the wait on the lock and the delete. A key
-        // another host's lease took over is that host's now: it is left alone.
+        // removal from `owned`; deregistrations arriving together are deleted together. One
+        // bound for the wait for its turn and the delete. A key another host's lease took over
+        // is that host's now: it is left alone.
         let deadline = Deadline::after(shared.config.request_timeout);
-        let attempt = async {
-            let lease = shared.lease.lock().await;
-            let Some(owned) = shared.owned.lock().unwrap().get(&key).cloned() else {
-                return Err(not_registered()); // a concurrent deregister won
-            };
-            let keys = [(key.clone(), owned)];
-            ownership::delete_own(shared, "deregister", &keys, lease.id()).await?;
-            shared.owned.lock().unwrap().remove(&key);
-            Ok(())
+        let deregistration = Deregistration {
+            key,
+            not_registered: not_registered(),
         };
+        let attempt = shared.delete_registration(deregistration);
         shared.within("deregister", deadline, attempt).await
     }
 

@@ -24,13 +24,14 @@
 //! write of owned keys goes through [`Shared::put_owned`] here (grant a lease if there is none,
 //! put the keys on it, grant again if etcd says it is gone), as does the release at shutdown.
 //!
-//! Registrations are written together ([`Shared::put_registration`], a group commit): one writer
-//! at a time holds the lease, and those that arrive meanwhile queue; the next to hold it writes
-//! every queued registration's keys in as few transactions as they fit in and answers each with
-//! its own outcome. A fleet restarting at once then costs a few transactions instead of one
-//! round trip per registration, each waiting for the one before.
+//! Registrations are written together ([`Shared::put_registration`], a group commit), and so are
+//! deregistrations ([`Shared::delete_registration`]): one writer at a time holds the lease, and
+//! those that arrive meanwhile queue; the next to hold it writes every queued request of its
+//! kind in as few transactions as they fit in and answers each with its own outcome. A fleet
+//! starting or stopping at once then costs a few transactions instead of one round trip per
+//! process, each waiting for the one before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -63,13 +64,64 @@ pub(crate) struct Lease {
     repairs: Mutex<Vec<String>>,
     repair_wake: Notify,
     /// Registrations waiting to be written by the next holder of `writer`.
-    queued: Mutex<Vec<Queued>>,
+    registrations: Queue<Asked>,
+    /// Deregistrations waiting, likewise.
+    deregistrations: Queue<Deregistration>,
 }
 
-/// A registration waiting to be written, and where its outcome goes.
-struct Queued {
-    asked: Asked,
+/// Requests of one kind waiting for the lease lock: its next holder takes them all.
+struct Queue<T>(Mutex<Vec<Waiting<T>>>);
+
+impl<T> Queue<T> {
+    fn push(&self, waiting: Waiting<T>) {
+        self.0.lock().unwrap().push(waiting);
+    }
+
+    fn take(&self) -> Vec<Waiting<T>> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// A request waiting to be written, and where its outcome goes.
+struct Waiting<T> {
+    request: T,
     answer: oneshot::Sender<Result<(), RegistryError>>,
+}
+
+/// Requests of a kind that the holder of the lease lock serves together ([`Shared::in_turn`]).
+trait Together: Clone + Sized {
+    /// Where requests of this kind wait.
+    fn queue(lease: &Lease) -> &Queue<Self>;
+
+    /// Writes `queued` together and answers each.
+    async fn serve(shared: &Shared, lease: &mut LeaseGuard<'_>, queued: Vec<Waiting<Self>>);
+}
+
+impl Together for Asked {
+    fn queue(lease: &Lease) -> &Queue<Self> {
+        &lease.registrations
+    }
+
+    async fn serve(shared: &Shared, lease: &mut LeaseGuard<'_>, queued: Vec<Waiting<Self>>) {
+        shared.put_queued(lease, queued).await
+    }
+}
+
+impl Together for Deregistration {
+    fn queue(lease: &Lease) -> &Queue<Self> {
+        &lease.deregistrations
+    }
+
+    async fn serve(shared: &Shared, lease: &mut LeaseGuard<'_>, queued: Vec<Waiting<Self>>) {
+        shared.delete_queued(lease, queued).await
+    }
+}
+
+/// A node to deregister: its key, and its answer if this host no longer holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Deregistration {
+    pub(crate) key: String,
+    pub(crate) not_registered: RegistryError,
 }
 
 /// The right to change the current lease and write owned keys on it.
@@ -100,7 +152,8 @@ impl Lease {
             mine,
             repairs: Mutex::new(Vec::new()),
             repair_wake: Notify::new(),
-            queued: Mutex::new(Vec::new()),
+            registrations: Queue(Mutex::default()),
+            deregistrations: Queue(Mutex::default()),
         }
     }
 
@@ -353,34 +406,49 @@ impl Shared {
     /// Writes a registration's `keys` (each with the serial of the entry it put in `owned`):
     /// [`Shared::put_owned`] for it, together with every registration queued meanwhile (see
     /// the module doc). Answers its own outcome: `Ok`, its conflict, or the error of the write
-    /// (which then failed every registration written with it).
-    ///
-    /// Cancel-safe: a caller that stops waiting (its deadline) leaves its keys queued, to be
-    /// written as those of a registration answered before its write; a holder that stops
-    /// writing leaves the registrations it took unanswered, and they queue again.
+    /// (which then failed every registration written with it). A caller that stops waiting
+    /// (its deadline) leaves its keys queued, to be written as those of a registration
+    /// answered before its write.
     pub(crate) async fn put_registration(
         &self,
         keys: Vec<(String, u64)>,
         takeover: Takeover,
     ) -> Result<(), RegistryError> {
+        let asked = Asked {
+            keys,
+            takeover: Some(takeover),
+        };
+        self.in_turn(asked).await
+    }
+
+    /// Deletes a node this host registered, with every deregistration queued meanwhile, and
+    /// removes it from `owned` once etcd confirmed (see `EtcdRegistry::deregister`). A caller
+    /// that stops waiting (its deadline) is answered with its timeout: its key stays.
+    pub(crate) async fn delete_registration(
+        &self,
+        deregistration: Deregistration,
+    ) -> Result<(), RegistryError> {
+        self.in_turn(deregistration).await
+    }
+
+    /// Queues `request` and waits for its outcome: whoever holds the lease lock next takes
+    /// every request of its queue and serves them together, answering each; this caller, when
+    /// it is that holder. Cancel-safe: a holder that stops serving (its own deadline) leaves
+    /// the requests it took unanswered, and they queue again.
+    async fn in_turn<T: Together>(&self, request: T) -> Result<(), RegistryError> {
+        let queue = T::queue(&self.lease);
         loop {
             let (answer, mut answered) = oneshot::channel();
-            let asked = Asked {
-                keys: keys.clone(),
-                takeover: Some(takeover),
-            };
-            self.lease
-                .queued
-                .lock()
-                .unwrap()
-                .push(Queued { asked, answer });
+            queue.push(Waiting {
+                request: request.clone(),
+                answer,
+            });
             let outcome = tokio::select! {
-                // An earlier holder may have written it while this one waited for the lock.
+                // An earlier holder may have served it while this one waited for the lock.
                 biased;
                 outcome = &mut answered => outcome,
                 mut lease = self.lease.lock() => {
-                    let queued = std::mem::take(&mut *self.lease.queued.lock().unwrap());
-                    self.put_queued(&mut lease, queued).await;
+                    T::serve(self, &mut lease, queue.take()).await;
                     drop(lease);
                     // Answered now: by this holder, or by an earlier one before it let go.
                     answered.await
@@ -388,7 +456,7 @@ impl Shared {
             };
             match outcome {
                 Ok(outcome) => return outcome,
-                // The holder that took it stopped before answering (its own deadline passed).
+                // The holder that took it stopped before answering.
                 Err(_) => continue,
             }
         }
@@ -398,15 +466,15 @@ impl Shared {
     /// conflict (a transaction too large, a permission denied) may be one registration's doing
     /// and would be forever: then each is written alone, so that only its own is refused. An
     /// outage fails each (their callers keep them, to be written later).
-    async fn put_queued(&self, lease: &mut LeaseGuard<'_>, queued: Vec<Queued>) {
+    async fn put_queued(&self, lease: &mut LeaseGuard<'_>, queued: Vec<Waiting<Asked>>) {
         if queued.is_empty() {
             return;
         }
         let asked: Vec<Asked> = queued
             .iter()
             .map(|q| Asked {
-                keys: q.asked.keys.clone(),
-                takeover: q.asked.takeover.filter(|_| !q.answer.is_closed()),
+                keys: q.request.keys.clone(),
+                takeover: q.request.takeover.filter(|_| !q.answer.is_closed()),
             })
             .collect();
         let together = self
@@ -440,6 +508,53 @@ impl Shared {
                     .request_repair(asked.keys.into_iter().map(|(k, _)| k));
             }
             let _ = queued.answer.send(outcome);
+        }
+    }
+
+    /// Deletes the `queued` deregistrations' keys together ([`ownership::delete_own`]) and
+    /// answers each. A key no longer owned (a concurrent deregistration won) is not registered;
+    /// one whose caller stopped waiting is left, owned, as if the delete had not been reached.
+    /// The keys stay owned until etcd confirms: an error answers each, and they stay registered
+    /// (one an earlier transaction of the batch deleted is put back, as any owned key the watch
+    /// sees deleted is, until its caller tries again).
+    async fn delete_queued(
+        &self,
+        lease: &mut LeaseGuard<'_>,
+        queued: Vec<Waiting<Deregistration>>,
+    ) {
+        let mut keys: Vec<(String, Owned)> = Vec::new();
+        let mut deleting = Vec::new();
+        {
+            let owned = self.owned.lock().unwrap();
+            let mut taken = BTreeSet::new();
+            for waiting in queued {
+                if waiting.answer.is_closed() {
+                    continue;
+                }
+                let key = waiting.request.key;
+                match owned.get(&key) {
+                    Some(entry) if taken.insert(key.clone()) => {
+                        keys.push((key, entry.clone()));
+                        deleting.push(waiting.answer);
+                    }
+                    _ => {
+                        let _ = waiting.answer.send(Err(waiting.request.not_registered));
+                    }
+                }
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let deleted = ownership::delete_own(self, "deregister", &keys, lease.id()).await;
+        if deleted.is_ok() {
+            let mut owned = self.owned.lock().unwrap();
+            for (key, _) in &keys {
+                owned.remove(key);
+            }
+        }
+        for answer in deleting {
+            let _ = answer.send(deleted.clone());
         }
     }
 
