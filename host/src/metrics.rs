@@ -233,7 +233,8 @@ impl Collector for Sources {
         });
         let mut family = e.encode_descriptor(
             "regcache_registry_requests",
-            "Requests to the registry by operation and result.",
+            "Requests to the registry by operation and result; registrations and \
+             deregistrations written together count once per etcd transaction.",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
