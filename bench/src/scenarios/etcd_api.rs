@@ -390,9 +390,9 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
             clients[a] = Some(connect(endpoint, &credentials[0]).await?);
         }
         progress("ranges");
-        rows.extend(range_part(&clients, effort).await?);
+        rows.extend(range_part(&etcd, &middles, &clients, effort).await?);
         progress("burst");
-        let burst = burst_part(&etcd, &mut root, &middles, &clients, &credentials, effort).await?;
+        let burst = burst_part(&mut root, &middles, &clients, &credentials, effort).await?;
         rows.extend(burst);
         progress("freeze");
         rows.extend(freeze_part(&etcd, &clients, effort).await?);
@@ -666,7 +666,48 @@ async fn fleet_part(
     Ok(Part { rows, notes })
 }
 
-async fn range_part(clients: &[Option<Client>; ARMS], effort: Effort) -> anyhow::Result<Vec<Row>> {
+/// CPU seconds used so far by etcd, by the process in between and by this benchmark (the
+/// client).
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    etcd: f64,
+    middle: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn read(etcd: &EtcdCluster, middle: Option<&Middle>) -> anyhow::Result<Cpu> {
+        let pid = etcd
+            .pid(0)
+            .ok_or_else(|| anyhow::anyhow!("etcd is not running"))?;
+        Ok(Cpu {
+            etcd: cpu_seconds(pid)?,
+            middle: middle.map_or(Ok(0.0), Middle::cpu_seconds)?,
+            client: cpu_seconds(std::process::id())?,
+        })
+    }
+
+    fn since(&self, earlier: &Cpu) -> Cpu {
+        Cpu {
+            etcd: self.etcd - earlier.etcd,
+            middle: self.middle - earlier.middle,
+            client: self.client - earlier.client,
+        }
+    }
+}
+
+/// One arm's Ranges in one round, and the CPU they cost.
+struct RangeRun {
+    outcome: Outcome,
+    cpu: Cpu,
+}
+
+async fn range_part(
+    etcd: &EtcdCluster,
+    middles: &[Option<Middle>; ARMS],
+    clients: &[Option<Client>; ARMS],
+    effort: Effort,
+) -> anyhow::Result<Vec<Row>> {
     let prefix = format!("{PREFIX}{CALLED}/");
     // Until each arm answers with every node: the host fills its cache on the first lookup.
     for (a, client) in clients.iter().enumerate() {
@@ -683,22 +724,50 @@ async fn range_part(clients: &[Option<Client>; ARMS], effort: Effort) -> anyhow:
         .await;
         anyhow::ensure!(ready, "{} did not list {CALLED}'s {NODES} nodes", LABELS[a]);
     }
-    let outcomes: Rounds<Option<Outcome>, ARMS> =
-        rounds(effort.range_rounds, async |a| match &clients[a] {
-            Some(client) => {
-                Some(ranges(client, &prefix, RANGE_CALLERS, effort.range_window, None).await)
-            }
-            None => None,
-        })
-        .await;
+    let outcomes: Rounds<Option<RangeRun>, ARMS> = rounds(effort.range_rounds, async |a| {
+        let Some(client) = &clients[a] else {
+            return Ok(None);
+        };
+        let before = Cpu::read(etcd, middles[a].as_ref())?;
+        let outcome = ranges(client, &prefix, RANGE_CALLERS, effort.range_window, None).await;
+        let cpu = Cpu::read(etcd, middles[a].as_ref())?.since(&before);
+        anyhow::Ok(Some(RangeRun { outcome, cpu }))
+    })
+    .await
+    .transpose()?;
     let mut rows = Vec::new();
-    let ms = |a: usize, q: f64| outcomes.per_round(|r| arm(r, a).p(q).as_secs_f64() * 1e3);
+    let ms = |a: usize, q: f64| outcomes.per_round(|r| arm(r, a).outcome.p(q).as_secs_f64() * 1e3);
     for a in (0..ARMS).filter(|&a| clients[a].is_some()) {
         let label = LABELS[a];
         rows.push(Row::rounds(
             format!("ranges, {label}: Ranges/s"),
-            outcomes.per_round(|r| arm(r, a).rate()),
+            outcomes.per_round(|r| arm(r, a).outcome.rate()),
             "/s",
+        ));
+        // Where the two cores went: client and servers share them, so a server that costs
+        // little leaves the client as the bound.
+        let per_range = |cpu: fn(&Cpu) -> f64| {
+            outcomes.per_round(move |r| {
+                let run = arm(r, a);
+                cpu(&run.cpu) * 1e6 / (run.outcome.ok + run.outcome.failed).max(1) as f64
+            })
+        };
+        rows.push(Row::rounds(
+            format!("ranges, {label}: etcd CPU per Range"),
+            per_range(|c| c.etcd),
+            "µs",
+        ));
+        if a != DIRECT {
+            rows.push(Row::rounds(
+                format!("ranges, {label}: {label} CPU per Range"),
+                per_range(|c| c.middle),
+                "µs",
+            ));
+        }
+        rows.push(Row::rounds(
+            format!("ranges, {label}: client (this benchmark) CPU per Range"),
+            per_range(|c| c.client),
+            "µs",
         ));
         rows.push(Row::rounds(
             format!("ranges, {label}: p50"),
@@ -712,12 +781,13 @@ async fn range_part(clients: &[Option<Client>; ARMS], effort: Effort) -> anyhow:
         ));
         rows.push(Row::new(
             format!("ranges, {label}: failed, worst round"),
-            outcomes.per_round(|r| arm(r, a).failed as f64).max,
+            outcomes.per_round(|r| arm(r, a).outcome.failed as f64).max,
             "",
         ));
     }
-    let ratio =
-        |a: usize, b: usize| outcomes.per_round(|r| arm(r, a).rate() / arm(r, b).rate().max(1e-9));
+    let ratio = |a: usize, b: usize| {
+        outcomes.per_round(|r| arm(r, a).outcome.rate() / arm(r, b).outcome.rate().max(1e-9))
+    };
     rows.push(Row::rounds(
         "ranges: grpc-proxy / etcd direct",
         ratio(PROXY, DIRECT),
@@ -808,7 +878,6 @@ async fn listed(clients: &[Option<Client>; ARMS]) -> [f64; ARMS] {
 }
 
 async fn burst_part(
-    etcd: &EtcdCluster,
     root: &mut Client,
     middles: &[Option<Middle>; ARMS],
     clients: &[Option<Client>; ARMS],
@@ -823,14 +892,13 @@ async fn burst_part(
     // guards the nodes of a service it has cached.
     listed(clients).await;
     let prefix = format!("{PREFIX}{BURST}/");
+    // The Watch streams each arm opens at etcd are counted by the fleet, where one arm runs
+    // at a time: here the proxy keeps opening watches at etcd while the others' are created.
     let mut watchers: [Option<Watchers>; ARMS] = [None, None, None];
-    let mut watch_streams = [f64::NAN; ARMS];
     for (a, middle) in middles.iter().enumerate() {
         let Some(middle) = middle else { continue };
-        let before = EtcdLoad::read(etcd)?;
         watchers[a] =
             Some(Watchers::start(middle.endpoint(), credentials, effort.watchers, &prefix).await?);
-        watch_streams[a] = EtcdLoad::read(etcd)?.since(&before).watch_streams;
     }
     // The control: one deregistration, which every arm should deliver, and its return.
     let last = NODES - 1;
@@ -877,14 +945,6 @@ async fn burst_part(
     let mut rows = Vec::new();
     for a in (0..ARMS).filter(|&a| middles[a].is_some()) {
         let label = LABELS[a];
-        rows.push(Row::new(
-            format!(
-                "burst, {label}: Watch streams reaching etcd for {} watchers",
-                effort.watchers
-            ),
-            watch_streams[a],
-            "",
-        ));
         rows.push(Row::new(
             format!("burst, {label}: deletes per watcher after one deregistration (control)"),
             control[a],
@@ -970,6 +1030,11 @@ async fn freeze_part(
             "",
         ));
         rows.push(answered);
+        rows.push(Row::new(
+            format!("freeze, {label}: p50, etcd frozen"),
+            ms(frozen, 0.5),
+            "ms",
+        ));
         rows.push(p99);
         rows.push(Row::new(
             format!("freeze, {label}: max, etcd frozen"),
