@@ -331,27 +331,42 @@ async fn drain(mut stream: WatchStream) {
     while let Ok(Some(_)) = stream.message().await {}
 }
 
+/// One Range per caller every `every`, the callers' sends spread evenly over the period and
+/// shifted by `phase` (0 to 1) of one caller's share of it, so that several sets of callers can
+/// be spread among each other too.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub every: Duration,
+    pub phase: f64,
+}
+
 /// Sends go-micro's `GetService` of `prefix` (a serializable prefix Range) from `callers`
 /// callers sharing `client` (HTTP/2 multiplexes them, as the goroutines of one process) for
 /// `window`, each call bounded by go-micro's timeout. Closed-loop (each caller sends its next
-/// Range when the previous answer arrives) without `pace`, else one Range per caller every
-/// `pace`. An answer counts as ok when it lists at least one key.
+/// Range when the previous answer arrives) without `pace`, else paced. An answer counts as ok
+/// when it lists at least one key.
 pub async fn ranges(
     client: &Client,
     prefix: &str,
     callers: usize,
     window: Duration,
-    pace: Option<Duration>,
+    pace: Option<Pace>,
 ) -> Outcome {
     let started = Instant::now();
     let deadline = started + window;
+    let count = callers;
     let callers: Vec<_> = (0..callers)
-        .map(|_| {
+        .map(|caller| {
             let (mut kv, prefix) = (client.kv_client(), prefix.to_string());
             tokio::spawn(async move {
                 let mut outcome = Outcome::default();
                 let mut tick = pace.map(|pace| {
-                    let mut tick = tokio::time::interval(pace);
+                    // Callers spread over the period: started together, they would send
+                    // together, and the latency measured would be their queue's.
+                    let offset = pace
+                        .every
+                        .mul_f64((caller as f64 + pace.phase) / count as f64);
+                    let mut tick = tokio::time::interval_at((started + offset).into(), pace.every);
                     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
                     tick
                 });

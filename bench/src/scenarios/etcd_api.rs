@@ -24,7 +24,8 @@ use regcache_tests::wait::eventually;
 use crate::compare::{Rounds, rounds, rounds_now};
 use crate::etcd_arms::{EndpointHost, GrpcProxy, cpu_seconds};
 use crate::gomicro_clients::{
-    Credential, Fleet, FleetOutcome, SETUP_CONCURRENCY, Watchers, connect, connect_many, ranges,
+    Credential, Fleet, FleetOutcome, Pace, SETUP_CONCURRENCY, Watchers, connect, connect_many,
+    ranges,
 };
 use crate::load::Outcome;
 use crate::report::{Row, Section};
@@ -361,8 +362,8 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
              watching the same burst at once; {BURST_LOST} of the {NODES} leases of `{BURST}` \
              revoked at once, deletes counted until the direct watchers had all of them and \
              {:.0} s more; {} round(s), the nodes put back between rounds. *Freeze*: \
-             {FREEZE_CALLERS} callers per arm each sending a Range every {} ms, all arms at \
-             once, {:.0} s with etcd running, then {:.0} s with it SIGSTOPped (kept frozen \
+             {FREEZE_CALLERS} callers per arm each sending a Range every {} ms (the sends of all \
+             callers of all arms spread evenly over the period), all arms at once, {:.0} s with etcd running, then {:.0} s with it SIGSTOPped (kept frozen \
              until the Ranges in flight are answered or time out).",
             effort.range_rounds,
             effort.range_window.as_secs_f64(),
@@ -975,15 +976,19 @@ async fn burst_part(
     Ok(rows)
 }
 
-/// The paced Range load on every arm at once.
+/// The paced Range load on every arm at once, the arms' sends interleaved in time.
 async fn paced(clients: &[Option<Client>; ARMS], window: Duration) -> [Option<Outcome>; ARMS] {
     let prefix = format!("{PREFIX}{CALLED}/");
     let load = |a: usize| {
         let prefix = prefix.clone();
+        let pace = Pace {
+            every: FREEZE_PACE,
+            phase: a as f64 / ARMS as f64,
+        };
         async move {
             match &clients[a] {
                 Some(client) => {
-                    Some(ranges(client, &prefix, FREEZE_CALLERS, window, Some(FREEZE_PACE)).await)
+                    Some(ranges(client, &prefix, FREEZE_CALLERS, window, Some(pace)).await)
                 }
                 None => None,
             }
