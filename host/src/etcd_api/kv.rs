@@ -19,7 +19,7 @@ use super::{Endpoint, status};
 use crate::cache::LookupError;
 use crate::model::Service;
 use crate::registry::ErrorKind;
-use crate::registry::layout::{KeyPlace, Layout};
+use crate::registry::layout::{KeyPlace, Layout, prefix_end};
 
 /// etcd's `RangeRequest.SortOrder.DESCEND`.
 const DESCEND: i32 = 2;
@@ -37,19 +37,6 @@ pub(super) enum Scope {
     Service(String),
     /// Keys in `[start, end)` under the prefix (`end` empty: `start` alone).
     Keys { start: Vec<u8>, end: Vec<u8> },
-}
-
-/// etcd's end of a prefix range: the prefix with its last byte below 0xff incremented.
-pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // All 0xff: etcd's "every key from here".
-    vec![0]
 }
 
 impl Endpoint {

@@ -82,7 +82,8 @@ use super::{
     Conflict, ErrorKind, Health, Registered, Registry, RegistryError, Takeover, Verdict,
     WatchEvent, check_registration, versions_found,
 };
-use crate::model::{Service, key_segment};
+use crate::model::Service;
+use crate::registry::layout::{GoMicro, Layout};
 use error::Deadline;
 use lease::{Deregistration, Lease};
 use owned::Owned;
@@ -100,6 +101,8 @@ pub struct EtcdRegistry {
 pub(crate) struct Shared {
     client: Client,
     config: EtcdConfig,
+    /// The keys' layout under the configured prefix.
+    layout: GoMicro,
     stats: Stats,
     /// Keys this host owns, by full etcd key.
     owned: Mutex<BTreeMap<String, Owned>>,
@@ -163,6 +166,7 @@ impl EtcdRegistry {
         let leases = HostLeases::load(config.state_dir.as_deref());
         let shared = Arc::new(Shared {
             client,
+            layout: GoMicro::new(config.key_prefix()),
             config,
             stats: Stats::default(),
             owned: Mutex::new(BTreeMap::new()),
@@ -221,12 +225,7 @@ impl Drop for EtcdRegistry {
 
 impl Shared {
     fn node_key(&self, service: &str, node_id: &str) -> String {
-        format!(
-            "{}{}/{}",
-            self.config.key_prefix(),
-            key_segment(service),
-            key_segment(node_id)
-        )
+        self.layout.node_key(service, node_id)
     }
 
     fn shutting_down(&self) -> bool {
@@ -363,7 +362,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn get_service(&self, name: &str) -> Result<Vec<Service>, RegistryError> {
-        let prefix = format!("{}{}/", self.shared.config.key_prefix(), key_segment(name));
+        let prefix = self.shared.layout.service_prefix(name);
         let resp = self
             .shared
             .call("get_service", |mut c| {

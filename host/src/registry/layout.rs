@@ -99,9 +99,32 @@ impl Layout for GoMicro {
     }
 }
 
+/// The end of the range of keys starting with `prefix` (etcd's `WithPrefix`): the prefix with
+/// its last byte below 0xff incremented; all 0xff is etcd's "every key from here".
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(
+            prefix_end(b"/micro/registry/"),
+            b"/micro/registry0".to_vec()
+        );
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        assert_eq!(prefix_end(&[0xff]), vec![0]);
+    }
 
     #[test]
     fn keys_are_placed_by_shape_under_the_prefix() {

@@ -7,6 +7,7 @@ use super::Shared;
 use super::connect::MAX_MESSAGE_BYTES;
 use super::error::Deadline;
 use crate::registry::RegistryError;
+use crate::registry::layout::prefix_end;
 
 /// Keys per page when listing the whole prefix.
 const LIST_PAGE: i64 = 500;
@@ -69,32 +70,5 @@ impl Shared {
                 _ => return Ok((out, revision)),
             }
         }
-    }
-}
-
-/// The end of the range of keys starting with `prefix` (etcd's `WithPrefix`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_end_increments_the_last_byte() {
-        assert_eq!(
-            prefix_end(b"/micro/registry/"),
-            b"/micro/registry0".to_vec()
-        );
-        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
-        assert_eq!(prefix_end(&[0xff]), vec![0]);
     }
 }
