@@ -5,7 +5,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use regcache_tests::wait::{eventually, eventually_blocking};
+
+use crate::host::binary;
 
 /// How long a stopped process may take to exit before it is killed: the host drains, revokes
 /// its lease in etcd and exits well within it.
@@ -254,15 +255,4 @@ fn logged_address(line: &str, marker: &str) -> Option<String> {
     let rest = line.split(marker).nth(1)?;
     let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next()?;
     Some(addr.to_string())
-}
-
-/// The `regcache` binary built beside this benchmark (same profile).
-fn binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("regcache");
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: build it with the benchmark (scripts/bench does)",
-        path.display()
-    );
-    Ok(path)
 }

@@ -57,7 +57,7 @@ impl Drop for Host {
 }
 
 /// The `regcache` binary built beside this benchmark (same profile).
-fn binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn binary() -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name("regcache");
     anyhow::ensure!(
         path.exists(),
