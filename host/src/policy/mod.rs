@@ -25,9 +25,11 @@
 
 mod artifacts;
 mod bindings;
+mod compile;
 mod conformance;
 mod instance;
 pub mod reload;
+mod rollback;
 mod sandbox;
 mod settings;
 
@@ -41,10 +43,12 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 pub use artifacts::Origin;
+pub use compile::{Compiler, LoadLimits};
 pub use conformance::ConformanceFailure;
 pub use instance::CallFailure;
+pub use rollback::RollbackRule;
 pub use sandbox::Limits;
-pub use settings::InvalidSetting;
+pub use settings::{Envelope, InvalidSetting};
 
 use crate::decision::{
     Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
@@ -162,6 +166,14 @@ pub struct EngineOptions {
     pub limits: Limits,
     /// Where to keep precompiled policies across restarts. Default: none (memory only).
     pub artifact_dir: Option<PathBuf>,
+    /// How candidates are compiled. Default: in this process.
+    pub compiler: Compiler,
+    /// Bounds on loading a candidate (size, compile CPU and memory).
+    pub load: LoadLimits,
+    /// What the operator lets a policy's settings be.
+    pub envelope: Envelope,
+    /// When a misbehaving generation is rolled back.
+    pub rollback: RollbackRule,
 }
 
 /// Counters of the engine's rare events (never touched on a successful decision, so that worker

@@ -29,6 +29,8 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Policy instances alive at once, all generations and threads together. Default 256.
     pub max_instances: u32,
+    /// The p99 cost a decision may have (issue 12: helper B owns its use).
+    pub latency_budget: Duration,
 }
 
 impl Default for Limits {
@@ -38,6 +40,7 @@ impl Default for Limits {
             configure_deadline: Duration::from_millis(500),
             memory_bytes: 16 << 20,
             max_instances: 256,
+            latency_budget: Duration::from_micros(200),
         }
     }
 }

@@ -12,6 +12,31 @@ const MINUTE: u64 = 60 * SECOND;
 const HOUR: u64 = 60 * MINUTE;
 const DAY: u64 = 24 * HOUR;
 
+/// The operator's bounds on a policy's settings, tighter than the documented ranges (issue 12:
+/// helper C owns this type).
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope {
+    /// Floor of `min-retry-interval-ms`.
+    pub min_retry_interval: std::time::Duration,
+    /// Ceiling of `registry-budget-per-second`.
+    pub max_registry_budget: u32,
+    /// Ceiling of `max-suspect-hold-ms`.
+    pub max_suspect_hold: std::time::Duration,
+    /// Ceiling of `max-wait-ms` (and of a decision's wait).
+    pub max_wait: std::time::Duration,
+}
+
+impl Default for Envelope {
+    fn default() -> Self {
+        Envelope {
+            min_retry_interval: std::time::Duration::from_millis(1),
+            max_registry_budget: 1_000_000,
+            max_suspect_hold: std::time::Duration::from_secs(86_400),
+            max_wait: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// A setting outside its range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("setting `{name}` = {value} is out of range ({min} ..= {max})")]
