@@ -207,6 +207,23 @@ impl Collector for Sources {
             "Policy answers refused as invalid.",
             p.invalid_answers,
         )?;
+        counters(
+            &mut e,
+            "regcache_policy_fail_safe_answers",
+            "Decisions answered by the fail-safe instead of the policy (a failed call, or the \
+             breaker open), by question.",
+            "question",
+            [
+                ("lookup", p.fail_safe_lookups),
+                ("eviction", p.fail_safe_evictions),
+            ],
+        )?;
+        counter(
+            &mut e,
+            "regcache_policy_rollbacks",
+            "Generations rolled back automatically to the policy they replaced.",
+            p.rollbacks,
+        )?;
         gauge(
             &mut e,
             "regcache_policy_generation",

@@ -1,7 +1,7 @@
 //! The policy endpoints, metrics and health.
 
 use std::collections::BTreeMap;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{ApiError, AppState};
 use crate::decision::{Decide, PolicyInfo};
-use crate::policy::{PolicySpec, PolicyStats};
+use crate::policy::{PolicyEngine, PolicySpec, Rollback};
 
 #[derive(Serialize)]
 pub(super) struct PolicyBody {
@@ -25,6 +25,49 @@ pub(super) struct PolicyBody {
     loaded_at_ms: u64,
     settings: SettingsBody,
     counters: Counters,
+    /// The last automatic rollback, if any: which generation gave way to which, and why.
+    rollback: Option<RollbackBody>,
+}
+
+#[derive(Serialize)]
+struct RollbackBody {
+    from: GenerationBody,
+    to: GenerationBody,
+    reason: String,
+    at_ms: u64,
+}
+
+#[derive(Serialize)]
+struct GenerationBody {
+    generation: u64,
+    digest: String,
+    source: String,
+}
+
+impl GenerationBody {
+    fn of(info: &PolicyInfo) -> Self {
+        GenerationBody {
+            generation: info.generation,
+            digest: info.digest.clone(),
+            source: info.source.clone(),
+        }
+    }
+}
+
+impl From<Rollback> for RollbackBody {
+    fn from(rollback: Rollback) -> Self {
+        RollbackBody {
+            from: GenerationBody::of(&rollback.from),
+            to: GenerationBody::of(&rollback.to),
+            reason: rollback.reason.to_string(),
+            at_ms: unix_ms(rollback.at),
+        }
+    }
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Serialize)]
@@ -46,19 +89,21 @@ struct Counters {
     instantiations: u64,
     swaps_applied: u64,
     swaps_rejected: u64,
+    breaker_skips: u64,
+    fail_safe_lookups: u64,
+    fail_safe_evictions: u64,
+    rollbacks: u64,
 }
 
-fn policy_body(info: &PolicyInfo, stats: PolicyStats) -> PolicyBody {
+fn policy_body(engine: &PolicyEngine, info: &PolicyInfo) -> PolicyBody {
+    let stats = engine.stats();
     let ms = |d: std::time::Duration| d.as_millis() as u64;
     let s = &info.settings;
     PolicyBody {
         generation: info.generation,
         digest: info.digest.clone(),
         source: info.source.clone(),
-        loaded_at_ms: info
-            .loaded_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        loaded_at_ms: unix_ms(info.loaded_at),
         settings: SettingsBody {
             ttl_ms: ms(s.ttl),
             min_retry_interval_ms: ms(s.min_retry_interval),
@@ -75,13 +120,18 @@ fn policy_body(info: &PolicyInfo, stats: PolicyStats) -> PolicyBody {
             instantiations: stats.instantiations,
             swaps_applied: stats.swaps_applied,
             swaps_rejected: stats.swaps_rejected,
+            breaker_skips: stats.breaker_skips,
+            fail_safe_lookups: stats.fail_safe_lookups,
+            fail_safe_evictions: stats.fail_safe_evictions,
+            rollbacks: stats.rollbacks,
         },
+        rollback: engine.last_rollback().map(RollbackBody::from),
     }
 }
 
 /// `GET /v1/policy`.
 pub(super) async fn policy(State(state): State<AppState>) -> Json<PolicyBody> {
-    Json(policy_body(&state.engine.active(), state.engine.stats()))
+    Json(policy_body(&state.engine, &state.engine.active()))
 }
 
 /// Proof that a request carries the admin token: 403 when the admin endpoints are disabled,
@@ -163,7 +213,7 @@ pub(super) async fn swap_policy(
             )
         })?;
     match outcome {
-        Ok(info) => Ok(Json(policy_body(&info, state.engine.stats()))),
+        Ok(info) => Ok(Json(policy_body(&state.engine, &info))),
         Err(e) => {
             let active = state.engine.active();
             Err(ApiError::new(

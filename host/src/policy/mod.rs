@@ -32,7 +32,9 @@ pub mod reload;
 mod rollback;
 mod sandbox;
 mod settings;
+mod stdio;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -46,9 +48,9 @@ pub use artifacts::Origin;
 pub use compile::{Compiler, LoadLimits};
 pub use conformance::ConformanceFailure;
 pub use instance::CallFailure;
-pub use rollback::RollbackRule;
+pub use rollback::{Rollback, RollbackReason, RollbackRule};
 pub use sandbox::Limits;
-pub use settings::{Envelope, InvalidSetting};
+pub use settings::{Envelope, EnvelopeLimit, InvalidSetting};
 
 use crate::decision::{
     Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
@@ -154,9 +156,32 @@ pub enum PolicyError {
     /// A conformance case failed.
     #[error(transparent)]
     Conformance(#[from] ConformanceFailure),
-    /// Two instances disagreed.
-    #[error("the policy is not pure: two instances with the same configuration {0}")]
-    Impure(&'static str),
+    /// The file still holds a policy that was rolled back: it is loaded again once it changes
+    /// (or through the admin API, deliberately).
+    #[error(
+        "the file still holds policy sha256:{digest}, which was rolled back automatically; it is \
+         not loaded again until the file changes"
+    )]
+    RolledBack {
+        /// The rolled-back policy's digest.
+        digest: String,
+    },
+    /// A state-dependent answer: two instances disagreed, or one instance answered a case
+    /// differently when asked again. Says which case, and how.
+    #[error("the policy is not pure: {0}")]
+    Impure(String),
+    /// A decision's p99 cost over the conformance battery exceeds the latency budget.
+    #[error(
+        "{export} p99 {p99:.1?} exceeds the latency budget of {budget:?} (policy.latency_budget)"
+    )]
+    TooSlow {
+        /// The export measured: `decide-lookup` or `guard-eviction`.
+        export: &'static str,
+        /// Its p99, in the calling thread's CPU time.
+        p99: std::time::Duration,
+        /// [`Limits::latency_budget`].
+        budget: std::time::Duration,
+    },
 }
 
 /// Options of the engine, shared by every policy it loads.
@@ -187,6 +212,9 @@ struct Stats {
     swaps_applied: AtomicU64,
     swaps_rejected: AtomicU64,
     breaker_skips: AtomicU64,
+    fail_safe_lookups: AtomicU64,
+    fail_safe_evictions: AtomicU64,
+    rollbacks: AtomicU64,
 }
 
 impl Stats {
@@ -221,6 +249,12 @@ pub struct PolicyStats {
     pub swaps_rejected: u64,
     /// Decisions answered fail-safe without calling the policy, its breaker being open.
     pub breaker_skips: u64,
+    /// Lookups answered by the fail-safe decision (a failed call, or the breaker open).
+    pub fail_safe_lookups: u64,
+    /// Evictions answered by the fail-safe decision.
+    pub fail_safe_evictions: u64,
+    /// Generations rolled back automatically.
+    pub rollbacks: u64,
 }
 
 /// Failures in a row after which a generation's breaker opens.
@@ -296,6 +330,7 @@ impl Breaker {
 /// One loaded policy: the unit a swap replaces.
 pub(crate) struct Generation {
     breaker: Breaker,
+    failures: rollback::FailureWindow,
     info: Arc<PolicyInfo>,
     pre: PolicyPre<InstanceState>,
     config: Vec<(String, String)>,
@@ -303,13 +338,53 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
+    /// An instance that serves decisions, under the serving deadline (`Deadlines::Serving`).
     fn instantiate(
         &self,
         limits: &Limits,
     ) -> Result<(Instance, bindings::RawSettings), CallFailure> {
-        Instance::new(&self.pre, &self.config, limits, self.short_digest.clone())
+        Instance::new(
+            &self.pre,
+            &self.config,
+            limits,
+            self.short_digest.clone(),
+            instance::Deadlines::Serving,
+        )
+    }
+
+    /// This generation's policy again, as generation `number`, with a clean record: what a
+    /// rollback makes active.
+    fn reinstated(&self, number: u64, rule: RollbackRule) -> Generation {
+        Generation {
+            breaker: Breaker::new(),
+            failures: rollback::FailureWindow::new(rule),
+            info: Arc::new(PolicyInfo {
+                generation: number,
+                loaded_at: SystemTime::now(),
+                ..PolicyInfo::clone(&self.info)
+            }),
+            pre: self.pre.clone(),
+            config: self.config.clone(),
+            short_digest: self.short_digest.clone(),
+        }
     }
 }
+
+/// What the engine keeps for rollbacks.
+#[derive(Default)]
+struct RollbackState {
+    /// The generation the active one replaced, kept compiled to go back to; none after a
+    /// rollback (the generation rolled back from is no fallback).
+    fallback: Option<Arc<Generation>>,
+    /// The last rollback, for the admin API.
+    last: Option<Rollback>,
+    /// Digests rolled back, most recent last: a policy file holding one is not reloaded until
+    /// it changes. Bounded: an operator juggles a handful of policies, not thousands.
+    digests: VecDeque<String>,
+}
+
+/// Rolled-back digests remembered.
+const ROLLED_BACK_KEPT: usize = 16;
 
 pub(crate) struct Shared {
     /// Distinguishes engines in the per-thread instance table.
@@ -317,11 +392,73 @@ pub(crate) struct Shared {
     engine: Engine,
     linker: Linker<InstanceState>,
     limits: Limits,
+    /// The operator's bounds on every candidate's settings.
+    envelope: Envelope,
     artifacts: artifacts::ArtifactCache,
     active: ArcSwap<Generation>,
+    rollback_rule: RollbackRule,
+    rollback: Mutex<RollbackState>,
     /// Serialises loads: two swaps racing must not both win with the same generation number.
     load_lock: Mutex<u64>,
     stats: Stats,
+    /// Advances the epoch for as long as the engine lives.
+    _ticker: sandbox::Ticker,
+}
+
+impl Shared {
+    /// Records that a swap replaced `replaced` with the policy `digest`: the replaced
+    /// generation is what a rollback goes back to, and an operator loading a rolled-back
+    /// digest again has said it is wanted.
+    fn keep_fallback(&self, replaced: Arc<Generation>, digest: &str) {
+        let mut state = self.rollback.lock().unwrap_or_else(PoisonError::into_inner);
+        state.fallback = Some(replaced);
+        state.digests.retain(|d| d != digest);
+    }
+
+    /// Makes the fallback of `failing` active in its place, if `failing` is still active and
+    /// there is one. Called by the decision whose failure met the rule, once per generation.
+    fn roll_back(&self, failing: &Arc<Generation>, last: CallFailure) {
+        let reason = RollbackReason {
+            failures: self.rollback_rule.failures,
+            window: self.rollback_rule.window,
+            last,
+        };
+        // The load lock numbers generations and orders this against a swap storing its own.
+        let mut last_generation = self.load_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.rollback.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&self.active.load(), failing) {
+            return; // a swap replaced it meanwhile
+        }
+        let Some(fallback) = state.fallback.take() else {
+            tracing::error!(
+                policy = %failing.info,
+                "policy failing ({reason}), but there is no earlier policy to roll back to; \
+                 answering fail-safe where it fails"
+            );
+            return;
+        };
+        *last_generation += 1;
+        let restored = Arc::new(fallback.reinstated(*last_generation, self.rollback_rule));
+        self.active.store(restored.clone());
+        self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            policy = %failing.info,
+            "policy rolled back to {} ({reason}); the file holding it is not reloaded until it \
+             changes",
+            restored.info
+        );
+        state.digests.retain(|d| *d != failing.info.digest);
+        if state.digests.len() == ROLLED_BACK_KEPT {
+            state.digests.pop_front();
+        }
+        state.digests.push_back(failing.info.digest.clone());
+        state.last = Some(Rollback {
+            from: failing.info.clone(),
+            to: restored.info.clone(),
+            reason,
+            at: SystemTime::now(),
+        });
+    }
 }
 
 /// The policy engine. Cheap to clone; every clone shares the active policy.
@@ -356,20 +493,33 @@ impl PolicyEngine {
         let engine = sandbox::engine(&options.limits).map_err(internal)?;
         let linker = sandbox::linker(&engine).map_err(internal)?;
         let artifacts = artifacts::ArtifactCache::new(&engine, options.artifact_dir);
-        let validated = validate(&engine, &linker, &artifacts, &options.limits, &initial)?;
+        // Before the first validation: `policy check`, `eval` and start-up meet a looping
+        // policy with the deadlines a swap has.
+        let ticker = sandbox::Ticker::start(engine.clone());
+        let validated = validate(
+            &engine,
+            &linker,
+            &artifacts,
+            &options.limits,
+            &options.envelope,
+            &initial,
+        )?;
         artifacts.keep(&validated.component, &validated.digest);
-        let generation = make_generation(validated, initial, 1);
+        let generation = make_generation(validated, initial, 1, options.rollback);
         let shared = Arc::new(Shared {
             id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
-            engine: engine.clone(),
+            engine,
             linker,
             limits: options.limits,
+            envelope: options.envelope,
             artifacts,
             active: ArcSwap::from_pointee(generation),
+            rollback_rule: options.rollback,
+            rollback: Mutex::new(RollbackState::default()),
             load_lock: Mutex::new(1),
             stats: Stats::default(),
+            _ticker: ticker,
         });
-        sandbox::start_ticker(engine, Arc::downgrade(&shared));
         Ok(PolicyEngine { shared })
     }
 
@@ -381,6 +531,7 @@ impl PolicyEngine {
             &shared.linker,
             &shared.artifacts,
             &shared.limits,
+            &shared.envelope,
             spec,
         )
         .map(|v| v.settings)
@@ -399,6 +550,7 @@ impl PolicyEngine {
             &shared.linker,
             &shared.artifacts,
             &shared.limits,
+            &shared.envelope,
             &spec,
         );
         let validated = match validated {
@@ -411,14 +563,27 @@ impl PolicyEngine {
         };
         *last_generation += 1;
         let component = validated.component.clone();
-        let generation = make_generation(validated, spec, *last_generation);
+        let generation = make_generation(validated, spec, *last_generation, shared.rollback_rule);
         let info = generation.info.clone();
-        shared.active.store(Arc::new(generation));
+        let replaced = shared.active.swap(Arc::new(generation));
+        shared.keep_fallback(replaced, &info.digest);
         // After the store, so lookups move to the new policy without waiting for the disk.
         shared.artifacts.keep(&component, &info.digest);
         shared.stats.swaps_applied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(policy = %info, "policy swapped in");
         Ok(info)
+    }
+
+    /// The last automatic rollback, if any.
+    pub fn last_rollback(&self) -> Option<Rollback> {
+        let state = self.shared.rollback.lock().unwrap_or_else(PoisonError::into_inner);
+        state.last.clone()
+    }
+
+    /// Whether the policy `digest` was rolled back (and not loaded again since by a swap).
+    pub fn was_rolled_back(&self, digest: &str) -> bool {
+        let state = self.shared.rollback.lock().unwrap_or_else(PoisonError::into_inner);
+        state.digests.iter().any(|d| d == digest)
     }
 
     /// The active policy's operator configuration (a reload keeps it).
@@ -438,6 +603,9 @@ impl PolicyEngine {
             swaps_applied: get(&s.swaps_applied),
             swaps_rejected: get(&s.swaps_rejected),
             breaker_skips: get(&s.breaker_skips),
+            fail_safe_lookups: get(&s.fail_safe_lookups),
+            fail_safe_evictions: get(&s.fail_safe_evictions),
+            rollbacks: get(&s.rollbacks),
         }
     }
 
@@ -456,11 +624,15 @@ impl PolicyEngine {
         &self,
         call: impl FnOnce(&mut Instance) -> Result<D, CallFailure>,
         fail_safe: impl FnOnce(&Settings) -> D,
+        fail_safe_answers: impl Fn(&Stats) -> &AtomicU64,
     ) -> Decided<D> {
         let generation = self.shared.active.load();
-        let fail_safe = || Decided {
-            decision: fail_safe(&generation.info.settings),
-            policy: generation.info.clone(),
+        let fail_safe = || {
+            fail_safe_answers(&self.shared.stats).fetch_add(1, Ordering::Relaxed);
+            Decided {
+                decision: fail_safe(&generation.info.settings),
+                policy: generation.info.clone(),
+            }
         };
         if generation.breaker.is_open() {
             self.shared
@@ -487,6 +659,9 @@ impl PolicyEngine {
                          fail-safe without calling it for {BREAKER_OPEN:?}"
                     ),
                     Streak::Continuing => {}
+                }
+                if generation.failures.record(Instant::now()) {
+                    self.shared.roll_back(&generation, failure);
                 }
                 fail_safe()
             }
@@ -522,6 +697,7 @@ impl Decide for PolicyEngine {
                     }
                 }
             },
+            |stats| &stats.fail_safe_lookups,
         )
     }
 
@@ -531,6 +707,7 @@ impl Decide for PolicyEngine {
             |settings| EvictionDecision::KeepSuspect {
                 hold_ms: settings.max_suspect_hold.as_millis() as u64,
             },
+            |stats| &stats.fail_safe_evictions,
         )
     }
 
@@ -539,10 +716,16 @@ impl Decide for PolicyEngine {
     }
 }
 
-fn make_generation(validated: Validated, spec: PolicySpec, number: u64) -> Generation {
+fn make_generation(
+    validated: Validated,
+    spec: PolicySpec,
+    number: u64,
+    rule: RollbackRule,
+) -> Generation {
     let short_digest: Arc<str> = Arc::from(&validated.digest[..12]);
     Generation {
         breaker: Breaker::new(),
+        failures: rollback::FailureWindow::new(rule),
         info: Arc::new(PolicyInfo {
             generation: number,
             digest: validated.digest,
@@ -566,6 +749,7 @@ fn validate(
     linker: &Linker<InstanceState>,
     artifacts: &artifacts::ArtifactCache,
     limits: &Limits,
+    envelope: &Envelope,
     spec: &PolicySpec,
 ) -> Result<Validated, PolicyError> {
     let bytes = &spec.wasm[..];
@@ -593,21 +777,20 @@ fn validate(
         instance::pre(linker, &component).map_err(|e| PolicyError::WrongWorld(format!("{e:#}")))?;
     let short_digest: Arc<str> = Arc::from(&digest[..12]);
 
-    let (mut first, raw) = Instance::new(&pre, &spec.config, limits, short_digest.clone())
-        .map_err(PolicyError::Configure)?;
-    settings::validate(&raw)?;
-    let answers = conformance::run(&mut first)?;
-
-    let (mut second, raw_again) =
-        Instance::new(&pre, &spec.config, limits, short_digest).map_err(PolicyError::Configure)?;
+    let instantiate = || {
+        let deadlines = instance::Deadlines::Validation;
+        Instance::new(&pre, &spec.config, limits, short_digest.clone(), deadlines)
+            .map_err(PolicyError::Configure)
+    };
+    let (mut first, raw) = instantiate()?;
+    settings::validate(&raw, envelope)?;
+    let (mut second, raw_again) = instantiate()?;
     if raw_again != raw {
-        return Err(PolicyError::Impure("returned different settings"));
-    }
-    if conformance::run(&mut second)? != answers {
         return Err(PolicyError::Impure(
-            "decided the conformance battery differently",
+            "two instances with the same configuration returned different settings".into(),
         ));
     }
+    conformance::run(&mut first, &mut second, limits.latency_budget)?;
     Ok(Validated {
         pre,
         component,

@@ -11,6 +11,8 @@
 //! only bytes it has not seen in the file before, so a policy swapped in through the admin API
 //! stays active until the file really changes (or SIGHUP asks for the file again). Every load
 //! from the file uses the operator's configuration for the file, whatever the API last set.
+//! A policy the engine rolled back is not loaded from the file again, on a change or on SIGHUP,
+//! until the file holds other bytes.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -80,6 +82,9 @@ impl Reloader {
         );
         if (only_if_changed && previous == digest) || digest == self.engine.active().digest {
             return Ok(None);
+        }
+        if self.engine.was_rolled_back(&digest) {
+            return Err(PolicyError::RolledBack { digest });
         }
         self.engine.swap(spec).map(Some)
     }
