@@ -50,22 +50,41 @@ impl CallFailure {
     }
 }
 
+/// Which deadline an instance's decisions run under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deadlines {
+    /// Validation's (the conformance battery, in `policy check`, `eval`, start-up and swaps
+    /// alike): [`Limits::decision_deadline`], 100 ms by default. It only stops loops: the battery
+    /// measures what each decision costs in CPU time and holds its p99 to
+    /// [`Limits::latency_budget`], which a descheduled thread cannot fail.
+    Validation,
+    /// Serving's (the instances that decide lookups): [`Limits::latency_budget`] in whole epoch
+    /// ticks, at least two (so 1-2 ms for the default 200 µs). A policy that turns slow after
+    /// validation then costs a fail-safe answer and a counted deadline failure per decision,
+    /// not a runtime worker stalled for 100 ms (health, metrics and the admin API share them).
+    Serving,
+}
+
 /// One live instance of one generation.
 pub(crate) struct Instance {
     store: Store<InstanceState>,
     policy: Policy,
     /// Reused for the service name of every lookup context, so a lookup does not allocate.
     service: String,
-    limits: Limits,
+    /// Each decision's deadline, in epoch ticks, and as the time it stands for.
+    decision_ticks: u64,
+    decision_deadline: Duration,
 }
 
 impl Instance {
-    /// Instantiates `pre` and configures it; returns the instance and the settings it gave.
+    /// Instantiates `pre` and configures it (under [`Limits::configure_deadline`]); its
+    /// decisions then run under `deadlines`. Returns the instance and the settings it gave.
     pub(crate) fn new(
         component_pre: &PolicyPre<InstanceState>,
         config: &[(String, String)],
         limits: &Limits,
         digest: Arc<str>,
+        deadlines: Deadlines,
     ) -> Result<(Instance, RawSettings), CallFailure> {
         let engine = component_pre.engine();
         let mut store = Store::new(engine, InstanceState::new(limits, digest));
@@ -81,11 +100,17 @@ impl Instance {
         let settings = contain(|| policy.call_configure(&mut store, config))
             .map_err(|e| CallFailure::from_error(e, deadline))?
             .map_err(|reason| CallFailure::Refused(truncate(reason)))?;
+        let decision_ticks = sandbox::ticks(match deadlines {
+            Deadlines::Validation => limits.decision_deadline,
+            Deadlines::Serving => limits.latency_budget,
+        });
         let instance = Instance {
             store,
             policy,
             service: String::new(),
-            limits: *limits,
+            decision_ticks,
+            decision_deadline: sandbox::TICK
+                .saturating_mul(u32::try_from(decision_ticks).unwrap_or(u32::MAX)),
         };
         Ok((instance, bindings::raw_settings(&settings)))
     }
@@ -94,15 +119,14 @@ impl Instance {
         &mut self,
         ctx: &LookupContext<'_>,
     ) -> Result<LookupDecision, CallFailure> {
-        let deadline = self.limits.decision_deadline;
-        self.store.set_epoch_deadline(sandbox::ticks(deadline));
+        self.store.set_epoch_deadline(self.decision_ticks);
         let mut service = std::mem::take(&mut self.service);
         service.clear();
         service.push_str(ctx.service);
         let lowered = bindings::lookup_context(ctx, service);
         let result = contain(|| self.policy.call_decide_lookup(&mut self.store, &lowered));
         self.service = lowered.service;
-        let decision = result.map_err(|e| CallFailure::from_error(e, deadline))?;
+        let decision = result.map_err(|e| CallFailure::from_error(e, self.decision_deadline))?;
         bindings::lookup_decision(decision).map_err(|e| CallFailure::InvalidAnswer(e.to_string()))
     }
 
@@ -110,22 +134,18 @@ impl Instance {
         &mut self,
         ctx: &EvictionContext<'_>,
     ) -> Result<EvictionDecision, CallFailure> {
-        let deadline = self.limits.decision_deadline;
-        self.store.set_epoch_deadline(sandbox::ticks(deadline));
+        self.store.set_epoch_deadline(self.decision_ticks);
         let lowered = bindings::eviction_context(ctx);
         let decision = contain(|| self.policy.call_guard_eviction(&mut self.store, &lowered))
-            .map_err(|e| CallFailure::from_error(e, deadline))?;
+            .map_err(|e| CallFailure::from_error(e, self.decision_deadline))?;
         Ok(bindings::eviction_decision(decision))
     }
 }
 
-/// Runs one call into a guest, turning a panic of the host side into an error.
-///
-/// A guest that traps usually writes its panic message to WASI stderr first, and
-/// wasmtime-wasi's synchronous bindings run stream calls through `block_on` on the ambient
-/// tokio runtime, which panics on a runtime thread (where the cache decides lookups and the
-/// admin API validates policies). wasmtime carries that panic out of the call; here it becomes
-/// the trap it stands for, so the caller discards the instance and answers with the fail-safe.
+/// Runs one call into a guest, turning a panic of the host side into an error, so that a host
+/// bug met by a guest costs that guest's call (a trap, the fail-safe) rather than a worker.
+/// (Guest output used to be such a panic: wasmtime-wasi's stream calls `block_on` the ambient
+/// runtime; `stdio` now implements them without.)
 fn contain<T>(call: impl FnOnce() -> wasmtime::Result<T>) -> wasmtime::Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
         let message = panic

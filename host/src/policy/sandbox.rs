@@ -5,14 +5,15 @@
 //! This is the one place that decides pooling, epochs and limits (the "thin engine layer" of
 //! wasmtime and Spin): change a limit here, nowhere else.
 
-use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{HasData, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, Host, LogLevel};
+use super::stdio::{self, GuestOutput};
 
 /// Limits applied to every policy instance. Defaults suit policies of a few hundred KiB.
 #[derive(Debug, Clone, Copy)]
@@ -73,27 +74,87 @@ pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
     Engine::new(&config)
 }
 
-/// Starts the thread that advances the engine's epoch every [`TICK`]. It ends by itself once the
-/// engine is gone (`owner` no longer upgrades).
-pub(crate) fn start_ticker<T: Send + Sync + 'static>(engine: Engine, owner: Weak<T>) {
-    std::thread::Builder::new()
-        .name("regcache-policy-epoch".into())
-        .spawn(move || {
-            while owner.strong_count() > 0 {
-                std::thread::sleep(TICK);
-                engine.increment_epoch();
-            }
-        })
-        .expect("spawn the policy epoch thread");
+/// The thread that advances the engine's epoch every [`TICK`], from the moment the engine exists:
+/// the first policy's validation (`policy check`, `policy eval`, start-up) runs under the same
+/// deadlines as a swap's, so a policy that loops is refused there too rather than hanging it.
+/// The thread ends within a tick of this value being dropped, with the engine or with an engine
+/// whose first policy was refused.
+pub(crate) struct Ticker {
+    _alive: Arc<()>,
+}
+
+impl Ticker {
+    pub(crate) fn start(engine: Engine) -> Ticker {
+        let alive = Arc::new(());
+        let owner: Weak<()> = Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("regcache-policy-epoch".into())
+            .spawn(move || {
+                while owner.strong_count() > 0 {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the policy epoch thread");
+        Ticker { _alive: alive }
+    }
 }
 
 /// Builds the linker: the `host` interface regcache offers, and a deny-all WASI so that policies
 /// compiled by toolchains that always import WASI still load.
+///
+/// WASI is wasmtime-wasi's (`add_to_linker_sync`'s interfaces, listed here), except
+/// `wasi:cli/stdout`, `wasi:cli/stderr`, `wasi:io/streams` and `wasi:io/poll`, which are
+/// `stdio`'s: a policy's output goes to the host's log, and no stream call may `block_on` a
+/// runtime (see `stdio`).
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<InstanceState>> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView as _};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView as _};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView as _};
+    use wasmtime_wasi::p2::bindings::{self as wasi, sync};
+    use wasmtime_wasi::random::{WasiRandom, WasiRandomView as _};
+    use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView as _};
+
+    type S = InstanceState;
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    bindings::regcache::policy::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    let l = &mut linker;
+    wasi::clocks::wall_clock::add_to_linker::<S, WasiClocks>(l, S::clocks)?;
+    wasi::clocks::monotonic_clock::add_to_linker::<S, WasiClocks>(l, S::clocks)?;
+    wasi::filesystem::preopens::add_to_linker::<S, WasiFilesystem>(l, S::filesystem)?;
+    sync::filesystem::types::add_to_linker::<S, WasiFilesystem>(l, S::filesystem)?;
+    wasi::random::random::add_to_linker::<S, WasiRandom>(l, S::random)?;
+    wasi::random::insecure::add_to_linker::<S, WasiRandom>(l, S::random)?;
+    wasi::random::insecure_seed::add_to_linker::<S, WasiRandom>(l, S::random)?;
+    wasi::cli::exit::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::environment::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::stdin::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::terminal_input::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::terminal_output::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::terminal_stdin::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::terminal_stdout::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    wasi::cli::terminal_stderr::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    let network = wasi::sockets::network::LinkOptions::default();
+    wasi::sockets::tcp_create_socket::add_to_linker::<S, WasiSockets>(l, S::sockets)?;
+    wasi::sockets::instance_network::add_to_linker::<S, WasiSockets>(l, S::sockets)?;
+    wasi::sockets::network::add_to_linker::<S, WasiSockets>(l, &network, S::sockets)?;
+    wasi::sockets::ip_name_lookup::add_to_linker::<S, WasiSockets>(l, S::sockets)?;
+    sync::sockets::tcp::add_to_linker::<S, WasiSockets>(l, S::sockets)?;
+    sync::sockets::udp::add_to_linker::<S, WasiSockets>(l, S::sockets)?;
+    sync::sockets::udp_create_socket::add_to_linker::<S, WasiSockets>(l, S::sockets)?;
+    wasi::io::error::add_to_linker::<S, HasTable>(l, |s| &mut s.table)?;
+    stdio::add_to_linker(l, |s| stdio::GuestIo {
+        table: &mut s.table,
+        output: &s.output,
+    })?;
+    bindings::regcache::policy::host::add_to_linker::<_, HasSelf<_>>(l, |s| s)?;
     Ok(linker)
+}
+
+/// The [`HasData`] of `wasi:io/error`, which needs the resource table only.
+struct HasTable;
+
+impl HasData for HasTable {
+    type Data<'a> = &'a mut ResourceTable;
 }
 
 /// Whether the linker offers an import of this name (WASI, and the world's own `types` and
@@ -102,21 +163,17 @@ pub(crate) fn is_offered_import(name: &str) -> bool {
     name.starts_with("wasi:") || name.starts_with("regcache:policy/")
 }
 
-/// Log lines a policy instance may write per second; more are dropped and counted.
-const LOG_LINES_PER_SECOND: u32 = 20;
-
 /// Per-instance state held in the `Store`.
 pub(crate) struct InstanceState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
-    digest: std::sync::Arc<str>,
-    log_window: Instant,
-    log_lines: u32,
+    /// Where the `log` import, stdout and stderr go.
+    output: Arc<GuestOutput>,
 }
 
 impl InstanceState {
-    pub(crate) fn new(limits: &Limits, digest: std::sync::Arc<str>) -> Self {
+    pub(crate) fn new(limits: &Limits, digest: Arc<str>) -> Self {
         let wasi = WasiCtx::builder()
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
@@ -134,9 +191,7 @@ impl InstanceState {
                 .table_elements(100_000)
                 .trap_on_grow_failure(true)
                 .build(),
-            digest,
-            log_window: Instant::now(),
-            log_lines: 0,
+            output: GuestOutput::new(digest),
         }
     }
 }
@@ -152,22 +207,7 @@ impl WasiView for InstanceState {
 
 impl Host for InstanceState {
     fn log(&mut self, level: LogLevel, message: String) {
-        if self.log_window.elapsed() >= Duration::from_secs(1) {
-            self.log_window = Instant::now();
-            self.log_lines = 0;
-        }
-        self.log_lines += 1;
-        if self.log_lines > LOG_LINES_PER_SECOND {
-            return;
-        }
-        let message = bindings::clip(&message);
-        let policy = &*self.digest;
-        match level {
-            LogLevel::Debug => tracing::debug!(policy, "{message}"),
-            LogLevel::Info => tracing::info!(policy, "{message}"),
-            LogLevel::Warn => tracing::warn!(policy, "{message}"),
-            LogLevel::Error => tracing::error!(policy, "{message}"),
-        }
+        self.output.log(level, &message);
     }
 }
 

@@ -5,15 +5,25 @@
 //! | `fault`          | what it does                                                      |
 //! |------------------|-------------------------------------------------------------------|
 //! | `none`           | nothing (the default)                                             |
-//! | `trap`           | panics (traps) in every decision                                  |
+//! | `trap`           | panics (traps) in every decision, with the message `chaos: trap`  |
 //! | `loop`           | loops forever in every decision                                   |
 //! | `memory-bomb`    | allocates without bound in every decision                         |
 //! | `huge-string`    | rejects every lookup with a 2 MiB reason                          |
+//! | `slow`           | spins `spin-iterations` (default 50,000,000: ~20 ms) in every decision, then decides |
+//! | `parity`         | rejects every other lookup, by a call counter of the instance: impure |
+//! | `print`          | writes a line to stdout and one to stderr in every decision, then decides |
 //! | `zero-ttl`       | returns settings with a TTL of 0                                  |
 //! | `loop-configure` | loops forever in `configure`                                      |
 //!
-//! With `only-service` set, lookup faults strike only lookups of that service, so the policy
-//! passes the host's conformance battery and misbehaves later, in production.
+//! Two settings aim the faults of decisions, so that the policy passes the host's conformance
+//! battery and misbehaves later, in production:
+//!
+//! | key            | faults strike only                                                  |
+//! |----------------|---------------------------------------------------------------------|
+//! | `only-service` | lookups of that service (and no eviction)                           |
+//! | `after-ms`     | decisions whose context's `now-ms` is at least this (a time bomb: the battery asks at 1,700,000,000,000) |
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use regcache_policy_sdk::{
     Config, Configured, EvictionContext, EvictionDecision, Guest, LookupContext, LookupDecision,
@@ -27,6 +37,9 @@ enum Fault {
     Loop,
     MemoryBomb,
     HugeString,
+    Slow,
+    Parity,
+    Print,
 }
 
 #[derive(Clone, Copy)]
@@ -35,9 +48,18 @@ struct Tuning {
     fault: Fault,
     /// A hash of `only-service`, so the state stays `Copy`; 0 when unset.
     only_service: u64,
+    after_ms: u64,
+    spin_iterations: u64,
 }
 
 static TUNING: Configured<Tuning> = Configured::new();
+
+/// Lookups this instance was asked, for `parity`.
+static LOOKUPS: AtomicU64 = AtomicU64::new(0);
+
+/// About 20 ms of spinning with wasmtime's code on the machines this was measured on (the
+/// guest's clock is frozen: time is spent by counting).
+const SPIN_ITERATIONS: u64 = 50_000_000;
 
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -45,8 +67,9 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
-fn strike(fault: Fault) -> Option<LookupDecision> {
-    match fault {
+/// Does what `tuning.fault` says in a decision about `service`; `Some` replaces its answer.
+fn strike(tuning: Tuning, service: &str) -> Option<LookupDecision> {
+    match tuning.fault {
         Fault::None => None,
         Fault::Trap => panic!("chaos: trap"),
         Fault::Loop => loop {
@@ -63,6 +86,23 @@ fn strike(fault: Fault) -> Option<LookupDecision> {
             kind: RejectionKind::Unavailable,
             reason: "x".repeat(2 << 20),
         })),
+        Fault::Slow => {
+            for i in 0..tuning.spin_iterations {
+                std::hint::black_box(i);
+            }
+            None
+        }
+        Fault::Parity => (LOOKUPS.fetch_add(1, Ordering::Relaxed) % 2 == 1).then(|| {
+            LookupDecision::Reject(Rejection {
+                kind: RejectionKind::Unavailable,
+                reason: "chaos: odd call".into(),
+            })
+        }),
+        Fault::Print => {
+            println!("chaos: deciding about `{service}`");
+            eprintln!("chaos: a line to stderr about `{service}`");
+            None
+        }
     }
 }
 
@@ -82,6 +122,8 @@ impl Guest for ChaosPolicy {
         }
         let mut config = Config::new(rest)?;
         let mut settings = regcache_policy_sdk::settings(&mut config)?;
+        let after_ms = config.number("after-ms", 0)?;
+        let spin_iterations = config.number("spin-iterations", SPIN_ITERATIONS)?;
         config.finish()?;
         let fault = match fault_name.as_deref().unwrap_or("none") {
             "none" => Fault::None,
@@ -89,6 +131,9 @@ impl Guest for ChaosPolicy {
             "loop" => Fault::Loop,
             "memory-bomb" => Fault::MemoryBomb,
             "huge-string" => Fault::HugeString,
+            "slow" => Fault::Slow,
+            "parity" => Fault::Parity,
+            "print" => Fault::Print,
             "zero-ttl" => {
                 settings.ttl_ms = 0;
                 Fault::None
@@ -102,15 +147,18 @@ impl Guest for ChaosPolicy {
             settings,
             fault,
             only_service,
+            after_ms,
+            spin_iterations,
         });
         Ok(settings)
     }
 
     fn decide_lookup(context: LookupContext) -> LookupDecision {
         let tuning = TUNING.get();
-        let targeted =
-            tuning.only_service == 0 || tuning.only_service == name_hash(&context.service);
-        if targeted && let Some(decision) = strike(tuning.fault) {
+        let targeted = (tuning.only_service == 0
+            || tuning.only_service == name_hash(&context.service))
+            && context.now_ms >= tuning.after_ms;
+        if targeted && let Some(decision) = strike(tuning, &context.service) {
             return decision;
         }
         match context.since_refresh_ms {
@@ -125,10 +173,10 @@ impl Guest for ChaosPolicy {
         }
     }
 
-    fn guard_eviction(_context: EvictionContext) -> EvictionDecision {
+    fn guard_eviction(context: EvictionContext) -> EvictionDecision {
         let tuning = TUNING.get();
-        if tuning.only_service == 0 {
-            strike(tuning.fault);
+        if tuning.only_service == 0 && context.now_ms >= tuning.after_ms {
+            strike(tuning, &context.service);
         }
         EvictionDecision::Evict
     }
