@@ -36,6 +36,7 @@ use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 pub use crate::etcd_api::EtcdApiSettings;
 use crate::fsutil::read_regular;
 use crate::http;
+use crate::policy::{Compiler, EngineOptions, Envelope, Limits, LoadLimits, RollbackRule};
 use crate::registry::etcd::{self, EtcdConfig};
 use settings::{Kind, Setting};
 
@@ -49,6 +50,31 @@ pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
 /// cost more than they save; less often than hourly a restart would serve an hour-old cache.
 pub const SNAPSHOT_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(3600);
+
+/// Accepted sizes of a policy component: ours are ~100 KiB, one built from another language a
+/// few MiB; past 256 MiB it is no policy (and the compiler's memory grows with it).
+pub const POLICY_MAX_SIZE_RANGE: RangeInclusive<u64> = (64 << 10)..=(256 << 20);
+
+/// Accepted CPU time of compiling a candidate: under a second would refuse honest policies on a
+/// loaded machine; past 10 minutes a swap is no longer an operation anyone waits for.
+pub const COMPILE_CPU_TIME_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(600);
+
+/// Accepted memory of compiling a candidate: the compiler and wasmtime need tens of MiB for
+/// an honest policy; 64 GiB is more than a host that caches a registry has.
+pub const COMPILE_MEMORY_RANGE: RangeInclusive<u64> = (64 << 20)..=(64 << 30);
+
+/// Accepted latency budgets: under 10 us a policy call's own overhead (entering the sandbox,
+/// copying the context) would not fit; past 50 ms a lookup's policy cost is the lookup.
+pub const LATENCY_BUDGET_RANGE: RangeInclusive<Duration> =
+    Duration::from_micros(10)..=Duration::from_millis(50);
+
+/// Accepted failure counts of the rollback rule.
+pub const ROLLBACK_FAILURES_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+
+/// Accepted rollback windows: a second to a day.
+pub const ROLLBACK_WINDOW_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(86_400);
 
 /// A configuration refused: the field (as named in the TOML file) and what is wrong with it.
 /// Its one-line display also names the flag and the environment variable of the field.
@@ -302,17 +328,58 @@ impl HttpSettings {
     }
 }
 
+/// A validated `[policy]` section: the policy, its configuration, and the operator's bounds on
+/// loading it and on what it may do.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    /// Policy file, or `None` for the embedded default policy.
+    pub file: Option<PathBuf>,
+    /// Operator configuration of the policy.
+    pub config: Vec<(String, String)>,
+    /// Bounds on loading a candidate (`policy.max_size`, `policy.compile_cpu_time`,
+    /// `policy.compile_memory`).
+    pub load: LoadLimits,
+    /// The p99 cost a decision may have (`policy.latency_budget`).
+    pub latency_budget: Duration,
+    /// When a misbehaving policy is rolled back (`policy.rollback_failures`,
+    /// `policy.rollback_window`).
+    pub rollback: RollbackRule,
+    /// The bounds of the policy's settings (`[policy.limits]`).
+    pub limits: Envelope,
+    /// How candidates are compiled. Not a setting: the library compiles in its own process
+    /// unless its embedder says otherwise, and the `regcache` binary (`run`, `policy check`
+    /// and `eval`) compiles in a child of itself, under `load`'s bounds.
+    pub compiler: Compiler,
+}
+
+impl PolicySettings {
+    /// The policy engine's options under these settings, with precompiled policies kept in
+    /// `artifact_dir`: the one place the configuration becomes [`EngineOptions`], so that the
+    /// host's start, its swaps and `policy check` / `eval` judge a policy alike.
+    pub fn engine_options(&self, artifact_dir: Option<PathBuf>) -> EngineOptions {
+        EngineOptions {
+            limits: Limits {
+                latency_budget: self.latency_budget,
+                ..Limits::default()
+            },
+            artifact_dir,
+            compiler: self.compiler.clone(),
+            load: self.load,
+            envelope: self.limits,
+            rollback: self.rollback,
+        }
+    }
+}
+
 /// The validated host configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct HostConfig {
     /// Address of the HTTP API.
     pub listen: SocketAddr,
     /// etcd, or `None` for the embedded in-memory registry.
     pub etcd: Option<EtcdSettings>,
-    /// Policy file, or `None` for the embedded default policy.
-    pub policy_file: Option<PathBuf>,
-    /// Operator configuration of the policy.
-    pub policy_config: Vec<(String, String)>,
+    /// The policy and the bounds it runs within.
+    pub policy: PolicySettings,
     /// Admin token; `None` disables the admin endpoints.
     pub admin_token: Option<Secret>,
     /// State directory (snapshot, precompiled policies).
@@ -450,8 +517,7 @@ impl ConfigLayer {
         Ok(HostConfig {
             listen: self.address(&settings::LISTEN)?,
             etcd: self.etcd()?,
-            policy_file: self.path(&settings::POLICY_FILE)?,
-            policy_config: self.pairs(&settings::POLICY_CONFIG)?.into_iter().collect(),
+            policy: self.policy()?,
             admin_token: self.secret(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)?,
             state_dir: self.path(&settings::STATE_DIR)?,
             log_format: match self.choice(&settings::LOG_FORMAT)? {
@@ -468,6 +534,41 @@ impl ConfigLayer {
                     .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             },
             etcd_api: self.etcd_api()?,
+        })
+    }
+
+    /// Checks the `[policy]` settings alone, without any I/O, and fills in the defaults: what
+    /// `policy check` and `eval` take from a host's configuration.
+    pub fn policy(&self) -> Result<PolicySettings, ConfigError> {
+        let size = |setting| -> Result<usize, ConfigError> {
+            Ok(usize::try_from(self.size(setting)?).unwrap_or(usize::MAX))
+        };
+        Ok(PolicySettings {
+            file: self.path(&settings::POLICY_FILE)?,
+            config: self.pairs(&settings::POLICY_CONFIG)?.into_iter().collect(),
+            load: LoadLimits {
+                max_size: size(&settings::POLICY_MAX_SIZE)?,
+                compile_cpu: self.duration(&settings::POLICY_COMPILE_CPU_TIME)?,
+                compile_memory: self.size(&settings::POLICY_COMPILE_MEMORY)?,
+            },
+            latency_budget: self.duration(&settings::POLICY_LATENCY_BUDGET)?,
+            rollback: RollbackRule {
+                failures: u32::try_from(
+                    self.count_or_default(&settings::POLICY_ROLLBACK_FAILURES)?,
+                )
+                .unwrap_or(u32::MAX),
+                window: self.duration(&settings::POLICY_ROLLBACK_WINDOW)?,
+            },
+            limits: Envelope {
+                min_retry_interval: self.duration(&settings::POLICY_LIMITS_MIN_RETRY_INTERVAL)?,
+                max_registry_budget: u32::try_from(
+                    self.count_or_default(&settings::POLICY_LIMITS_MAX_REGISTRY_BUDGET)?,
+                )
+                .unwrap_or(u32::MAX),
+                max_suspect_hold: self.duration(&settings::POLICY_LIMITS_MAX_SUSPECT_HOLD)?,
+                max_wait: self.duration(&settings::POLICY_LIMITS_MAX_WAIT)?,
+            },
+            compiler: Compiler::default(),
         })
     }
 
@@ -656,6 +757,27 @@ impl ConfigLayer {
         }
     }
 
+    /// A size: the one given, in range, or the default.
+    fn size(&self, setting: &Setting) -> Result<u64, ConfigError> {
+        let Kind::Size(range) = setting.kind else {
+            unreachable!("{} is not a size", setting.key)
+        };
+        let Some(text) = self.text(setting) else {
+            let settings::DefaultValue::Size(default) = setting.default else {
+                unreachable!("{} has no default size", setting.key)
+            };
+            return Ok(default);
+        };
+        let value = parse_size(text).map_err(|message| ConfigError::new(setting.key, message))?;
+        if !range.contains(&value) {
+            return Err(ConfigError::new(
+                setting.key,
+                format!("must be {}", settings::size_between(range)),
+            ));
+        }
+        Ok(value)
+    }
+
     /// A duration: the one given (in range, for a [`Kind::Duration`]; a
     /// [`Kind::EtcdDuration`]'s range is the registry's to check) or the default.
     fn duration(&self, setting: &Setting) -> Result<Duration, ConfigError> {
@@ -711,17 +833,18 @@ fn etcd_setting(setting: etcd::Setting) -> &'static Setting {
     }
 }
 
-/// A section of the TOML file (the top level, or `[etcd]`, ...): each key must be a setting
-/// (or, at the top level, a section); its value is read as the setting's kind. Errors raised
-/// here carry the key's or the value's place in the document.
+/// A table of the TOML file (the top level, `[etcd]`, `[policy.limits]`, ...): each key must be
+/// a setting of the table or a table of settings; a setting's value is read as its kind.
+/// Errors raised here carry the key's or the value's place in the document.
 struct TomlSection<'a> {
+    /// The table's dotted path (`policy.limits`); `None` at the top level.
     section: Option<&'static str>,
     layer: &'a mut ConfigLayer,
     /// The setting whose value is being read, if any: an error raised meanwhile is its.
     reading: &'a Cell<Option<&'static Setting>>,
 }
 
-/// A key of a TOML section: a setting, or a section of settings.
+/// A key of a TOML table: a setting, or a table of settings (its dotted path).
 enum TomlKey {
     Setting(&'static Setting),
     Section(&'static str),
@@ -773,28 +896,37 @@ impl<'de> DeserializeSeed<'de> for KeySeed {
             Some(section) => format!("{section}.{key}"),
             None => key.clone(),
         };
-        // A quoted key holding a dot (`"etcd.prefix"`) is one key, not a setting of a section:
+        // A quoted key holding a dot (`"etcd.prefix"`) is one key, not a setting of a table:
         // taken for one, it would set the setting a second time, one of the two ignored.
-        if !key.contains('.')
-            && let Some(setting) = settings::find(&full)
-        {
-            return Ok(TomlKey::Setting(setting));
+        if !key.contains('.') {
+            if let Some(setting) = settings::find(&full) {
+                return Ok(TomlKey::Setting(setting));
+            }
+            let table = settings::ALL.iter().find_map(|setting| {
+                let rest = setting.key.strip_prefix(full.as_str())?;
+                rest.starts_with('.').then(|| &setting.key[..full.len()])
+            });
+            if let Some(table) = table {
+                return Ok(TomlKey::Section(table));
+            }
         }
-        let in_this_section = || {
-            settings::ALL
-                .iter()
-                .filter(move |setting| setting.section() == self.0)
-        };
-        if self.0.is_none()
-            && let Some(section) = settings::ALL
-                .iter()
-                .find_map(|setting| setting.section().filter(|section| *section == key))
-        {
-            return Ok(TomlKey::Section(section));
+        // What this table holds: its settings' names and its tables' names, once each.
+        let mut expected: Vec<String> = Vec::new();
+        for setting in settings::ALL {
+            let rest = match self.0 {
+                Some(section) => setting
+                    .key
+                    .strip_prefix(section)
+                    .and_then(|rest| rest.strip_prefix('.')),
+                None => Some(setting.key),
+            };
+            if let Some(name) = rest.and_then(|rest| rest.split('.').next()) {
+                let name = format!("`{name}`");
+                if !expected.contains(&name) {
+                    expected.push(name);
+                }
+            }
         }
-        let expected: Vec<String> = in_this_section()
-            .map(|setting| format!("`{}`", setting.key.rsplit('.').next().unwrap_or_default()))
-            .collect();
         Err(de::Error::custom(format!(
             "unknown field `{key}`, expected one of {}",
             expected.join(", ")
@@ -817,30 +949,82 @@ impl<'de> DeserializeSeed<'de> for ValueSeed {
                     .collect(),
             ),
             Kind::Count(_) => Value::Count(u64::deserialize(deserializer)?),
+            Kind::Size(_) => Value::Text(deserializer.deserialize_any(SizeVisitor)?),
             _ => Value::Text(String::deserialize(deserializer)?),
         })
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h` (one number, one unit).
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+/// A size in TOML: text (`32MiB`) or a whole number of bytes, read as text and parsed by
+/// [`parse_size`] as a flag's value is.
+struct SizeVisitor;
+
+impl Visitor<'_> for SizeVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size like \"32MiB\", or a whole number of bytes")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<String, E> {
+        Ok(value.to_string())
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<String, E> {
+        Ok(value.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<String, E> {
+        Ok(value.to_string())
+    }
+}
+
+/// Splits `text` into its leading whole number and the rest.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let bad = || format!("`{text}` is not a duration like 500ms, 5s, 2m or 1h");
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    let millis = match unit {
-        "ms" => Some(number),
-        "s" => number.checked_mul(1_000),
-        "m" => number.checked_mul(60_000),
-        "h" => number.checked_mul(3_600_000),
+    Some((number.parse().ok()?, unit))
+}
+
+/// Parses `200us` (or `200µs`), `500ms`, `5s`, `2m`, `1h` (one number, one unit).
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let bad = || format!("`{text}` is not a duration like 200us, 500ms, 5s, 2m or 1h");
+    let (number, unit) = number_and_unit(text).ok_or_else(bad)?;
+    let micros = match unit {
+        "us" | "µs" => Some(number),
+        "ms" => number.checked_mul(1_000),
+        "s" => number.checked_mul(1_000_000),
+        "m" => number.checked_mul(60_000_000),
+        "h" => number.checked_mul(3_600_000_000),
         _ => return Err(bad()),
     };
-    millis
-        .map(Duration::from_millis)
+    micros
+        .map(Duration::from_micros)
         .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// Parses a size: a whole number of bytes, or one with a binary unit (`512KiB`, `32MiB`,
+/// `1GiB`).
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let bad = || format!("`{text}` is not a size like 512KiB, 32MiB, 1GiB or a number of bytes");
+    let (number, unit) = number_and_unit(text).ok_or_else(bad)?;
+    let scale = match unit {
+        "" => 1,
+        unit => {
+            settings::SIZE_UNITS
+                .iter()
+                .find(|(name, _)| *name == unit)
+                .ok_or_else(bad)?
+                .1
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Two settings that only mean something together: both, or neither. The error names the one
@@ -916,7 +1100,8 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert!(
             config
-                .policy_config
+                .policy
+                .config
                 .contains(&("max-wait-ms".into(), "500".into()))
         );
     }
@@ -1133,7 +1318,7 @@ mod tests {
         let config = flags.over(file).validate().unwrap();
         assert_eq!(config.listen.port(), 2);
         assert_eq!(config.etcd.unwrap().prefix, "/p/");
-        assert_eq!(config.policy_config, vec![("c".into(), "3".into())]);
+        assert_eq!(config.policy.config, vec![("c".into(), "3".into())]);
 
         let mut flags = ConfigLayer::default();
         let err = flags
@@ -1163,9 +1348,9 @@ mod tests {
     #[test]
     fn every_setting_is_a_toml_key_with_its_flag_and_variable() {
         for setting in settings::ALL {
-            let (section, leaf) = match setting.key.split_once('.') {
-                Some((section, leaf)) => (format!("[{section}]\n"), leaf),
-                None => (String::new(), setting.key),
+            let (section, leaf) = match setting.table_and_name() {
+                (Some(table), leaf) => (format!("[{table}]\n"), leaf),
+                (None, leaf) => (String::new(), leaf),
             };
             let value = match setting.kind {
                 Kind::List => "[]",
@@ -1290,7 +1475,218 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_duration("200µs"), Ok(Duration::from_micros(200)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("99999999999999999h").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_size(" 1GiB "), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in [
+            "",
+            "1.5MiB",
+            "1MB",
+            "1 MiB",
+            "-1",
+            "MiB",
+            "99999999999999GiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(settings::show_size(32 << 20), "32MiB");
+        assert_eq!(settings::show_size(1 << 30), "1GiB");
+        assert_eq!(settings::show_size(1000), "1000 bytes");
+        // In the file, as text or as a number of bytes.
+        let config = toml("[policy]\nmax_size = \"16MiB\"\ncompile_memory = 134217728").unwrap();
+        assert_eq!(config.policy.load.max_size, 16 << 20);
+        assert_eq!(config.policy.load.compile_memory, 128 << 20);
+        let err = toml("[policy]\ncompile_memory = 1.5").unwrap_err();
+        assert_eq!(err.field, "policy.compile_memory");
+        assert!(err.to_string().contains("a size like"), "{err}");
+    }
+
+    /// The policy's settings left at their defaults give the engine's own defaults: the table
+    /// and the modules that own each bound cannot drift apart.
+    #[test]
+    fn the_policy_settings_default_to_the_engines_defaults() {
+        let options = toml("").unwrap().policy.engine_options(None);
+        let engine = EngineOptions::default();
+        assert_eq!(
+            format!("{:?}", options.limits),
+            format!("{:?}", engine.limits)
+        );
+        assert_eq!(format!("{:?}", options.load), format!("{:?}", engine.load));
+        assert_eq!(
+            format!("{:?}", options.rollback),
+            format!("{:?}", engine.rollback)
+        );
+        assert_eq!(options.envelope, engine.envelope);
+        assert!(matches!(options.compiler, Compiler::InProcess));
+    }
+
+    /// `[policy.limits]` is a table within a table: its settings come from the file (as a table
+    /// or as dotted keys), flags and variables, each named in full in errors.
+    #[test]
+    fn three_level_keys_come_from_the_file_flags_and_variables() {
+        let file = toml(
+            "[policy]\nlatency_budget = \"500us\"\n[policy.limits]\nmin_retry_interval = \"1s\"\n\
+             max_registry_budget = 50\nmax_suspect_hold = \"10m\"\nmax_wait = \"2s\"",
+        )
+        .unwrap()
+        .policy;
+        assert_eq!(file.latency_budget, Duration::from_micros(500));
+        assert_eq!(
+            file.limits,
+            Envelope {
+                min_retry_interval: Duration::from_secs(1),
+                max_registry_budget: 50,
+                max_suspect_hold: Duration::from_secs(600),
+                max_wait: Duration::from_secs(2),
+            }
+        );
+        let dotted = toml("[policy]\nlimits.max_wait = \"4s\"").unwrap().policy;
+        assert_eq!(dotted.limits.max_wait, Duration::from_secs(4));
+        let inline = toml("policy = { limits = { max_registry_budget = 7 } }")
+            .unwrap()
+            .policy;
+        assert_eq!(inline.limits.max_registry_budget, 7);
+
+        let setting = &settings::POLICY_LIMITS_MIN_RETRY_INTERVAL;
+        assert_eq!(setting.flag(), "--policy-limits-min-retry-interval");
+        assert_eq!(setting.env(), "REGCACHE_POLICY_LIMITS_MIN_RETRY_INTERVAL");
+        let mut flags = ConfigLayer::default();
+        flags
+            .set_from_command_line(setting, vec!["5ms".into()])
+            .unwrap();
+        let file =
+            ConfigLayer::parse_toml("[policy.limits]\nmin_retry_interval = \"1s\"", "f").unwrap();
+        let merged = flags.over(file).validate().unwrap().policy;
+        assert_eq!(merged.limits.min_retry_interval, Duration::from_millis(5));
+
+        let err = toml("[policy.limits]\nmin_retry_interval = \"0ms\"").unwrap_err();
+        assert_eq!(err.field, "policy.limits.min_retry_interval");
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: `policy.limits.min_retry_interval` \
+             (--policy-limits-min-retry-interval / REGCACHE_POLICY_LIMITS_MIN_RETRY_INTERVAL): \
+             must be between 1ms and 3600s"
+        );
+        // Unknown keys name what each table holds.
+        let err = toml("[policy.limits]\nmax_wiat = \"1s\"").unwrap_err();
+        assert!(
+            err.message.contains(
+                "unknown field `max_wiat`, expected one of `min_retry_interval`, \
+                 `max_registry_budget`, `max_suspect_hold`, `max_wait`"
+            ),
+            "{err}"
+        );
+        let err = toml("[policy]\nlimit = {}").unwrap_err();
+        assert!(
+            err.message.contains("`limits`") && !err.message.contains("`max_wait`"),
+            "{err}"
+        );
+        assert!(toml("[policy]\n\"limits.max_wait\" = \"1s\"").is_err());
+    }
+
+    /// Every bound of the envelope names the setting that sets it, as the engine's refusals say.
+    #[test]
+    fn each_envelope_bound_is_a_setting() {
+        for limit in crate::policy::EnvelopeLimit::ALL {
+            let setting = settings::find(limit.key())
+                .unwrap_or_else(|| panic!("{limit:?} names `{}`, no setting", limit.key()));
+            assert!(setting.help.contains(limit.bounds()), "{}", setting.key);
+        }
+    }
+
+    /// A bad value of each new setting of the policy is one line naming the setting, its flag
+    /// and its variable.
+    #[test]
+    fn bad_policy_settings_name_the_setting_flag_and_variable() {
+        let cases: [(&Setting, &str, &str); 14] = [
+            (
+                &settings::POLICY_MAX_SIZE,
+                "1KiB",
+                "between 64KiB and 256MiB",
+            ),
+            (&settings::POLICY_MAX_SIZE, "lots", "not a size"),
+            (
+                &settings::POLICY_COMPILE_CPU_TIME,
+                "1h",
+                "between 1s and 600s",
+            ),
+            (
+                &settings::POLICY_COMPILE_MEMORY,
+                "1MiB",
+                "between 64MiB and 64GiB",
+            ),
+            (
+                &settings::POLICY_LATENCY_BUDGET,
+                "1us",
+                "between 10µs and 50ms",
+            ),
+            (&settings::POLICY_LATENCY_BUDGET, "fast", "not a duration"),
+            (
+                &settings::POLICY_ROLLBACK_FAILURES,
+                "0",
+                "between 1 and 1000000",
+            ),
+            (
+                &settings::POLICY_ROLLBACK_FAILURES,
+                "many",
+                "not a whole number",
+            ),
+            (
+                &settings::POLICY_ROLLBACK_WINDOW,
+                "100ms",
+                "between 1s and 86400s",
+            ),
+            (
+                &settings::POLICY_LIMITS_MIN_RETRY_INTERVAL,
+                "2h",
+                "between 1ms and 3600s",
+            ),
+            (
+                &settings::POLICY_LIMITS_MAX_REGISTRY_BUDGET,
+                "0",
+                "between 1 and 1000000",
+            ),
+            (
+                &settings::POLICY_LIMITS_MAX_REGISTRY_BUDGET,
+                "2000000",
+                "between 1 and 1000000",
+            ),
+            (
+                &settings::POLICY_LIMITS_MAX_SUSPECT_HOLD,
+                "2d",
+                "not a duration",
+            ),
+            (
+                &settings::POLICY_LIMITS_MAX_WAIT,
+                "2m",
+                "between 1ms and 60s",
+            ),
+        ];
+        for (setting, value, want) in cases {
+            let mut layer = ConfigLayer::default();
+            let err = layer
+                .set_from_command_line(setting, vec![value.into()])
+                .and_then(|()| layer.policy().map(drop))
+                .unwrap_err();
+            assert_eq!(err.field, setting.key, "{value}: {err}");
+            let line = err.to_string();
+            for want in [want, &setting.flag(), &setting.env()] {
+                assert!(
+                    line.contains(want) && !line.contains('\n'),
+                    "{value}: {line}"
+                );
+            }
+        }
     }
 }

@@ -29,7 +29,7 @@ use crate::etcd_api;
 use crate::http;
 use crate::metrics::{HostMetrics, Sources};
 use crate::policy::reload::Reloader;
-use crate::policy::{EngineOptions, PolicyEngine, PolicySpec};
+use crate::policy::{PolicyEngine, PolicySpec};
 use crate::registry::Registry;
 use crate::registry::etcd::DEFAULT_PREFIX;
 use crate::registry::layout::GoMicro;
@@ -118,16 +118,14 @@ impl Host {
 
         // The policy first: one that does not load stops the start before any port or
         // connection is opened.
-        let spec = match &config.policy_file {
-            Some(path) => PolicySpec::from_file(path, config.policy_config.clone())
+        let policy = &config.policy;
+        let spec = match &policy.file {
+            Some(path) => PolicySpec::from_file(path, policy.config.clone())
                 .map_err(|e| ConfigError::new(settings::POLICY_FILE.key, e.to_string()))?,
-            None => PolicySpec::embedded_default(config.policy_config.clone()),
+            None => PolicySpec::embedded_default(policy.config.clone()),
         };
         let state_dir = config.state_dir.as_deref().map(StateDir::open);
-        let options = EngineOptions {
-            artifact_dir: state_dir.as_ref().and_then(StateDir::artifact_dir),
-            ..Default::default()
-        };
+        let options = policy.engine_options(state_dir.as_ref().and_then(StateDir::artifact_dir));
         let engine = tokio::task::spawn_blocking(move || PolicyEngine::new(options, spec))
             .await?
             .context("loading the policy")?;
@@ -198,9 +196,10 @@ impl Host {
         )
         .await?;
         let reloader = config
-            .policy_file
+            .policy
+            .file
             .as_ref()
-            .map(|path| Reloader::new(engine, path.clone(), config.policy_config.clone()));
+            .map(|path| Reloader::new(engine, path.clone(), config.policy.config.clone()));
         Ok(Host {
             parts,
             http,
@@ -334,7 +333,7 @@ fn describe_registry(config: &HostConfig) -> String {
 }
 
 fn describe_policy(config: &HostConfig) -> String {
-    match &config.policy_file {
+    match &config.policy.file {
         Some(path) => format!("policy file {}", path.display()),
         None => "the embedded default policy".into(),
     }

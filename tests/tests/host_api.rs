@@ -384,7 +384,14 @@ fn admin_endpoints_need_the_token_and_are_disabled_without_one() {
 
 #[test]
 fn put_policy_swaps_each_example_and_refuses_bad_ones() {
-    let host = Host::start(&["--admin-token", TOKEN]).unwrap();
+    // The swaps below set a retry interval of 1 ms, under the operator's default floor.
+    let host = Host::start(&[
+        "--admin-token",
+        TOKEN,
+        "--policy-limits-min-retry-interval",
+        "1ms",
+    ])
+    .unwrap();
     let first = host.get("/v1/policy").unwrap().json();
     assert_eq!(first["generation"], 1);
     assert_eq!(first["source"], "embedded:default");

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use regcache::model::Service;
-use regcache_tests::cache::{cache, engine, registry, spec};
+use regcache::policy::{EngineOptions, Envelope, PolicyEngine};
+use regcache_tests::cache::{cache, registry, spec};
 use regcache_tests::etcd::EtcdCluster;
 use regcache_tests::registry::{fill_scale, raw_client};
 
@@ -98,7 +99,19 @@ async fn bytes_per_node_of_the_mirror_and_the_cache() {
     let registry = registry(&etcd).await;
     let (connected, connect_peak) = settle().await;
 
-    let engine = engine(spec("default", &[("registry-budget-per-second", "100000")]));
+    // Filling the cache asks etcd once per service: a budget past the default ceiling.
+    let options = EngineOptions {
+        envelope: Envelope {
+            max_registry_budget: 100_000,
+            ..Envelope::default()
+        },
+        ..EngineOptions::default()
+    };
+    let engine = PolicyEngine::new(
+        options,
+        spec("default", &[("registry-budget-per-second", "100000")]),
+    )
+    .unwrap();
     let cache = cache(registry.clone(), &engine);
     let (idle, _) = settle().await;
     for s in 0..services {

@@ -42,7 +42,7 @@ fn a_new_policy_scaffold_builds_passes_check_and_decides() {
     let wasm = stdout(&build).trim().to_string();
     assert!(wasm.ends_with("my_policy.wasm"), "{wasm}");
 
-    let check = regcache(&["policy", "check", &wasm, "--config", "ttl-ms=2000"]);
+    let check = regcache(&["policy", "check", &wasm, "--policy-config", "ttl-ms=2000"]);
     assert!(check.status.success(), "{}", stderr(&check));
     assert!(stdout(&check).contains("ttl: 2s"), "{}", stdout(&check));
 
@@ -50,7 +50,7 @@ fn a_new_policy_scaffold_builds_passes_check_and_decides() {
         "policy",
         "eval",
         &wasm,
-        "--config",
+        "--policy-config",
         "ttl-ms=2000",
         "--context",
         r#"{"cached": true, "nodes": 3, "since_refresh_ms": 2500}"#,
@@ -61,7 +61,7 @@ fn a_new_policy_scaffold_builds_passes_check_and_decides() {
         r#"{"decision":"serve_stale","refresh":true}"#
     );
 
-    let refused = regcache(&["policy", "check", &wasm, "--config", "ttl=1"]);
+    let refused = regcache(&["policy", "check", &wasm, "--policy-config", "ttl=1"]);
     assert!(!refused.status.success());
     assert!(
         stderr(&refused).contains("unknown configuration key `ttl`"),

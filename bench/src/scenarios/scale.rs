@@ -26,9 +26,12 @@ pub fn run(quick: bool) -> anyhow::Result<Section> {
         let host = Host::start(&[
             "--etcd-endpoints",
             &etcd.endpoints().join(","),
-            // Filling the cache asks etcd once per service: let the budget allow it.
+            // Filling the cache asks etcd once per service: let the budget allow it (past the
+            // operator's default ceiling).
             "--policy-config",
             "registry-budget-per-second=100000",
+            "--policy-limits-max-registry-budget",
+            "100000",
         ])
         .await?;
         let rss_started = host.rss_bytes()?;

@@ -1,6 +1,7 @@
 //! The command line: `regcache run` (the host) and `regcache policy ...` (tools for policy
 //! authors). Each subcommand's module parses its own arguments and calls the library.
 
+mod args;
 mod policy;
 mod process;
 mod run;

@@ -1,6 +1,9 @@
 //! `regcache policy ...`: the policy author's tools. `new` scaffolds a Rust policy crate bound to
 //! the WIT, `build` compiles it to a component, `check` validates a component exactly as a hot
 //! swap would, and `eval` shows the decision a policy makes for a context given as JSON.
+//! `check` and `eval` take the host's policy settings (a host's `--config` file, the
+//! `--policy-*` flags and variables), so that they judge a policy as the hosts would: under the
+//! same bounds, through the same engine options.
 
 mod json;
 
@@ -8,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
+use clap::{ArgMatches, FromArgMatches};
 use serde::Deserialize;
 
 use regcache::decision::{Decide, EvictionContext, LookupContext};
-use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec, WIT};
+use regcache::policy::{PolicyEngine, PolicySpec, WIT};
+
+use super::args::{self, SettingArgs, policy_settings};
 
 use json::{EvictionDecisionJson, EvictionJson, LookupDecisionJson, LookupJson};
 
@@ -31,9 +37,8 @@ pub enum PolicyCommand {
     Check {
         /// The policy component (.wasm).
         file: PathBuf,
-        /// Operator configuration passed to the policy, `key=value` (repeatable).
-        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_pair)]
-        config: Vec<(String, String)>,
+        #[command(flatten)]
+        settings: PolicyArgs,
     },
     /// Print the decision a policy makes for one context given as JSON.
     ///
@@ -52,16 +57,47 @@ pub enum PolicyCommand {
         /// Ask the eviction guard instead of the lookup decision.
         #[arg(long)]
         eviction: bool,
-        /// Operator configuration passed to the policy, `key=value` (repeatable).
-        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_pair)]
-        config: Vec<(String, String)>,
+        #[command(flatten)]
+        settings: PolicyArgs,
     },
 }
 
-fn parse_pair(raw: &str) -> Result<(String, String), String> {
-    match raw.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got `{raw}`")),
+/// The policy's settings of `check` and `eval`: a host's configuration file (only its
+/// `[policy]` table is read, its `file` ignored) and the `--policy-*` flags over it.
+#[derive(Debug)]
+pub struct PolicyArgs(SettingArgs);
+
+impl clap::Args for PolicyArgs {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        SettingArgs::augment(
+            command,
+            "A host's TOML configuration file: the policy is judged under its [policy] \
+             settings (configuration, limits, budgets); flags and REGCACHE_* variables \
+             override them",
+            policy_settings(),
+        )
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
+}
+
+impl FromArgMatches for PolicyArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        Ok(PolicyArgs(SettingArgs::from_matches(
+            matches,
+            policy_settings(),
+        )))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
     }
 }
 
@@ -72,13 +108,13 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             println!("{}", build(&dir)?.display());
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Check { file, config } => check(&file, config),
+        PolicyCommand::Check { file, settings } => check(&file, settings),
         PolicyCommand::Eval {
             file,
             context,
             eviction,
-            config,
-        } => eval(&file, &context, eviction, config),
+            settings,
+        } => eval(&file, &context, eviction, settings),
     }
 }
 
@@ -154,13 +190,19 @@ fn build(dir: &Path) -> anyhow::Result<PathBuf> {
         .context("cargo built no .wasm (is the crate a cdylib?)")
 }
 
-fn load(file: &Path, config: Vec<(String, String)>) -> anyhow::Result<PolicyEngine> {
-    let spec = PolicySpec::from_file(file, config)?;
-    Ok(PolicyEngine::new(EngineOptions::default(), spec)?)
+/// The policy in `file` loaded as a host with these settings would load it (a configuration
+/// that is refused is an error, not a refusal of the policy).
+fn load(file: &Path, PolicyArgs(args): PolicyArgs) -> anyhow::Result<anyhow::Result<PolicyEngine>> {
+    let mut settings = args.layer()?.policy()?;
+    settings.compiler = args::compiler()?;
+    let options = settings.engine_options(None);
+    Ok(PolicySpec::from_file(file, settings.config)
+        .and_then(|spec| PolicyEngine::new(options, spec))
+        .map_err(anyhow::Error::from))
 }
 
-fn check(file: &Path, config: Vec<(String, String)>) -> anyhow::Result<ExitCode> {
-    let engine = match load(file, config) {
+fn check(file: &Path, settings: PolicyArgs) -> anyhow::Result<ExitCode> {
+    let engine = match load(file, settings)? {
         Ok(engine) => engine,
         Err(err) => {
             eprintln!("{}: refused: {err:#}", file.display());
@@ -178,9 +220,9 @@ fn eval(
     file: &Path,
     context: &str,
     eviction: bool,
-    config: Vec<(String, String)>,
+    settings: PolicyArgs,
 ) -> anyhow::Result<ExitCode> {
-    let engine = load(file, config)?;
+    let engine = load(file, settings)??;
     let decision = if eviction {
         let json: EvictionJson =
             serde_json::from_str(context).context("invalid eviction context")?;

@@ -12,14 +12,20 @@ use std::time::Duration;
 
 use crate::etcd_api;
 use crate::http;
+use crate::policy::{self, Envelope};
 use crate::registry::etcd;
 
-use super::{DEFAULT_LISTEN, DEFAULT_SNAPSHOT_INTERVAL, SNAPSHOT_INTERVAL_RANGE};
+use super::{
+    COMPILE_CPU_TIME_RANGE, COMPILE_MEMORY_RANGE, DEFAULT_LISTEN, DEFAULT_SNAPSHOT_INTERVAL,
+    LATENCY_BUDGET_RANGE, POLICY_MAX_SIZE_RANGE, ROLLBACK_FAILURES_RANGE, ROLLBACK_WINDOW_RANGE,
+    SNAPSHOT_INTERVAL_RANGE,
+};
 
 /// One setting of the host.
 #[derive(Debug)]
 pub struct Setting {
-    /// Dotted as in the TOML file: `etcd.lease_ttl` is `lease_ttl` in `[etcd]`.
+    /// Dotted as in the TOML file: `etcd.lease_ttl` is `lease_ttl` in `[etcd]`,
+    /// `policy.limits.max_wait` is `max_wait` in `[policy.limits]`.
     pub key: &'static str,
     /// The value's placeholder in the help: `DURATION`.
     pub value_name: &'static str,
@@ -47,8 +53,11 @@ pub enum Kind {
     Secret,
     /// A file holding the secret of the setting named like this one without `_file`.
     SecretFile,
-    /// A duration (`500ms`, `5s`, `2m`, `1h`) within the range.
+    /// A duration (`200us`, `500ms`, `5s`, `2m`, `1h`) within the range.
     Duration(&'static RangeInclusive<Duration>),
+    /// A size in bytes within the range: a whole number of bytes, or with a binary unit
+    /// (`512KiB`, `32MiB`, `1GiB`).
+    Size(&'static RangeInclusive<u64>),
     /// A duration of the etcd registry's own configuration: its range is checked by
     /// [`EtcdConfig::validate`](etcd::EtcdConfig::validate), which embedders building an
     /// `EtcdConfig` themselves rely on as well, and is only documented from here.
@@ -76,6 +85,8 @@ pub enum DefaultValue {
     Duration(Duration),
     /// This number.
     Count(u64),
+    /// This many bytes.
+    Size(u64),
     /// Nothing.
     None,
     /// Nothing, which means this.
@@ -207,6 +218,114 @@ pub static POLICY_CONFIG: Setting = Setting {
     help: "Policy configuration, passed to the policy's `configure`",
     kind: Kind::Pairs,
     default: DefaultValue::None,
+};
+
+/// Largest policy component accepted.
+pub static POLICY_MAX_SIZE: Setting = Setting {
+    key: "policy.max_size",
+    value_name: "SIZE",
+    help: "Largest policy component accepted, from the file or over the API (a component \
+           compiled from another language than Rust reaches a few MiB)",
+    kind: Kind::Size(&POLICY_MAX_SIZE_RANGE),
+    default: DefaultValue::Size(policy::MAX_POLICY_SIZE as u64),
+};
+
+/// CPU time compiling a candidate may take.
+pub static POLICY_COMPILE_CPU_TIME: Setting = Setting {
+    key: "policy.compile_cpu_time",
+    value_name: "DURATION",
+    help: "CPU time compiling and validating one candidate policy may take, all threads \
+           together (a few hundred ms for ours); a crafted component that takes longer is \
+           refused",
+    kind: Kind::Duration(&COMPILE_CPU_TIME_RANGE),
+    default: DefaultValue::Duration(Duration::from_secs(30)),
+};
+
+/// Memory compiling a candidate may use.
+pub static POLICY_COMPILE_MEMORY: Setting = Setting {
+    key: "policy.compile_memory",
+    value_name: "SIZE",
+    help: "Memory compiling and validating one candidate policy may use (tens of MiB for \
+           ours); a crafted component that needs more is refused",
+    kind: Kind::Size(&COMPILE_MEMORY_RANGE),
+    default: DefaultValue::Size(1 << 30),
+};
+
+/// The p99 cost a decision may have.
+pub static POLICY_LATENCY_BUDGET: Setting = Setting {
+    key: "policy.latency_budget",
+    value_name: "DURATION",
+    help: "p99 cost of one decision, measured over the validation battery: a slower policy is \
+           refused, and a decision that overruns it at run time counts against the policy \
+           (the default policy decides in about 350ns in process; 200us leaves room for a \
+           policy in a slower language and a loaded machine while keeping a lookup's policy \
+           cost well under a millisecond)",
+    kind: Kind::Duration(&LATENCY_BUDGET_RANGE),
+    default: DefaultValue::Duration(Duration::from_micros(200)),
+};
+
+/// Failures that roll a policy back.
+pub static POLICY_ROLLBACK_FAILURES: Setting = Setting {
+    key: "policy.rollback_failures",
+    value_name: "N",
+    help: "Failed decisions (traps, deadline or budget overruns, invalid answers) within \
+           `policy.rollback_window` after which the active policy is replaced by the one \
+           before it",
+    kind: Kind::Count(&ROLLBACK_FAILURES_RANGE),
+    default: DefaultValue::Count(10),
+};
+
+/// The window failures are counted over.
+pub static POLICY_ROLLBACK_WINDOW: Setting = Setting {
+    key: "policy.rollback_window",
+    value_name: "DURATION",
+    help: "Sliding window over which a policy's failed decisions are counted",
+    kind: Kind::Duration(&ROLLBACK_WINDOW_RANGE),
+    default: DefaultValue::Duration(Duration::from_secs(60)),
+};
+
+/// The floor of a policy's retry interval.
+pub static POLICY_LIMITS_MIN_RETRY_INTERVAL: Setting = Setting {
+    key: "policy.limits.min_retry_interval",
+    value_name: "DURATION",
+    help: "Floor of a policy's `min-retry-interval-ms`: a policy asking for less is refused. \
+           100ms lets one service cost etcd at most ten reads a second per host (the default \
+           policy waits 5s)",
+    kind: Kind::Duration(&Envelope::MIN_RETRY_INTERVAL_RANGE),
+    default: DefaultValue::Duration(Envelope::DEFAULT_MIN_RETRY_INTERVAL),
+};
+
+/// The ceiling of a policy's registry budget.
+pub static POLICY_LIMITS_MAX_REGISTRY_BUDGET: Setting = Setting {
+    key: "policy.limits.max_registry_budget",
+    value_name: "N",
+    help: "Ceiling of a policy's `registry-budget-per-second`: a policy asking for more is \
+           refused. 1000 listings a second per host is a load one etcd member serves beside \
+           its writes (the default policy asks 100)",
+    kind: Kind::Count(&Envelope::REGISTRY_BUDGET_RANGE),
+    default: DefaultValue::Count(Envelope::DEFAULT_MAX_REGISTRY_BUDGET as u64),
+};
+
+/// The ceiling of a policy's suspect hold.
+pub static POLICY_LIMITS_MAX_SUSPECT_HOLD: Setting = Setting {
+    key: "policy.limits.max_suspect_hold",
+    value_name: "DURATION",
+    help: "Ceiling of a policy's `max-suspect-hold-ms`: a policy asking for more is refused. \
+           A node etcd says is gone is handed out at most this long on the policy's word (the \
+           default policy holds 5 min)",
+    kind: Kind::Duration(&Envelope::MAX_SUSPECT_HOLD_RANGE),
+    default: DefaultValue::Duration(Envelope::DEFAULT_MAX_SUSPECT_HOLD),
+};
+
+/// The ceiling of a policy's wait.
+pub static POLICY_LIMITS_MAX_WAIT: Setting = Setting {
+    key: "policy.limits.max_wait",
+    value_name: "DURATION",
+    help: "Ceiling of a policy's `max-wait-ms`, and so of every caller's wait for a refresh: \
+           a policy asking for more is refused. 10s stays under clients' usual timeouts (the \
+           default policy waits 3s)",
+    kind: Kind::Duration(&Envelope::MAX_WAIT_RANGE),
+    default: DefaultValue::Duration(Envelope::DEFAULT_MAX_WAIT),
 };
 
 /// The admin endpoints' bearer token.
@@ -368,7 +487,7 @@ pub(crate) static SECRET_TWINS: [(&Setting, &Setting); 2] = [
 ];
 
 /// Every setting, in the order `run --help` and the README list them.
-pub static ALL: [&Setting; 28] = [
+pub static ALL: [&Setting; 38] = [
     &LISTEN,
     &ETCD_ENDPOINTS,
     &ETCD_USER,
@@ -382,6 +501,16 @@ pub static ALL: [&Setting; 28] = [
     &ETCD_LEASE_TTL,
     &POLICY_FILE,
     &POLICY_CONFIG,
+    &POLICY_MAX_SIZE,
+    &POLICY_COMPILE_CPU_TIME,
+    &POLICY_COMPILE_MEMORY,
+    &POLICY_LATENCY_BUDGET,
+    &POLICY_ROLLBACK_FAILURES,
+    &POLICY_ROLLBACK_WINDOW,
+    &POLICY_LIMITS_MIN_RETRY_INTERVAL,
+    &POLICY_LIMITS_MAX_REGISTRY_BUDGET,
+    &POLICY_LIMITS_MAX_SUSPECT_HOLD,
+    &POLICY_LIMITS_MAX_WAIT,
     &ADMIN_TOKEN,
     &ADMIN_TOKEN_FILE,
     &STATE_DIR,
@@ -416,13 +545,43 @@ pub fn env(key: &str) -> String {
 
 /// A duration as the configuration writes it in messages and help (`100ms`, `300s`).
 pub(crate) fn show(duration: Duration) -> String {
+    if duration.is_zero() {
+        // `Duration`'s own `0ns` would be the only nanoseconds the configuration ever shows.
+        return "0s".into();
+    }
     format!("{duration:?}")
 }
 
+/// The binary units of sizes, largest first.
+pub(crate) const SIZE_UNITS: [(&str, u64); 3] =
+    [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+
+/// A size as the configuration writes it: in the largest unit that divides it (`32MiB`), or
+/// in bytes.
+pub(crate) fn show_size(bytes: u64) -> String {
+    SIZE_UNITS
+        .iter()
+        .find(|(_, unit)| bytes != 0 && bytes.is_multiple_of(*unit))
+        .map_or_else(
+            || format!("{bytes} bytes"),
+            |(name, unit)| format!("{}{name}", bytes / unit),
+        )
+}
+
 impl Setting {
-    /// The `[section]` of the TOML file the setting is in, if any.
+    /// The top-level `[section]` of the TOML file the setting is in, if any (`policy` for
+    /// `policy.limits.max_wait` too).
     pub fn section(&self) -> Option<&'static str> {
         self.key.split_once('.').map(|(section, _)| section)
+    }
+
+    /// The TOML table the setting is in, if any (`policy.limits` for
+    /// `policy.limits.max_wait`), and its name in it.
+    pub fn table_and_name(&self) -> (Option<&'static str>, &'static str) {
+        match self.key.rsplit_once('.') {
+            Some((table, name)) => (Some(table), name),
+            None => (None, self.key),
+        }
     }
 
     /// The command-line flag, e.g. `--etcd-lease-ttl`.
@@ -459,6 +618,9 @@ impl Setting {
             Kind::Count(range) => {
                 let _ = write!(text, "; {} to {}", range.start(), range.end());
             }
+            Kind::Size(range) => {
+                let _ = write!(text, "; {}", size_range_text(range));
+            }
             Kind::List => text.push_str("; comma-separated"),
             Kind::Pairs => text.push_str(
                 "; repeatable (comma-separated in the environment), replacing the file's whole \
@@ -474,6 +636,7 @@ impl Setting {
             DefaultValue::Text(text) => (*text).to_string(),
             DefaultValue::Duration(duration) => show(*duration),
             DefaultValue::Count(count) => count.to_string(),
+            DefaultValue::Size(bytes) => show_size(*bytes),
             DefaultValue::None => "none".to_string(),
             DefaultValue::NoneMeans(meaning) => format!("none: {meaning}"),
             DefaultValue::Derived(describe) => describe(),
@@ -493,6 +656,23 @@ impl Setting {
 
 fn range_text(range: &RangeInclusive<Duration>) -> String {
     format!("{} to {}", show(*range.start()), show(*range.end()))
+}
+
+fn size_range_text(range: &RangeInclusive<u64>) -> String {
+    format!(
+        "{} to {}",
+        show_size(*range.start()),
+        show_size(*range.end())
+    )
+}
+
+/// A size range as validation messages state it.
+pub(crate) fn size_between(range: &RangeInclusive<u64>) -> String {
+    format!(
+        "between {} and {}",
+        show_size(*range.start()),
+        show_size(*range.end())
+    )
 }
 
 /// A duration range as validation messages state it.
