@@ -280,6 +280,25 @@ async fn without_cache_a_down_registry_fails_fast_within_the_interval() {
     assert_eq!(f.registry.get_service_calls(), 2);
 }
 
+/// A decision's own wait is capped at the settings' `max-wait`, which the operator's envelope
+/// bounds (`policy.limits.max_wait`): a policy cannot make one caller wait longer than its
+/// settings said, whatever it answers.
+#[tokio::test(start_paused = true)]
+async fn a_decisions_wait_is_capped_at_the_settings_max_wait() {
+    let max_wait = Duration::from_millis(400);
+    let f = fixture(Settings {
+        max_wait,
+        ..SETTINGS
+    });
+    f.registry.register(&service("svc", &["a"])).await.unwrap();
+    f.registry.set_latency(Duration::from_secs(4));
+    // It answers refresh-and-wait with a wait of 1 s.
+    f.policy.always_refresh.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let _ = f.cache.lookup("svc").await;
+    assert_eq!(Instant::now() - start, max_wait);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stalled_refresh_bounds_its_waiters_and_survives_their_drop() {
     let f = fixture(SETTINGS);
