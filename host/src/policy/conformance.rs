@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::PolicyError;
 use super::instance::{CallFailure, Instance};
+use super::sandbox;
 use crate::decision::{
     EvictionContext, EvictionDecision, EvictionReason, HealthView, LookupContext, LookupDecision,
 };
@@ -374,9 +375,9 @@ impl Meter {
             Case::Lookup(_) => Export::DecideLookup,
             Case::Eviction(_) => Export::GuardEviction,
         };
-        let started = thread_cpu_time();
+        let started = sandbox::thread_cpu_time();
         let answer = call();
-        let cost = thread_cpu_time().saturating_sub(started);
+        let cost = sandbox::thread_cpu_time().saturating_sub(started);
         let e = export as usize;
         self.costs[e].push(cost);
         if cost > self.budget {
@@ -419,18 +420,4 @@ impl Meter {
 /// The 1-based rank of the p99 among `n` sorted values (nearest rank).
 fn p99_rank(n: usize) -> usize {
     (n * 99).div_ceil(100).max(1)
-}
-
-/// CPU time the calling thread has used.
-fn thread_cpu_time() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec for the call to fill; the clock exists on every Linux.
-    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0;
-    if !ok {
-        return Duration::ZERO;
-    }
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use wasmtime::component::Component;
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Generation;
 use super::bindings::{self, Policy, PolicyPre, RawSettings};
@@ -62,7 +62,24 @@ pub(crate) enum Deadlines {
     /// ticks, at least two (so 1-2 ms for the default 200 µs). A policy that turns slow after
     /// validation then costs a fail-safe answer and a counted deadline failure per decision,
     /// not a runtime worker stalled for 100 ms (health, metrics and the admin API share them).
+    ///
+    /// The epoch is wall-clock time, and a busy 2-core host deschedules a worker mid-decision
+    /// for milliseconds many times a second: a decision that reaches the deadline is given
+    /// the same number of ticks again, and stopped only if its thread spent at least half a
+    /// tick of CPU meanwhile (see [`overrun`]). A slow policy is stopped after 2-4 ms of its
+    /// own work; a descheduled decision finishes, and no good policy is rolled back for the
+    /// host's load. Nothing of this runs on a decision that ends within its deadline.
     Serving,
+}
+
+/// What a serving decision that reached its deadline gets: `Some(ticks)` more, or stopped.
+/// `overrun_at` is the thread's CPU time when the call last reached it (none the first time),
+/// `now` the thread's CPU time.
+fn overrun(overrun_at: Option<Duration>, now: Duration, ticks: u64) -> Option<u64> {
+    match overrun_at {
+        Some(at) if now.saturating_sub(at) >= sandbox::TICK / 2 => None,
+        _ => Some(ticks),
+    }
 }
 
 /// One live instance of one generation.
@@ -104,6 +121,16 @@ impl Instance {
             Deadlines::Validation => limits.decision_deadline,
             Deadlines::Serving => limits.latency_budget,
         });
+        if deadlines == Deadlines::Serving {
+            store.epoch_deadline_callback(move |mut store| {
+                let state = store.data_mut();
+                let now = sandbox::thread_cpu_time();
+                match overrun(state.overrun_at.replace(now), now, decision_ticks) {
+                    Some(ticks) => Ok(UpdateDeadline::Continue(ticks)),
+                    None => Ok(UpdateDeadline::Interrupt),
+                }
+            });
+        }
         let instance = Instance {
             store,
             policy,
@@ -115,11 +142,16 @@ impl Instance {
         Ok((instance, bindings::raw_settings(&settings)))
     }
 
+    fn start_decision(&mut self) {
+        self.store.set_epoch_deadline(self.decision_ticks);
+        self.store.data_mut().overrun_at = None;
+    }
+
     pub(crate) fn decide_lookup(
         &mut self,
         ctx: &LookupContext<'_>,
     ) -> Result<LookupDecision, CallFailure> {
-        self.store.set_epoch_deadline(self.decision_ticks);
+        self.start_decision();
         let mut service = std::mem::take(&mut self.service);
         service.clear();
         service.push_str(ctx.service);
@@ -134,7 +166,7 @@ impl Instance {
         &mut self,
         ctx: &EvictionContext<'_>,
     ) -> Result<EvictionDecision, CallFailure> {
-        self.store.set_epoch_deadline(self.decision_ticks);
+        self.start_decision();
         let lowered = bindings::eviction_context(ctx);
         let decision = contain(|| self.policy.call_guard_eviction(&mut self.store, &lowered))
             .map_err(|e| CallFailure::from_error(e, self.decision_deadline))?;
@@ -237,4 +269,26 @@ pub(crate) fn with_thread_instance<R>(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_serving_decision_past_its_deadline_is_stopped_only_once_it_spent_cpu_meanwhile() {
+        let ms = Duration::from_millis;
+        let ticks = 2;
+        assert_eq!(
+            overrun(None, ms(7), ticks),
+            Some(ticks),
+            "first time: more ticks"
+        );
+        assert_eq!(
+            overrun(Some(ms(7)), ms(7) + Duration::from_micros(100), ticks),
+            Some(ticks),
+            "descheduled meanwhile: more ticks"
+        );
+        assert_eq!(overrun(Some(ms(7)), ms(8), ticks), None, "it ran: stopped");
+    }
 }
