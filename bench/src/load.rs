@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -37,20 +37,33 @@ impl Target {
 
 /// The body of one `GET` of the target's first path, if it answered 2xx.
 pub async fn body(target: &Target) -> Option<String> {
+    let (status, bytes) = send(&Target::get(target.addr, &target.paths[0]), &[]).await?;
+    status
+        .is_success()
+        .then(|| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// One request of the target's first path (its method and body, and `headers`) on a connection
+/// of its own: the status and body, whatever the status.
+pub async fn send(target: &Target, headers: &[(&str, &str)]) -> Option<(StatusCode, Bytes)> {
     let stream = TcpStream::connect(target.addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .ok()?;
     let driver = tokio::spawn(conn);
-    let request = Request::get(&target.paths[0])
-        .header("host", target.addr.to_string())
-        .body(Full::new(Bytes::new()))
-        .ok()?;
+    let mut request = Request::builder()
+        .method(target.method.clone())
+        .uri(&target.paths[0])
+        .header("host", target.addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(target.body.clone())).ok()?;
     let response = sender.send_request(request).await.ok()?;
-    let ok = response.status().is_success();
+    let status = response.status();
     let bytes = response.into_body().collect().await.ok()?.to_bytes();
     driver.abort();
-    ok.then(|| String::from_utf8_lossy(&bytes).into_owned())
+    Some((status, bytes))
 }
 
 /// Failures after which a connection gives up.
@@ -74,6 +87,9 @@ pub struct Outcome {
     pub failed: u64,
     /// Latency of every request, sorted.
     pub latencies: Vec<Duration>,
+    /// Of a paced connection ([`paced`]), every answered request in the order sent: when it was
+    /// sent and its latency (a prober's figures over part of its run).
+    pub timeline: Vec<(Instant, Duration)>,
     pub seconds: f64,
 }
 
@@ -93,6 +109,7 @@ impl Outcome {
             outcome.ok += part.ok;
             outcome.failed += part.failed;
             outcome.latencies.extend(part.latencies);
+            outcome.timeline.extend(part.timeline);
         }
         outcome.latencies.sort_unstable();
         outcome.seconds = started.elapsed().as_secs_f64();
@@ -115,7 +132,7 @@ pub async fn drive(target: &Target, connections: usize, until: Until) -> Outcome
     let target = Arc::new(target.clone());
     let started = Instant::now();
     let workers: Vec<_> = (0..connections)
-        .map(|c| tokio::spawn(connection(target.clone(), c, connections, until)))
+        .map(|c| tokio::spawn(connection(target.clone(), c, connections, until, None)))
         .collect();
     let mut parts = Vec::with_capacity(workers.len());
     for worker in workers {
@@ -124,8 +141,34 @@ pub async fn drive(target: &Target, connections: usize, until: Until) -> Outcome
     Outcome::combine(parts, started)
 }
 
-async fn connection(target: Arc<Target>, first: usize, stride: usize, until: Until) -> Outcome {
+/// Sends `target` on one connection, one request every `every` (or right after the previous
+/// answer when that is late), until `until`: a prober, open loop unless the server falls behind.
+pub async fn paced(target: &Target, every: Duration, until: Instant) -> Outcome {
+    let started = Instant::now();
+    let outcome = connection(
+        Arc::new(target.clone()),
+        0,
+        1,
+        Until::Deadline(until),
+        Some(every),
+    )
+    .await;
+    Outcome::combine(vec![outcome], started)
+}
+
+async fn connection(
+    target: Arc<Target>,
+    first: usize,
+    stride: usize,
+    until: Until,
+    pace: Option<Duration>,
+) -> Outcome {
     let mut outcome = Outcome::default();
+    let mut tick = pace.map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
     let mut next = first;
     let more = |next: usize| match until {
         Until::Deadline(deadline) => Instant::now() < deadline,
@@ -149,6 +192,12 @@ async fn connection(target: Arc<Target>, first: usize, stride: usize, until: Unt
         };
         let driver = tokio::spawn(conn);
         while more(next) {
+            if let Some(tick) = &mut tick {
+                tick.tick().await;
+                if !more(next) {
+                    break;
+                }
+            }
             let path = &target.paths[next % target.paths.len()];
             next += stride;
             let request = Request::builder()
@@ -174,7 +223,11 @@ async fn connection(target: Arc<Target>, first: usize, stride: usize, until: Unt
                     break; // the connection is gone: open another
                 }
             };
-            outcome.latencies.push(sent.elapsed());
+            let latency = sent.elapsed();
+            outcome.latencies.push(latency);
+            if pace.is_some() {
+                outcome.timeline.push((sent, latency));
+            }
             if answer {
                 outcome.ok += 1;
             } else {

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (policy_cost, hot_path, http_vs_etcd, outage, penetration,
-    /// auth_load, scale, hot_swap, etcd_api); repeatable.
+    /// auth_load, scale, hot_swap, etcd_api, policy_safety); repeatable.
     #[arg(long, action = clap::ArgAction::Append)]
     only: Vec<String>,
     /// Where to write latest.md and latest.json.
@@ -68,6 +68,10 @@ fn main() -> anyhow::Result<()> {
         (
             "etcd_api",
             Box::new(move || scenarios::etcd_api::run(quick)),
+        ),
+        (
+            "policy_safety",
+            Box::new(move || scenarios::policy_safety::run(quick)),
         ),
     ];
     let mut sections = Vec::new();

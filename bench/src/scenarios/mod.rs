@@ -1,4 +1,5 @@
-//! The benchmark scenarios of issue 6 (and `etcd_api`, issue 11's), one module each.
+//! The benchmark scenarios of issue 6 (and `etcd_api`, issue 11's, `policy_safety`, issue 12's),
+//! one module each.
 
 pub mod auth_load;
 pub mod etcd_api;
@@ -8,4 +9,5 @@ pub mod http_vs_etcd;
 pub mod outage;
 pub mod penetration;
 pub mod policy_cost;
+pub mod policy_safety;
 pub mod scale;
