@@ -386,7 +386,10 @@ fn a_policy_that_misbehaves_in_production_gets_the_fail_safe_and_a_fresh_instanc
 
     engine.swap(boom("memory-bomb")).unwrap();
     engine.decide_lookup(&cached("boom", 1));
-    assert_eq!(engine.stats().traps, 3);
+    // Out of memory, or out of time first: filling 16 MiB takes about the serving deadline
+    // (the latency budget in epoch ticks). Contained either way.
+    let stats = engine.stats();
+    assert_eq!(stats.traps + stats.deadline_hits, 4, "{stats:?}");
 
     engine.swap(boom("huge-string")).unwrap();
     assert_eq!(
