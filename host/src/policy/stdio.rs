@@ -487,3 +487,35 @@ impl poll::HostPollable for GuestIo<'_> {
         async_poll::HostPollable::drop(self.table, pollable)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_kept_to_its_first_kib_and_marked_clipped() {
+        let mut line = LineBuffer::default();
+        line.push(&[b'x'; 1000]);
+        line.push(&[b'y'; 1000]);
+        let taken = line.take();
+        assert_eq!(&taken[..1000], &[b'x'; 1000][..]);
+        assert_eq!(&taken[1000..bindings::MAX_REASON_BYTES], &[b'y'; 24][..]);
+        assert_eq!(&taken[bindings::MAX_REASON_BYTES..], "…".as_bytes());
+        assert!(line.is_empty(), "taking empties it");
+        line.push(b"short");
+        assert_eq!(line.take(), b"short");
+    }
+
+    #[test]
+    fn output_beyond_the_rate_is_dropped_and_counted() {
+        let mut limit = RateLimit::new();
+        let admitted = (0..LINES_PER_SECOND + 5)
+            .filter(|_| limit.admit("0123456789ab"))
+            .count();
+        assert_eq!(admitted, LINES_PER_SECOND as usize);
+        assert_eq!(limit.dropped, 5);
+        limit.window -= Duration::from_secs(1);
+        assert!(limit.admit("0123456789ab"), "a new second");
+        assert_eq!(limit.dropped, 0);
+    }
+}
