@@ -1348,9 +1348,10 @@ mod tests {
     #[test]
     fn every_setting_is_a_toml_key_with_its_flag_and_variable() {
         for setting in settings::ALL {
-            let (section, leaf) = match setting.table_and_name() {
-                (Some(table), leaf) => (format!("[{table}]\n"), leaf),
-                (None, leaf) => (String::new(), leaf),
+            // `[policy.limits]` for `policy.limits.max_wait`.
+            let (section, leaf) = match setting.key.rsplit_once('.') {
+                Some((table, leaf)) => (format!("[{table}]\n"), leaf),
+                None => (String::new(), setting.key),
             };
             let value = match setting.kind {
                 Kind::List => "[]",

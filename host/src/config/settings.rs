@@ -575,15 +575,6 @@ impl Setting {
         self.key.split_once('.').map(|(section, _)| section)
     }
 
-    /// The TOML table the setting is in, if any (`policy.limits` for
-    /// `policy.limits.max_wait`), and its name in it.
-    pub fn table_and_name(&self) -> (Option<&'static str>, &'static str) {
-        match self.key.rsplit_once('.') {
-            Some((table, name)) => (Some(table), name),
-            None => (None, self.key),
-        }
-    }
-
     /// The command-line flag, e.g. `--etcd-lease-ttl`.
     pub fn flag(&self) -> String {
         flag(self.key)
