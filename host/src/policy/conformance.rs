@@ -288,7 +288,7 @@ pub(crate) fn run(
         let order = Order::of_round(round);
         for i in order.indices(cases.len()) {
             let (name, case) = &cases[i];
-            let answer = meter.measure(case, || ask(first, name, case))??;
+            let answer = meter.measure(case, first, |first| ask(first, name, case))??;
             calls += 1;
             if round == 0 {
                 if let Answer::Lookup(LookupDecision::RefreshAndWait { max_wait_ms: 0, .. }) =
@@ -368,16 +368,25 @@ impl Meter {
         }
     }
 
-    /// Calls `call`, which asks `case`, measuring its CPU time; an error if that settles the
-    /// refusal already.
-    fn measure<T>(&mut self, case: &Case, call: impl FnOnce() -> T) -> Result<T, PolicyError> {
+    /// Calls `call`, which asks `instance` about `case`, measuring its CPU time (but the
+    /// host's writing of the policy's output to its log); an error if that settles the refusal
+    /// already.
+    fn measure<T>(
+        &mut self,
+        case: &Case,
+        instance: &mut Instance,
+        call: impl FnOnce(&mut Instance) -> T,
+    ) -> Result<T, PolicyError> {
         let export = match case {
             Case::Lookup(_) => Export::DecideLookup,
             Case::Eviction(_) => Export::GuardEviction,
         };
+        let logged = instance.logging_cost();
         let started = sandbox::thread_cpu_time();
-        let answer = call();
-        let cost = sandbox::thread_cpu_time().saturating_sub(started);
+        let answer = call(instance);
+        let cost = sandbox::thread_cpu_time()
+            .saturating_sub(started)
+            .saturating_sub(instance.logging_cost().saturating_sub(logged));
         let e = export as usize;
         self.costs[e].push(cost);
         if cost > self.budget {

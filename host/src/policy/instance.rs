@@ -142,6 +142,11 @@ impl Instance {
         Ok((instance, bindings::raw_settings(&settings)))
     }
 
+    /// See `GuestOutput::logging_cost`.
+    pub(crate) fn logging_cost(&self) -> Duration {
+        self.store.data().logging_cost()
+    }
+
     fn start_decision(&mut self) {
         self.store.set_epoch_deadline(self.decision_ticks);
         self.store.data_mut().overrun_at = None;

@@ -226,6 +226,13 @@ impl InstanceState {
     }
 }
 
+impl InstanceState {
+    /// See [`GuestOutput::logging_cost`].
+    pub(crate) fn logging_cost(&self) -> Duration {
+        self.output.logging_cost()
+    }
+}
+
 impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {

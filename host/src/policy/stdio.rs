@@ -28,6 +28,7 @@ use wasmtime_wasi::p2::{
 };
 
 use super::bindings::{self, LogLevel};
+use super::sandbox;
 
 /// Lines a policy instance may write per second, `log` and stdout/stderr together; more are
 /// dropped and counted. Policies decide in microseconds: a line per decision would flood the log.
@@ -62,7 +63,7 @@ pub(crate) struct GuestOutput {
 }
 
 struct Lines {
-    limit: RateLimit,
+    sink: Sink,
     stdout: LineBuffer,
     stderr: LineBuffer,
 }
@@ -72,7 +73,10 @@ impl GuestOutput {
         Arc::new(GuestOutput {
             digest,
             lines: Mutex::new(Lines {
-                limit: RateLimit::new(),
+                sink: Sink {
+                    limit: RateLimit::new(),
+                    spent: Duration::ZERO,
+                },
                 stdout: LineBuffer::default(),
                 stderr: LineBuffer::default(),
             }),
@@ -81,24 +85,29 @@ impl GuestOutput {
 
     /// A line from the `log` import.
     pub(crate) fn log(&self, level: LogLevel, message: &str) {
-        let mut lines = self.lock();
-        if !lines.limit.admit(&self.digest) {
-            return;
-        }
-        let message = bindings::clip(message);
         let policy = &*self.digest;
-        match level {
-            LogLevel::Debug => tracing::debug!(policy, "{message}"),
-            LogLevel::Info => tracing::info!(policy, "{message}"),
-            LogLevel::Warn => tracing::warn!(policy, "{message}"),
-            LogLevel::Error => tracing::error!(policy, "{message}"),
-        }
+        self.lock().sink.log(policy, || {
+            let message = bindings::clip(message);
+            match level {
+                LogLevel::Debug => tracing::debug!(policy, "{message}"),
+                LogLevel::Info => tracing::info!(policy, "{message}"),
+                LogLevel::Warn => tracing::warn!(policy, "{message}"),
+                LogLevel::Error => tracing::error!(policy, "{message}"),
+            }
+        });
+    }
+
+    /// The CPU time the host spent writing this instance's lines to its log, all calls
+    /// together. The conformance battery takes it out of what a decision costs: the log's
+    /// writer is the host's (its cost bounded by the rate limit), not the policy's work.
+    pub(crate) fn logging_cost(&self) -> Duration {
+        self.lock().sink.spent
     }
 
     fn write(&self, stream: Stream, bytes: &[u8]) {
         let mut lines = self.lock();
         let Lines {
-            limit,
+            sink,
             stdout,
             stderr,
         } = &mut *lines;
@@ -109,7 +118,7 @@ impl GuestOutput {
         let mut rest = bytes;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
             buffer.push(&rest[..end]);
-            emit(&self.digest, limit, stream, buffer);
+            emit(&self.digest, sink, stream, buffer);
             rest = &rest[end + 1..];
         }
         buffer.push(rest);
@@ -130,23 +139,42 @@ impl Drop for GuestOutput {
             (Stream::Stderr, &mut lines.stderr),
         ] {
             if !buffer.is_empty() {
-                emit(&self.digest, &mut lines.limit, stream, buffer);
+                emit(&self.digest, &mut lines.sink, stream, buffer);
             }
         }
     }
 }
 
-/// Logs the line in `buffer` (which it empties), if `limit` admits it.
-fn emit(policy: &str, limit: &mut RateLimit, stream: Stream, buffer: &mut LineBuffer) {
+/// Logs the line in `buffer` (which it empties), if the rate admits it.
+fn emit(policy: &str, sink: &mut Sink, stream: Stream, buffer: &mut LineBuffer) {
     let line = buffer.take();
-    if !limit.admit(policy) {
-        return;
-    }
-    let line = String::from_utf8_lossy(&line);
-    // stderr is where a guest's panic message goes: worth a warning.
-    match stream {
-        Stream::Stdout => tracing::info!(policy, stream = stream.name(), "{line}"),
-        Stream::Stderr => tracing::warn!(policy, stream = stream.name(), "{line}"),
+    sink.log(policy, || {
+        let line = String::from_utf8_lossy(&line);
+        // stderr is where a guest's panic message goes: worth a warning.
+        match stream {
+            Stream::Stdout => tracing::info!(policy, stream = stream.name(), "{line}"),
+            Stream::Stderr => tracing::warn!(policy, stream = stream.name(), "{line}"),
+        }
+    });
+}
+
+/// Where an instance's lines go: the rate limit, and what writing them cost.
+struct Sink {
+    limit: RateLimit,
+    spent: Duration,
+}
+
+impl Sink {
+    /// Runs `log`, which writes one line to the host's log, if the rate admits it; its CPU
+    /// time is counted in `spent` (two clock reads, at most [`LINES_PER_SECOND`] times a
+    /// second).
+    fn log(&mut self, policy: &str, log: impl FnOnce()) {
+        if !self.limit.admit(policy) {
+            return;
+        }
+        let started = sandbox::thread_cpu_time();
+        log();
+        self.spent += sandbox::thread_cpu_time().saturating_sub(started);
     }
 }
 
