@@ -120,15 +120,16 @@ impl Host {
         // connection is opened.
         let policy = &config.policy;
         let spec = match &policy.file {
-            Some(path) => PolicySpec::from_file(path, policy.config.clone())
+            Some(path) => PolicySpec::from_file(path, policy.config.clone(), policy.load.max_size)
                 .map_err(|e| ConfigError::new(settings::POLICY_FILE.key, e.to_string()))?,
             None => PolicySpec::embedded_default(policy.config.clone()),
         };
         let state_dir = config.state_dir.as_deref().map(StateDir::open);
         let options = policy.engine_options(state_dir.as_ref().and_then(StateDir::artifact_dir));
+        let source = spec.source.clone();
         let engine = tokio::task::spawn_blocking(move || PolicyEngine::new(options, spec))
             .await?
-            .context("loading the policy")?;
+            .with_context(|| format!("loading the policy {source}"))?;
         tracing::info!(policy = %engine.active(), "policy loaded");
 
         let writable_state_dir = state_dir.as_ref().and_then(StateDir::writable_path);

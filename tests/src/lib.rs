@@ -14,6 +14,7 @@
 //! - [`gomicro`]: `gomicro-sim`, many go-micro processes on the etcd v3 Go client, built with Go.
 //! - [`http`]: the one HTTP client, for the host's API and etcd's metrics.
 //! - [`wait`]: the one bounded wait, for conditions that await and for those that block.
+//! - [`wasm_bomb`]: components small on disk that are costly to compile.
 
 pub mod binary;
 pub mod cache;
@@ -26,3 +27,4 @@ pub mod policies;
 pub mod proxy;
 pub mod registry;
 pub mod wait;
+pub mod wasm_bomb;

@@ -25,12 +25,26 @@ enum Command {
     /// Write, build, check and try out policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// The host's policy compiler, run as a child of the host under the compile limits (it
+    /// reads a component on stdin and writes the precompiled artifact on stdout).
+    #[command(name = regcache::policy::CHILD_COMMAND, hide = true)]
+    CompilePolicyChild {
+        /// What the host passes; the library reads them.
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Runs the parsed command.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(*args),
-        Command::Policy(command) => policy::run(command),
+        Command::Policy(command) => {
+            // A policy's output (stdout, stderr, its log import) goes to the log in `check` and
+            // `eval` as in the host.
+            process::init_logging(regcache::config::LogFormat::Text);
+            policy::run(command)
+        }
+        Command::CompilePolicyChild { args } => Ok(regcache::policy::run_child(&args)),
     }
 }

@@ -196,9 +196,11 @@ fn load(file: &Path, PolicyArgs(args): PolicyArgs) -> anyhow::Result<anyhow::Res
     let mut settings = args.layer()?.policy()?;
     settings.compiler = args::compiler()?;
     let options = settings.engine_options(None);
-    Ok(PolicySpec::from_file(file, settings.config)
-        .and_then(|spec| PolicyEngine::new(options, spec))
-        .map_err(anyhow::Error::from))
+    Ok(
+        PolicySpec::from_file(file, settings.config, settings.load.max_size)
+            .and_then(|spec| PolicyEngine::new(options, spec))
+            .map_err(anyhow::Error::from),
+    )
 }
 
 fn check(file: &Path, settings: PolicyArgs) -> anyhow::Result<ExitCode> {

@@ -1,11 +1,21 @@
 //! The host process around the library's [`Host`]: logging, the async runtime and the signals.
 //! SIGTERM and SIGINT drain and stop the host; SIGHUP reloads the policy file.
+//!
+//! Stopping is prompt whatever a policy compile is doing: the signal ends the compiles in
+//! flight (their children are killed, their swaps refused), and the runtime waits at most
+//! [`BLOCKING_GRACE`] for blocking work left (a compile started while the host was still
+//! building has no engine to stop it yet: its child dies with this process).
+
+use std::time::Duration;
 
 use anyhow::Context;
 use regcache::Host;
 use regcache::config::{HostConfig, LogFormat};
 use regcache::policy::reload::Reloader;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// How long the runtime waits, once the host has stopped, for blocking tasks still running.
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs the host until SIGTERM or SIGINT. Errors are start-up failures (a secret file that
 /// cannot be read, a port in use, a policy that does not load).
@@ -15,7 +25,7 @@ pub fn run(config: HostConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         // Installed before the host binds its ports: a signal that arrives once the port
         // answers is never the default action (which would kill the process undrained).
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -31,15 +41,21 @@ pub fn run(config: HostConfig) -> anyhow::Result<()> {
             }
         };
         let reloads = tokio::spawn(reload_on_sighup(hangups, host.policy_reloader()));
+        let engine = host.policy().clone();
         host.serve(async {
             let name = stop_signal(&mut term, &mut int).await;
             tracing::info!("{name}");
+            // Before the drain, which would otherwise wait for a swap's compile.
+            engine.stop_compiling();
         })
         .await?;
         reloads.abort();
         tracing::info!("bye");
         Ok(())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, however long it runs.
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    result
 }
 
 /// The first of SIGTERM and SIGINT; its name.
@@ -50,7 +66,8 @@ async fn stop_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, filtered by `REGCACHE_LOG` (default `info`).
+pub(super) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REGCACHE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -139,7 +139,7 @@ pub(super) async fn policy(State(state): State<AppState>) -> Json<PolicyBody> {
 ///
 /// An extractor from the request's head, and the handler's first argument, so the token is
 /// checked before anything reads the body: a client without it cannot make the host buffer a
-/// policy-sized body ([`super::MAX_POLICY_BODY`]).
+/// policy-sized body (`policy.max_size`).
 pub(super) struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
@@ -189,7 +189,20 @@ pub(super) async fn swap_policy(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PolicyBody>, ApiError> {
     let Query(query) = query?;
-    let body = body?;
+    let body = match body {
+        // axum's text would not say which limit.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the policy is larger than its size limit of {} bytes (policy.max_size)",
+                    state.engine.load_limits().max_size
+                ),
+            ));
+        }
+        body => body?,
+    };
     let config = if query.is_empty() {
         state.engine.active_config()
     } else {

@@ -56,9 +56,6 @@ use crate::registry::{ErrorKind, RegistryError};
 /// Largest request body, policies excepted: a registration is a few KiB.
 pub const MAX_BODY: usize = 1024 * 1024;
 
-/// Largest policy component accepted by `PUT /v1/policy`: the same as from a file.
-pub const MAX_POLICY_BODY: usize = crate::policy::MAX_POLICY_SIZE;
-
 /// Longest service name or node id accepted.
 const MAX_NAME: usize = 253;
 
@@ -126,6 +123,10 @@ impl Front {
 /// The API's routes over `state`.
 fn router(state: AppState) -> axum::Router {
     use axum::routing::{delete, put};
+    // `PUT /v1/policy` takes what a policy file may hold (`policy.max_size`); validation
+    // refuses a larger body too, naming the limit, but the body limit keeps it from being
+    // buffered at all.
+    let max_policy = state.engine.load_limits().max_size;
     axum::Router::new()
         .route("/v1/services", get(services::list))
         .route("/v1/services/{name}", get(services::lookup))
@@ -140,7 +141,7 @@ fn router(state: AppState) -> axum::Router {
         .route(
             "/v1/policy",
             get(admin::policy)
-                .merge(put(admin::swap_policy).layer(DefaultBodyLimit::max(MAX_POLICY_BODY))),
+                .merge(put(admin::swap_policy).layer(DefaultBodyLimit::max(max_policy))),
         )
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::healthz))

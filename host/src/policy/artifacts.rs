@@ -48,7 +48,8 @@ const ARTIFACT_SUFFIX: &str = ".cwasm";
 const CHECKSUM_SUFFIX: &str = ".sha256";
 
 /// Largest artifact read: machine code and metadata weigh a few times the component they were
-/// compiled from (about ten times for the default policy), and components are bounded.
+/// compiled from (about ten times for the default policy), and components are bounded (by
+/// default: an operator who allows larger ones may see theirs compiled at each start).
 const MAX_ARTIFACT: u64 = 32 * MAX_POLICY_SIZE as u64;
 
 /// Largest checksum file read: 64 hex digits and perhaps a newline.
@@ -96,14 +97,15 @@ impl ArtifactCache {
         }
     }
 
-    /// The component for `bytes` (whose sha256 is `digest`), from memory, disk or cranelift.
-    /// Nothing is written to disk: see [`ArtifactCache::keep`].
-    pub(crate) fn component(
+    /// The component of the policy whose sha256 is `digest`, from memory, disk, or `compile`
+    /// (under the operator's bounds: see `compile`). Nothing is written to disk: see
+    /// [`ArtifactCache::keep`].
+    pub(crate) fn component<E>(
         &self,
         engine: &Engine,
-        bytes: &[u8],
         digest: &str,
-    ) -> wasmtime::Result<(Component, Origin)> {
+        compile: impl FnOnce() -> Result<Component, E>,
+    ) -> Result<(Component, Origin), E> {
         if let Some((_, component)) = self
             .compiled
             .lock()
@@ -115,7 +117,7 @@ impl ArtifactCache {
         }
         let (component, origin) = match self.read(engine, digest) {
             Some(component) => (component, Origin::Disk),
-            None => (Component::new(engine, bytes)?, Origin::Compiled),
+            None => (compile()?, Origin::Compiled),
         };
         let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
         if compiled.len() >= IN_MEMORY {
@@ -331,7 +333,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("artifacts");
         let cache = ArtifactCache::new(&engine, Some(path.clone()));
-        let (component, origin) = cache.component(&engine, EMPTY, "d1").unwrap();
+        let (component, origin) = cache
+            .component(&engine, "d1", || Component::new(&engine, EMPTY))
+            .unwrap();
         assert_eq!(origin, Origin::Compiled);
         assert!(
             artifacts(&path).is_empty(),
@@ -345,7 +349,9 @@ mod tests {
 
         // The next process finds it on disk.
         let restarted = ArtifactCache::new(&engine, Some(path.clone()));
-        let (_, origin) = restarted.component(&engine, EMPTY, "d1").unwrap();
+        let (_, origin) = restarted
+            .component(&engine, "d1", || Component::new(&engine, EMPTY))
+            .unwrap();
         assert_eq!(origin, Origin::Disk);
     }
 
@@ -461,7 +467,7 @@ mod tests {
         crate::fsutil::testing::assert_refuses_special_files(&artifact, move || {
             // A fresh process's view: nothing in memory, the disk consulted.
             reader.compiled.lock().unwrap().clear();
-            match reader.component(&engine, EMPTY, "d1") {
+            match reader.component(&engine, "d1", || Component::new(&engine, EMPTY)) {
                 Ok((_, Origin::Compiled)) => Err("not a regular file: compiled instead".into()),
                 _ => Ok(()),
             }
@@ -475,10 +481,14 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, "x").unwrap();
         let cache = ArtifactCache::new(&engine, Some(file.join("artifacts")));
-        let (component, origin) = cache.component(&engine, EMPTY, "d1").unwrap();
+        let (component, origin) = cache
+            .component(&engine, "d1", || Component::new(&engine, EMPTY))
+            .unwrap();
         assert_eq!(origin, Origin::Compiled);
         cache.keep(&component, "d1");
-        let (_, origin) = cache.component(&engine, EMPTY, "d1").unwrap();
+        let (_, origin) = cache
+            .component(&engine, "d1", || Component::new(&engine, EMPTY))
+            .unwrap();
         assert_eq!(origin, Origin::Memory);
     }
 }

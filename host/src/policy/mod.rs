@@ -10,8 +10,9 @@
 //!    implementation), then type-check against the `policy` world;
 //! 4. instantiate and `configure` with the operator's key/value configuration, and validate the
 //!    returned settings;
-//! 5. run the conformance battery under the production deadline, on two fresh instances that
-//!    must agree (policies are pure).
+//! 5. run the conformance battery under validation's deadline, replayed on one instance in
+//!    several orders and on a second, fresh one: every answer must be the first (policies are
+//!    pure), and each decision's p99 CPU time must stay within the latency budget.
 //!
 //! Then the swap is one atomic pointer store ([`arc_swap`]): lookups in flight finish on the
 //! old generation, each worker thread moves to the new one on its next lookup, and no lookup
@@ -45,7 +46,9 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 pub use artifacts::Origin;
-pub use compile::{Compiler, LoadLimits};
+#[doc(hidden)]
+pub use compile::{CHILD_COMMAND, run_child};
+pub use compile::{Compiler, LoadBound, LoadLimits, wall_clock};
 pub use conformance::ConformanceFailure;
 pub use instance::CallFailure;
 pub use rollback::{Rollback, RollbackReason, RollbackRule};
@@ -65,9 +68,9 @@ use sandbox::InstanceState;
 pub const DEFAULT_POLICY_WASM: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/default_policy.wasm"));
 
-/// Largest policy component read from a file or accepted over the API (ours are ~100 KiB;
-/// components compiled from other languages reach a few MiB).
-pub const MAX_POLICY_SIZE: usize = 8 * 1024 * 1024;
+/// The default of [`LoadLimits::max_size`], the largest policy component read from a file or
+/// accepted over the API: ours are ~100 KiB, components built by componentize-py ~18 MiB.
+pub const MAX_POLICY_SIZE: usize = 32 * 1024 * 1024;
 
 /// The `source` of the embedded default policy.
 pub const EMBEDDED_SOURCE: &str = "embedded:default";
@@ -96,14 +99,23 @@ impl PolicySpec {
         }
     }
 
-    /// The policy in the file at `path`, with `config`: a regular file of at most
-    /// [`MAX_POLICY_SIZE`] bytes.
-    pub fn from_file(path: &Path, config: Vec<(String, String)>) -> Result<Self, PolicyError> {
-        let wasm =
-            read_regular(path, MAX_POLICY_SIZE as u64).map_err(|error| PolicyError::Read {
+    /// The policy in the file at `path`, with `config`: a regular file of at most `max_size`
+    /// bytes ([`LoadLimits::max_size`]; a larger one is refused naming the limit, unread).
+    pub fn from_file(
+        path: &Path,
+        config: Vec<(String, String)>,
+        max_size: usize,
+    ) -> Result<Self, PolicyError> {
+        let wasm = read_regular(path, max_size as u64).map_err(|error| match error {
+            FileError::TooLarge { size, .. } => PolicyError::Limit(LoadBound::Size {
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                limit: max_size,
+            }),
+            error => PolicyError::Read {
                 path: path.to_path_buf(),
                 error: Arc::new(error),
-            })?;
+            },
+        })?;
         Ok(PolicySpec {
             wasm: wasm.into(),
             source: path.display().to_string(),
@@ -138,6 +150,22 @@ pub enum PolicyError {
     /// Cranelift refused the bytes.
     #[error("invalid component: {0}")]
     Compile(String),
+    /// A bound of [`LoadLimits`] was hit: the policy is too large, or compiling it took too
+    /// much CPU time, memory or wall-clock time.
+    #[error("{0}")]
+    Limit(LoadBound),
+    /// The compiler child ([`Compiler::Child`]) could not be run, or failed in a way that says
+    /// nothing about the policy.
+    #[error("the policy compiler {} failed: {reason}", program.display())]
+    Compiler {
+        /// The compiler's executable.
+        program: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+    /// The host is stopping: compiles in flight were ended, and no more start.
+    #[error("the host is stopping: the policy was not compiled")]
+    Stopping,
     /// An import regcache does not offer.
     #[error(
         "the policy imports `{0}`, which regcache does not offer (only regcache:policy/host and \
@@ -395,10 +423,13 @@ pub(crate) struct Shared {
     /// The operator's bounds on every candidate's settings.
     envelope: Envelope,
     artifacts: artifacts::ArtifactCache,
+    /// How candidates are compiled, and under which limits.
+    compilation: compile::Compilation,
     active: ArcSwap<Generation>,
     rollback_rule: RollbackRule,
     rollback: Mutex<RollbackState>,
-    /// Serialises loads: two swaps racing must not both win with the same generation number.
+    /// Numbers generations and orders their stores: two swaps racing must not both win with
+    /// the same generation number. Held for that only, never across a validation.
     load_lock: Mutex<u64>,
     stats: Stats,
     /// Advances the epoch for as long as the engine lives.
@@ -424,7 +455,10 @@ impl Shared {
             last,
         };
         // The load lock numbers generations and orders this against a swap storing its own.
-        let mut last_generation = self.load_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last_generation = self
+            .load_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut state = self.rollback.lock().unwrap_or_else(PoisonError::into_inner);
         if !Arc::ptr_eq(&self.active.load(), failing) {
             return; // a swap replaced it meanwhile
@@ -496,10 +530,12 @@ impl PolicyEngine {
         // Before the first validation: `policy check`, `eval` and start-up meet a looping
         // policy with the deadlines a swap has.
         let ticker = sandbox::Ticker::start(engine.clone());
+        let compilation = compile::Compilation::new(options.compiler, options.load);
         let validated = validate(
             &engine,
             &linker,
             &artifacts,
+            &compilation,
             &options.limits,
             &options.envelope,
             &initial,
@@ -513,6 +549,7 @@ impl PolicyEngine {
             limits: options.limits,
             envelope: options.envelope,
             artifacts,
+            compilation,
             active: ArcSwap::from_pointee(generation),
             rollback_rule: options.rollback,
             rollback: Mutex::new(RollbackState::default()),
@@ -530,6 +567,7 @@ impl PolicyEngine {
             &shared.engine,
             &shared.linker,
             &shared.artifacts,
+            &shared.compilation,
             &shared.limits,
             &shared.envelope,
             spec,
@@ -537,18 +575,28 @@ impl PolicyEngine {
         .map(|v| v.settings)
     }
 
+    /// The bounds on loading a candidate this engine applies.
+    pub fn load_limits(&self) -> LoadLimits {
+        self.shared.compilation.limits()
+    }
+
+    /// Ends the compiles in flight (their swaps fail with [`PolicyError::Stopping`]) and
+    /// refuses to start more: for a host that is stopping, which no swap should hold up.
+    pub fn stop_compiling(&self) {
+        self.shared.compilation.stop();
+    }
+
     /// Validates `spec` and, if it passes, makes it the active policy. On failure the active
     /// policy stays, and the refusal is counted.
     pub fn swap(&self, spec: PolicySpec) -> Result<Arc<PolicyInfo>, PolicyError> {
         let shared = &self.shared;
-        let mut last_generation = shared
-            .load_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        // Outside the load lock: validating takes up to the compile limits, and another swap
+        // must not wait for it. Of two swaps racing, the later store wins.
         let validated = validate(
             &shared.engine,
             &shared.linker,
             &shared.artifacts,
+            &shared.compilation,
             &shared.limits,
             &shared.envelope,
             &spec,
@@ -561,12 +609,20 @@ impl PolicyEngine {
                 return Err(err);
             }
         };
-        *last_generation += 1;
         let component = validated.component.clone();
-        let generation = make_generation(validated, spec, *last_generation, shared.rollback_rule);
-        let info = generation.info.clone();
-        let replaced = shared.active.swap(Arc::new(generation));
-        shared.keep_fallback(replaced, &info.digest);
+        let info = {
+            let mut last_generation = shared
+                .load_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            *last_generation += 1;
+            let generation =
+                make_generation(validated, spec, *last_generation, shared.rollback_rule);
+            let info = generation.info.clone();
+            let replaced = shared.active.swap(Arc::new(generation));
+            shared.keep_fallback(replaced, &info.digest);
+            info
+        };
         // After the store, so lookups move to the new policy without waiting for the disk.
         shared.artifacts.keep(&component, &info.digest);
         shared.stats.swaps_applied.fetch_add(1, Ordering::Relaxed);
@@ -576,13 +632,21 @@ impl PolicyEngine {
 
     /// The last automatic rollback, if any.
     pub fn last_rollback(&self) -> Option<Rollback> {
-        let state = self.shared.rollback.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self
+            .shared
+            .rollback
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         state.last.clone()
     }
 
     /// Whether the policy `digest` was rolled back (and not loaded again since by a swap).
     pub fn was_rolled_back(&self, digest: &str) -> bool {
-        let state = self.shared.rollback.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self
+            .shared
+            .rollback
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         state.digests.iter().any(|d| d == digest)
     }
 
@@ -748,6 +812,7 @@ fn validate(
     engine: &Engine,
     linker: &Linker<InstanceState>,
     artifacts: &artifacts::ArtifactCache,
+    compilation: &compile::Compilation,
     limits: &Limits,
     envelope: &Envelope,
     spec: &PolicySpec,
@@ -756,6 +821,7 @@ fn validate(
     if bytes.is_empty() {
         return Err(PolicyError::Empty);
     }
+    compilation.check_size(bytes)?;
     if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
         return Err(PolicyError::NotWasm);
     }
@@ -763,9 +829,8 @@ fn validate(
         return Err(PolicyError::CoreModule);
     }
     let digest = artifacts::hex_sha256(bytes);
-    let (component, _origin) = artifacts
-        .component(engine, bytes, &digest)
-        .map_err(|e| PolicyError::Compile(format!("{e:#}")))?;
+    let (component, _origin) =
+        artifacts.component(engine, &digest, || compilation.compile(engine, bytes))?;
     let component_type = component.component_type();
     if let Some((name, _)) = component_type
         .imports(engine)
@@ -809,21 +874,30 @@ mod tests {
         let path = dir.path().join("policy.wasm");
         let reader = path.clone();
         crate::fsutil::testing::assert_refuses_special_files(&path, move || {
-            PolicySpec::from_file(&reader, Vec::new())
+            PolicySpec::from_file(&reader, Vec::new(), MAX_POLICY_SIZE)
                 .map(drop)
                 .map_err(|e| e.to_string())
         });
         let file = std::fs::File::create(&path).unwrap();
-        file.set_len(MAX_POLICY_SIZE as u64 + 1).unwrap();
-        let err = PolicySpec::from_file(&path, Vec::new()).unwrap_err();
+        file.set_len(1025).unwrap();
+        let err = PolicySpec::from_file(&path, Vec::new(), 1024).unwrap_err();
         assert!(
-            matches!(&err, PolicyError::Read { error, .. }
-            if matches!(**error, FileError::TooLarge { .. })),
+            matches!(
+                err,
+                PolicyError::Limit(LoadBound::Size {
+                    size: 1025,
+                    limit: 1024
+                })
+            ),
             "{err}"
         );
+        assert!(err.to_string().contains("policy.max_size"), "{err}");
         file.set_len(4).unwrap();
         assert_eq!(
-            PolicySpec::from_file(&path, Vec::new()).unwrap().wasm.len(),
+            PolicySpec::from_file(&path, Vec::new(), 1024)
+                .unwrap()
+                .wasm
+                .len(),
             4
         );
     }

@@ -71,7 +71,11 @@ impl Reloader {
     }
 
     fn load(&self, only_if_changed: bool) -> Result<Option<Arc<PolicyInfo>>, PolicyError> {
-        let spec = PolicySpec::from_file(&self.path, self.config.clone())?;
+        let spec = PolicySpec::from_file(
+            &self.path,
+            self.config.clone(),
+            self.engine.load_limits().max_size,
+        )?;
         let digest = artifacts::hex_sha256(&spec.wasm);
         let previous = std::mem::replace(
             &mut *self
