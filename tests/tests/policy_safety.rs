@@ -208,6 +208,11 @@ fn lookups_for(host: &Host, service: &str, period: Duration) -> usize {
 fn a_printing_policy_passes_and_decides_in_the_host_its_output_logged_tagged_and_rate_limited() {
     let check = check_chaos("print");
     assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        stderr(&check).contains("chaos: deciding about `conformance.probe`"),
+        "check logs the policy's output as the host does: {}",
+        stderr(&check)
+    );
 
     let host = admin_host();
     let created = host
@@ -262,6 +267,10 @@ fn a_printing_policy_passes_and_decides_in_the_host_its_output_logged_tagged_and
 
 #[test]
 fn a_guests_panic_message_reaches_the_host_log_and_costs_a_fail_safe_answer() {
+    let check = check_chaos("trap");
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    assert!(stderr(&check).contains("chaos: trap"), "{}", stderr(&check));
+
     let host = admin_host();
     let swapped = put_policy(
         &host,

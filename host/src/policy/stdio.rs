@@ -148,6 +148,9 @@ impl Drop for GuestOutput {
 /// Logs the line in `buffer` (which it empties), if the rate admits it.
 fn emit(policy: &str, sink: &mut Sink, stream: Stream, buffer: &mut LineBuffer) {
     let line = buffer.take();
+    if line.is_empty() {
+        return; // a blank line says nothing (a Rust panic message starts with one)
+    }
     sink.log(policy, || {
         let line = String::from_utf8_lossy(&line);
         // stderr is where a guest's panic message goes: worth a warning.
