@@ -122,9 +122,8 @@ fn argument(setting: &'static Setting) -> Arg {
 /// How the binary compiles candidate policies: in a child of itself, under the configured
 /// bounds, so that a crafted component costs the child, never the host or the tool.
 pub fn compiler() -> anyhow::Result<Compiler> {
-    let program = std::env::current_exe()
-        .map_err(|e| anyhow::anyhow!("cannot find the regcache executable to compile in: {e}"))?;
-    Ok(Compiler::Child { program })
+    Compiler::this_executable()
+        .map_err(|e| anyhow::anyhow!("cannot find the regcache executable to compile in: {e}"))
 }
 
 #[cfg(test)]
