@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use regcache::policy::{Compiler, EngineOptions, PolicyEngine, PolicySpec};
+use regcache::policy::{Compiler, EngineOptions, MAX_POLICY_SIZE, PolicyEngine, PolicySpec};
 use regcache_tests::binary::regcache_bin;
 use regcache_tests::host::{Host, write_atomically};
 use regcache_tests::http::{Response, request};
@@ -350,7 +350,8 @@ fn the_child_compiles_real_policies_as_the_host_does() {
         let wasm = policy_wasm(name);
         let mut times = Vec::new();
         for compiler in [Compiler::InProcess, child.clone()] {
-            let spec = PolicySpec::from_file(&policy_path(name), Vec::new(), 32 << 20).unwrap();
+            let spec =
+                PolicySpec::from_file(&policy_path(name), Vec::new(), MAX_POLICY_SIZE).unwrap();
             let options = EngineOptions {
                 compiler: compiler.clone(),
                 ..EngineOptions::default()
