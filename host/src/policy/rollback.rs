@@ -84,7 +84,10 @@ impl FailureWindow {
 
 /// Why a generation was rolled back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{failures} failed decisions within {window:?} (policy.rollback_failures, policy.rollback_window); the last: {last}")]
+#[error(
+    "{failures} failed decisions within {window:?} (policy.rollback_failures, \
+     policy.rollback_window); the last: {last}"
+)]
 pub struct RollbackReason {
     /// The rule's count, reached.
     pub failures: u32,
