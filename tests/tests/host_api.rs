@@ -237,7 +237,8 @@ fn registrations_need_dialable_addresses_and_distinct_node_ids() {
 fn bad_requests_get_4xx_json_and_never_hurt_the_host() {
     let host = Host::start(&["--admin-token", TOKEN]).unwrap();
     let (auth, value) = bearer();
-    let ten_mib = vec![b'x'; 10 * 1024 * 1024];
+    // Past the policy size limit (policy.max_size, 32 MiB by default).
+    let oversized_policy = vec![b'x'; regcache::policy::MAX_POLICY_SIZE + 1];
     let mut ten_mib_json = b"{\"name\":\"big\",\"metadata\":{\"k\":\"".to_vec();
     ten_mib_json.extend(std::iter::repeat_n(b'a', 10 * 1024 * 1024));
     ten_mib_json.extend(b"\"}}");
@@ -284,7 +285,7 @@ fn bad_requests_get_4xx_json_and_never_hurt_the_host() {
             "PUT",
             "/v1/policy",
             vec![(auth, value.as_str())],
-            ten_mib,
+            oversized_policy,
             413,
         ),
         ("GET", "/v1/services/a%20b", vec![], vec![], 400),
