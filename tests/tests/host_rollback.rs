@@ -21,13 +21,7 @@ fn policy(host: &Host) -> Value {
 
 #[test]
 fn a_policy_that_starts_trapping_is_rolled_back_and_no_lookup_fails_meanwhile() {
-    let host = Host::start(&[
-        "--admin-token",
-        TOKEN,
-        "--policy-rollback-failures",
-        "8",
-    ])
-    .unwrap();
+    let host = Host::start(&["--admin-token", TOKEN, "--policy-rollback-failures", "8"]).unwrap();
     let services = ["greeter", "billing", "search"];
     for (i, name) in services.iter().enumerate() {
         let body = service_json(name, "1", &format!("{name}-1"), &format!("10.0.0.{i}:80"));
@@ -70,7 +64,10 @@ fn a_policy_that_starts_trapping_is_rolled_back_and_no_lookup_fails_meanwhile() 
         );
     };
 
-    assert_eq!(after["digest"], before["digest"], "the earlier policy is back");
+    assert_eq!(
+        after["digest"], before["digest"],
+        "the earlier policy is back"
+    );
     let rollback = &after["rollback"];
     assert_eq!(rollback["from"]["generation"], bomb["generation"]);
     assert_eq!(rollback["from"]["digest"], bomb["digest"]);

@@ -71,7 +71,11 @@ fn a_generation_failing_past_the_rule_is_rolled_back_to_the_one_it_replaced() {
 
     let active = engine.active();
     assert_eq!(active.digest, strict.digest, "rolled back to strict");
-    assert_eq!(active.generation, chaos.generation + 1, "under a new number");
+    assert_eq!(
+        active.generation,
+        chaos.generation + 1,
+        "under a new number"
+    );
     let rollback = engine.last_rollback().expect("the rollback is recorded");
     assert_eq!(rollback.from.generation, chaos.generation);
     assert_eq!(rollback.to.generation, active.generation);
@@ -101,7 +105,10 @@ fn overruns_count_like_traps() {
     let engine = engine_with(PolicySpec::embedded_default(vec![]), 2);
     let default = engine.active();
     engine
-        .swap(spec("chaos", &[("fault", "loop"), ("only-service", "boom")]))
+        .swap(spec(
+            "chaos",
+            &[("fault", "loop"), ("only-service", "boom")],
+        ))
         .unwrap();
     engine.decide_lookup(&cached("boom"));
     engine.decide_lookup(&cached("boom"));
@@ -143,7 +150,10 @@ fn a_rollback_goes_back_one_generation_only() {
     engine.decide_lookup(&cached("b"));
     let restored = engine.active();
     assert_eq!(restored.digest, first.digest);
-    assert_eq!(engine.last_rollback().unwrap().to.generation, restored.generation);
+    assert_eq!(
+        engine.last_rollback().unwrap().to.generation,
+        restored.generation
+    );
 
     for _ in 0..4 {
         engine.decide_lookup(&cached("a"));
