@@ -394,7 +394,8 @@ fn ratio_rows(rounds: &Rounds<Arm, ARMS>, schedule: Schedule) -> Vec<Row> {
 }
 
 /// A policy slow from its first call, sent to an idle host: refused at validation, and how long
-/// that took next to the validation of the same policy configured to behave.
+/// that took next to the validation of the same policy configured to behave (the same bytes, so
+/// compiled once, by the first `PUT`).
 async fn slow_from_the_start(wasm: &Bytes) -> anyhow::Result<(Vec<Row>, String)> {
     let (host, _) = host_with_services().await?;
     let (slow, refused) = put_policy(&host, wasm, "fault=slow").await;
@@ -423,7 +424,8 @@ async fn slow_from_the_start(wasm: &Bytes) -> anyhow::Result<(Vec<Row>, String)>
             ),
             Row::new(
                 format!(
-                    "same policy configured to behave: accepted in (idle host, status {})",
+                    "same policy configured to behave, compiled form cached by the refusal: \
+                     accepted in (idle host, status {})",
                     status(&accepted).unwrap_or(0)
                 ),
                 ms(fast),
