@@ -286,6 +286,8 @@ impl Host {
             servers.spawn(etcd_api.serve(drain()));
         }
         shutdown.await;
+        // Before the drain, which would otherwise wait for a policy swap's compile.
+        parts.engine.stop_compiling();
         tracing::info!("shutting down: draining requests");
         let _ = drain_tx.send(true);
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {

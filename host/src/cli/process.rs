@@ -41,12 +41,9 @@ pub fn run(config: HostConfig) -> anyhow::Result<()> {
             }
         };
         let reloads = tokio::spawn(reload_on_sighup(hangups, host.policy_reloader()));
-        let engine = host.policy().clone();
         host.serve(async {
             let name = stop_signal(&mut term, &mut int).await;
             tracing::info!("{name}");
-            // Before the drain, which would otherwise wait for a swap's compile.
-            engine.stop_compiling();
         })
         .await?;
         reloads.abort();
