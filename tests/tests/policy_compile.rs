@@ -277,14 +277,17 @@ fn sigterm_stops_the_host_promptly_while_a_bomb_compiles() {
         );
     });
     {
-        std::thread::sleep(BOMB_UNDER_WAY);
+        assert!(
+            eventually_blocking(Duration::from_secs(20), || !compile_children(host.pid())
+                .is_empty()),
+            "no compile child was seen"
+        );
         let children = compile_children(host.pid());
         host.signal("TERM").unwrap();
         let stopping = Instant::now();
         let status = host.wait_exit(Duration::from_secs(5)).unwrap();
         eprintln!("stopped {:?} after SIGTERM: {status}", stopping.elapsed());
         assert!(status.success(), "{status}");
-        assert!(!children.is_empty(), "no compile child was seen");
         for child in children {
             assert!(
                 eventually_blocking(Duration::from_secs(2), || !Path::new(&format!(

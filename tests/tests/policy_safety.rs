@@ -124,7 +124,18 @@ fn a_host_started_with_a_looping_policy_file_exits_with_one_line_naming_the_file
 #[test]
 fn a_slow_policy_is_refused_at_check_and_swap_naming_its_p99_and_the_budget() {
     let budget = "exceeds the latency budget of 200µs (policy.latency_budget)";
-    let check = check_chaos("slow");
+    // About 2 ms a decision: ten times the budget, and far from validation's 100 ms deadline
+    // even on a thread that gets a fraction of a loaded core.
+    let spin = "spin-iterations=5000000";
+    let (check, _) = regcache(&[
+        "policy",
+        "check",
+        &chaos(),
+        "--policy-config",
+        "fault=slow",
+        "--policy-config",
+        spin,
+    ]);
     assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
     let refusal = stderr(&check);
     assert!(refusal.contains("decide-lookup p99 "), "{refusal}");
@@ -132,7 +143,7 @@ fn a_slow_policy_is_refused_at_check_and_swap_naming_its_p99_and_the_budget() {
 
     let host = admin_host();
     let active = host.get("/v1/policy").unwrap().json()["digest"].clone();
-    let refused = put_policy(&host, "?fault=slow", &policy_wasm("chaos"));
+    let refused = put_policy(&host, &format!("?fault=slow&{spin}"), &policy_wasm("chaos"));
     assert_eq!(refused.status, 422, "{}", refused.text());
     let message = refused.json()["message"].as_str().unwrap().to_string();
     assert!(message.contains("decide-lookup p99 "), "{message}");

@@ -234,9 +234,9 @@ pub static POLICY_MAX_SIZE: Setting = Setting {
 pub static POLICY_COMPILE_CPU_TIME: Setting = Setting {
     key: "policy.compile_cpu_time",
     value_name: "DURATION",
-    help: "CPU time compiling and validating one candidate policy may take, all threads \
-           together (a few hundred ms for ours); a crafted component that takes longer is \
-           refused",
+    help: "CPU time compiling one candidate policy may take, all threads together, in a child \
+           process of the regcache binary (a few hundred ms for ours); a crafted component that \
+           takes longer is refused; wall-clock time is bounded at twice this",
     kind: Kind::Duration(&COMPILE_CPU_TIME_RANGE),
     default: DefaultValue::Duration(Duration::from_secs(30)),
 };
@@ -245,8 +245,8 @@ pub static POLICY_COMPILE_CPU_TIME: Setting = Setting {
 pub static POLICY_COMPILE_MEMORY: Setting = Setting {
     key: "policy.compile_memory",
     value_name: "SIZE",
-    help: "Memory compiling and validating one candidate policy may use (tens of MiB for \
-           ours); a crafted component that needs more is refused",
+    help: "Memory compiling one candidate policy may use, in a child process of the regcache \
+           binary (tens of MiB for ours); a crafted component that needs more is refused",
     kind: Kind::Size(&COMPILE_MEMORY_RANGE),
     default: DefaultValue::Size(1 << 30),
 };
@@ -255,9 +255,10 @@ pub static POLICY_COMPILE_MEMORY: Setting = Setting {
 pub static POLICY_LATENCY_BUDGET: Setting = Setting {
     key: "policy.latency_budget",
     value_name: "DURATION",
-    help: "p99 cost of one decision, measured over the validation battery: a slower policy is \
-           refused, and a decision that overruns it at run time counts against the policy \
-           (the default policy decides in about 350ns in process; 200us leaves room for a \
+    help: "p99 cost of one decision, measured in CPU time over the validation battery: a \
+           slower policy is refused; at run time a decision is stopped (a fail-safe answer, \
+           counted against the policy) once it has spent this rounded up to whole ms, at \
+           least 2 ms, twice over (the default policy decides in about 350ns in process; 200us leaves room for a \
            policy in a slower language and a loaded machine while keeping a lookup's policy \
            cost well under a millisecond)",
     kind: Kind::Duration(&LATENCY_BUDGET_RANGE),
@@ -268,9 +269,9 @@ pub static POLICY_LATENCY_BUDGET: Setting = Setting {
 pub static POLICY_ROLLBACK_FAILURES: Setting = Setting {
     key: "policy.rollback_failures",
     value_name: "N",
-    help: "Failed decisions (traps, deadline or budget overruns, invalid answers) within \
-           `policy.rollback_window` after which the active policy is replaced by the one \
-           before it",
+    help: "Failed decisions (traps, decisions stopped at their deadline, invalid answers, and \
+           those the open breaker answers fail-safe) within `policy.rollback_window` after \
+           which the active policy is replaced by the one it replaced",
     kind: Kind::Count(&ROLLBACK_FAILURES_RANGE),
     default: DefaultValue::Count(10),
 };

@@ -44,10 +44,12 @@ pub enum Compiler {
 
 impl Compiler {
     /// A child running the executable of this process: what `regcache run` and `regcache
-    /// policy check/eval` use.
+    /// policy check/eval` use. Through `/proc/self/exe`, the running binary itself even once a
+    /// package upgrade replaced or removed its file: the artifact must come from the same build
+    /// as the engine that loads it.
     pub fn this_executable() -> std::io::Result<Compiler> {
         Ok(Compiler::Child {
-            program: std::env::current_exe()?,
+            program: PathBuf::from("/proc/self/exe"),
         })
     }
 }
@@ -83,8 +85,8 @@ impl Default for LoadLimits {
 /// The wall-clock time a compile may take: twice its CPU time limit. A child alone on a core
 /// spends its CPU limit in as much wall-clock time; twice that leaves room for a loaded machine
 /// without letting a child that sleeps or waits hold a swap for long.
-pub fn wall_clock(limits: &LoadLimits) -> Duration {
-    limits.compile_cpu * 2
+pub(crate) fn wall_clock(limits: &LoadLimits) -> Duration {
+    limits.compile_cpu.saturating_mul(2)
 }
 
 /// A bound of [`LoadLimits`] that a candidate went past, with the bound's value.
@@ -470,6 +472,8 @@ fn bound_self(request: &ChildRequest) -> std::io::Result<()> {
     rustix::process::setrlimit(Resource::Cpu, limit(cpu, cpu + 1))?;
     rustix::process::setrlimit(Resource::Data, limit(request.memory, request.memory))?;
     rustix::process::setrlimit(Resource::Core, limit(0, 0))?;
+    // Lookups come first: a compile, crafted or not, gets what CPU they leave.
+    rustix::process::nice(19)?;
     Ok(())
 }
 

@@ -19,10 +19,10 @@
 //! waits for a swap. A decision that traps or overruns its deadline gets the fail-safe answer
 //! documented on [`PolicyEngine`], and the event is counted and logged with the policy's digest.
 //!
-//! The shape leaves room for what comes next: a generation is a self-contained value, so a
-//! candidate can be evaluated beside the active one (shadowing), contexts can be recorded and
-//! replayed against any generation (purity), and the previous generation can be kept for
-//! rollback.
+//! A generation that keeps failing is rolled back to the one it replaced (`rollback`). The
+//! shape leaves room for what comes next: a generation is a self-contained value, so a
+//! candidate can be evaluated beside the active one (shadowing), and contexts can be recorded
+//! and replayed against any generation.
 
 mod artifacts;
 mod bindings;
@@ -48,7 +48,7 @@ use wasmtime::component::{Component, Linker};
 pub use artifacts::Origin;
 #[doc(hidden)]
 pub use compile::{CHILD_COMMAND, run_child};
-pub use compile::{Compiler, LoadBound, LoadLimits, wall_clock};
+pub use compile::{Compiler, LoadBound, LoadLimits};
 pub use conformance::ConformanceFailure;
 pub use instance::CallFailure;
 pub use rollback::{Rollback, RollbackReason, RollbackRule};
@@ -166,6 +166,9 @@ pub enum PolicyError {
     /// The host is stopping: compiles in flight were ended, and no more start.
     #[error("the host is stopping: the policy was not compiled")]
     Stopping,
+    /// Validated, but a swap asked for later finished first: the newer request stands.
+    #[error("a policy swap asked for later is already active; this older one is not swapped in")]
+    Superseded,
     /// An import regcache does not offer.
     #[error(
         "the policy imports `{0}`, which regcache does not offer (only regcache:policy/host and \
@@ -291,7 +294,7 @@ const BREAKER_THRESHOLD: u32 = 5;
 const BREAKER_OPEN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A circuit breaker per generation. A policy that traps or times out on some inputs would
-/// otherwise cost a deadline (up to 100 ms of a worker thread) and a rebuilt instance on every
+/// otherwise cost a deadline (a few ms of a worker thread) and a rebuilt instance on every
 /// such lookup; after [`BREAKER_THRESHOLD`] failures in a row the engine answers fail-safe
 /// without calling it for [`BREAKER_OPEN`], then lets one call probe it again.
 ///
@@ -430,10 +433,20 @@ pub(crate) struct Shared {
     rollback: Mutex<RollbackState>,
     /// Numbers generations and orders their stores: two swaps racing must not both win with
     /// the same generation number. Held for that only, never across a validation.
-    load_lock: Mutex<u64>,
+    load_lock: Mutex<Loads>,
+    /// Orders swaps by when they were asked for, since they validate concurrently.
+    next_ticket: AtomicU64,
     stats: Stats,
     /// Advances the epoch for as long as the engine lives.
     _ticker: sandbox::Ticker,
+}
+
+/// What the load lock guards.
+struct Loads {
+    last_generation: u64,
+    /// The ticket of the swap stored last: an older swap whose validation ends later must not
+    /// undo a newer one.
+    stored_ticket: u64,
 }
 
 impl Shared {
@@ -455,7 +468,7 @@ impl Shared {
             last,
         };
         // The load lock numbers generations and orders this against a swap storing its own.
-        let mut last_generation = self
+        let mut loads = self
             .load_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -471,8 +484,8 @@ impl Shared {
             );
             return;
         };
-        *last_generation += 1;
-        let restored = Arc::new(fallback.reinstated(*last_generation, self.rollback_rule));
+        loads.last_generation += 1;
+        let restored = Arc::new(fallback.reinstated(loads.last_generation, self.rollback_rule));
         self.active.store(restored.clone());
         self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
@@ -553,7 +566,11 @@ impl PolicyEngine {
             active: ArcSwap::from_pointee(generation),
             rollback_rule: options.rollback,
             rollback: Mutex::new(RollbackState::default()),
-            load_lock: Mutex::new(1),
+            load_lock: Mutex::new(Loads {
+                last_generation: 1,
+                stored_ticket: 0,
+            }),
+            next_ticket: AtomicU64::new(1),
             stats: Stats::default(),
             _ticker: ticker,
         });
@@ -590,8 +607,9 @@ impl PolicyEngine {
     /// policy stays, and the refusal is counted.
     pub fn swap(&self, spec: PolicySpec) -> Result<Arc<PolicyInfo>, PolicyError> {
         let shared = &self.shared;
+        let ticket = shared.next_ticket.fetch_add(1, Ordering::Relaxed);
         // Outside the load lock: validating takes up to the compile limits, and another swap
-        // must not wait for it. Of two swaps racing, the later store wins.
+        // must not wait for it. Of two swaps racing, the one asked for later wins.
         let validated = validate(
             &shared.engine,
             &shared.linker,
@@ -611,13 +629,19 @@ impl PolicyEngine {
         };
         let component = validated.component.clone();
         let info = {
-            let mut last_generation = shared
+            let mut loads = shared
                 .load_lock
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            *last_generation += 1;
+            if loads.stored_ticket > ticket {
+                shared.stats.swaps_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source = %spec.source, "policy validated, but a swap asked for later is already active: not swapped in");
+                return Err(PolicyError::Superseded);
+            }
+            loads.stored_ticket = ticket;
+            loads.last_generation += 1;
             let generation =
-                make_generation(validated, spec, *last_generation, shared.rollback_rule);
+                make_generation(validated, spec, loads.last_generation, shared.rollback_rule);
             let info = generation.info.clone();
             let replaced = shared.active.swap(Arc::new(generation));
             shared.keep_fallback(replaced, &info.digest);
@@ -703,6 +727,9 @@ impl PolicyEngine {
                 .stats
                 .breaker_skips
                 .fetch_add(1, Ordering::Relaxed);
+            if let Some(last) = generation.failures.record(Instant::now(), None) {
+                self.shared.roll_back(&generation, last);
+            }
             return fail_safe();
         }
         match instance::with_thread_instance(&self.shared, &generation, call) {
@@ -724,8 +751,8 @@ impl PolicyEngine {
                     ),
                     Streak::Continuing => {}
                 }
-                if generation.failures.record(Instant::now()) {
-                    self.shared.roll_back(&generation, failure);
+                if let Some(last) = generation.failures.record(Instant::now(), Some(&failure)) {
+                    self.shared.roll_back(&generation, last);
                 }
                 fail_safe()
             }

@@ -11,8 +11,9 @@
 //! only bytes it has not seen in the file before, so a policy swapped in through the admin API
 //! stays active until the file really changes (or SIGHUP asks for the file again). Every load
 //! from the file uses the operator's configuration for the file, whatever the API last set.
-//! A policy the engine rolled back is not loaded from the file again, on a change or on SIGHUP,
-//! until the file holds other bytes.
+//! A policy the engine rolled back is not loaded from the file again, on a change or on SIGHUP:
+//! the file is loaded once it holds another policy; the rolled-back one itself comes back only
+//! through the admin API (the operator's explicit word) or a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};

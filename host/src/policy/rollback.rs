@@ -46,47 +46,68 @@ impl Default for RollbackRule {
 #[derive(Debug)]
 pub(crate) struct FailureWindow {
     rule: RollbackRule,
-    recent: Mutex<VecDeque<Instant>>,
+    recent: Mutex<Recent>,
     /// Set once the rule was met, so that one generation triggers one rollback (or one
     /// complaint that there is nothing to roll back to).
     tripped: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    at: VecDeque<Instant>,
+    /// The last failure seen, for the rollback's reason.
+    last: Option<CallFailure>,
 }
 
 impl FailureWindow {
     pub(crate) fn new(rule: RollbackRule) -> Self {
         FailureWindow {
             rule,
-            recent: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(Recent::default()),
             tripped: AtomicBool::new(false),
         }
     }
 
-    /// Records a failure at `now`; true exactly once, for the failure that meets the rule.
-    pub(crate) fn record(&self, now: Instant) -> bool {
+    /// Records at `now` a failed decision (`failure`), or one the open breaker answered
+    /// fail-safe without calling (`None`: it counts too, or a policy failing every call, let
+    /// through once a second by the breaker, would never reach a rule above a few dozen).
+    /// Returns the last failure exactly once, for the record that meets the rule.
+    pub(crate) fn record(
+        &self,
+        now: Instant,
+        failure: Option<&CallFailure>,
+    ) -> Option<CallFailure> {
         if self.tripped.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(failure) = failure {
+            recent.last = Some(failure.clone());
+        }
         while recent
+            .at
             .front()
             .is_some_and(|&at| now.saturating_duration_since(at) > self.rule.window)
         {
-            recent.pop_front();
+            recent.at.pop_front();
         }
-        recent.push_back(now);
-        if recent.len() < self.rule.failures as usize {
-            return false;
+        recent.at.push_back(now);
+        if recent.at.len() < self.rule.failures as usize || recent.last.is_none() {
+            return None;
         }
-        recent.clear();
-        !self.tripped.swap(true, Ordering::Relaxed)
+        recent.at.clear();
+        if self.tripped.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        recent.last.clone()
     }
 }
 
 /// Why a generation was rolled back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{failures} failed decisions within {window:?} (policy.rollback_failures, \
-     policy.rollback_window); the last: {last}"
+    "{failures} decisions failed, or were answered fail-safe by the open breaker, within \
+     {window:?} (policy.rollback_failures, policy.rollback_window); the last failure: {last}"
 )]
 pub struct RollbackReason {
     /// The rule's count, reached.
@@ -121,15 +142,23 @@ mod tests {
         })
     }
 
+    fn trap(n: u32) -> CallFailure {
+        CallFailure::Trap(format!("trap {n}"))
+    }
+
+    fn at(t0: Instant, seconds: u64) -> Instant {
+        t0 + Duration::from_secs(seconds)
+    }
+
     #[test]
     fn trips_once_when_the_count_falls_within_the_window() {
         let w = window(3, 10);
         let t0 = Instant::now();
-        assert!(!w.record(t0));
-        assert!(!w.record(t0 + Duration::from_secs(1)));
-        assert!(w.record(t0 + Duration::from_secs(2)));
+        assert_eq!(w.record(t0, Some(&trap(0))), None);
+        assert_eq!(w.record(at(t0, 1), Some(&trap(1))), None);
+        assert_eq!(w.record(at(t0, 2), Some(&trap(2))), Some(trap(2)));
         for later in 3..10 {
-            assert!(!w.record(t0 + Duration::from_secs(later)), "trips once");
+            assert_eq!(w.record(at(t0, later), Some(&trap(3))), None, "trips once");
         }
     }
 
@@ -137,10 +166,20 @@ mod tests {
     fn failures_older_than_the_window_do_not_count() {
         let w = window(3, 10);
         let t0 = Instant::now();
-        assert!(!w.record(t0));
-        assert!(!w.record(t0 + Duration::from_secs(5)));
+        assert_eq!(w.record(t0, Some(&trap(0))), None);
+        assert_eq!(w.record(at(t0, 5), Some(&trap(1))), None);
         // The first has left the window: two within it.
-        assert!(!w.record(t0 + Duration::from_secs(11)));
-        assert!(w.record(t0 + Duration::from_secs(12)));
+        assert_eq!(w.record(at(t0, 11), Some(&trap(2))), None);
+        assert_eq!(w.record(at(t0, 12), Some(&trap(3))), Some(trap(3)));
+    }
+
+    #[test]
+    fn breaker_skips_count_and_the_reason_is_the_last_failure() {
+        let w = window(4, 10);
+        let t0 = Instant::now();
+        assert_eq!(w.record(t0, None), None, "no failure yet: nothing to blame");
+        assert_eq!(w.record(t0, Some(&trap(1))), None);
+        assert_eq!(w.record(at(t0, 1), None), None);
+        assert_eq!(w.record(at(t0, 2), None), Some(trap(1)));
     }
 }

@@ -6,7 +6,7 @@
 //! wasmtime and Spin): change a limit here, nowhere else.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasData, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, StoreLimits};
@@ -68,7 +68,10 @@ pub(crate) fn thread_cpu_time() -> Duration {
     // SAFETY: `now` is a valid timespec for the call to fill; the clock exists on every Linux.
     let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0;
     if !ok {
-        return Duration::ZERO;
+        // Never seen, but a clock that stood still would let a serving decision's overruns be
+        // forgiven forever: wall-clock time stands in, which stops them.
+        static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        return STARTED.get_or_init(Instant::now).elapsed();
     }
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
@@ -201,6 +204,9 @@ pub(crate) struct InstanceState {
     pub(crate) overrun_at: Option<Duration>,
 }
 
+/// Host resources (streams, pollables) an instance may hold at once; a policy needs a handful.
+const MAX_HOST_RESOURCES: usize = 256;
+
 impl InstanceState {
     pub(crate) fn new(limits: &Limits, digest: Arc<str>) -> Self {
         let wasi = WasiCtx::builder()
@@ -210,9 +216,13 @@ impl InstanceState {
             .insecure_random(ZeroRandom)
             .insecure_random_seed(0)
             .build();
+        // Host memory the store's limits do not count: a guest asking for streams in a loop
+        // fills this table, a million entries by default.
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         InstanceState {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limits: wasmtime::StoreLimitsBuilder::new()
                 .memory_size(limits.memory_bytes)
                 .instances(16)
