@@ -1,10 +1,13 @@
 //! The `regcache` binary, built once per test process, for tests that run it as users do.
 
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::policies::repo_root;
+use crate::wait::eventually_blocking;
 
 /// Path of the `regcache` binary of this workspace, built (incrementally) on first use.
 pub fn regcache_bin() -> &'static PathBuf {
@@ -21,4 +24,45 @@ pub fn regcache_bin() -> &'static PathBuf {
         assert!(status.success(), "building the regcache binary failed");
         target_dir.join("debug").join("regcache")
     })
+}
+
+/// Runs `regcache <args>` with `env` to its end: its output and how long it took. Both pipes
+/// are read while it runs (one left unread would block a talkative process); one still running
+/// after `timeout` is killed and fails the test, with what it wrote to stderr.
+pub fn run_regcache(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(regcache_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run regcache");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let exited = eventually_blocking(timeout, || !matches!(child.try_wait(), Ok(None)));
+    let took = started.elapsed();
+    if !exited {
+        let _ = child.kill();
+    }
+    let output = Output {
+        status: child.wait().expect("reap regcache"),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(
+        exited,
+        "`regcache {}` still ran after {timeout:?}; stderr:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output, took)
 }

@@ -44,3 +44,15 @@ pub fn policy_path(name: &str) -> PathBuf {
 pub fn policy_wasm(name: &str) -> Vec<u8> {
     std::fs::read(policy_path(name)).unwrap_or_else(|e| panic!("read policy {name}: {e}"))
 }
+
+/// The built policy `name` as a spec to load, with its operator `config`.
+pub fn spec(name: &str, config: &[(&str, &str)]) -> regcache::policy::PolicySpec {
+    regcache::policy::PolicySpec {
+        wasm: policy_wasm(name).into(),
+        source: name.to_string(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}

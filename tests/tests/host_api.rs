@@ -2,12 +2,11 @@
 //! requests, the admin endpoints and policy swaps (API, file change, SIGHUP), metrics, and bad
 //! configuration. The real binary, as operators run it.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use regcache_tests::binary::regcache_bin;
+use regcache_tests::binary::{regcache_bin, run_regcache};
 use regcache_tests::etcd::TlsFiles;
 use regcache_tests::host::{Host, RunAs, service_json, write_atomically};
 use regcache_tests::http::{Response, request_head_only};
@@ -679,31 +678,12 @@ fn metrics_are_prometheus_text() {
 /// that has not failed within 30 s (one waiting on a FIFO) is killed and fails the test rather
 /// than hanging the run.
 fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut child = Command::new(regcache_bin())
-        .arg("run")
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let exited = eventually_blocking(Duration::from_secs(30), || {
-        child.try_wait().unwrap().is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-    }
-    let status = child.wait().unwrap();
-    let stderr = reader.join().unwrap();
-    assert!(exited, "{args:?}: still running after 30 s:\n{stderr}");
-    (status.code().unwrap_or(-1), stderr)
+    let args: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
+    let (output, _) = run_regcache(&args, env, Duration::from_secs(30));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]

@@ -8,11 +8,10 @@
 //! bombs take more than 15 s and 1.5 GB.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use regcache::policy::{Compiler, EngineOptions, MAX_POLICY_SIZE, PolicyEngine, PolicySpec};
-use regcache_tests::binary::regcache_bin;
+use regcache_tests::binary::{regcache_bin, run_regcache};
 use regcache_tests::host::{Host, write_atomically};
 use regcache_tests::http::{Response, request};
 use regcache_tests::policies::{policy_path, policy_wasm};
@@ -115,25 +114,11 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 
 /// `regcache <args>`, bounded by `timeout`: its exit code, stderr and how long it ran.
 fn regcache(args: &[&str], timeout: Duration) -> (Option<i32>, String, Duration) {
-    let started = Instant::now();
-    let mut child = Command::new(regcache_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = eventually_blocking(timeout, || !matches!(child.try_wait(), Ok(None)));
-    let elapsed = started.elapsed();
-    if !exited {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().unwrap();
-    assert!(exited, "regcache {args:?} ran past {timeout:?}");
+    let (output, took) = run_regcache(args, &[], timeout);
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
-        elapsed,
+        took,
     )
 }
 

@@ -5,14 +5,12 @@
 //! variables or the configuration file) gets the policy loaded. The policy's new settings are
 //! refused with one line naming the setting, its flag and its variable.
 
-use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
-use regcache_tests::binary::regcache_bin;
+use regcache_tests::binary::run_regcache;
 use regcache_tests::host::Host;
 use regcache_tests::policies::{policy_path, policy_wasm};
-use regcache_tests::wait::eventually_blocking;
 
 const TOKEN: &str = "limits-token";
 
@@ -67,30 +65,7 @@ fn all_extremes() -> String {
 
 /// Runs `regcache <args>` to its end (at most 60 s), with `env`.
 fn regcache(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut child = Command::new(regcache_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let exited = eventually_blocking(Duration::from_secs(60), || {
-        child.try_wait().unwrap().is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-    }
-    let mut output = child.wait_with_output().unwrap();
-    output.stderr = reader.join().unwrap().into_bytes();
-    assert!(exited, "{args:?}: still running after 60 s");
-    output
+    run_regcache(args, env, Duration::from_secs(60)).0
 }
 
 fn stderr(output: &Output) -> String {

@@ -9,7 +9,7 @@ use regcache::policy::reload::Reloader;
 use regcache::policy::{
     CallFailure, EngineOptions, PolicyEngine, PolicyError, PolicySpec, RollbackRule,
 };
-use regcache_tests::policies::policy_wasm;
+use regcache_tests::policies::{policy_wasm, spec};
 use regcache_tests::wait::eventually_blocking;
 
 const HEALTHY: HealthView = HealthView {
@@ -22,17 +22,6 @@ fn cached(service: &str) -> LookupContext<'_> {
     LookupContext {
         nodes: 5,
         ..LookupContext::cached(service, 1_000_000, HEALTHY, 1)
-    }
-}
-
-fn spec(name: &str, config: &[(&str, &str)]) -> PolicySpec {
-    PolicySpec {
-        wasm: policy_wasm(name).into(),
-        source: name.to_string(),
-        config: config
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
     }
 }
 

@@ -2,12 +2,12 @@
 //! chaos's faults: loop where no deadline used to reach (`policy check`, `policy eval`,
 //! start-up), spend 20 ms a decision, answer by a call counter, print, panic.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use regcache::decision::{Decide, HealthView, LookupContext, LookupDecision};
 use regcache::policy::{EngineOptions, PolicyEngine, PolicySpec};
-use regcache_tests::binary::regcache_bin;
+use regcache_tests::binary::run_regcache;
 use regcache_tests::host::{Host, service_json};
 use regcache_tests::http::Response;
 use regcache_tests::policies::{policy_path, policy_wasm};
@@ -22,27 +22,7 @@ const VERDICT_WITHIN: Duration = Duration::from_secs(20);
 /// Runs `regcache <args>`, killing it if it has not exited within [`VERDICT_WITHIN`]: a hang is
 /// a failure of the test, not of the test run.
 fn regcache(args: &[&str]) -> (Output, Duration) {
-    let binary = regcache_bin();
-    let started = Instant::now();
-    let mut child = Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run regcache");
-    let exited = eventually_blocking(VERDICT_WITHIN, || !matches!(child.try_wait(), Ok(None)));
-    if !exited {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().expect("reap regcache");
-    assert!(
-        exited,
-        "`regcache {}` still ran after {VERDICT_WITHIN:?}; stderr:\n{}",
-        args.join(" "),
-        stderr(&output)
-    );
-    (output, started.elapsed())
+    run_regcache(args, &[], VERDICT_WITHIN)
 }
 
 fn stderr(output: &Output) -> String {
@@ -127,15 +107,19 @@ fn a_slow_policy_is_refused_at_check_and_swap_naming_its_p99_and_the_budget() {
     // About 2 ms a decision: ten times the budget, and far from validation's 100 ms deadline
     // even on a thread that gets a fraction of a loaded core.
     let spin = "spin-iterations=5000000";
-    let (check, _) = regcache(&[
-        "policy",
-        "check",
-        &chaos(),
-        "--policy-config",
-        "fault=slow",
-        "--policy-config",
-        spin,
-    ]);
+    let check_slow = |spin| {
+        regcache(&[
+            "policy",
+            "check",
+            &chaos(),
+            "--policy-config",
+            "fault=slow",
+            "--policy-config",
+            spin,
+        ])
+        .0
+    };
+    let check = check_slow(spin);
     assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
     let refusal = stderr(&check);
     assert!(refusal.contains("decide-lookup p99 "), "{refusal}");
@@ -151,15 +135,7 @@ fn a_slow_policy_is_refused_at_check_and_swap_naming_its_p99_and_the_budget() {
     assert_eq!(host.get("/v1/policy").unwrap().json()["digest"], active);
 
     // The cost that matters is the decision's: the same policy passes with a budget above it.
-    let (generous, _) = regcache(&[
-        "policy",
-        "check",
-        &chaos(),
-        "--policy-config",
-        "fault=slow",
-        "--policy-config",
-        "spin-iterations=1000",
-    ]);
+    let generous = check_slow("spin-iterations=1000");
     assert!(generous.status.success(), "{}", stderr(&generous));
 }
 

@@ -472,8 +472,6 @@ fn bound_self(request: &ChildRequest) -> std::io::Result<()> {
     rustix::process::setrlimit(Resource::Cpu, limit(cpu, cpu + 1))?;
     rustix::process::setrlimit(Resource::Data, limit(request.memory, request.memory))?;
     rustix::process::setrlimit(Resource::Core, limit(0, 0))?;
-    // Lookups come first: a compile, crafted or not, gets what CPU they leave.
-    rustix::process::nice(19)?;
     Ok(())
 }
 
