@@ -252,3 +252,102 @@ impl fmt::Display for PolicyInfo {
         )
     }
 }
+
+impl EvictionDecision {
+    /// A stable name for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EvictionDecision::Evict => "evict",
+            EvictionDecision::KeepSuspect { .. } => "keep_suspect",
+            EvictionDecision::Keep => "keep",
+        }
+    }
+}
+
+/// A question a policy was asked, owned so that it can outlive the lookup or removal that asked
+/// it: what the host records, shadows ask a candidate, and replays ask again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Question {
+    /// The service, kept here; the context's own `service` is empty.
+    service: Box<str>,
+    context: QuestionContext,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuestionContext {
+    Lookup(LookupContext<'static>),
+    Eviction(EvictionContext<'static>),
+}
+
+/// A [`Question`] borrowed back as the context a policy is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked<'a> {
+    /// `decide-lookup`'s context.
+    Lookup(LookupContext<'a>),
+    /// `guard-eviction`'s context.
+    Eviction(EvictionContext<'a>),
+}
+
+impl Question {
+    /// The context of this question, as the policy is asked it.
+    pub fn asked(&self) -> Asked<'_> {
+        match self.context {
+            QuestionContext::Lookup(context) => Asked::Lookup(LookupContext {
+                service: &self.service,
+                ..context
+            }),
+            QuestionContext::Eviction(context) => Asked::Eviction(EvictionContext {
+                service: &self.service,
+                ..context
+            }),
+        }
+    }
+
+    /// The service the question is about.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+}
+
+impl From<&LookupContext<'_>> for Question {
+    fn from(context: &LookupContext<'_>) -> Self {
+        Question {
+            service: context.service.into(),
+            context: QuestionContext::Lookup(LookupContext {
+                service: "",
+                ..*context
+            }),
+        }
+    }
+}
+
+impl From<&EvictionContext<'_>> for Question {
+    fn from(context: &EvictionContext<'_>) -> Self {
+        Question {
+            service: context.service.into(),
+            context: QuestionContext::Eviction(EvictionContext {
+                service: "",
+                ..*context
+            }),
+        }
+    }
+}
+
+/// A policy's answer to a [`Question`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// To a lookup.
+    Lookup(LookupDecision),
+    /// To a removal.
+    Eviction(EvictionDecision),
+}
+
+impl Answer {
+    /// The decision's stable name ([`LookupDecision::label`], [`EvictionDecision::label`]).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Answer::Lookup(decision) => decision.label(),
+            Answer::Eviction(decision) => decision.label(),
+        }
+    }
+}

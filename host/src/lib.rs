@@ -66,6 +66,7 @@ mod http;
 mod metrics;
 pub mod model;
 pub mod policy;
+pub mod recording;
 pub mod registry;
 mod snapshot;
 mod state_dir;

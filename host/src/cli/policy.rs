@@ -1,34 +1,36 @@
-//! `regcache policy ...`: the policy author's tools. `new` scaffolds a Rust policy crate bound to
-//! the WIT, `build` compiles it to a component, `check` validates a component exactly as a hot
-//! swap would, and `eval` shows the decision a policy makes for a context given as JSON.
-//! `check` and `eval` take the host's policy settings (a host's `--config` file, the
+//! `regcache policy ...`: the policy author's tools. `new` scaffolds a policy project bound to
+//! the WIT and `build` compiles it to a component (`author`), `check` validates a component
+//! exactly as a hot swap would, `eval` shows the decision a policy makes for a context given as
+//! JSON, and `replay` asks it a recording's questions (`replay`). `check`, `eval` and `replay` take the host's policy settings (a host's `--config` file, the
 //! `--policy-*` flags and variables), so that they judge a policy as the hosts would: under the
 //! same bounds, through the same engine options.
 
-mod json;
+mod author;
+mod replay;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{ArgMatches, FromArgMatches};
-use serde::Deserialize;
 
-use regcache::decision::{Decide, EvictionContext, LookupContext};
-use regcache::policy::{PolicyEngine, PolicySpec, WIT};
+use regcache::decision::{Answer, Decide, EvictionContext, LookupContext};
+use regcache::policy::{PolicyEngine, PolicySpec};
+use regcache::recording::{EvictionJson, LookupJson, answer_json};
 
 use super::args::{self, SettingArgs, policy_settings};
 
-use json::{EvictionDecisionJson, EvictionJson, LookupDecisionJson, LookupJson};
-
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Create a new Rust policy crate in DIR that builds as is.
+    /// Create a new policy project in DIR that builds as is.
     New {
         /// Directory to create (must not exist or be empty).
         dir: PathBuf,
+        /// The language to write the policy in.
+        #[arg(long, value_enum, default_value_t = author::Lang::Rust)]
+        lang: author::Lang,
     },
-    /// Build the policy crate in DIR to a WebAssembly component; prints the .wasm path.
+    /// Build the policy project in DIR to a WebAssembly component; prints the .wasm path.
     Build {
         /// The policy crate.
         dir: PathBuf,
@@ -57,6 +59,21 @@ pub enum PolicyCommand {
         /// Ask the eviction guard instead of the lookup decision.
         #[arg(long)]
         eviction: bool,
+        #[command(flatten)]
+        settings: PolicyArgs,
+    },
+    /// Ask a policy every question of a recording (JSON lines, as the host records them) and
+    /// print its answers; with --against, print only where a second policy answers otherwise,
+    /// then a summary of the decision pairs.
+    Replay {
+        /// The policy component (.wasm).
+        file: PathBuf,
+        /// The recording.
+        #[arg(long)]
+        contexts: PathBuf,
+        /// A second policy component to compare with.
+        #[arg(long)]
+        against: Option<PathBuf>,
         #[command(flatten)]
         settings: PolicyArgs,
     },
@@ -103,9 +120,9 @@ impl FromArgMatches for PolicyArgs {
 
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PolicyCommand::New { dir } => scaffold(&dir),
+        PolicyCommand::New { dir, lang } => author::scaffold(&dir, lang),
         PolicyCommand::Build { dir } => {
-            println!("{}", build(&dir)?.display());
+            println!("{}", author::build(&dir)?.display());
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Check { file, settings } => check(&file, settings),
@@ -115,84 +132,21 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             eviction,
             settings,
         } => eval(&file, &context, eviction, settings),
+        PolicyCommand::Replay {
+            file,
+            contexts,
+            against,
+            settings,
+        } => replay::run(&file, &contexts, against.as_deref(), settings),
     }
-}
-
-const TEMPLATE_MANIFEST: &str = include_str!("../../templates/policy/Cargo.toml.tmpl");
-const TEMPLATE_LIB: &str = include_str!("../../templates/policy/src/lib.rs");
-
-fn scaffold(dir: &Path) -> anyhow::Result<ExitCode> {
-    if dir.exists() && dir.read_dir()?.next().is_some() {
-        bail!("{} exists and is not empty", dir.display());
-    }
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(|n| {
-            n.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-                .to_lowercase()
-        })
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_alphabetic()))
-        .unwrap_or_else(|| "my-policy".into());
-    std::fs::create_dir_all(dir.join("src"))?;
-    std::fs::create_dir_all(dir.join("wit"))?;
-    std::fs::write(
-        dir.join("Cargo.toml"),
-        TEMPLATE_MANIFEST.replace("{{name}}", &name),
-    )?;
-    std::fs::write(dir.join("src/lib.rs"), TEMPLATE_LIB)?;
-    std::fs::write(dir.join("wit/policy.wit"), WIT)?;
-    std::fs::write(dir.join(".gitignore"), "/target\n")?;
-    println!("created policy crate `{name}` in {}", dir.display());
-    println!("next: regcache policy build {}", dir.display());
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Builds with cargo for wasm32-wasip2 and returns the component's path, as cargo reports it.
-fn build(dir: &Path) -> anyhow::Result<PathBuf> {
-    let manifest = dir.join("Cargo.toml");
-    if !manifest.exists() {
-        bail!(
-            "{} has no Cargo.toml (create one with `regcache policy new`)",
-            dir.display()
-        );
-    }
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--message-format=json-render-diagnostics",
-        ])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("run cargo (is the Rust toolchain installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "cargo build failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
-        );
-    }
-    #[derive(Deserialize)]
-    struct Artifact {
-        reason: String,
-        #[serde(default)]
-        filenames: Vec<PathBuf>,
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Artifact>(line).ok())
-        .filter(|a| a.reason == "compiler-artifact")
-        .flat_map(|a| a.filenames)
-        .find(|f| f.extension().is_some_and(|e| e == "wasm"))
-        .context("cargo built no .wasm (is the crate a cdylib?)")
 }
 
 /// The policy in `file` loaded as a host with these settings would load it (a configuration
 /// that is refused is an error, not a refusal of the policy).
-fn load(file: &Path, PolicyArgs(args): PolicyArgs) -> anyhow::Result<anyhow::Result<PolicyEngine>> {
+pub(super) fn load(
+    file: &Path,
+    PolicyArgs(args): PolicyArgs,
+) -> anyhow::Result<anyhow::Result<PolicyEngine>> {
     let mut settings = args.layer()?.policy()?;
     settings.compiler = args::compiler()?;
     let options = settings.engine_options(None);
@@ -228,13 +182,15 @@ fn eval(
     let decision = if eviction {
         let json: EvictionJson =
             serde_json::from_str(context).context("invalid eviction context")?;
-        let decided = engine.guard_eviction(&EvictionContext::from(&json));
-        serde_json::to_value(EvictionDecisionJson::from(decided.decision))?
+        Answer::Eviction(
+            engine
+                .guard_eviction(&EvictionContext::from(&json))
+                .decision,
+        )
     } else {
         let json: LookupJson = serde_json::from_str(context).context("invalid lookup context")?;
-        let decided = engine.decide_lookup(&LookupContext::from(&json));
-        serde_json::to_value(LookupDecisionJson::from(decided.decision))?
+        Answer::Lookup(engine.decide_lookup(&LookupContext::from(&json)).decision)
     };
-    println!("{}", serde_json::to_string(&decision)?);
+    println!("{}", answer_json(&decision));
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,8 @@ use super::Generation;
 use super::bindings::{self, Policy, PolicyPre, RawSettings};
 use super::sandbox::{self, InstanceState, Limits};
 use crate::decision::{
-    EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
+    Answer, Asked, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
+    Question,
 };
 
 /// Why a call into a policy did not produce a decision.
@@ -176,6 +177,14 @@ impl Instance {
         let decision = contain(|| self.policy.call_guard_eviction(&mut self.store, &lowered))
             .map_err(|e| CallFailure::from_error(e, self.decision_deadline))?;
         Ok(bindings::eviction_decision(decision))
+    }
+
+    /// Asks whichever question `question` is.
+    pub(crate) fn ask(&mut self, question: &Question) -> Result<Answer, CallFailure> {
+        match question.asked() {
+            Asked::Lookup(context) => self.decide_lookup(&context).map(Answer::Lookup),
+            Asked::Eviction(context) => self.guard_eviction(&context).map(Answer::Eviction),
+        }
     }
 }
 

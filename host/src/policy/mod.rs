@@ -56,8 +56,8 @@ pub use sandbox::Limits;
 pub use settings::{Envelope, EnvelopeLimit, InvalidSetting};
 
 use crate::decision::{
-    Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision, PolicyInfo,
-    Settings,
+    Answer, Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision,
+    PolicyInfo, Question, Settings,
 };
 use crate::fsutil::{FileError, read_regular};
 use bindings::PolicyPre;
@@ -770,6 +770,11 @@ impl DirectInstance {
         context: &LookupContext<'_>,
     ) -> Result<LookupDecision, CallFailure> {
         self.0.decide_lookup(context)
+    }
+
+    /// Asks `question` once: what replays do, with the failure rather than a fail-safe answer.
+    pub fn ask(&mut self, question: &Question) -> Result<Answer, CallFailure> {
+        self.0.ask(question)
     }
 }
 
