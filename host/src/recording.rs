@@ -15,7 +15,7 @@
 //! Context fields left out take the defaults of [`LookupJson`] and [`EvictionJson`], so a
 //! hand-written line can say only what matters; a recording writes every field.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use serde::{Deserialize, Serialize};
 
@@ -453,6 +453,11 @@ impl Recorded {
     }
 }
 
+/// The longest line [`read`] takes, in bytes. A recorded question is well under a kilobyte; the
+/// bound keeps a file that is not a recording (gigabytes without a newline) from being read
+/// whole.
+pub const MAX_LINE: usize = 1 << 20;
+
 /// A line of a recording that is not a record.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -464,7 +469,19 @@ pub enum ReadError {
         /// Why.
         error: serde_json::Error,
     },
-    /// The recording could not be read.
+    /// The line is not UTF-8 text: the file is not a recording.
+    #[error("line {line}: not UTF-8 text")]
+    NotText {
+        /// 1-based.
+        line: usize,
+    },
+    /// The line is longer than [`MAX_LINE`]: the file is not a recording. Reading stops here.
+    #[error("line {line}: longer than {MAX_LINE} bytes")]
+    TooLong {
+        /// 1-based.
+        line: usize,
+    },
+    /// The recording could not be read. Reading stops here.
     #[error("line {line}: {error}")]
     Io {
         /// 1-based.
@@ -474,21 +491,45 @@ pub enum ReadError {
     },
 }
 
-/// The records of a recording, in order; blank lines are skipped.
-pub fn read(reader: impl BufRead) -> impl Iterator<Item = Result<Recorded, ReadError>> {
-    reader.lines().enumerate().filter_map(|(index, line)| {
-        let line_number = index + 1;
-        match line {
-            Err(error) => Some(Err(ReadError::Io {
-                line: line_number,
-                error,
-            })),
-            Ok(text) if text.trim().is_empty() => None,
-            Ok(text) => Some(Recorded::parse(&text).map_err(|error| ReadError::Invalid {
-                line: line_number,
-                error,
-            })),
+/// The records of a recording, in order, each with its line number (1-based); blank lines are
+/// skipped. Memory stays bounded by [`MAX_LINE`] whatever the file holds.
+pub fn read(
+    mut reader: impl BufRead,
+) -> impl Iterator<Item = Result<(usize, Recorded), ReadError>> {
+    let mut line = 0;
+    let mut bytes = Vec::new();
+    let mut stopped = false;
+    std::iter::from_fn(move || {
+        while !stopped {
+            line += 1;
+            bytes.clear();
+            let limit = MAX_LINE as u64 + 1;
+            match (&mut reader).take(limit).read_until(b'\n', &mut bytes) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(error) => {
+                    stopped = true;
+                    return Some(Err(ReadError::Io { line, error }));
+                }
+            }
+            if bytes.last() == Some(&b'\n') {
+                bytes.pop();
+            } else if bytes.len() > MAX_LINE {
+                stopped = true;
+                return Some(Err(ReadError::TooLong { line }));
+            }
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                return Some(Err(ReadError::NotText { line }));
+            };
+            if !text.trim().is_empty() {
+                return Some(
+                    Recorded::parse(text)
+                        .map(|record| (line, record))
+                        .map_err(|error| ReadError::Invalid { line, error }),
+                );
+            }
         }
+        None
     })
 }
 
@@ -565,8 +606,40 @@ mod tests {
             "{\"lookup\":{\"context\":{}}}\n\n{\"lookup\":{\"context\":{\"nodes\":\"x\"}}}\n";
         let results: Vec<_> = read(text.as_bytes()).collect();
         assert_eq!(results.len(), 2);
-        assert!(results[0].is_ok());
+        assert_eq!(results[0].as_ref().unwrap().0, 1);
         let error = results[1].as_ref().unwrap_err().to_string();
         assert!(error.starts_with("line 3: "), "{error}");
+    }
+
+    #[test]
+    fn records_keep_their_line_numbers_across_blank_and_crlf_lines() {
+        let text = "\r\n{\"lookup\":{\"context\":{}}}\r\n\n{\"eviction\":{\"context\":{}}}";
+        let lines: Vec<usize> = read(text.as_bytes()).map(|r| r.unwrap().0).collect();
+        assert_eq!(lines, [2, 4]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_text_is_refused_in_bounded_memory() {
+        let binary = b"{}\n\xff\xfe\x00garbage\n";
+        let errors: Vec<_> = read(&binary[..]).map(Result::unwrap_err).collect();
+        assert!(
+            matches!(
+                errors[..],
+                [
+                    ReadError::Invalid { line: 1, .. },
+                    ReadError::NotText { line: 2 }
+                ]
+            ),
+            "{errors:?}"
+        );
+
+        let endless = std::io::repeat(b'x');
+        let errors: Vec<_> = read(std::io::BufReader::new(endless))
+            .map(Result::unwrap_err)
+            .collect();
+        assert!(
+            matches!(errors[..], [ReadError::TooLong { line: 1 }]),
+            "{errors:?}"
+        );
     }
 }

@@ -65,13 +65,26 @@ pub enum PolicyCommand {
     /// Ask a policy every question of a recording (JSON lines, as the host records them) and
     /// print its answers; with --against, print only where a second policy answers otherwise,
     /// then a summary of the decision pairs.
+    ///
+    /// Stdout holds only JSON lines, one per question in the recording's order, identical for
+    /// the same policies and recording: {"line":N,"service":..,"question":"lookup"|"eviction",
+    /// "answer":{..}} or, for a call that failed (the next question gets a fresh instance),
+    /// "failure":"trapped: ..." in place of "answer". With --against, one line per question
+    /// answered differently: {"line":N,"question":{full context},"policy":{"answer"|"failure"},
+    /// "against":{"answer"|"failure"}}; a failed call never counts as alike. The summary goes
+    /// to stderr: a line of counts, or with --against a table of every decision pair (alike
+    /// and differing questions).
+    ///
+    /// Exit status: 0 when every call answered (and, with --against, alike); 1 when a call
+    /// failed (or the policies differ); 2 when the replay could not run (the recording is
+    /// missing, empty or malformed, a policy is refused).
     Replay {
         /// The policy component (.wasm).
         file: PathBuf,
-        /// The recording.
+        /// The recording: JSON lines of questions, as the host records them.
         #[arg(long)]
         contexts: PathBuf,
-        /// A second policy component to compare with.
+        /// A second policy component to compare with (under the same settings).
         #[arg(long)]
         against: Option<PathBuf>,
         #[command(flatten)]
@@ -145,16 +158,25 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 /// that is refused is an error, not a refusal of the policy).
 pub(super) fn load(
     file: &Path,
-    PolicyArgs(args): PolicyArgs,
+    settings: PolicyArgs,
 ) -> anyhow::Result<anyhow::Result<PolicyEngine>> {
+    let [engine] = load_each([file], settings)?;
+    Ok(engine)
+}
+
+/// [`load`] of several files under the same settings, each refused or not on its own.
+pub(super) fn load_each<const N: usize>(
+    files: [&Path; N],
+    PolicyArgs(args): PolicyArgs,
+) -> anyhow::Result<[anyhow::Result<PolicyEngine>; N]> {
     let mut settings = args.layer()?.policy()?;
     settings.compiler = args::compiler()?;
     let options = settings.engine_options(None);
-    Ok(
-        PolicySpec::from_file(file, settings.config, settings.load.max_size)
-            .and_then(|spec| PolicyEngine::new(options, spec))
-            .map_err(anyhow::Error::from),
-    )
+    Ok(files.map(|file| {
+        PolicySpec::from_file(file, settings.config.clone(), settings.load.max_size)
+            .and_then(|spec| PolicyEngine::new(options.clone(), spec))
+            .map_err(anyhow::Error::from)
+    }))
 }
 
 fn check(file: &Path, settings: PolicyArgs) -> anyhow::Result<ExitCode> {
