@@ -36,7 +36,9 @@ use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 pub use crate::etcd_api::EtcdApiSettings;
 use crate::fsutil::read_regular;
 use crate::http;
-use crate::policy::{Compiler, EngineOptions, Envelope, Limits, LoadLimits, RollbackRule};
+use crate::policy::{
+    Compiler, EngineOptions, Envelope, Limits, LoadLimits, RecordOptions, RollbackRule,
+};
 use crate::registry::etcd::{self, EtcdConfig};
 use settings::{Kind, Setting};
 
@@ -75,6 +77,15 @@ pub const ROLLBACK_FAILURES_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 /// Accepted rollback windows: a second to a day.
 pub const ROLLBACK_WINDOW_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(86_400);
+
+/// Accepted sizes of the in-memory recording: a million questions is a few hundred MiB.
+pub const RECORD_RING_RANGE: RangeInclusive<u64> = 0..=1_000_000;
+
+/// Accepted sizes of the recording file before it rotates.
+pub const RECORD_FILE_SIZE_RANGE: RangeInclusive<u64> = (64 << 10)..=(64 << 30);
+
+/// Accepted shadow sampling: every question to one in a million.
+pub const SHADOW_ONE_IN_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 
 /// A configuration refused: the field (as named in the TOML file) and what is wrong with it.
 /// Its one-line display also names the flag and the environment variable of the field.
@@ -346,6 +357,11 @@ pub struct PolicySettings {
     pub rollback: RollbackRule,
     /// The bounds of the policy's settings (`[policy.limits]`).
     pub limits: Envelope,
+    /// What is recorded of the questions the policy answers (`policy.record.*`); a host's
+    /// only: `policy check`, `eval` and `replay` record nothing.
+    pub record: RecordOptions,
+    /// A shadow candidate is asked one question in this many (`policy.shadow.one_in`).
+    pub shadow_one_in: u32,
     /// How candidates are compiled. Not a setting: the library compiles in its own process
     /// unless its embedder says otherwise, and the `regcache` binary (`run`, `policy check`
     /// and `eval`) compiles in a child of itself, under `load`'s bounds.
@@ -367,6 +383,8 @@ impl PolicySettings {
             load: self.load,
             envelope: self.limits,
             rollback: self.rollback,
+            record: self.record.clone(),
+            shadow_one_in: self.shadow_one_in,
         }
     }
 }
@@ -569,6 +587,14 @@ impl ConfigLayer {
                 max_wait: self.duration(&settings::POLICY_LIMITS_MAX_WAIT)?,
             },
             compiler: Compiler::default(),
+            record: RecordOptions {
+                ring: usize::try_from(self.count_or_default(&settings::POLICY_RECORD_RING)?)
+                    .unwrap_or(usize::MAX),
+                file: self.path(&settings::POLICY_RECORD_FILE)?,
+                file_size: self.size(&settings::POLICY_RECORD_FILE_SIZE)?,
+            },
+            shadow_one_in: u32::try_from(self.count_or_default(&settings::POLICY_SHADOW_ONE_IN)?)
+                .unwrap_or(u32::MAX),
         })
     }
 

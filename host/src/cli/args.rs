@@ -25,11 +25,19 @@ pub struct SettingArgs {
     given: Vec<(&'static Setting, Vec<OsString>)>,
 }
 
-/// The settings of the policy that `policy check` and `eval` take: all of `[policy]` but the
-/// file, which they are given as their argument.
+/// The settings of the policy that `policy check`, `eval` and `replay` take: all of `[policy]`
+/// but the file, which they are given as their argument, and what only a host does with the
+/// questions it answers (recording, shadowing).
 pub fn policy_settings() -> impl Iterator<Item = &'static Setting> {
-    settings::ALL.iter().copied().filter(|setting| {
-        setting.section() == Some("policy") && setting.key != settings::POLICY_FILE.key
+    let hosts_only = [
+        &settings::POLICY_FILE,
+        &settings::POLICY_RECORD_RING,
+        &settings::POLICY_RECORD_FILE,
+        &settings::POLICY_RECORD_FILE_SIZE,
+        &settings::POLICY_SHADOW_ONE_IN,
+    ];
+    settings::ALL.iter().copied().filter(move |setting| {
+        setting.section() == Some("policy") && !hosts_only.iter().any(|s| s.key == setting.key)
     })
 }
 

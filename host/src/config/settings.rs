@@ -17,8 +17,8 @@ use crate::registry::etcd;
 
 use super::{
     COMPILE_CPU_TIME_RANGE, COMPILE_MEMORY_RANGE, DEFAULT_LISTEN, DEFAULT_SNAPSHOT_INTERVAL,
-    LATENCY_BUDGET_RANGE, POLICY_MAX_SIZE_RANGE, ROLLBACK_FAILURES_RANGE, ROLLBACK_WINDOW_RANGE,
-    SNAPSHOT_INTERVAL_RANGE,
+    LATENCY_BUDGET_RANGE, POLICY_MAX_SIZE_RANGE, RECORD_FILE_SIZE_RANGE, RECORD_RING_RANGE,
+    ROLLBACK_FAILURES_RANGE, ROLLBACK_WINDOW_RANGE, SHADOW_ONE_IN_RANGE, SNAPSHOT_INTERVAL_RANGE,
 };
 
 /// One setting of the host.
@@ -285,6 +285,47 @@ pub static POLICY_ROLLBACK_WINDOW: Setting = Setting {
     default: DefaultValue::Duration(Duration::from_secs(60)),
 };
 
+/// Questions recorded in memory.
+pub static POLICY_RECORD_RING: Setting = Setting {
+    key: "policy.record.ring",
+    value_name: "N",
+    help: "Questions the policy answered kept in memory, the most recent, with the answers \
+           (`GET /v1/policy/recording`, and what a swap with `replay=recent` is replayed on); \
+           0 records nothing. Recording costs a lookup a copy of its question, off its path",
+    kind: Kind::Count(&RECORD_RING_RANGE),
+    default: DefaultValue::Count(0),
+};
+
+/// The recording file.
+pub static POLICY_RECORD_FILE: Setting = Setting {
+    key: "policy.record.file",
+    value_name: "FILE",
+    help: "Append every question the policy answers, with the answer, to this file as JSON \
+           lines (`regcache policy replay` reads them); rotated past `policy.record.file_size`",
+    kind: Kind::Path,
+    default: DefaultValue::NoneMeans("no file"),
+};
+
+/// When the recording file rotates.
+pub static POLICY_RECORD_FILE_SIZE: Setting = Setting {
+    key: "policy.record.file_size",
+    value_name: "SIZE",
+    help: "Size past which the recording file is renamed to FILE.1 (replacing the previous \
+           one) and a new one started: the recording takes at most twice this on disk",
+    kind: Kind::Size(&RECORD_FILE_SIZE_RANGE),
+    default: DefaultValue::Size(64 << 20),
+};
+
+/// Shadow sampling.
+pub static POLICY_SHADOW_ONE_IN: Setting = Setting {
+    key: "policy.shadow.one_in",
+    value_name: "N",
+    help: "A shadow policy (`PUT /v1/policy?mode=shadow`) is asked one question in N that the \
+           active policy answers, off the lookup's path",
+    kind: Kind::Count(&SHADOW_ONE_IN_RANGE),
+    default: DefaultValue::Count(1),
+};
+
 /// The floor of a policy's retry interval.
 pub static POLICY_LIMITS_MIN_RETRY_INTERVAL: Setting = Setting {
     key: "policy.limits.min_retry_interval",
@@ -488,7 +529,7 @@ pub(crate) static SECRET_TWINS: [(&Setting, &Setting); 2] = [
 ];
 
 /// Every setting, in the order `run --help` and the README list them.
-pub static ALL: [&Setting; 38] = [
+pub static ALL: [&Setting; 42] = [
     &LISTEN,
     &ETCD_ENDPOINTS,
     &ETCD_USER,
@@ -508,6 +549,10 @@ pub static ALL: [&Setting; 38] = [
     &POLICY_LATENCY_BUDGET,
     &POLICY_ROLLBACK_FAILURES,
     &POLICY_ROLLBACK_WINDOW,
+    &POLICY_RECORD_RING,
+    &POLICY_RECORD_FILE,
+    &POLICY_RECORD_FILE_SIZE,
+    &POLICY_SHADOW_ONE_IN,
     &POLICY_LIMITS_MIN_RETRY_INTERVAL,
     &POLICY_LIMITS_MAX_REGISTRY_BUDGET,
     &POLICY_LIMITS_MAX_SUSPECT_HOLD,

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{ApiError, AppState};
 use crate::decision::{Decide, PolicyInfo};
-use crate::policy::{PolicyEngine, PolicySpec, Rollback};
+use crate::policy::{PolicyEngine, PolicyError, PolicySpec, Rollback, SwapOptions};
 
 #[derive(Serialize)]
 pub(super) struct PolicyBody {
@@ -65,7 +65,7 @@ impl From<Rollback> for RollbackBody {
     }
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+pub(super) fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -95,7 +95,7 @@ struct Counters {
     rollbacks: u64,
 }
 
-fn policy_body(engine: &PolicyEngine, info: &PolicyInfo) -> PolicyBody {
+pub(super) fn policy_body(engine: &PolicyEngine, info: &PolicyInfo) -> PolicyBody {
     let stats = engine.stats();
     let ms = |d: std::time::Duration| d.as_millis() as u64;
     let s = &info.settings;
@@ -179,16 +179,58 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `PUT /v1/policy` with the wasm bytes; query parameters, if any, replace the operator
-/// configuration (else the active one is kept). Validated, then swapped: 200 with the new
-/// policy, or 422 with the reason while the old policy stays active.
+/// What `PUT /v1/policy` does with a policy that passes validation (`mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SwapMode {
+    /// Make it active (the default).
+    Active,
+    /// Load it as the shadow candidate.
+    Shadow,
+}
+
+/// The query parameters of `PUT /v1/policy` that are the API's own: `mode` (`active` or
+/// `shadow`) and `replay` (`recent`). The others are the policy's configuration, so these two
+/// names are reserved.
+fn swap_request(query: &mut BTreeMap<String, String>) -> Result<(SwapMode, SwapOptions), ApiError> {
+    let mode = match query.remove("mode").as_deref() {
+        None | Some("active") => SwapMode::Active,
+        Some("shadow") => SwapMode::Shadow,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "mode `{other}`: expected `active` (the default) or `shadow`"
+            )));
+        }
+    };
+    let replay_recent = match query.remove("replay").as_deref() {
+        None => false,
+        Some("recent") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "replay `{other}`: the only replay is `recent` (the recording in memory)"
+            )));
+        }
+    };
+    if replay_recent && mode == SwapMode::Shadow {
+        return Err(ApiError::bad_request(
+            "replay=recent is a precondition of activating a policy; a shadow is never acted on",
+        ));
+    }
+    Ok((mode, SwapOptions { replay_recent }))
+}
+
+/// `PUT /v1/policy` with the wasm bytes; query parameters other than `mode` and `replay`, if
+/// any, replace the operator configuration (else the active one is kept). Validated (and with
+/// `replay=recent`, replayed on the recording in memory), then swapped: 200 with the new
+/// policy, or 422 with the reason while the old policy stays active. With `mode=shadow`, loaded
+/// as the shadow candidate instead: 200 with its (empty) report.
 pub(super) async fn swap_policy(
     _: Admin,
     State(state): State<AppState>,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<PolicyBody>, ApiError> {
-    let Query(query) = query?;
+) -> Result<axum::response::Response, ApiError> {
+    let Query(mut query) = query?;
+    let (mode, options) = swap_request(&mut query)?;
     let body = match body {
         // axum's text would not say which limit.
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -213,32 +255,51 @@ pub(super) async fn swap_policy(
         source: "api".into(),
         config,
     };
-    let engine = state.engine.clone();
     // Validation compiles the component and runs the conformance battery: milliseconds of CPU,
     // kept off the async workers.
-    let outcome = tokio::task::spawn_blocking(move || engine.swap(spec))
+    let response = match mode {
+        SwapMode::Active => {
+            let info = blocking(&state, move |engine| engine.swap_with(spec, options)).await?;
+            Json(policy_body(&state.engine, &info)).into_response()
+        }
+        SwapMode::Shadow => {
+            let report = blocking(&state, move |engine| engine.shadow(spec)).await?;
+            Json(super::shadow::report_body(report)).into_response()
+        }
+    };
+    Ok(response)
+}
+
+/// Runs a policy operation of the engine on a blocking thread; a refusal is 422 naming the
+/// policy that stays active (404 when there is no shadow to act on).
+pub(super) async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    operation: impl FnOnce(PolicyEngine) -> Result<T, PolicyError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let engine = state.engine.clone();
+    let outcome = tokio::task::spawn_blocking(move || operation(engine))
         .await
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
-                format!("policy swap task failed: {e}"),
+                format!("policy task failed: {e}"),
             )
         })?;
-    match outcome {
-        Ok(info) => Ok(Json(policy_body(&state.engine, &info))),
-        Err(e) => {
-            let active = state.engine.active();
-            Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "policy_refused",
-                e.to_string(),
-            )
-            .with_details(serde_json::json!({
-                "active": { "generation": active.generation, "digest": active.digest },
-            })))
+    outcome.map_err(|e| {
+        if matches!(e, PolicyError::NoShadow) {
+            return ApiError::new(StatusCode::NOT_FOUND, "no_shadow", e.to_string());
         }
-    }
+        let active = state.engine.active();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "policy_refused",
+            e.to_string(),
+        )
+        .with_details(serde_json::json!({
+            "active": { "generation": active.generation, "digest": active.digest },
+        }))
+    })
 }
 
 /// `GET /metrics`.

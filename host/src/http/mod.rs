@@ -8,7 +8,10 @@
 //! | `GET /v1/registrations` | what this host registered |
 //! | `DELETE /v1/registrations/{service}/{node}` | deregister one node |
 //! | `GET /v1/policy` | the active policy and the engine's counters |
-//! | `PUT /v1/policy` | swap in a policy (wasm bytes; admin token required) |
+//! | `PUT /v1/policy` | swap in a policy (wasm bytes; admin token required); `?replay=recent` first replays the recording in memory, `?mode=shadow` loads it as the shadow instead |
+//! | `GET /v1/policy/shadow` | the shadow run: agreements, disagreements with their questions, the candidate's failures and cost |
+//! | `POST /v1/policy/shadow/promote`, `DELETE /v1/policy/shadow` | activate the shadow as a swap would, or drop it (admin) |
+//! | `GET /v1/policy/recording` | the questions recorded in memory, as JSON lines (admin) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //!
@@ -28,6 +31,7 @@ mod admin;
 mod nodes;
 mod serve;
 mod services;
+mod shadow;
 
 pub use serve::{
     ConnectionLimits, ConnectionStats, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -122,7 +126,7 @@ impl Front {
 
 /// The API's routes over `state`.
 fn router(state: AppState) -> axum::Router {
-    use axum::routing::{delete, put};
+    use axum::routing::{delete, post, put};
     // `PUT /v1/policy` takes what a policy file may hold (`policy.max_size`); validation
     // refuses a larger body too, naming the limit, but the body limit keeps it from being
     // buffered at all.
@@ -143,6 +147,12 @@ fn router(state: AppState) -> axum::Router {
             get(admin::policy)
                 .merge(put(admin::swap_policy).layer(DefaultBodyLimit::max(max_policy))),
         )
+        .route(
+            "/v1/policy/shadow",
+            get(shadow::report).delete(shadow::remove),
+        )
+        .route("/v1/policy/shadow/promote", post(shadow::promote))
+        .route("/v1/policy/recording", get(shadow::recording))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))

@@ -29,10 +29,12 @@ mod bindings;
 mod compile;
 mod conformance;
 mod instance;
+mod observe;
 pub mod reload;
 mod rollback;
 mod sandbox;
 mod settings;
+mod shadow;
 mod stdio;
 
 use std::collections::VecDeque;
@@ -51,15 +53,18 @@ pub use compile::{CHILD_COMMAND, run_child};
 pub use compile::{Compiler, LoadBound, LoadLimits};
 pub use conformance::ConformanceFailure;
 pub use instance::CallFailure;
+pub use observe::RecordOptions;
 pub use rollback::{Rollback, RollbackReason, RollbackRule};
 pub use sandbox::Limits;
 pub use settings::{Envelope, EnvelopeLimit, InvalidSetting};
+pub use shadow::{CallCost, DecisionPair, Disagreement, RECENT_DISAGREEMENTS, ShadowReport};
 
 use crate::decision::{
     Answer, Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision,
     PolicyInfo, Question, Settings,
 };
 use crate::fsutil::{FileError, read_regular};
+use crate::recording::Recorded;
 use bindings::PolicyPre;
 use instance::Instance;
 use sandbox::InstanceState;
@@ -197,6 +202,29 @@ pub enum PolicyError {
         /// The rolled-back policy's digest.
         digest: String,
     },
+    /// No shadow candidate is loaded.
+    #[error("no shadow policy is loaded")]
+    NoShadow,
+    /// A swap asked for a replay of the recent recording, and nothing is recorded.
+    #[error(
+        "a replay of the recent recording was asked for, but nothing is recorded (policy.record_ring \
+         is 0, or no question was asked yet)"
+    )]
+    NothingRecorded,
+    /// A swap asked for a replay of the recent recording, and a question failed.
+    #[error(
+        "replaying the recent recording: question {index} of {questions} ({question}) {failure}"
+    )]
+    ReplayFailed {
+        /// Which question failed, 1-based.
+        index: usize,
+        /// Questions in the recording.
+        questions: usize,
+        /// The question, as JSON.
+        question: String,
+        /// How it failed.
+        failure: CallFailure,
+    },
     /// A state-dependent answer: two instances disagreed, or one instance answered a case
     /// differently when asked again. Says which case, and how.
     #[error("the policy is not pure: {0}")]
@@ -230,6 +258,10 @@ pub struct EngineOptions {
     pub envelope: Envelope,
     /// When a misbehaving generation is rolled back.
     pub rollback: RollbackRule,
+    /// What is recorded of the questions the active policy answers.
+    pub record: RecordOptions,
+    /// A shadow candidate is asked one question in this many (0 and 1: every one).
+    pub shadow_one_in: u32,
 }
 
 /// Counters of the engine's rare events (never touched on a successful decision, so that worker
@@ -437,6 +469,8 @@ pub(crate) struct Shared {
     /// Orders swaps by when they were asked for, since they validate concurrently.
     next_ticket: AtomicU64,
     stats: Stats,
+    /// Recording and the shadow candidate.
+    tap: observe::Tap,
     /// Advances the epoch for as long as the engine lives.
     _ticker: sandbox::Ticker,
 }
@@ -524,7 +558,15 @@ pub struct PolicyEngine {
 
 static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Preconditions of [`PolicyEngine::swap_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwapOptions {
+    /// The candidate must answer the recent recording without failing.
+    pub replay_recent: bool,
+}
+
 /// Which validated bytes and settings a load produced.
+#[derive(Clone)]
 struct Validated {
     pre: PolicyPre<InstanceState>,
     /// Kept to store its artifact once the policy is activated.
@@ -572,6 +614,7 @@ impl PolicyEngine {
             }),
             next_ticket: AtomicU64::new(1),
             stats: Stats::default(),
+            tap: observe::Tap::new(options.record, options.shadow_one_in, options.limits),
             _ticker: ticker,
         });
         Ok(PolicyEngine { shared })
@@ -579,17 +622,7 @@ impl PolicyEngine {
 
     /// Validates `spec` as a swap would, without activating it; returns its settings.
     pub fn check(&self, spec: &PolicySpec) -> Result<Settings, PolicyError> {
-        let shared = &self.shared;
-        validate(
-            &shared.engine,
-            &shared.linker,
-            &shared.artifacts,
-            &shared.compilation,
-            &shared.limits,
-            &shared.envelope,
-            spec,
-        )
-        .map(|v| v.settings)
+        self.validate(spec).map(|v| v.settings)
     }
 
     /// The bounds on loading a candidate this engine applies.
@@ -606,19 +639,27 @@ impl PolicyEngine {
     /// Validates `spec` and, if it passes, makes it the active policy. On failure the active
     /// policy stays, and the refusal is counted.
     pub fn swap(&self, spec: PolicySpec) -> Result<Arc<PolicyInfo>, PolicyError> {
+        self.swap_with(spec, SwapOptions::default())
+    }
+
+    /// [`swap`](Self::swap), with preconditions: with `replay_recent`, the candidate must also
+    /// answer every question of the recent recording without a trap, an overrun or an invalid
+    /// answer.
+    pub fn swap_with(
+        &self,
+        spec: PolicySpec,
+        options: SwapOptions,
+    ) -> Result<Arc<PolicyInfo>, PolicyError> {
         let shared = &self.shared;
         let ticket = shared.next_ticket.fetch_add(1, Ordering::Relaxed);
         // Outside the load lock: validating takes up to the compile limits, and another swap
         // must not wait for it. Of two swaps racing, the one asked for later wins.
-        let validated = validate(
-            &shared.engine,
-            &shared.linker,
-            &shared.artifacts,
-            &shared.compilation,
-            &shared.limits,
-            &shared.envelope,
-            &spec,
-        );
+        let validated = self.validate(&spec).and_then(|validated| {
+            if options.replay_recent {
+                self.replay_recent(&validated, &spec)?;
+            }
+            Ok(validated)
+        });
         let validated = match validated {
             Ok(validated) => validated,
             Err(err) => {
@@ -627,6 +668,18 @@ impl PolicyEngine {
                 return Err(err);
             }
         };
+        self.activate(validated, spec, ticket)
+    }
+
+    /// Makes a validated policy active, unless a swap asked for after `ticket` already stored
+    /// its own.
+    fn activate(
+        &self,
+        validated: Validated,
+        spec: PolicySpec,
+        ticket: u64,
+    ) -> Result<Arc<PolicyInfo>, PolicyError> {
+        let shared = &self.shared;
         let component = validated.component.clone();
         let info = {
             let mut loads = shared
@@ -652,6 +705,96 @@ impl PolicyEngine {
         shared.stats.swaps_applied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(policy = %info, "policy swapped in");
         Ok(info)
+    }
+
+    fn validate(&self, spec: &PolicySpec) -> Result<Validated, PolicyError> {
+        let shared = &self.shared;
+        validate(
+            &shared.engine,
+            &shared.linker,
+            &shared.artifacts,
+            &shared.compilation,
+            &shared.limits,
+            &shared.envelope,
+            spec,
+        )
+    }
+
+    /// Asks a validated candidate every question recorded in memory, under the serving
+    /// deadline; the first that fails refuses it.
+    fn replay_recent(&self, validated: &Validated, spec: &PolicySpec) -> Result<(), PolicyError> {
+        let recording = self.shared.tap.recording();
+        if recording.is_empty() {
+            return Err(PolicyError::NothingRecorded);
+        }
+        let candidate = shadow::Candidate::new(validated.clone(), spec.clone());
+        let mut instance = candidate
+            .instantiate(&self.shared.limits)
+            .map_err(PolicyError::Configure)?;
+        for (index, recorded) in recording.iter().enumerate() {
+            if let Err(failure) = instance.ask(&recorded.question) {
+                return Err(PolicyError::ReplayFailed {
+                    index: index + 1,
+                    questions: recording.len(),
+                    question: crate::recording::question_json(&recorded.question).to_string(),
+                    failure,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates `spec` as a swap would and loads it as the shadow candidate, in place of any
+    /// other: it is asked the active policy's questions from now on, and its answers are
+    /// compared, never acted on. Returns its report (empty).
+    pub fn shadow(&self, spec: PolicySpec) -> Result<ShadowReport, PolicyError> {
+        let validated = self.validate(&spec).inspect_err(|err| {
+            tracing::warn!(source = %spec.source, "shadow policy refused: {err}");
+        })?;
+        let candidate = Arc::new(shadow::Candidate::new(validated, spec));
+        let report = candidate.report();
+        tracing::info!(digest = %report.digest, source = %report.source, "shadow policy loaded");
+        self.shared.tap.set_candidate(Some(candidate));
+        Ok(report)
+    }
+
+    /// What the shadow run has shown so far, if a candidate is loaded.
+    pub fn shadow_report(&self) -> Option<ShadowReport> {
+        let candidate = self.shared.tap.candidate()?;
+        Some(ShadowReport {
+            dropped: self.shared.tap.dropped(),
+            ..candidate.report()
+        })
+    }
+
+    /// Unloads the shadow candidate; returns its last report.
+    pub fn drop_shadow(&self) -> Result<ShadowReport, PolicyError> {
+        let candidate = self
+            .shared
+            .tap
+            .set_candidate(None)
+            .ok_or(PolicyError::NoShadow)?;
+        tracing::info!(digest = %candidate.validated.digest, "shadow policy dropped");
+        Ok(candidate.report())
+    }
+
+    /// Makes the shadow candidate the active policy, as a swap of it would (without validating
+    /// it again), and unloads it.
+    pub fn promote_shadow(&self) -> Result<Arc<PolicyInfo>, PolicyError> {
+        let shared = &self.shared;
+        let ticket = shared.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let candidate = shared
+            .tap
+            .set_candidate(None)
+            .ok_or(PolicyError::NoShadow)?;
+        let (validated, spec) = (candidate.validated.clone(), candidate.spec.clone());
+        self.activate(validated, spec, ticket)
+    }
+
+    /// The questions recorded in memory, oldest first (none unless
+    /// [`RecordOptions::ring`] is set).
+    pub fn recording(&self) -> Vec<Recorded> {
+        self.shared.tap.recording()
     }
 
     /// The last automatic rollback, if any.
@@ -708,19 +851,21 @@ impl PolicyEngine {
 
     /// Runs `call` on this thread's instance of the active generation; on failure, counts and
     /// logs it and returns `fail_safe`'s answer.
+    /// Also says whether the answer is the fail-safe one.
     fn decide<D>(
         &self,
         call: impl FnOnce(&mut Instance) -> Result<D, CallFailure>,
         fail_safe: impl FnOnce(&Settings) -> D,
         fail_safe_answers: impl Fn(&Stats) -> &AtomicU64,
-    ) -> Decided<D> {
+    ) -> (Decided<D>, bool) {
         let generation = self.shared.active.load();
         let fail_safe = || {
             fail_safe_answers(&self.shared.stats).fetch_add(1, Ordering::Relaxed);
-            Decided {
+            let decided = Decided {
                 decision: fail_safe(&generation.info.settings),
                 policy: generation.info.clone(),
-            }
+            };
+            (decided, true)
         };
         if generation.breaker.is_open() {
             self.shared
@@ -735,7 +880,7 @@ impl PolicyEngine {
         match instance::with_thread_instance(&self.shared, &generation, call) {
             Ok((decision, policy)) => {
                 generation.breaker.record_success();
-                Decided { decision, policy }
+                (Decided { decision, policy }, false)
             }
             Err(failure) => {
                 self.shared.stats.count_failure(&failure);
@@ -780,7 +925,7 @@ impl DirectInstance {
 
 impl Decide for PolicyEngine {
     fn decide_lookup(&self, context: &LookupContext<'_>) -> Decided<LookupDecision> {
-        self.decide(
+        let (decided, fail_safe) = self.decide(
             |instance| instance.decide_lookup(context),
             |settings| {
                 if context.cached {
@@ -794,17 +939,29 @@ impl Decide for PolicyEngine {
                 }
             },
             |stats| &stats.fail_safe_lookups,
-        )
+        );
+        self.shared.tap.observe(
+            || Question::from(context),
+            || Answer::Lookup(decided.decision.clone()),
+            fail_safe,
+        );
+        decided
     }
 
     fn guard_eviction(&self, context: &EvictionContext<'_>) -> Decided<EvictionDecision> {
-        self.decide(
+        let (decided, fail_safe) = self.decide(
             |instance| instance.guard_eviction(context),
             |settings| EvictionDecision::KeepSuspect {
                 hold_ms: settings.max_suspect_hold.as_millis() as u64,
             },
             |stats| &stats.fail_safe_evictions,
-        )
+        );
+        self.shared.tap.observe(
+            || Question::from(context),
+            || Answer::Eviction(decided.decision),
+            fail_safe,
+        );
+        decided
     }
 
     fn active(&self) -> Arc<PolicyInfo> {

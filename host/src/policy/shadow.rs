@@ -1,0 +1,279 @@
+//! Shadow runs: a candidate policy asked the active policy's questions off the lookup path, its
+//! answers compared with the active policy's and never acted on.
+//!
+//! A candidate passed the same validation as a swap. The observer thread (`observe`) asks it a
+//! sampled share of the questions the active policy answered, on its own instance, and tallies
+//! here: agreements and disagreements by decision pair, the most recent disagreements with
+//! their whole question, the candidate's failures and its CPU cost per call. Promoting the
+//! candidate activates it as a swap would; its validation is not run again (a policy is pure:
+//! it answers as it did when validated).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use super::instance::{CallFailure, Deadlines, Instance};
+use super::sandbox::{self, Limits};
+use super::{PolicySpec, Validated};
+use crate::decision::{Answer, Question, Settings};
+
+/// Disagreements kept with their whole question.
+pub const RECENT_DISAGREEMENTS: usize = 64;
+/// Calls over which the candidate's p99 cost is taken.
+const COST_SAMPLES: usize = 1024;
+
+/// A candidate loaded beside the active policy.
+pub(crate) struct Candidate {
+    pub(super) validated: Validated,
+    pub(super) spec: PolicySpec,
+    loaded_at: SystemTime,
+    tally: Mutex<Tally>,
+}
+
+impl Candidate {
+    pub(super) fn new(validated: Validated, spec: PolicySpec) -> Self {
+        Candidate {
+            validated,
+            spec,
+            loaded_at: SystemTime::now(),
+            tally: Mutex::new(Tally::default()),
+        }
+    }
+
+    /// A serving instance of the candidate, for the observer thread.
+    pub(super) fn instantiate(&self, limits: &Limits) -> Result<Instance, CallFailure> {
+        let digest = Arc::from(&self.validated.digest[..12]);
+        Instance::new(
+            &self.validated.pre,
+            &self.spec.config,
+            limits,
+            digest,
+            Deadlines::Serving,
+        )
+        .map(|(instance, _)| instance)
+    }
+
+    /// Asks `instance` (of this candidate) `question` and tallies its answer against the
+    /// active policy's. Returns whether the instance is still fit to use.
+    pub(super) fn compare(
+        &self,
+        instance: &mut Instance,
+        question: Question,
+        active: Answer,
+    ) -> bool {
+        let started = sandbox::thread_cpu_time();
+        let answered = instance.ask(&question);
+        let cost = sandbox::thread_cpu_time().saturating_sub(started);
+        let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        tally.asked += 1;
+        match answered {
+            Ok(candidate) => {
+                tally.cost.add(cost);
+                let agree = candidate == active;
+                let pair = tally
+                    .pairs
+                    .entry((active.label(), candidate.label()))
+                    .or_default();
+                if agree {
+                    pair.agree += 1;
+                } else {
+                    pair.disagree += 1;
+                    if tally.recent.len() == RECENT_DISAGREEMENTS {
+                        tally.recent.pop_front();
+                    }
+                    tally.recent.push_back(Disagreement {
+                        question,
+                        active,
+                        candidate,
+                        at: SystemTime::now(),
+                    });
+                }
+                true
+            }
+            Err(failure) => {
+                tally.count_failure(failure);
+                false
+            }
+        }
+    }
+
+    /// Counts a call that failed before it could be asked (its instance could not be made).
+    pub(super) fn count_failure(&self, failure: CallFailure) {
+        let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        tally.asked += 1;
+        tally.count_failure(failure);
+    }
+
+    /// What the shadow run has shown so far.
+    pub(super) fn report(&self) -> ShadowReport {
+        let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        let disagreed = tally.pairs.values().map(|p| p.disagree).sum();
+        ShadowReport {
+            digest: self.validated.digest.clone(),
+            source: self.spec.source.clone(),
+            loaded_at: self.loaded_at,
+            settings: self.validated.settings,
+            asked: tally.asked,
+            answered: tally.cost.calls,
+            disagreed,
+            pairs: tally
+                .pairs
+                .iter()
+                .map(|(&(active, candidate), count)| DecisionPair {
+                    active,
+                    candidate,
+                    agree: count.agree,
+                    disagree: count.disagree,
+                })
+                .collect(),
+            recent_disagreements: tally.recent.iter().cloned().collect(),
+            traps: tally.traps,
+            deadline_hits: tally.deadline_hits,
+            invalid_answers: tally.invalid_answers,
+            last_failure: tally.last_failure.clone(),
+            cost: tally.cost.summary(),
+            dropped: 0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    asked: u64,
+    pairs: BTreeMap<(&'static str, &'static str), PairCount>,
+    recent: VecDeque<Disagreement>,
+    traps: u64,
+    deadline_hits: u64,
+    invalid_answers: u64,
+    last_failure: Option<CallFailure>,
+    cost: Cost,
+}
+
+impl Tally {
+    fn count_failure(&mut self, failure: CallFailure) {
+        let counter = match failure {
+            CallFailure::Deadline(_) => &mut self.deadline_hits,
+            CallFailure::InvalidAnswer(_) => &mut self.invalid_answers,
+            _ => &mut self.traps,
+        };
+        *counter += 1;
+        self.last_failure = Some(failure);
+    }
+}
+
+#[derive(Default)]
+struct PairCount {
+    agree: u64,
+    disagree: u64,
+}
+
+/// CPU time per answered call: totals, and the last [`COST_SAMPLES`] for the p99.
+#[derive(Default)]
+struct Cost {
+    calls: u64,
+    total: Duration,
+    max: Duration,
+    recent: VecDeque<Duration>,
+}
+
+impl Cost {
+    fn add(&mut self, cost: Duration) {
+        self.calls += 1;
+        self.total += cost;
+        self.max = self.max.max(cost);
+        if self.recent.len() == COST_SAMPLES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(cost);
+    }
+
+    fn summary(&self) -> CallCost {
+        let mut recent: Vec<Duration> = self.recent.iter().copied().collect();
+        recent.sort_unstable();
+        let p99 = recent
+            .get((recent.len() * 99 / 100).min(recent.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default();
+        CallCost {
+            mean: self
+                .total
+                .checked_div(u32::try_from(self.calls).unwrap_or(u32::MAX))
+                .unwrap_or_default(),
+            p99,
+            max: self.max,
+        }
+    }
+}
+
+/// A question the candidate answered otherwise than the active policy.
+#[derive(Debug, Clone)]
+pub struct Disagreement {
+    /// The question, whole.
+    pub question: Question,
+    /// The active policy's answer.
+    pub active: Answer,
+    /// The candidate's.
+    pub candidate: Answer,
+    /// When the candidate answered.
+    pub at: SystemTime,
+}
+
+/// How often the active policy and the candidate answered one pair of decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionPair {
+    /// The active policy's decision ([`Answer::label`]).
+    pub active: &'static str,
+    /// The candidate's.
+    pub candidate: &'static str,
+    /// Answers equal in every field.
+    pub agree: u64,
+    /// Answers that differ (for one label, in a parameter: a wait, a hold, a reason).
+    pub disagree: u64,
+}
+
+/// The candidate's CPU time per answered call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CallCost {
+    /// Mean over every answered call.
+    pub mean: Duration,
+    /// p99 over the last 1024.
+    pub p99: Duration,
+    /// The most any call took.
+    pub max: Duration,
+}
+
+/// What a shadow run has shown so far.
+#[derive(Debug, Clone)]
+pub struct ShadowReport {
+    /// The candidate's sha256, hex.
+    pub digest: String,
+    /// Where it came from.
+    pub source: String,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// Its validated settings.
+    pub settings: Settings,
+    /// Questions asked of it.
+    pub asked: u64,
+    /// Of those, answered (the others failed).
+    pub answered: u64,
+    /// Answers that differ from the active policy's.
+    pub disagreed: u64,
+    /// Agreements and disagreements by decision pair, sorted.
+    pub pairs: Vec<DecisionPair>,
+    /// The last [`RECENT_DISAGREEMENTS`] disagreements, oldest first.
+    pub recent_disagreements: Vec<Disagreement>,
+    /// Calls that trapped or could not instantiate.
+    pub traps: u64,
+    /// Calls stopped at the serving deadline.
+    pub deadline_hits: u64,
+    /// Calls whose answer the host refuses.
+    pub invalid_answers: u64,
+    /// The last failure, if any.
+    pub last_failure: Option<CallFailure>,
+    /// Its cost per answered call.
+    pub cost: CallCost,
+    /// Questions the observer dropped since the host started, its queue full: neither recorded
+    /// nor asked of the candidate.
+    pub dropped: u64,
+}
