@@ -2,9 +2,10 @@
 //! by side.
 //!
 //! The recording is streamed, one line at a time (a line may not exceed
-//! [`recording::MAX_LINE`]), and so is the output: one JSON line per question on stdout, in the recording's order, the same for
-//! the same policy and recording (no timings, no digests). What is for people (the one-line
-//! summary, the table of decision pairs) goes to stderr, so stdout stays JSON lines for `jq`.
+//! [`recording::MAX_LINE`]), and so is the output: one JSON line per question on stdout, in the
+//! recording's order, the same for the same policy and recording (no timings, no digests). What
+//! is for people (the one-line summary, the table of decision pairs) goes to stderr, so stdout
+//! stays JSON lines for `jq`.
 //! Exit codes are diff's: 0 (every question answered, and alike), 1 (a call failed, or the
 //! policies differ), 2 (the replay could not run: the recording or a policy is refused).
 
@@ -192,8 +193,8 @@ fn table(pairs: &BTreeMap<(Label, Label), Tally>, total: Tally) -> String {
                 total.differ.to_string(),
             ]))
             .collect();
-    let width = |column: usize| rows.iter().map(|row| row[column].len()).max().unwrap_or(0);
-    let widths = [width(0), width(1), width(2), width(3)];
+    let widths: [usize; 4] =
+        std::array::from_fn(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0));
     rows.iter()
         .map(|[ours, theirs, alike, differ]| {
             format!(
@@ -262,8 +263,11 @@ impl<W: Write> Output<W> {
     }
 
     fn print(&mut self, line: &impl Serialize) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut self.0, line).context("writing to stdout")?;
-        self.0.write_all(b"\n").context("writing to stdout")
+        let mut text = serde_json::to_string(line).expect("a line is plain data");
+        text.push('\n');
+        self.0
+            .write_all(text.as_bytes())
+            .context("writing to stdout")
     }
 
     fn finish(mut self) -> anyhow::Result<()> {
