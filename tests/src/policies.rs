@@ -1,4 +1,5 @@
-//! The policies under `policy/`, built once per test process and handed out as bytes.
+//! The policies under `policy/`, built once per test process and handed out as bytes: the Rust
+//! ones by cargo, those written in JavaScript and Python (`policy/lang/`) by `scripts/build-policy`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,4 +56,59 @@ pub fn spec(name: &str, config: &[(&str, &str)]) -> regcache::policy::PolicySpec
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     }
+}
+
+/// A language besides Rust that the repository builds policies in (`scripts/build-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    /// JavaScript, through componentize-qjs.
+    Js,
+    /// Python, through componentize-py.
+    Python,
+}
+
+impl Lang {
+    /// Both, in a fixed order.
+    pub const ALL: [Lang; 2] = [Lang::Js, Lang::Python];
+
+    /// The name `scripts/build-policy` and `policy/lang/` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Lang::Js => "js",
+            Lang::Python => "python",
+        }
+    }
+}
+
+/// Builds the policy whose sources are in `dir`, written in `lang`, into `out` with
+/// `scripts/build-policy` (which installs the language's toolchain under `target/` once).
+pub fn build_lang_policy(lang: Lang, dir: &Path, out: &Path) {
+    let status = Command::new(repo_root().join("scripts/build-policy"))
+        .arg(lang.name())
+        .arg(dir)
+        .arg(out)
+        .status()
+        .expect("run scripts/build-policy");
+    assert!(
+        status.success(),
+        "building the {} policy {} failed",
+        lang.name(),
+        dir.display()
+    );
+}
+
+/// Path of the `strict` policy written in `lang` (`policy/lang/<lang>/strict`), built once per
+/// test process.
+pub fn strict_in(lang: Lang) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    BUILT[lang as usize].get_or_init(|| {
+        let root = repo_root();
+        let out = root.join(format!("target/policy-lang/strict-{}.wasm", lang.name()));
+        build_lang_policy(
+            lang,
+            &root.join("policy/lang").join(lang.name()).join("strict"),
+            &out,
+        );
+        out
+    })
 }

@@ -8,10 +8,10 @@
 //
 // Built by `scripts/build-policy js` with componentize-qjs: WIT records are objects with
 // camelCase keys, variants `{ tag, val }`, an absent option `null`, and a thrown string is
-// `configure`'s error. A u64 crosses as a Number (exact up to 2^53, which real ages never
-// reach): configuration is kept as BigInt, which compares exactly with Numbers, so that bounds
-// past 2^53 saturate as Rust's u64 arithmetic does; only settings returned to the host past 2^53
-// (all out of its ranges, so refused as Rust's are) are quoted rounded in its refusal.
+// `configure`'s error. Integers cross as Numbers, exact up to 2^53 (real ages stay far below),
+// so configuration is kept as BigInt, which compares exactly with Numbers: bounds saturate as
+// Rust's u64 arithmetic does. Settings past 2^53 (all out of the host's ranges, refused as Rust's
+// are) are quoted rounded in the host's refusal.
 
 const U32_MAX = 0xffff_ffffn;
 const U64_MAX = 0xffff_ffff_ffff_ffffn;
@@ -82,6 +82,12 @@ function hostSettings(config) {
 
 const min = (a, b) => (a < b ? a : b);
 
+// componentize-qjs 0.4.5 carries a u64 within 2^31 of its maximum, and a u32 past 2^31, as the
+// negative i32 of the same bits: a u64::MAX age arrives as -1, and a u32 returned past 2^31 must
+// leave as one (a larger Number is clamped to 2^31 - 1).
+const u64 = (n) => (n < 0 ? BigInt(n) + 2n ** 64n : n);
+const toU32 = (n) => Number(BigInt.asIntN(32, n));
+
 let tuning;
 
 export function configure(pairs) {
@@ -97,16 +103,21 @@ export function configure(pairs) {
     healthyContactMs,
     refresh: {
       tag: "refresh-and-wait",
-      val: { maxWaitMs: Number(min(settings.maxWaitMs, U32_MAX)), fallbackToStale: false },
+      val: { maxWaitMs: toU32(min(settings.maxWaitMs, U32_MAX)), fallbackToStale: false },
     },
     keepSuspect: { tag: "keep-suspect", val: Number(settings.maxSuspectHoldMs) },
   };
-  return Object.fromEntries(Object.entries(settings).map(([name, value]) => [name, Number(value)]));
+  // A Number past 2^64 leaves as u64::MAX, so that one crosses exactly.
+  const numbers = Object.entries(settings).map(([name, value]) => [name, Number(value)]);
+  return {
+    ...Object.fromEntries(numbers),
+    registryBudgetPerSecond: toU32(settings.registryBudgetPerSecond),
+  };
 }
 
 export function decideLookup(context) {
   // Rust reads a missing age as u64::MAX, younger than no bound; so is Infinity.
-  const age = context.sinceRefreshMs ?? Infinity;
+  const age = context.sinceRefreshMs === null ? Infinity : u64(context.sinceRefreshMs);
   if (context.cached && age < tuning.ttlMs) return { tag: "serve-cached" };
   if (context.cached && age < tuning.staleUntilMs) return { tag: "serve-stale", val: true };
   if (context.negative && age < tuning.negativeTtlMs) {
@@ -118,6 +129,8 @@ export function decideLookup(context) {
 export function guardEviction(context) {
   const { watchConnected, sinceLastContactMs } = context.health;
   const healthy =
-    watchConnected && sinceLastContactMs !== null && sinceLastContactMs <= tuning.healthyContactMs;
+    watchConnected &&
+    sinceLastContactMs !== null &&
+    u64(sinceLastContactMs) <= tuning.healthyContactMs;
   return healthy ? { tag: "evict" } : tuning.keepSuspect;
 }
