@@ -5,6 +5,7 @@
 //! hosts run it under, given the same way.
 
 use std::ffi::OsString;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
@@ -23,6 +24,59 @@ pub struct SettingArgs {
     /// Taken as given, not as UTF-8 text: a value that is not is refused naming its setting,
     /// where clap would only say that some argument is not.
     given: Vec<(&'static Setting, Vec<OsString>)>,
+}
+
+/// Which settings a subcommand takes, and what its `--config` file is to it: from this,
+/// [`Selected`] makes the subcommand's arguments.
+pub trait Selection {
+    /// The help of `--config`.
+    const CONFIG_HELP: &'static str;
+
+    /// The settings given as flags and variables.
+    fn settings() -> impl Iterator<Item = &'static Setting>;
+}
+
+/// The `--config` file and the flags of selection `S`: a subcommand's `#[command(flatten)]`
+/// field.
+#[derive(Debug)]
+pub struct Selected<S> {
+    args: SettingArgs,
+    selection: PhantomData<S>,
+}
+
+impl<S> Selected<S> {
+    /// The flags and variables as a layer over the configuration file's (read here).
+    pub fn layer(self) -> Result<ConfigLayer, ConfigError> {
+        self.args.layer()
+    }
+}
+
+impl<S: Selection> clap::Args for Selected<S> {
+    fn augment_args(command: Command) -> Command {
+        SettingArgs::augment(command, S::CONFIG_HELP, S::settings())
+    }
+
+    fn augment_args_for_update(command: Command) -> Command {
+        Self::augment_args(command)
+    }
+}
+
+impl<S: Selection> clap::FromArgMatches for Selected<S> {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Selected {
+            args: SettingArgs::from_matches(matches, S::settings()),
+            selection: PhantomData,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
 }
 
 /// The settings of the policy that `policy check`, `eval` and `replay` take: all of `[policy]`

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{ArgMatches, FromArgMatches};
 
+use regcache::config::settings::Setting;
 use regcache::decision::{Answer, Decide, EvictionContext, LookupContext};
 use regcache::policy::{PolicyEngine, PolicySpec};
 use regcache::recording::{EvictionJson, LookupJson, answer_json};
 
-use super::args::{self, SettingArgs, policy_settings};
+use super::args::{self, Selected, Selection, policy_settings};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
@@ -92,42 +92,21 @@ pub enum PolicyCommand {
     },
 }
 
-/// The policy's settings of `check` and `eval`: a host's configuration file (only its
-/// `[policy]` table is read, its `file` ignored) and the `--policy-*` flags over it.
+/// The policy's settings of `check`, `eval` and `replay`: a host's configuration file (only
+/// its `[policy]` table is read, its `file` ignored) and the `--policy-*` flags over it.
+pub type PolicyArgs = Selected<PolicyTools>;
+
+/// The selection of [`PolicyArgs`].
 #[derive(Debug)]
-pub struct PolicyArgs(SettingArgs);
+pub struct PolicyTools;
 
-impl clap::Args for PolicyArgs {
-    fn augment_args(command: clap::Command) -> clap::Command {
-        SettingArgs::augment(
-            command,
-            "A host's TOML configuration file: the policy is judged under its [policy] \
-             settings (configuration, limits, budgets); flags and REGCACHE_* variables \
-             override them",
-            policy_settings(),
-        )
-    }
+impl Selection for PolicyTools {
+    const CONFIG_HELP: &'static str = "A host's TOML configuration file: the policy is judged \
+         under its [policy] settings (configuration, limits, budgets); flags and REGCACHE_* \
+         variables override them";
 
-    fn augment_args_for_update(command: clap::Command) -> clap::Command {
-        Self::augment_args(command)
-    }
-}
-
-impl FromArgMatches for PolicyArgs {
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
-        Self::from_arg_matches_mut(&mut matches.clone())
-    }
-
-    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
-        Ok(PolicyArgs(SettingArgs::from_matches(
-            matches,
-            policy_settings(),
-        )))
-    }
-
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(matches)?;
-        Ok(())
+    fn settings() -> impl Iterator<Item = &'static Setting> {
+        policy_settings()
     }
 }
 
@@ -167,7 +146,7 @@ pub(super) fn load(
 /// [`load`] of several files under the same settings, each refused or not on its own.
 pub(super) fn load_each<const N: usize>(
     files: [&Path; N],
-    PolicyArgs(args): PolicyArgs,
+    args: PolicyArgs,
 ) -> anyhow::Result<[anyhow::Result<PolicyEngine>; N]> {
     let mut settings = args.layer()?.policy()?;
     settings.compiler = args::compiler()?;
