@@ -224,6 +224,25 @@ impl Collector for Sources {
             "Generations rolled back automatically to the policy they replaced.",
             p.rollbacks,
         )?;
+        counters(
+            &mut e,
+            "regcache_policy_shadow_answers",
+            "Questions asked of shadow policies, by how the answer compared with the active \
+             policy's (`failed`: a trap, a deadline or an invalid answer).",
+            "outcome",
+            [
+                ("agree", p.shadow_agreed),
+                ("disagree", p.shadow_disagreed),
+                ("failed", p.shadow_failed),
+            ],
+        )?;
+        counter(
+            &mut e,
+            "regcache_policy_observer_dropped",
+            "Questions neither recorded nor asked of the shadow because the observer thread \
+             was behind (its queue full).",
+            p.observer_dropped,
+        )?;
         gauge(
             &mut e,
             "regcache_policy_generation",

@@ -318,6 +318,14 @@ pub struct PolicyStats {
     pub fail_safe_evictions: u64,
     /// Generations rolled back automatically.
     pub rollbacks: u64,
+    /// Questions asked of shadow candidates whose answer equalled the active policy's.
+    pub shadow_agreed: u64,
+    /// Questions asked of shadow candidates whose answer differed.
+    pub shadow_disagreed: u64,
+    /// Questions asked of shadow candidates that failed (trap, deadline, invalid answer).
+    pub shadow_failed: u64,
+    /// Questions neither recorded nor shadowed because the observer was behind.
+    pub observer_dropped: u64,
 }
 
 /// Failures in a row after which a generation's breaker opens.
@@ -826,6 +834,7 @@ impl PolicyEngine {
     pub fn stats(&self) -> PolicyStats {
         let s = &self.shared.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let [shadow_agreed, shadow_disagreed, shadow_failed] = self.shared.tap.shadow_outcomes();
         PolicyStats {
             traps: get(&s.traps),
             deadline_hits: get(&s.deadline_hits),
@@ -837,6 +846,10 @@ impl PolicyEngine {
             fail_safe_lookups: get(&s.fail_safe_lookups),
             fail_safe_evictions: get(&s.fail_safe_evictions),
             rollbacks: get(&s.rollbacks),
+            shadow_agreed,
+            shadow_disagreed,
+            shadow_failed,
+            observer_dropped: self.shared.tap.dropped(),
         }
     }
 

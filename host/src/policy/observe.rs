@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 
 use super::sandbox::Limits;
-use super::shadow::Candidate;
+use super::shadow::{Candidate, Outcome};
 use crate::decision::{Answer, Question};
 use crate::recording::Recorded;
 
@@ -60,6 +60,11 @@ struct Observation {
 /// State the decisions and the observer thread share.
 struct Observers {
     candidate: ArcSwapOption<Candidate>,
+    /// Questions asked of every shadow since the engine started, by outcome: what metrics
+    /// count (a shadow's own report starts from zero).
+    agreed: AtomicU64,
+    disagreed: AtomicU64,
+    failed: AtomicU64,
     ring: Mutex<VecDeque<Recorded>>,
     ring_capacity: usize,
     file: Option<(PathBuf, u64)>,
@@ -88,6 +93,9 @@ impl Tap {
         let recording = record.records();
         let observers = Arc::new(Observers {
             candidate: ArcSwapOption::empty(),
+            agreed: AtomicU64::new(0),
+            disagreed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
             ring: Mutex::new(VecDeque::with_capacity(record.ring.min(QUEUE))),
             ring_capacity: record.ring,
             file: record.file.map(|path| (path, record.file_size)),
@@ -168,6 +176,12 @@ impl Tap {
     /// Observations dropped because the observer was behind.
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Questions asked of every shadow so far: agreed, disagreed, failed.
+    pub(crate) fn shadow_outcomes(&self) -> [u64; 3] {
+        let o = &self.observers;
+        [&o.agreed, &o.disagreed, &o.failed].map(|c| c.load(Ordering::Relaxed))
     }
 
     /// The recorded questions in memory, oldest first.
@@ -263,12 +277,19 @@ fn ask_candidate(
             Ok(instance) => instance,
             Err(failure) => {
                 candidate.count_failure(failure);
+                observers.failed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
         },
     };
-    let fit = candidate.compare(&mut instance, question.clone(), active.clone());
-    fit.then_some((candidate, instance))
+    let outcome = candidate.compare(&mut instance, question.clone(), active.clone());
+    let counter = match outcome {
+        Outcome::Agreed => &observers.agreed,
+        Outcome::Disagreed => &observers.disagreed,
+        Outcome::Failed => &observers.failed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    (outcome != Outcome::Failed).then_some((candidate, instance))
 }
 
 /// The recording file: JSON lines, renamed to `<path>.1` past its size.

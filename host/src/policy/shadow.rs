@@ -22,6 +22,14 @@ pub const RECENT_DISAGREEMENTS: usize = 64;
 /// Calls over which the candidate's p99 cost is taken.
 const COST_SAMPLES: usize = 1024;
 
+/// What one question asked of the candidate came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Agreed,
+    Disagreed,
+    Failed,
+}
+
 /// A candidate loaded beside the active policy.
 pub(crate) struct Candidate {
     pub(super) validated: Validated,
@@ -54,13 +62,13 @@ impl Candidate {
     }
 
     /// Asks `instance` (of this candidate) `question` and tallies its answer against the
-    /// active policy's. Returns whether the instance is still fit to use.
+    /// active policy's. After [`Outcome::Failed`], the instance is unfit to use again.
     pub(super) fn compare(
         &self,
         instance: &mut Instance,
         question: Question,
         active: Answer,
-    ) -> bool {
+    ) -> Outcome {
         let started = sandbox::thread_cpu_time();
         let answered = instance.ask(&question);
         let cost = sandbox::thread_cpu_time().saturating_sub(started);
@@ -76,6 +84,7 @@ impl Candidate {
                     .or_default();
                 if agree {
                     pair.agree += 1;
+                    Outcome::Agreed
                 } else {
                     pair.disagree += 1;
                     if tally.recent.len() == RECENT_DISAGREEMENTS {
@@ -87,12 +96,12 @@ impl Candidate {
                         candidate,
                         at: SystemTime::now(),
                     });
+                    Outcome::Disagreed
                 }
-                true
             }
             Err(failure) => {
                 tally.count_failure(failure);
-                false
+                Outcome::Failed
             }
         }
     }
