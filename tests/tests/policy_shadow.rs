@@ -182,6 +182,52 @@ fn a_failing_shadow_costs_the_active_policy_nothing() {
 }
 
 #[test]
+fn a_looping_shadow_is_stopped_at_the_serving_deadline_even_as_its_engine_goes() {
+    let questions = questions();
+    let engine = engine(EngineOptions::default());
+    engine
+        .shadow(spec(
+            "chaos",
+            &[("fault", "loop"), ("only-service", "svc-3")],
+        ))
+        .unwrap();
+    for question in &questions {
+        decide(&engine, question);
+    }
+    let on_svc3 = questions.iter().filter(|q| q.service() == "svc-3").count() as u64;
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || {
+            engine.shadow_report().unwrap().asked == questions.len() as u64
+        }),
+        "{:?}",
+        engine.shadow_report()
+    );
+    let report = engine.shadow_report().unwrap();
+    assert_eq!(report.deadline_hits, on_svc3, "{report:?}");
+    assert_eq!(
+        engine.stats().deadline_hits,
+        0,
+        "the active policy's are its own"
+    );
+
+    // Dropped while the shadow loops: the observer still ends.
+    for question in questions.iter().filter(|q| q.service() == "svc-3") {
+        decide(&engine, question);
+    }
+    drop(engine);
+    let observer_running = || {
+        std::fs::read_dir("/proc/self/task").unwrap().any(|task| {
+            let comm = task.unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "regcache-policy-o")
+        })
+    };
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || !observer_running()),
+        "the observer thread outlived its engine"
+    );
+}
+
+#[test]
 fn promoting_activates_the_shadow_as_a_swap_and_dropping_unloads_it() {
     let engine = engine(EngineOptions::default());
     assert!(matches!(

@@ -622,7 +622,12 @@ impl PolicyEngine {
             }),
             next_ticket: AtomicU64::new(1),
             stats: Stats::default(),
-            tap: observe::Tap::new(options.record, options.shadow_one_in, options.limits),
+            tap: observe::Tap::new(
+                options.record,
+                options.shadow_one_in,
+                options.limits,
+                ticker.clone(),
+            ),
             _ticker: ticker,
         });
         Ok(PolicyEngine { shared })

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use super::sandbox::Limits;
+use super::sandbox::{Limits, Ticker};
 use super::shadow::{Candidate, Outcome};
 use crate::decision::{Answer, Question};
 use crate::recording::Recorded;
@@ -69,6 +69,9 @@ struct Observers {
     ring_capacity: usize,
     file: Option<(PathBuf, u64)>,
     limits: Limits,
+    /// Keeps the epoch advancing while the observer may call the shadow, which can outlive the
+    /// engine by a call: a looping shadow is still stopped.
+    _ticker: Ticker,
 }
 
 /// The engine's side of observation: what decisions call.
@@ -89,7 +92,12 @@ thread_local! {
 }
 
 impl Tap {
-    pub(crate) fn new(record: RecordOptions, shadow_one_in: u32, limits: Limits) -> Self {
+    pub(crate) fn new(
+        record: RecordOptions,
+        shadow_one_in: u32,
+        limits: Limits,
+        ticker: Ticker,
+    ) -> Self {
         let recording = record.records();
         let observers = Arc::new(Observers {
             candidate: ArcSwapOption::empty(),
@@ -100,6 +108,7 @@ impl Tap {
             ring_capacity: record.ring,
             file: record.file.map(|path| (path, record.file_size)),
             limits,
+            _ticker: ticker,
         });
         let tap = Tap {
             observers,

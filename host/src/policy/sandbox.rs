@@ -106,8 +106,9 @@ pub(crate) fn compile_config() -> Config {
 /// The thread that advances the engine's epoch every [`TICK`], from the moment the engine exists:
 /// the first policy's validation (`policy check`, `policy eval`, start-up) runs under the same
 /// deadlines as a swap's, so a policy that loops is refused there too rather than hanging it.
-/// The thread ends within a tick of this value being dropped, with the engine or with an engine
-/// whose first policy was refused.
+/// The thread ends within a tick of this value and its every clone being dropped (with the
+/// engine, or with an engine whose first policy was refused): whoever calls a policy holds one.
+#[derive(Clone)]
 pub(crate) struct Ticker {
     _alive: Arc<()>,
 }
