@@ -533,10 +533,10 @@ impl ConfigLayer {
     /// Checks every setting, without any I/O, and fills in the defaults.
     pub fn validate(self) -> Result<HostConfig, ConfigError> {
         Ok(HostConfig {
-            listen: self.address(&settings::LISTEN)?,
+            listen: self.listen()?,
             etcd: self.etcd()?,
             policy: self.policy()?,
-            admin_token: self.secret(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)?,
+            admin_token: self.admin_token()?,
             state_dir: self.path(&settings::STATE_DIR)?,
             log_format: match self.choice(&settings::LOG_FORMAT)? {
                 "json" => LogFormat::Json,
@@ -553,6 +553,17 @@ impl ConfigLayer {
             },
             etcd_api: self.etcd_api()?,
         })
+    }
+
+    /// Checks `listen` alone, without any I/O: where a client of the host's HTTP API finds it.
+    pub fn listen(&self) -> Result<SocketAddr, ConfigError> {
+        self.address(&settings::LISTEN)
+    }
+
+    /// Checks the admin token's two settings alone, without any I/O (the file is read by
+    /// [`Secret::read`]): what a client of the admin endpoints sends.
+    pub fn admin_token(&self) -> Result<Option<Secret>, ConfigError> {
+        self.secret(&settings::ADMIN_TOKEN, &settings::ADMIN_TOKEN_FILE)
     }
 
     /// Checks the `[policy]` settings alone, without any I/O, and fills in the defaults: what

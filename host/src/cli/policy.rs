@@ -1,11 +1,15 @@
-//! `regcache policy ...`: the policy author's tools. `new` scaffolds a policy project bound to
-//! the WIT and `build` compiles it to a component (`author`), `check` validates a component
-//! exactly as a hot swap would, `eval` shows the decision a policy makes for a context given as
-//! JSON, and `replay` asks it a recording's questions (`replay`). `check`, `eval` and `replay` take the host's policy settings (a host's `--config` file, the
+//! `regcache policy ...`: the policy author's and operator's tools. `new` scaffolds a policy
+//! project bound to the WIT and `build` compiles it to a component (`author`), `check`
+//! validates a component exactly as a hot swap would, `eval` shows the decision a policy makes
+//! for a context given as JSON, and `replay` asks it a recording's questions (`replay`).
+//! `check`, `eval` and `replay` take the host's policy settings (a host's `--config` file, the
 //! `--policy-*` flags and variables), so that they judge a policy as the hosts would: under the
-//! same bounds, through the same engine options.
+//! same bounds, through the same engine options. `push`, `status`, `shadow` and `recording`
+//! drive a running host's policy lifecycle over its HTTP API (`client`), found through the
+//! host's own `listen` and admin token settings.
 
 mod author;
+mod client;
 mod replay;
 
 use std::path::{Path, PathBuf};
@@ -90,6 +94,8 @@ pub enum PolicyCommand {
         #[command(flatten)]
         settings: PolicyArgs,
     },
+    #[command(flatten)]
+    Host(client::HostCommand),
 }
 
 /// The policy's settings of `check`, `eval` and `replay`: a host's configuration file (only
@@ -130,6 +136,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             against,
             settings,
         } => replay::run(&file, &contexts, against.as_deref(), settings),
+        PolicyCommand::Host(command) => client::run(command),
     }
 }
 
