@@ -387,19 +387,7 @@ impl Client {
     /// Reads the settings (and the token's file, if that is how it is given).
     fn new(HostArgs { settings, timeout }: HostArgs) -> Result<Client, Failure> {
         let layer = settings.layer()?;
-        let listen = layer.listen()?;
-        if listen.port() == 0 {
-            return Err(ConfigError::new(
-                settings::LISTEN.key,
-                "is port 0, which a host replaces with a free port it logs: give that address",
-            )
-            .into());
-        }
-        let ip = match listen.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
+        let addr = address_to_ask(layer.listen()?)?;
         let token = match layer.admin_token()? {
             None => None,
             Some(secret) => {
@@ -415,7 +403,7 @@ impl Client {
             }
         };
         Ok(Client {
-            addr: SocketAddr::new(ip, listen.port()),
+            addr,
             token,
             timeout: Duration::from_secs(timeout),
         })
@@ -598,6 +586,22 @@ impl Client {
     }
 }
 
+/// Where to ask a host that listens at `listen`: on loopback if it listens on every address.
+fn address_to_ask(listen: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    if listen.port() == 0 {
+        return Err(ConfigError::new(
+            settings::LISTEN.key,
+            "is port 0, which a host replaces with a free port it logs: give that address",
+        ));
+    }
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Ok(SocketAddr::new(ip, listen.port()))
+}
+
 fn has_content_type(response: &Response<Incoming>, expected: &str) -> bool {
     response
         .headers()
@@ -613,6 +617,17 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         crate::cli::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_host_on_every_address_is_asked_on_loopback() {
+        let asked = |listen: &str| address_to_ask(listen.parse().unwrap());
+        assert_eq!(asked("0.0.0.0:7070").unwrap().to_string(), "127.0.0.1:7070");
+        assert_eq!(asked("[::]:7070").unwrap().to_string(), "[::1]:7070");
+        assert_eq!(asked("10.1.2.3:7070").unwrap().to_string(), "10.1.2.3:7070");
+        let err = asked("127.0.0.1:0").unwrap_err();
+        assert_eq!(err.field, "listen");
+        assert!(err.message.contains("port 0"), "{err}");
     }
 
     #[test]
