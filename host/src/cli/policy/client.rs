@@ -67,7 +67,7 @@ pub enum HostCommand {
         #[arg(long)]
         shadow: bool,
         /// Activate it only if the host's recent recording replays through it without a trap
-        /// or an overrun (refused when nothing is recorded: see policy.record_ring).
+        /// or an overrun (refused when nothing is recorded: see policy.record.ring).
         #[arg(long, conflicts_with = "shadow")]
         replay_recent: bool,
         /// The policy's configuration, passed to its `configure` (repeated or comma-separated);
@@ -101,7 +101,7 @@ pub enum HostCommand {
     },
     /// Fetch the questions a running host recorded, as JSON lines for `replay --contexts`.
     ///
-    /// The recording in memory (policy.record_ring), oldest first.
+    /// The recording in memory (policy.record.ring), oldest first.
     Recording {
         /// Write them to FILE rather than to stdout.
         #[arg(short, long, value_name = "FILE")]
@@ -457,7 +457,7 @@ impl Client {
                 let mut written = Ok(());
                 let mut lines = 0;
                 // The host holds the whole recording in memory and sends it at once: its size
-                // is bounded there (policy.record_ring), and its time here (--timeout).
+                // is bounded there (policy.record.ring), and its time here (--timeout).
                 self.read_body(response.into_body(), usize::MAX, |chunk| {
                     if written.is_ok() {
                         lines += chunk.iter().filter(|&&b| b == b'\n').count();
