@@ -15,7 +15,7 @@
 //! status, error code and message, and what to do about it); 2 the host could not be asked
 //! (unreachable, too slow, an answer that is not the host's JSON, a setting or file refused).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -195,14 +195,14 @@ fn push(
     if replay_recent {
         query.push(("replay".to_string(), "recent".to_string()));
     }
-    let mut seen = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     for (key, value) in config {
         if RESERVED_PARAMETERS.contains(&key.as_str()) {
             return Err(Failure::Argument(format!(
                 "--policy-config: `{key}` is a parameter of the host's API, not of the policy"
             )));
         }
-        if seen.insert(key.clone(), ()).is_some() {
+        if !seen.insert(key.clone()) {
             return Err(Failure::Argument(format!(
                 "--policy-config: `{key}` is given twice"
             )));
