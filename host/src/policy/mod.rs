@@ -207,7 +207,7 @@ pub enum PolicyError {
     NoShadow,
     /// A swap asked for a replay of the recent recording, and nothing is recorded.
     #[error(
-        "a replay of the recent recording was asked for, but nothing is recorded (policy.record_ring \
+        "a replay of the recent recording was asked for, but nothing is recorded (policy.record.ring \
          is 0, or no question was asked yet)"
     )]
     NothingRecorded,
