@@ -1,5 +1,6 @@
 //! The command line: `regcache run` (the host) and `regcache policy ...` (tools for policy
-//! authors, and a client of a running host's policy lifecycle). Each subcommand's module parses its own arguments and calls the library.
+//! authors, and a client of a running host's policy lifecycle). Each subcommand's module parses
+//! its own arguments and calls the library.
 
 mod args;
 mod policy;
