@@ -143,12 +143,25 @@ pub(super) async fn remove(
 }
 
 /// `GET /v1/policy/recording`: the questions recorded in memory, oldest first, as JSON lines
-/// (`regcache policy replay --contexts` reads them). Empty when recording is off.
+/// (`regcache policy replay --contexts` reads them). Empty when recording is off. Streamed a
+/// chunk of lines at a time: a ring of a million questions is hundreds of MiB of JSON.
 pub(super) async fn recording(_: Admin, State(state): State<AppState>) -> impl IntoResponse {
-    let mut body = String::new();
-    for recorded in state.engine.recording() {
-        body.push_str(&recorded.to_line());
-        body.push('\n');
-    }
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], body)
+    const LINES_PER_CHUNK: usize = 1024;
+    let recording = state.engine.recording();
+    let chunks = (0..recording.len().div_ceil(LINES_PER_CHUNK)).map(move |chunk| {
+        let mut text = String::new();
+        for recorded in recording
+            .iter()
+            .skip(chunk * LINES_PER_CHUNK)
+            .take(LINES_PER_CHUNK)
+        {
+            text.push_str(&recorded.to_line());
+            text.push('\n');
+        }
+        Ok::<_, std::convert::Infallible>(text)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+    )
 }
