@@ -34,10 +34,15 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value_t = author::Lang::Rust)]
         lang: author::Lang,
     },
-    /// Build the policy project in DIR to a WebAssembly component; prints the .wasm path.
+    /// Build the policy project in DIR (Rust, JavaScript or Python, told by its files) to a
+    /// WebAssembly component; prints the .wasm path. A JavaScript or Python project's toolchain
+    /// is installed into it (node_modules/, .venv/) by the first build and when its pins change.
     Build {
-        /// The policy crate.
+        /// The policy project.
         dir: PathBuf,
+        /// The WIT directory a JavaScript or Python project is built against (default: its wit/).
+        #[arg(long, value_name = "DIR")]
+        wit: Option<PathBuf>,
     },
     /// Validate a policy exactly as a hot swap would; exits non-zero with the reason.
     Check {
@@ -119,8 +124,8 @@ impl Selection for PolicyTools {
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::New { dir, lang } => author::scaffold(&dir, lang),
-        PolicyCommand::Build { dir } => {
-            println!("{}", author::build(&dir)?.display());
+        PolicyCommand::Build { dir, wit } => {
+            println!("{}", author::build(&dir, wit.as_deref())?.display());
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Check { file, settings } => check(&file, settings),
