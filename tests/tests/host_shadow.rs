@@ -42,8 +42,7 @@ fn admin(host: &Host, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
 }
 
 fn shadow(host: &Host) -> (u16, Value) {
-    let response = host.get("/v1/policy/shadow").unwrap();
-    (response.status, response.json())
+    admin(host, "GET", "/v1/policy/shadow", &[])
 }
 
 #[test]
@@ -54,6 +53,8 @@ fn a_shadow_sees_the_hosts_lookups_and_the_recording_replays_to_what_was_decided
     }
     let before = host.get("/v1/policy").unwrap().json();
     assert_eq!(shadow(&host).0, 404);
+    let questions_need_the_token = host.get("/v1/policy/shadow").unwrap();
+    assert_eq!(questions_need_the_token.status, 401);
 
     // strict with a 1 ms TTL serves stale what the default serves fresh: it disagrees.
     let (status, loaded) = admin(

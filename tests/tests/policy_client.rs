@@ -114,9 +114,12 @@ fn a_shadow_is_pushed_reported_promoted_and_then_gone() {
         assert_eq!(host.lookup(SERVICES[i % SERVICES.len()]).status, 200);
     }
     assert!(eventually_blocking(Duration::from_secs(10), || {
-        host.get("/v1/policy/shadow").unwrap().json()["asked"].as_u64() >= Some(lookups as u64)
+        client(&host, &["shadow"], true).json()["asked"].as_u64() >= Some(lookups as u64)
     }));
-    let report = client(&host, &["shadow"], false);
+    let without_token = client(&host, &["shadow"], false);
+    assert_eq!(without_token.code, Some(1), "{}", without_token.stderr);
+    assert!(without_token.error_line().starts_with("regcache: 401 "));
+    let report = client(&host, &["shadow"], true);
     assert_eq!(report.code, Some(0), "{}", report.stderr);
     let report = report.json();
     assert_eq!(report["digest"], loaded["digest"]);

@@ -210,20 +210,45 @@ fn a_looping_shadow_is_stopped_at_the_serving_deadline_even_as_its_engine_goes()
         "the active policy's are its own"
     );
 
-    // Dropped while the shadow loops: the observer still ends.
+    // Dropped while the shadow loops on queued questions: the drop waits for the observer,
+    // which records what is queued, asks the shadow nothing more, and ends.
     for question in questions.iter().filter(|q| q.service() == "svc-3") {
         decide(&engine, question);
     }
-    drop(engine);
-    let observer_running = || {
-        std::fs::read_dir("/proc/self/task").unwrap().any(|task| {
-            let comm = task.unwrap().path().join("comm");
-            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "regcache-policy-o")
-        })
-    };
+    let (dropped, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(engine);
+        let _ = dropped.send(());
+    });
     assert!(
-        eventually_blocking(Duration::from_secs(30), || !observer_running()),
-        "the observer thread outlived its engine"
+        done.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "dropping the engine hung on its observer"
+    );
+}
+
+#[test]
+fn a_shadow_failing_in_a_row_rests_and_the_recording_keeps_up() {
+    let engine = recording_engine(1000);
+    engine
+        .shadow(spec(
+            "chaos",
+            &[("fault", "trap"), ("only-service", "svc-3")],
+        ))
+        .unwrap();
+    let failing = questions()
+        .into_iter()
+        .find(|q| q.service() == "svc-3")
+        .unwrap();
+    for _ in 0..200 {
+        decide(&engine, &failing);
+    }
+    assert!(eventually_blocking(Duration::from_secs(30), || {
+        engine.recording().len() == 200
+    }));
+    let report = engine.shadow_report().unwrap();
+    assert!(
+        report.skipped > 0 && report.traps + report.skipped == 200,
+        "five failures in a row rest the shadow for a second: {report:?}"
     );
 }
 
@@ -296,6 +321,35 @@ fn the_recording_keeps_the_most_recent_questions_with_their_answers() {
         .collect();
     assert_eq!(engine.recording(), expected);
     assert!(recording_engine(0).recording().is_empty());
+}
+
+#[test]
+fn a_fail_safe_answer_is_recorded_without_an_answer() {
+    let engine = PolicyEngine::new(
+        EngineOptions {
+            record: RecordOptions {
+                ring: 100,
+                ..RecordOptions::default()
+            },
+            ..EngineOptions::default()
+        },
+        spec("chaos", &[("fault", "trap"), ("only-service", "svc-3")]),
+    )
+    .unwrap();
+    let questions = questions();
+    for question in &questions {
+        decide(&engine, question);
+    }
+    assert!(eventually_blocking(Duration::from_secs(10), || {
+        engine.recording().len() == questions.len()
+    }));
+    for recorded in engine.recording() {
+        assert_eq!(
+            recorded.decided.is_none(),
+            recorded.question.service() == "svc-3",
+            "{recorded:?}"
+        );
+    }
 }
 
 #[test]

@@ -270,8 +270,8 @@ pub(super) async fn swap_policy(
     Ok(response)
 }
 
-/// Runs a policy operation of the engine on a blocking thread; a refusal is 422 naming the
-/// policy that stays active (404 when there is no shadow to act on).
+/// Runs a policy operation of the engine on a blocking thread (it may validate a candidate,
+/// replay the recording, or write an artifact to disk).
 pub(super) async fn blocking<T: Send + 'static>(
     state: &AppState,
     operation: impl FnOnce(PolicyEngine) -> Result<T, PolicyError> + Send + 'static,
@@ -286,20 +286,24 @@ pub(super) async fn blocking<T: Send + 'static>(
                 format!("policy task failed: {e}"),
             )
         })?;
-    outcome.map_err(|e| {
-        if matches!(e, PolicyError::NoShadow) {
-            return ApiError::new(StatusCode::NOT_FOUND, "no_shadow", e.to_string());
-        }
-        let active = state.engine.active();
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "policy_refused",
-            e.to_string(),
-        )
-        .with_details(serde_json::json!({
-            "active": { "generation": active.generation, "digest": active.digest },
-        }))
-    })
+    outcome.map_err(|e| refusal(state, e))
+}
+
+/// A policy operation refused: 404 when there is no shadow to act on, else 422 naming the
+/// policy that stays active.
+pub(super) fn refusal(state: &AppState, e: PolicyError) -> ApiError {
+    if matches!(e, PolicyError::NoShadow) {
+        return ApiError::new(StatusCode::NOT_FOUND, "no_shadow", e.to_string());
+    }
+    let active = state.engine.active();
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "policy_refused",
+        e.to_string(),
+    )
+    .with_details(serde_json::json!({
+        "active": { "generation": active.generation, "digest": active.digest },
+    }))
 }
 
 /// `GET /metrics`.

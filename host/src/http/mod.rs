@@ -9,7 +9,7 @@
 //! | `DELETE /v1/registrations/{service}/{node}` | deregister one node |
 //! | `GET /v1/policy` | the active policy and the engine's counters |
 //! | `PUT /v1/policy` | swap in a policy (wasm bytes; admin token required); `?replay=recent` first replays the recording in memory, `?mode=shadow` loads it as the shadow instead |
-//! | `GET /v1/policy/shadow` | the shadow run: agreements, disagreements with their questions, the candidate's failures and cost |
+//! | `GET /v1/policy/shadow` | the shadow run: agreements, disagreements with their questions, the candidate's failures and cost (admin) |
 //! | `POST /v1/policy/shadow/promote`, `DELETE /v1/policy/shadow` | activate the shadow as a swap would, or drop it (admin) |
 //! | `GET /v1/policy/recording` | the questions recorded in memory, as JSON lines (admin) |
 //! | `GET /metrics` | Prometheus text format |

@@ -7,7 +7,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Serialize;
 
-use super::admin::{Admin, PolicyBody, blocking, policy_body, unix_ms};
+use super::admin::{Admin, PolicyBody, blocking, policy_body, refusal, unix_ms};
 use super::{ApiError, AppState};
 use crate::policy::{PolicyError, ShadowReport};
 use crate::recording::{answer_json, question_json};
@@ -30,7 +30,10 @@ pub(super) struct ShadowBody {
     failures: FailuresBody,
     /// The candidate's CPU time per answered call, in microseconds.
     cost_us: CostBody,
-    /// Questions dropped because the observer was behind (neither recorded nor shadowed).
+    /// Questions not asked because the candidate was resting after failing five times in a row.
+    skipped: u64,
+    /// Questions dropped since the candidate was loaded because the observer was behind
+    /// (neither recorded nor shadowed).
     dropped: u64,
 }
 
@@ -105,21 +108,21 @@ pub(super) fn report_body(report: ShadowReport) -> ShadowBody {
             p99: us(report.cost.p99),
             max: us(report.cost.max),
         },
+        skipped: report.skipped,
         dropped: report.dropped,
     }
 }
 
-fn no_shadow() -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::NOT_FOUND,
-        "no_shadow",
-        PolicyError::NoShadow.to_string(),
-    )
-}
-
-/// `GET /v1/policy/shadow`: the shadow run's report, 404 without a candidate.
-pub(super) async fn report(State(state): State<AppState>) -> Result<Json<ShadowBody>, ApiError> {
-    let report = state.engine.shadow_report().ok_or_else(no_shadow)?;
+/// `GET /v1/policy/shadow`: the shadow run's report, 404 without a candidate. Admin only, as
+/// the recording: it shows the questions the host was asked.
+pub(super) async fn report(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<ShadowBody>, ApiError> {
+    let report = state
+        .engine
+        .shadow_report()
+        .ok_or_else(|| refusal(&state, PolicyError::NoShadow))?;
     Ok(Json(report_body(report)))
 }
 
@@ -138,16 +141,20 @@ pub(super) async fn remove(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<ShadowBody>, ApiError> {
-    let report = state.engine.drop_shadow().map_err(|_| no_shadow())?;
+    let report = state.engine.drop_shadow().map_err(|e| refusal(&state, e))?;
     Ok(Json(report_body(report)))
 }
 
 /// `GET /v1/policy/recording`: the questions recorded in memory, oldest first, as JSON lines
 /// (`regcache policy replay --contexts` reads them). Empty when recording is off. Streamed a
 /// chunk of lines at a time: a ring of a million questions is hundreds of MiB of JSON.
-pub(super) async fn recording(_: Admin, State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn recording(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<impl IntoResponse, ApiError> {
     const LINES_PER_CHUNK: usize = 1024;
-    let recording = state.engine.recording();
+    // Copying the ring takes its lock and may take a while: not on a worker that serves lookups.
+    let recording = blocking(&state, |engine| Ok(engine.recording())).await?;
     let chunks = (0..recording.len().div_ceil(LINES_PER_CHUNK)).map(move |chunk| {
         let mut text = String::new();
         for recorded in recording
@@ -160,8 +167,8 @@ pub(super) async fn recording(_: Admin, State(state): State<AppState>) -> impl I
         }
         Ok::<_, std::convert::Infallible>(text)
     });
-    (
+    Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
-    )
+    ))
 }

@@ -211,6 +211,20 @@ pub enum PolicyError {
          is 0, or no question was asked yet)"
     )]
     NothingRecorded,
+    /// A swap asked for a replay of the recent recording, and it took longer than
+    /// [`REPLAY_LIMIT`].
+    #[error(
+        "replaying the recent recording: {answered} of {questions} questions answered within \
+         {limit:?}; a replay must finish within that"
+    )]
+    ReplayTooLong {
+        /// Questions answered in time.
+        answered: usize,
+        /// Questions in the recording.
+        questions: usize,
+        /// [`REPLAY_LIMIT`].
+        limit: std::time::Duration,
+    },
     /// A swap asked for a replay of the recent recording, and a question failed.
     #[error(
         "replaying the recent recording: question {index} of {questions} ({question}) {failure}"
@@ -453,6 +467,10 @@ struct RollbackState {
     /// it changes. Bounded: an operator juggles a handful of policies, not thousands.
     digests: VecDeque<String>,
 }
+
+/// The longest a swap's replay of the recording may take: a good policy answers a million
+/// questions in seconds, and the swap's caller is waiting.
+pub const REPLAY_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Rolled-back digests remembered.
 const ROLLED_BACK_KEPT: usize = 16;
@@ -734,17 +752,25 @@ impl PolicyEngine {
     }
 
     /// Asks a validated candidate every question recorded in memory, under the serving
-    /// deadline; the first that fails refuses it.
+    /// deadline; the first that fails refuses it, and so does a replay past [`REPLAY_LIMIT`].
     fn replay_recent(&self, validated: &Validated, spec: &PolicySpec) -> Result<(), PolicyError> {
-        let recording = self.shared.tap.recording();
+        let recording = self.shared.tap.recorded();
         if recording.is_empty() {
             return Err(PolicyError::NothingRecorded);
         }
-        let candidate = shadow::Candidate::new(validated.clone(), spec.clone());
+        let candidate = shadow::Candidate::new(validated.clone(), spec.clone(), 0);
         let mut instance = candidate
             .instantiate(&self.shared.limits)
             .map_err(PolicyError::Configure)?;
+        let started = Instant::now();
         for (index, recorded) in recording.iter().enumerate() {
+            if started.elapsed() > REPLAY_LIMIT {
+                return Err(PolicyError::ReplayTooLong {
+                    answered: index,
+                    questions: recording.len(),
+                    limit: REPLAY_LIMIT,
+                });
+            }
             if let Err(failure) = instance.ask(&recorded.question) {
                 return Err(PolicyError::ReplayFailed {
                     index: index + 1,
@@ -761,53 +787,56 @@ impl PolicyEngine {
     /// other: it is asked the active policy's questions from now on, and its answers are
     /// compared, never acted on. Returns its report (empty).
     pub fn shadow(&self, spec: PolicySpec) -> Result<ShadowReport, PolicyError> {
+        let tap = &self.shared.tap;
+        let ticket = self.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
         let validated = self.validate(&spec).inspect_err(|err| {
             tracing::warn!(source = %spec.source, "shadow policy refused: {err}");
         })?;
-        let candidate = Arc::new(shadow::Candidate::new(validated, spec));
-        let report = candidate.report();
+        let candidate = Arc::new(shadow::Candidate::new(validated, spec, tap.dropped()));
+        let report = tap.report(&candidate);
+        tap.set_candidate(Some(candidate), ticket)?;
         tracing::info!(digest = %report.digest, source = %report.source, "shadow policy loaded");
-        self.shared.tap.set_candidate(Some(candidate));
         Ok(report)
     }
 
     /// What the shadow run has shown so far, if a candidate is loaded.
     pub fn shadow_report(&self) -> Option<ShadowReport> {
-        let candidate = self.shared.tap.candidate()?;
-        Some(ShadowReport {
-            dropped: self.shared.tap.dropped(),
-            ..candidate.report()
-        })
+        let tap = &self.shared.tap;
+        tap.candidate().map(|candidate| tap.report(&candidate))
     }
 
     /// Unloads the shadow candidate; returns its last report.
     pub fn drop_shadow(&self) -> Result<ShadowReport, PolicyError> {
-        let candidate = self
-            .shared
-            .tap
-            .set_candidate(None)
+        let tap = &self.shared.tap;
+        let ticket = self.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let candidate = tap
+            .set_candidate(None, ticket)?
             .ok_or(PolicyError::NoShadow)?;
         tracing::info!(digest = %candidate.validated.digest, "shadow policy dropped");
-        Ok(candidate.report())
+        Ok(tap.report(&candidate))
     }
 
     /// Makes the shadow candidate the active policy, as a swap of it would (without validating
-    /// it again), and unloads it.
+    /// it again), and unloads it. If a swap asked for later already stored its policy, the
+    /// candidate stays the shadow.
     pub fn promote_shadow(&self) -> Result<Arc<PolicyInfo>, PolicyError> {
-        let shared = &self.shared;
-        let ticket = shared.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let candidate = shared
-            .tap
-            .set_candidate(None)
+        let tap = &self.shared.tap;
+        let ticket = self.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let candidate = tap
+            .set_candidate(None, ticket)?
             .ok_or(PolicyError::NoShadow)?;
         let (validated, spec) = (candidate.validated.clone(), candidate.spec.clone());
-        self.activate(validated, spec, ticket)
+        self.activate(validated, spec, ticket).inspect_err(|err| {
+            if matches!(err, PolicyError::Superseded) {
+                tap.put_back(candidate);
+            }
+        })
     }
 
     /// The questions recorded in memory, oldest first (none unless
     /// [`RecordOptions::ring`] is set).
     pub fn recording(&self) -> Vec<Recorded> {
-        self.shared.tap.recording()
+        self.shared.tap.recorded()
     }
 
     /// The last automatic rollback, if any.
@@ -868,8 +897,7 @@ impl PolicyEngine {
     }
 
     /// Runs `call` on this thread's instance of the active generation; on failure, counts and
-    /// logs it and returns `fail_safe`'s answer.
-    /// Also says whether the answer is the fail-safe one.
+    /// logs it and returns `fail_safe`'s answer, saying so (`true`).
     fn decide<D>(
         &self,
         call: impl FnOnce(&mut Instance) -> Result<D, CallFailure>,

@@ -2,9 +2,11 @@
 //! (a ring in memory, a rotating file of JSON lines) and asks them of a shadow candidate.
 //!
 //! Nothing of this runs on the lookup's time. A decision hands its question and answer to a
-//! bounded queue (`try_send`: a full queue drops the observation and counts it) and one
-//! observer thread does the rest. With nothing to record and no candidate, a decision reads one
-//! atomic and builds nothing.
+//! bounded queue and one observer thread does the rest. The hand-off never waits: a full queue
+//! drops the observation and counts it, and the observer polls the queue rather than sleeping
+//! on it, so that a send never has a sleeping receiver to wake (a lock and a system call on the
+//! lookup's thread). With nothing to record and no candidate, a decision reads one atomic and
+//! builds nothing.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -12,20 +14,25 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
+use super::PolicyError;
+use super::instance::Instance;
 use super::sandbox::{Limits, Ticker};
-use super::shadow::{Candidate, Outcome};
+use super::shadow::{Candidate, Outcome, ShadowReport};
 use crate::decision::{Answer, Question};
 use crate::recording::Recorded;
 
 /// Observations waiting for the observer thread. A burst beyond it is dropped, not waited for.
 const QUEUE: usize = 8192;
-/// How often the recording file is flushed while questions keep coming.
+/// How long the observer sleeps when it finds the queue empty.
+const POLL: Duration = Duration::from_millis(2);
+/// How often the recording file is flushed.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// What the host records of the questions its policy answers.
@@ -41,16 +48,11 @@ pub struct RecordOptions {
     pub file_size: u64,
 }
 
-impl RecordOptions {
-    fn records(&self) -> bool {
-        self.ring > 0 || self.file.is_some()
-    }
-}
-
 /// One question answered by the active policy.
 struct Observation {
     question: Question,
-    answer: Answer,
+    /// None when the host answered fail-safe: not the policy's answer.
+    answer: Option<Answer>,
     /// Recording is on for it.
     record: bool,
     /// The shadow candidate is to be asked it too.
@@ -67,22 +69,40 @@ struct Observers {
     failed: AtomicU64,
     ring: Mutex<VecDeque<Recorded>>,
     ring_capacity: usize,
-    file: Option<(PathBuf, u64)>,
     limits: Limits,
+    /// The engine is gone: what is left in the queue is recorded, not asked of the shadow.
+    closing: AtomicBool,
     /// Keeps the epoch advancing while the observer may call the shadow, which can outlive the
     /// engine by a call: a looping shadow is still stopped.
     _ticker: Ticker,
 }
 
+/// The observer thread and the queue to it.
+struct Observer {
+    queue: SyncSender<Observation>,
+    thread: JoinHandle<()>,
+}
+
+/// Orders shadow loads, drops and promotions by when they were asked for (a load validates
+/// for as long as a swap does, so an older one can finish later).
+#[derive(Default)]
+struct ShadowSlot {
+    last_ticket: u64,
+}
+
 /// The engine's side of observation: what decisions call.
 pub(crate) struct Tap {
     observers: Arc<Observers>,
-    recording: bool,
-    /// A candidate is loaded (mirrors `observers.candidate`, read without touching its count).
+    /// Recording is on: a ring, or a file that could be opened.
+    records: bool,
+    /// A candidate is loaded (mirrors `observers.candidate`, read without touching its count;
+    /// both are written under `slot`).
     shadowing: AtomicBool,
+    slot: Mutex<ShadowSlot>,
     /// The shadow is asked one sampled question in this many.
     shadow_one_in: u32,
-    queue: OnceLock<SyncSender<Observation>>,
+    file: Mutex<Option<RotatingFile>>,
+    observer: OnceLock<Observer>,
     dropped: AtomicU64,
 }
 
@@ -98,7 +118,11 @@ impl Tap {
         limits: Limits,
         ticker: Ticker,
     ) -> Self {
-        let recording = record.records();
+        let file = record
+            .file
+            .as_deref()
+            .and_then(|path| RotatingFile::open(path, record.file_size));
+        let records = record.ring > 0 || file.is_some();
         let observers = Arc::new(Observers {
             candidate: ArcSwapOption::empty(),
             agreed: AtomicU64::new(0),
@@ -106,26 +130,29 @@ impl Tap {
             failed: AtomicU64::new(0),
             ring: Mutex::new(VecDeque::with_capacity(record.ring.min(QUEUE))),
             ring_capacity: record.ring,
-            file: record.file.map(|path| (path, record.file_size)),
             limits,
+            closing: AtomicBool::new(false),
             _ticker: ticker,
         });
         let tap = Tap {
             observers,
-            recording,
+            records,
             shadowing: AtomicBool::new(false),
+            slot: Mutex::new(ShadowSlot::default()),
             shadow_one_in: shadow_one_in.max(1),
-            queue: OnceLock::new(),
+            file: Mutex::new(file),
+            observer: OnceLock::new(),
             dropped: AtomicU64::new(0),
         };
-        if recording {
+        if records {
             tap.start_observer();
         }
         tap
     }
 
     /// Hands a question the active policy answered to the observer, if anything observes it.
-    /// `fail_safe`: the answer is the engine's, not the policy's (not compared with a shadow).
+    /// `fail_safe`: the answer is the engine's, not the policy's (recorded without it, and not
+    /// compared with a shadow's).
     #[inline]
     pub(crate) fn observe(
         &self,
@@ -134,19 +161,19 @@ impl Tap {
         fail_safe: bool,
     ) {
         let shadow = !fail_safe && self.shadowing.load(Ordering::Relaxed) && self.sampled();
-        if !self.recording && !shadow {
+        if !self.records && !shadow {
             return;
         }
-        let Some(queue) = self.queue.get() else {
+        let Some(observer) = self.observer.get() else {
             return;
         };
         let observation = Observation {
             question: question(),
-            answer: answer(),
-            record: self.recording,
+            answer: (!fail_safe).then(answer),
+            record: self.records,
             shadow,
         };
-        if queue.try_send(observation).is_err() {
+        if observer.queue.try_send(observation).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -163,23 +190,42 @@ impl Tap {
         })
     }
 
-    /// Makes `candidate` the shadow (or none), starting the observer thread if needed.
+    /// Makes `candidate` the shadow (or none) for a request holding `ticket`, unless a request
+    /// holding a later one already changed it. Returns the candidate it replaces.
     pub(crate) fn set_candidate(
         &self,
         candidate: Option<Arc<Candidate>>,
-    ) -> Option<Arc<Candidate>> {
-        let shadowing = candidate.is_some();
-        if shadowing {
+        ticket: u64,
+    ) -> Result<Option<Arc<Candidate>>, PolicyError> {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.last_ticket > ticket {
+            return Err(PolicyError::Superseded);
+        }
+        slot.last_ticket = ticket;
+        if candidate.is_some() {
             self.start_observer();
         }
-        let previous = self.observers.candidate.swap(candidate);
-        self.shadowing.store(shadowing, Ordering::Relaxed);
-        previous
+        self.shadowing.store(candidate.is_some(), Ordering::Relaxed);
+        Ok(self.observers.candidate.swap(candidate))
+    }
+
+    /// Puts back a candidate whose promotion was superseded, unless another was loaded since.
+    pub(crate) fn put_back(&self, candidate: Arc<Candidate>) {
+        let _slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.observers.candidate.load().is_none() {
+            self.observers.candidate.store(Some(candidate));
+            self.shadowing.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The shadow candidate, if any.
     pub(crate) fn candidate(&self) -> Option<Arc<Candidate>> {
         self.observers.candidate.load_full()
+    }
+
+    /// `candidate`'s report, with the questions dropped since it was loaded.
+    pub(crate) fn report(&self, candidate: &Candidate) -> ShadowReport {
+        candidate.report(self.dropped())
     }
 
     /// Observations dropped because the observer was behind.
@@ -194,7 +240,7 @@ impl Tap {
     }
 
     /// The recorded questions in memory, oldest first.
-    pub(crate) fn recording(&self) -> Vec<Recorded> {
+    pub(crate) fn recorded(&self) -> Vec<Recorded> {
         let ring = self
             .observers
             .ring
@@ -204,66 +250,88 @@ impl Tap {
     }
 
     fn start_observer(&self) {
-        self.queue.get_or_init(|| {
-            let (sender, receiver) = sync_channel(QUEUE);
+        self.observer.get_or_init(|| {
+            let (queue, receiver) = sync_channel(QUEUE);
             let observers = self.observers.clone();
-            let file = observers
+            let file = self
                 .file
-                .as_ref()
-                .and_then(|(path, size)| RotatingFile::open(path, *size));
-            // The thread ends when the engine drops its sender.
-            let spawned = std::thread::Builder::new()
-                .name("regcache-policy-observer".into())
-                .spawn(move || observe(&observers, &receiver, file));
-            if let Err(error) = spawned {
-                tracing::error!("cannot start the policy observer thread: {error}; nothing is recorded or shadowed");
-            }
-            sender
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let thread = std::thread::Builder::new()
+                .name("policy-observer".into())
+                .spawn(move || run_observer(&observers, &receiver, file))
+                .expect("spawn the policy observer thread");
+            Observer { queue, thread }
         });
     }
 }
 
-/// The observer thread's loop.
-fn observe(observers: &Observers, queue: &Receiver<Observation>, mut file: Option<RotatingFile>) {
-    let mut shadow: Option<(Arc<Candidate>, super::instance::Instance)> = None;
-    loop {
-        let observation = match queue.recv_timeout(FLUSH_EVERY) {
-            Ok(observation) => observation,
-            Err(RecvTimeoutError::Timeout) => {
-                if let Some(file) = &mut file {
-                    file.flush();
-                }
-                continue;
+impl Drop for Tap {
+    /// Ends the observer once it has recorded what is queued (asking the shadow nothing more),
+    /// so that the file holds every question answered before the engine went.
+    fn drop(&mut self) {
+        self.observers.closing.store(true, Ordering::Relaxed);
+        if let Some(Observer { queue, thread }) = self.observer.take() {
+            drop(queue);
+            if thread.join().is_err() {
+                tracing::error!("the policy observer thread panicked");
             }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let Observation {
-            question,
-            answer,
-            record,
-            shadow: ask_shadow,
-        } = observation;
-        if ask_shadow {
-            shadow = ask_candidate(observers, shadow, &question, &answer);
         }
-        if record {
-            let recorded = Recorded {
-                question,
-                decided: Some(answer),
-            };
-            if let Some(file) = &mut file {
-                file.write(&recorded);
-            }
-            if observers.ring_capacity > 0 {
-                let mut ring = observers
-                    .ring
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if ring.len() == observers.ring_capacity {
-                    ring.pop_front();
+    }
+}
+
+/// The observer thread's loop: until the engine drops the queue, records and asks the shadow.
+fn run_observer(
+    observers: &Observers,
+    queue: &Receiver<Observation>,
+    mut file: Option<RotatingFile>,
+) {
+    let mut shadow: Option<(Arc<Candidate>, Instance)> = None;
+    let mut flushed = Instant::now();
+    loop {
+        match queue.try_recv() {
+            Ok(observation) => {
+                let Observation {
+                    question,
+                    answer,
+                    record,
+                    shadow: ask_shadow,
+                } = observation;
+                if let (true, Some(answer)) = (ask_shadow, &answer) {
+                    shadow = ask_candidate(observers, shadow, &question, answer);
                 }
-                ring.push_back(recorded);
+                if record {
+                    record_one(
+                        observers,
+                        &mut file,
+                        Recorded {
+                            question,
+                            decided: answer,
+                        },
+                    );
+                }
             }
+            Err(TryRecvError::Empty) => {
+                // Keeps no instance of a candidate that was dropped or promoted.
+                if shadow.as_ref().is_some_and(|(kept_for, _)| {
+                    !observers
+                        .candidate
+                        .load()
+                        .as_ref()
+                        .is_some_and(|current| Arc::ptr_eq(current, kept_for))
+                }) {
+                    shadow = None;
+                }
+                std::thread::sleep(POLL);
+            }
+            Err(TryRecvError::Disconnected) => break,
+        }
+        if flushed.elapsed() >= FLUSH_EVERY {
+            if let Some(file) = &mut file {
+                file.flush();
+            }
+            flushed = Instant::now();
         }
     }
     if let Some(file) = &mut file {
@@ -271,15 +339,37 @@ fn observe(observers: &Observers, queue: &Receiver<Observation>, mut file: Optio
     }
 }
 
+fn record_one(observers: &Observers, file: &mut Option<RotatingFile>, recorded: Recorded) {
+    if let Some(file) = file {
+        file.write(&recorded);
+    }
+    if observers.ring_capacity > 0 {
+        let mut ring = observers
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if ring.len() == observers.ring_capacity {
+            ring.pop_front();
+        }
+        ring.push_back(recorded);
+    }
+}
+
 /// Asks the current candidate, on the instance kept from the last call if it is the same
 /// candidate's and did not fail; returns the instance to keep.
 fn ask_candidate(
     observers: &Observers,
-    kept: Option<(Arc<Candidate>, super::instance::Instance)>,
+    kept: Option<(Arc<Candidate>, Instance)>,
     question: &Question,
     active: &Answer,
-) -> Option<(Arc<Candidate>, super::instance::Instance)> {
+) -> Option<(Arc<Candidate>, Instance)> {
+    if observers.closing.load(Ordering::Relaxed) {
+        return None;
+    }
     let candidate = observers.candidate.load_full()?;
+    if candidate.resting() {
+        return kept;
+    }
     let mut instance = match kept {
         Some((kept_for, instance)) if Arc::ptr_eq(&kept_for, &candidate) => instance,
         _ => match candidate.instantiate(&observers.limits) {

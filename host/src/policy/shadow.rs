@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use super::instance::{CallFailure, Deadlines, Instance};
 use super::sandbox::{self, Limits};
-use super::{PolicySpec, Validated};
+use super::{Breaker, PolicySpec, Validated};
 use crate::decision::{Answer, Question, Settings};
 
 /// Disagreements kept with their whole question.
@@ -35,17 +35,37 @@ pub(crate) struct Candidate {
     pub(super) validated: Validated,
     pub(super) spec: PolicySpec,
     loaded_at: SystemTime,
+    /// The observer's dropped count when this candidate was loaded.
+    dropped_before: u64,
+    /// Rests a candidate that keeps failing, as the active policy's breaker does: each failure
+    /// costs the observer a deadline and a fresh instance, and the recording shares the
+    /// observer.
+    breaker: Breaker,
     tally: Mutex<Tally>,
 }
 
 impl Candidate {
-    pub(super) fn new(validated: Validated, spec: PolicySpec) -> Self {
+    /// `dropped_before`: the observer's count of dropped questions now.
+    pub(super) fn new(validated: Validated, spec: PolicySpec, dropped_before: u64) -> Self {
         Candidate {
             validated,
             spec,
             loaded_at: SystemTime::now(),
+            dropped_before,
+            breaker: Breaker::new(),
             tally: Mutex::new(Tally::default()),
         }
+    }
+
+    /// Whether the candidate rests after failing too often in a row; a question that finds it
+    /// resting is counted as skipped.
+    pub(super) fn resting(&self) -> bool {
+        if !self.breaker.is_open() {
+            return false;
+        }
+        let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        tally.skipped += 1;
+        true
     }
 
     /// A serving instance of the candidate, for the observer thread.
@@ -76,6 +96,7 @@ impl Candidate {
         tally.asked += 1;
         match answered {
             Ok(candidate) => {
+                self.breaker.record_success();
                 tally.cost.add(cost);
                 let agree = candidate == active;
                 let pair = tally
@@ -100,6 +121,7 @@ impl Candidate {
                 }
             }
             Err(failure) => {
+                self.breaker.record_failure();
                 tally.count_failure(failure);
                 Outcome::Failed
             }
@@ -108,13 +130,15 @@ impl Candidate {
 
     /// Counts a call that failed before it could be asked (its instance could not be made).
     pub(super) fn count_failure(&self, failure: CallFailure) {
+        self.breaker.record_failure();
         let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
         tally.asked += 1;
         tally.count_failure(failure);
     }
 
-    /// What the shadow run has shown so far.
-    pub(super) fn report(&self) -> ShadowReport {
+    /// What the shadow run has shown so far; `dropped_now` is the observer's count of dropped
+    /// questions.
+    pub(super) fn report(&self, dropped_now: u64) -> ShadowReport {
         let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
         let disagreed = tally.pairs.values().map(|p| p.disagree).sum();
         ShadowReport {
@@ -141,7 +165,8 @@ impl Candidate {
             invalid_answers: tally.invalid_answers,
             last_failure: tally.last_failure.clone(),
             cost: tally.cost.summary(),
-            dropped: 0,
+            skipped: tally.skipped,
+            dropped: dropped_now.saturating_sub(self.dropped_before),
         }
     }
 }
@@ -149,6 +174,7 @@ impl Candidate {
 #[derive(Default)]
 struct Tally {
     asked: u64,
+    skipped: u64,
     pairs: BTreeMap<(&'static str, &'static str), PairCount>,
     recent: VecDeque<Disagreement>,
     traps: u64,
@@ -204,10 +230,8 @@ impl Cost {
             .copied()
             .unwrap_or_default();
         CallCost {
-            mean: self
-                .total
-                .checked_div(u32::try_from(self.calls).unwrap_or(u32::MAX))
-                .unwrap_or_default(),
+            mean: u64::try_from(self.total.as_nanos() / u128::from(self.calls.max(1)))
+                .map_or(Duration::MAX, Duration::from_nanos),
             p99,
             max: self.max,
         }
@@ -282,7 +306,10 @@ pub struct ShadowReport {
     pub last_failure: Option<CallFailure>,
     /// Its cost per answered call.
     pub cost: CallCost,
-    /// Questions the observer dropped since the host started, its queue full: neither recorded
-    /// nor asked of the candidate.
+    /// Sampled questions not asked because the candidate was resting: after five failures in a
+    /// row it is not asked for a second.
+    pub skipped: u64,
+    /// Questions the observer dropped since the candidate was loaded, its queue full: neither
+    /// recorded nor asked of the candidate.
     pub dropped: u64,
 }

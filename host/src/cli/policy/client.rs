@@ -431,14 +431,20 @@ impl Client {
             .map_err(|error| Failure::Output { path: None, error })
     }
 
-    /// Copies the recording to `output` (stdout without one) as it comes; a file left half
-    /// written by a failure is removed.
+    /// Copies the recording to `output` (stdout without one) as it comes. A file is written
+    /// beside `output` and renamed onto it once whole: a failure leaves an existing file as it
+    /// was.
     fn recording(&self, output: Option<&Path>) -> Result<(), Failure> {
         let failed_output = |error| Failure::Output {
             path: output.map(Path::to_path_buf),
             error,
         };
-        let mut sink: Box<dyn Write> = match output {
+        let partial = output.map(|path| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".partial.{}", std::process::id()));
+            PathBuf::from(name)
+        });
+        let mut sink: Box<dyn Write> = match &partial {
             Some(path) => Box::new(BufWriter::new(File::create(path).map_err(failed_output)?)),
             None => Box::new(io::stdout().lock()),
         };
@@ -468,11 +474,18 @@ impl Client {
                 Ok(written.and_then(|()| sink.flush()).map(|()| lines))
             },
         );
+        drop(sink);
         let lines = copied
             .and_then(|written| written.map_err(failed_output))
+            .and_then(|lines| match (&partial, output) {
+                (Some(partial), Some(path)) => std::fs::rename(partial, path)
+                    .map(|()| lines)
+                    .map_err(failed_output),
+                _ => Ok(lines),
+            })
             .inspect_err(|_| {
-                if let Some(path) = output {
-                    let _ = std::fs::remove_file(path);
+                if let Some(partial) = &partial {
+                    let _ = std::fs::remove_file(partial);
                 }
             })?;
         let to = output.map_or("stdout".into(), |p| p.display().to_string());
