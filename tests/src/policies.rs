@@ -1,9 +1,12 @@
 //! The policies under `policy/`, built once per test process and handed out as bytes: the Rust
-//! ones by cargo, those written in JavaScript and Python (`policy/lang/`) by `scripts/build-policy`.
+//! ones by cargo, those written in JavaScript and Python (`policy/lang/`) by `regcache policy
+//! build`, as their authors build theirs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+
+use crate::binary::regcache_bin;
 
 /// The repository root.
 pub fn repo_root() -> &'static Path {
@@ -58,7 +61,7 @@ pub fn spec(name: &str, config: &[(&str, &str)]) -> regcache::policy::PolicySpec
     }
 }
 
-/// A language besides Rust that the repository builds policies in (`scripts/build-policy`).
+/// A language besides Rust that the repository has policies in (`policy/lang/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lang {
     /// JavaScript, through componentize-qjs.
@@ -71,7 +74,7 @@ impl Lang {
     /// Both, in a fixed order.
     pub const ALL: [Lang; 2] = [Lang::Js, Lang::Python];
 
-    /// The name `scripts/build-policy` and `policy/lang/` use.
+    /// The name `regcache policy new --lang` and `policy/lang/` use.
     pub fn name(self) -> &'static str {
         match self {
             Lang::Js => "js",
@@ -80,21 +83,23 @@ impl Lang {
     }
 }
 
-/// Builds the policy whose sources are in `dir`, written in `lang`, into `out` with
-/// `scripts/build-policy` (which installs the language's toolchain under `target/` once).
-pub fn build_lang_policy(lang: Lang, dir: &Path, out: &Path) {
-    let status = Command::new(repo_root().join("scripts/build-policy"))
-        .arg(lang.name())
+/// Builds the JavaScript or Python policy project in `dir` against the repository's WIT with
+/// `regcache policy build` (which installs the project's toolchain into it on first use) and
+/// returns the component's path.
+pub fn build_lang_policy(dir: &Path) -> PathBuf {
+    let output = Command::new(regcache_bin())
+        .args(["policy", "build", "--wit"])
+        .arg(repo_root().join("wit"))
         .arg(dir)
-        .arg(out)
-        .status()
-        .expect("run scripts/build-policy");
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run regcache policy build");
     assert!(
-        status.success(),
-        "building the {} policy {} failed",
-        lang.name(),
+        output.status.success(),
+        "building the policy {} failed",
         dir.display()
     );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
 /// Path of the `strict` policy written in `lang` (`policy/lang/<lang>/strict`), built once per
@@ -102,13 +107,11 @@ pub fn build_lang_policy(lang: Lang, dir: &Path, out: &Path) {
 pub fn strict_in(lang: Lang) -> &'static Path {
     static BUILT: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
     BUILT[lang as usize].get_or_init(|| {
-        let root = repo_root();
-        let out = root.join(format!("target/policy-lang/strict-{}.wasm", lang.name()));
         build_lang_policy(
-            lang,
-            &root.join("policy/lang").join(lang.name()).join("strict"),
-            &out,
-        );
-        out
+            &repo_root()
+                .join("policy/lang")
+                .join(lang.name())
+                .join("strict"),
+        )
     })
 }

@@ -188,12 +188,13 @@ pub fn build(dir: &Path, wit: Option<&Path>) -> anyhow::Result<PathBuf> {
         Lang::Python => build_python,
     };
     let wit = wit.map_or_else(|| dir.join("wit"), Path::to_path_buf);
-    if !wit.exists() {
-        bail!(
+    // Absolute: the tools run in the project.
+    let wit = wit.canonicalize().with_context(|| {
+        format!(
             "no WIT at {} (give the WIT directory with --wit)",
             wit.display()
-        );
-    }
+        )
+    })?;
     let out_dir = dir.join("target");
     std::fs::create_dir_all(&out_dir)?;
     let out = out_dir.join(format!("{}.wasm", project_name(&dir)));

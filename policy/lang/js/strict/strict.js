@@ -6,7 +6,7 @@
 // - Applies every removal at once while the registry is healthy, whatever its size: four leases
 //   revoked out of five leave one node. Only an unhealthy registry gets the benefit of the doubt.
 //
-// Built by `scripts/build-policy js` with componentize-qjs: WIT records are objects with
+// Built by `regcache policy build` with componentize-qjs: WIT records are objects with
 // camelCase keys, variants `{ tag, val }`, an absent option `null`, and a thrown string is
 // `configure`'s error. Integers cross as Numbers, exact up to 2^53 (real ages stay far below),
 // so configuration is kept as BigInt, which compares exactly with Numbers: bounds saturate as

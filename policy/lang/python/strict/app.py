@@ -6,7 +6,7 @@
 - Applies every removal at once while the registry is healthy, whatever its size: four leases
   revoked out of five leave one node. Only an unhealthy registry gets the benefit of the doubt.
 
-Built by `scripts/build-policy python` with componentize-py, which generates the `wit_world`
+Built by `regcache policy build` with componentize-py, which generates the `wit_world`
 bindings: records are dataclasses, variants one dataclass per case, an absent option `None`, and
 `configure` reports an invalid configuration by raising `Err`.
 """
