@@ -115,3 +115,38 @@ pub fn strict_in(lang: Lang) -> &'static Path {
         )
     })
 }
+
+/// Replays the recording in `file` (JSON lines, as a host writes them) through `policy` with
+/// `regcache policy replay`, and asserts each answer is the one the recording says the host's
+/// policy decided: a recording replays to what was decided.
+pub fn assert_replays_to_what_was_decided(policy: &Path, file: &Path) {
+    let (output, _) = crate::binary::run_regcache(
+        &[
+            "policy",
+            "replay",
+            policy.to_str().unwrap(),
+            "--contexts",
+            file.to_str().unwrap(),
+        ],
+        &[],
+        std::time::Duration::from_secs(120),
+    );
+    assert!(output.status.success(), "{output:?}");
+    let recorded = std::fs::read_to_string(file).unwrap();
+    let recorded: Vec<serde_json::Value> = recorded
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let replayed: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replayed.len(), recorded.len());
+    for (replay, record) in replayed.iter().zip(&recorded) {
+        assert_eq!(
+            replay["answer"], record["lookup"]["decided"],
+            "{replay} / {record}"
+        );
+    }
+}

@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use regcache_tests::binary::run_regcache;
 use regcache_tests::host::{Host, service_json};
-use regcache_tests::policies::{policy_path, policy_wasm};
+use regcache_tests::policies::{assert_replays_to_what_was_decided, policy_path, policy_wasm};
 use regcache_tests::wait::eventually_blocking;
 use serde_json::Value;
 
@@ -39,6 +38,16 @@ fn admin(host: &Host, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         .unwrap();
     let json = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     (response.status, json)
+}
+
+fn recording(host: &Host) -> regcache_tests::http::Response {
+    host.request(
+        "GET",
+        "/v1/policy/recording",
+        &[("Authorization", &bearer())],
+        &[],
+    )
+    .unwrap()
 }
 
 fn shadow(host: &Host) -> (u16, Value) {
@@ -115,14 +124,7 @@ fn a_shadow_sees_the_hosts_lookups_and_the_recording_replays_to_what_was_decided
 
     // The recording holds those lookups with what the active policy decided; replayed
     // through the same policy, every answer is the one recorded.
-    let recording = host
-        .request(
-            "GET",
-            "/v1/policy/recording",
-            &[("Authorization", &bearer())],
-            &[],
-        )
-        .unwrap();
+    let recording = recording(&host);
     assert_eq!(recording.status, 200);
     assert_eq!(
         recording.header("content-type"),
@@ -137,30 +139,7 @@ fn a_shadow_sees_the_hosts_lookups_and_the_recording_replays_to_what_was_decided
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("recording.jsonl");
     std::fs::write(&file, &text).unwrap();
-    let (output, _) = run_regcache(
-        &[
-            "policy",
-            "replay",
-            policy_path("default").to_str().unwrap(),
-            "--contexts",
-            file.to_str().unwrap(),
-        ],
-        &[],
-        Duration::from_secs(60),
-    );
-    assert!(output.status.success(), "{output:?}");
-    let replayed: Vec<Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(replayed.len(), recorded.len());
-    for (replay, record) in replayed.iter().zip(&recorded) {
-        assert_eq!(
-            replay["answer"], record["lookup"]["decided"],
-            "{replay} / {record}"
-        );
-    }
+    assert_replays_to_what_was_decided(&policy_path("default"), &file);
 
     // Promotion makes it active as a swap would; nothing is left to promote or drop.
     let unauthorized = host
@@ -235,15 +214,7 @@ fn a_swap_requiring_a_clean_replay_is_refused_on_a_recorded_failure() {
         assert_eq!(host.lookup(name).status, 200);
     }
     assert!(eventually_blocking(Duration::from_secs(10), || {
-        let recording = host
-            .request(
-                "GET",
-                "/v1/policy/recording",
-                &[("Authorization", &bearer())],
-                &[],
-            )
-            .unwrap();
-        recording.text().lines().count() >= SERVICES.len()
+        recording(&host).text().lines().count() >= SERVICES.len()
     }));
     let (status, refused) = swap("replay=recent&fault=trap&only-service=greeter");
     assert_eq!(status, 422, "{refused}");

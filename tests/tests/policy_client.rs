@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use regcache_tests::binary::run_regcache;
 use regcache_tests::host::{Host, service_json};
-use regcache_tests::policies::policy_path;
+use regcache_tests::policies::{assert_replays_to_what_was_decided, policy_path};
 use regcache_tests::wait::eventually_blocking;
 use serde_json::Value;
 
@@ -288,27 +288,5 @@ fn the_recording_fetched_to_a_file_replays_to_what_the_host_decided() {
         )
     );
 
-    let replayed = regcache(
-        &[
-            "policy",
-            "replay",
-            &path("default"),
-            "--contexts",
-            recording.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert_eq!(replayed.code, Some(0), "{}", replayed.stderr);
-    let answers: Vec<Value> = replayed
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(answers.len(), recorded.len());
-    for (answer, record) in answers.iter().zip(&recorded) {
-        assert_eq!(
-            answer["answer"], record["lookup"]["decided"],
-            "{answer} / {record}"
-        );
-    }
+    assert_replays_to_what_was_decided(&policy_path("default"), &recording);
 }

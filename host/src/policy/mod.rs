@@ -187,7 +187,7 @@ pub enum PolicyError {
     #[error("configure {0}")]
     Configure(CallFailure),
     /// Settings out of range.
-    #[error("invalid settings: {0}")]
+    #[error(transparent)]
     Settings(#[from] InvalidSetting),
     /// A conformance case failed.
     #[error(transparent)]
