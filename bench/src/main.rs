@@ -24,8 +24,8 @@ struct Args {
     /// Measure briefly (smoke test; numbers are not claims).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (policy_cost, hot_path, http_vs_etcd, outage, penetration,
-    /// auth_load, scale, hot_swap, etcd_api, policy_safety); repeatable.
+    /// Run only these scenarios (policy_cost, policy_languages, hot_path, http_vs_etcd, outage,
+    /// penetration, auth_load, scale, hot_swap, etcd_api, policy_safety); repeatable.
     #[arg(long, action = clap::ArgAction::Append)]
     only: Vec<String>,
     /// Where to write latest.md and latest.json.
@@ -42,6 +42,10 @@ fn main() -> anyhow::Result<()> {
         (
             "policy_cost",
             Box::new(move || scenarios::policy_cost::run(effort)),
+        ),
+        (
+            "policy_languages",
+            Box::new(move || scenarios::policy_languages::run(effort, quick)),
         ),
         (
             "hot_path",
