@@ -60,8 +60,8 @@ pub use settings::{Envelope, EnvelopeLimit, InvalidSetting};
 pub use shadow::{CallCost, DecisionPair, Disagreement, RECENT_DISAGREEMENTS, ShadowReport};
 
 use crate::decision::{
-    Answer, Decide, Decided, EvictionContext, EvictionDecision, LookupContext, LookupDecision,
-    PolicyInfo, Question, Settings,
+    Answer, Asked, Decide, Decided, EvictionContext, EvictionDecision, LookupContext,
+    LookupDecision, PolicyInfo, Question, Settings,
 };
 use crate::fsutil::{FileError, read_regular};
 use crate::recording::Recorded;
@@ -987,7 +987,7 @@ impl Decide for PolicyEngine {
             |stats| &stats.fail_safe_lookups,
         );
         self.shared.tap.observe(
-            || Question::from(context),
+            Asked::Lookup(*context),
             || Answer::Lookup(decided.decision.clone()),
             fail_safe,
         );
@@ -1003,7 +1003,7 @@ impl Decide for PolicyEngine {
             |stats| &stats.fail_safe_evictions,
         );
         self.shared.tap.observe(
-            || Question::from(context),
+            Asked::Eviction(*context),
             || Answer::Eviction(decided.decision),
             fail_safe,
         );

@@ -1,21 +1,23 @@
 //! What the engine does with the questions it answers, besides answering them: records them
 //! (a ring in memory, a rotating file of JSON lines) and asks them of a shadow candidate.
 //!
-//! Nothing of this runs on the lookup's time. A decision hands its question and answer to a
-//! bounded queue and one observer thread does the rest. The hand-off never waits: a full queue
-//! drops the observation and counts it, and the observer polls the queue rather than sleeping
-//! on it, so that a send never has a sleeping receiver to wake (a lock and a system call on the
-//! lookup's thread). With nothing to record and no candidate, a decision reads one atomic and
-//! builds nothing.
+//! Nothing of this runs on the lookup's time. A decision appends its context and answer to its
+//! own thread's pending buffer (a lock nobody else holds but for the moment the observer takes
+//! the buffer, and a copy of the context and the service name into storage that is reused:
+//! no allocation), and one observer thread takes every thread's buffer in turn and does the
+//! rest. A shared queue cost a lookup twice as much: a cache line bouncing between the cores
+//! per question, an allocation freed on another thread. A full buffer drops the observation and
+//! counts it; the lookup never waits. With nothing to record and no candidate, a decision reads
+//! one atomic and builds nothing.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,14 +27,16 @@ use super::PolicyError;
 use super::instance::Instance;
 use super::sandbox::{Limits, Ticker};
 use super::shadow::{Candidate, Outcome, ShadowReport};
-use crate::decision::{Answer, Question};
+use crate::decision::{Answer, Asked, EvictionContext, LookupContext, Question};
 use crate::recording::Recorded;
 
-/// Observations waiting for the observer thread. A burst beyond it is dropped, not waited for.
-const QUEUE: usize = 8192;
-/// How long the observer sleeps when it finds the queue empty: from the first, doubling while
-/// it stays empty up to the last, so an idle host's observer wakes 20 times a second and a busy
-/// one's queue (8192) holds what arrives meanwhile at 160k questions a second.
+/// Observations one thread's buffer holds for the observer. A burst beyond it is dropped, not
+/// waited for.
+const PENDING: usize = 8192;
+/// How long the observer sleeps when it finds every buffer empty: from the first, doubling
+/// while they stay empty up to the last, so an idle host's observer wakes 20 times a second and
+/// a busy one's buffers (8192 each) hold what arrives meanwhile at 160k questions a second a
+/// thread.
 const POLL: [Duration; 2] = [Duration::from_millis(1), Duration::from_millis(50)];
 /// How often the recording file is flushed.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -50,15 +54,56 @@ pub struct RecordOptions {
     pub file_size: u64,
 }
 
-/// One question answered by the active policy.
+/// One question answered by the active policy, its service name in its buffer's `names`.
 struct Observation {
-    question: Question,
+    context: Context,
+    name: Range<usize>,
     /// None when the host answered fail-safe: not the policy's answer.
     answer: Option<Answer>,
     /// Recording is on for it.
     record: bool,
     /// The shadow candidate is to be asked it too.
     shadow: bool,
+}
+
+/// A context without its service name (which the buffer keeps), so that nothing is allocated.
+enum Context {
+    Lookup(LookupContext<'static>),
+    Eviction(EvictionContext<'static>),
+}
+
+impl Observation {
+    fn question(&self, names: &str) -> Question {
+        let service = &names[self.name.clone()];
+        match self.context {
+            Context::Lookup(context) => Question::from(&LookupContext { service, ..context }),
+            Context::Eviction(context) => Question::from(&EvictionContext { service, ..context }),
+        }
+    }
+}
+
+/// One thread's observations, waiting for the observer.
+#[derive(Default)]
+struct Pending {
+    observations: Vec<Observation>,
+    names: String,
+}
+
+impl Pending {
+    fn clear(&mut self) {
+        self.observations.clear();
+        self.names.clear();
+    }
+}
+
+/// A thread's buffers, one per engine it decided for (usually one).
+struct ThreadBuffer {
+    owner: Weak<Observers>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<ThreadBuffer>> = const { RefCell::new(Vec::new()) };
 }
 
 /// State the decisions and the observer thread share.
@@ -71,6 +116,8 @@ struct Observers {
     failed: AtomicU64,
     ring: Mutex<VecDeque<Recorded>>,
     ring_capacity: usize,
+    /// Every thread's buffer; a dead thread's is taken one last time and forgotten.
+    buffers: Mutex<Vec<Arc<Mutex<Pending>>>>,
     limits: Limits,
     /// The engine is gone: what is left in the queue is recorded, not asked of the shadow.
     closing: AtomicBool,
@@ -79,9 +126,8 @@ struct Observers {
     _ticker: Ticker,
 }
 
-/// The observer thread and the queue to it.
+/// The observer thread.
 struct Observer {
-    queue: SyncSender<Observation>,
     thread: JoinHandle<()>,
 }
 
@@ -130,8 +176,9 @@ impl Tap {
             agreed: AtomicU64::new(0),
             disagreed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            ring: Mutex::new(VecDeque::with_capacity(record.ring.min(QUEUE))),
+            ring: Mutex::new(VecDeque::with_capacity(record.ring.min(PENDING))),
             ring_capacity: record.ring,
+            buffers: Mutex::new(Vec::new()),
             limits,
             closing: AtomicBool::new(false),
             _ticker: ticker,
@@ -158,7 +205,7 @@ impl Tap {
     #[inline]
     pub(crate) fn observe(
         &self,
-        question: impl FnOnce() -> Question,
+        asked: Asked<'_>,
         answer: impl FnOnce() -> Answer,
         fail_safe: bool,
     ) {
@@ -166,18 +213,69 @@ impl Tap {
         if !self.records && !shadow {
             return;
         }
-        let Some(observer) = self.observer.get() else {
+        if self.observer.get().is_none() {
             return;
-        };
-        let observation = Observation {
-            question: question(),
-            answer: (!fail_safe).then(answer),
-            record: self.records,
-            shadow,
-        };
-        if observer.queue.try_send(observation).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        self.with_buffer(|pending| {
+            if pending.observations.len() == PENDING {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let (service, context) = match asked {
+                Asked::Lookup(context) => (
+                    context.service,
+                    Context::Lookup(LookupContext {
+                        service: "",
+                        ..context
+                    }),
+                ),
+                Asked::Eviction(context) => (
+                    context.service,
+                    Context::Eviction(EvictionContext {
+                        service: "",
+                        ..context
+                    }),
+                ),
+            };
+            let start = pending.names.len();
+            pending.names.push_str(service);
+            pending.observations.push(Observation {
+                context,
+                name: start..pending.names.len(),
+                answer: (!fail_safe).then(answer),
+                record: self.records,
+                shadow,
+            });
+        });
+    }
+
+    /// Runs `append` on this thread's buffer for this engine, registering one first.
+    fn with_buffer(&self, append: impl FnOnce(&mut Pending)) {
+        BUFFERS.with(|buffers| {
+            let mut buffers = buffers.borrow_mut();
+            let found = buffers
+                .iter()
+                .position(|b| std::ptr::eq(b.owner.as_ptr(), Arc::as_ptr(&self.observers)));
+            let index = found.unwrap_or_else(|| {
+                buffers.retain(|b| b.owner.strong_count() > 0);
+                let pending = Arc::new(Mutex::new(Pending::default()));
+                self.observers
+                    .buffers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(pending.clone());
+                buffers.push(ThreadBuffer {
+                    owner: Arc::downgrade(&self.observers),
+                    pending,
+                });
+                buffers.len() - 1
+            });
+            let mut pending = buffers[index]
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            append(&mut pending);
+        });
     }
 
     fn sampled(&self) -> bool {
@@ -253,7 +351,6 @@ impl Tap {
 
     fn start_observer(&self) {
         self.observer.get_or_init(|| {
-            let (queue, receiver) = sync_channel(QUEUE);
             let observers = self.observers.clone();
             let file = self
                 .file
@@ -262,9 +359,9 @@ impl Tap {
                 .take();
             let thread = std::thread::Builder::new()
                 .name("policy-observer".into())
-                .spawn(move || run_observer(&observers, &receiver, file))
+                .spawn(move || run_observer(&observers, file))
                 .expect("spawn the policy observer thread");
-            Observer { queue, thread }
+            Observer { thread }
         });
     }
 }
@@ -274,63 +371,61 @@ impl Drop for Tap {
     /// so that the file holds every question answered before the engine went.
     fn drop(&mut self) {
         self.observers.closing.store(true, Ordering::Relaxed);
-        if let Some(Observer { queue, thread }) = self.observer.take() {
-            drop(queue);
-            if thread.join().is_err() {
-                tracing::error!("the policy observer thread panicked");
-            }
+        if let Some(Observer { thread }) = self.observer.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the policy observer thread panicked");
         }
     }
 }
 
-/// The observer thread's loop: until the engine drops the queue, records and asks the shadow.
-fn run_observer(
-    observers: &Observers,
-    queue: &Receiver<Observation>,
-    mut file: Option<RotatingFile>,
-) {
+/// The observer thread's loop: takes every thread's buffer in turn, records and asks the
+/// shadow, until the engine is dropped (then once more, asking the shadow nothing).
+fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
     let mut shadow: Option<(Arc<Candidate>, Instance)> = None;
     let mut flushed = Instant::now();
     let mut poll = POLL[0];
+    // Swapped with a thread's buffer, so both keep their capacity: no allocation per round.
+    let mut taken = Pending::default();
     loop {
-        match queue.try_recv() {
-            Ok(observation) => {
-                poll = POLL[0];
-                let Observation {
-                    question,
-                    answer,
-                    record,
-                    shadow: ask_shadow,
-                } = observation;
-                if let (true, Some(answer)) = (ask_shadow, &answer) {
+        let closing = observers.closing.load(Ordering::Relaxed);
+        let mut observed = false;
+        let buffers: Vec<Arc<Mutex<Pending>>> = {
+            let mut buffers = observers
+                .buffers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // A buffer only this list holds is a dead thread's: taken once more below, then gone.
+            let all = buffers.clone();
+            buffers.retain(|b| Arc::strong_count(b) > 2);
+            all
+        };
+        for buffer in buffers {
+            std::mem::swap(
+                &mut taken,
+                &mut *buffer.lock().unwrap_or_else(PoisonError::into_inner),
+            );
+            observed |= !taken.observations.is_empty();
+            for observation in taken.observations.drain(..) {
+                let question = observation.question(&taken.names);
+                if let (true, Some(answer)) = (observation.shadow, &observation.answer) {
                     shadow = ask_candidate(observers, shadow, &question, answer);
                 }
-                if record {
+                if observation.record {
                     record_one(
                         observers,
                         &mut file,
                         Recorded {
                             question,
-                            decided: answer,
+                            decided: observation.answer,
                         },
                     );
                 }
             }
-            Err(TryRecvError::Empty) => {
-                // Keeps no instance of a candidate that was dropped or promoted.
-                if shadow.as_ref().is_some_and(|(kept_for, _)| {
-                    !observers
-                        .candidate
-                        .load()
-                        .as_ref()
-                        .is_some_and(|current| Arc::ptr_eq(current, kept_for))
-                }) {
-                    shadow = None;
-                }
-                std::thread::sleep(poll);
-                poll = (poll * 2).min(POLL[1]);
-            }
-            Err(TryRecvError::Disconnected) => break,
+            taken.clear();
+        }
+        if closing {
+            break;
         }
         if flushed.elapsed() >= FLUSH_EVERY {
             if let Some(file) = &mut file {
@@ -338,6 +433,22 @@ fn run_observer(
             }
             flushed = Instant::now();
         }
+        if observed {
+            poll = POLL[0];
+            continue;
+        }
+        // Keeps no instance of a candidate that was dropped or promoted.
+        if shadow.as_ref().is_some_and(|(kept_for, _)| {
+            !observers
+                .candidate
+                .load()
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, kept_for))
+        }) {
+            shadow = None;
+        }
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(POLL[1]);
     }
     if let Some(file) = &mut file {
         file.flush();
