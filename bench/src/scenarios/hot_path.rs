@@ -5,9 +5,9 @@
 //! comparisons are interleaved round by round.
 //!
 //! Issue 13's arms: the same hit with a shadow candidate loaded and asked every question, and
-//! with recording on, each against the same engine with neither. The lookup only hands its
-//! question to a bounded queue; the observer thread answering it runs on the machine's other
-//! core with one lookup thread, and competes with the lookups for the CPU with two.
+//! with recording on, each against the same engine with neither. The lookup only appends its
+//! question to its thread's bounded buffer; the observer thread answering it runs on the
+//! machine's other core with one lookup thread, and yields to the lookups (nice 19) with two.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -135,9 +135,9 @@ const TWO_SHADOWED: usize = 3;
 /// Questions kept by the recording arm's ring.
 const RING: usize = 10_000;
 
-/// How long an arm with an observer thread is given, after its measurement, to empty its queue
-/// (8192 observations at ~1.5 µs each for the shadow), so that this work does not land in the
-/// next arm's time.
+/// How long an arm with an observer thread is given, after its measurement, to empty its
+/// buffers (8192 observations a thread at ~1 µs each for the shadow), so that this work does
+/// not land in the next arm's time.
 const OBSERVER_CATCH_UP: Duration = Duration::from_millis(30);
 
 /// An engine with the default policy active and `options`.
@@ -294,14 +294,14 @@ pub fn run(effort: Effort, quick: bool) -> anyhow::Result<Section> {
     })
 }
 
-/// What share of its questions the shadow answered: a full queue drops a question rather than
+/// What share of its questions the shadow answered: a full buffer drops a question rather than
 /// making the lookup wait, so the lookup's cost holds only if the shadow's answers are counted.
 fn shadow_note(single_thread: &ShadowReport, whole: &ShadowReport) -> String {
     let share =
         |answered: u64, dropped: u64| 100.0 * answered as f64 / (answered + dropped).max(1) as f64;
     format!(
         "Single-thread arms: the strict shadow answered {} questions, {} were dropped (observer \
-         behind, queue full): {:.1} % answered. Whole scenario: {} answered, {} dropped, {:.1} % \
+         behind, buffers full): {:.1} % answered. Whole scenario: {} answered, {} dropped, {:.1} % \
          answered; {} disagreements, {} failures; its mean CPU per call {:.0} ns.",
         single_thread.answered,
         single_thread.dropped,
