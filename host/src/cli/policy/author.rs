@@ -330,10 +330,12 @@ fn build_js(dir: &Path, wit: &Path, out: &Path) -> anyhow::Result<()> {
             )
         },
     )?;
-    // Run through node: a missing node is named as such, not as a missing script.
+    // Run through node, so that a missing node is named as such. The package's `bin` script is
+    // an ES module without the `.mjs` extension, which Node 18 (Debian's) refuses to load as
+    // one; the module it imports has the extension.
     run(
         Command::new("node")
-            .arg(dir.join("node_modules/.bin/componentize-qjs"))
+            .arg(dir.join("node_modules/componentize-qjs/cli.mjs"))
             // Without it the component needs wasmtime's component-model async, which the host
             // does not enable.
             .arg("--sync")
