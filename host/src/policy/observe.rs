@@ -119,7 +119,7 @@ struct Observers {
     /// Every thread's buffer; a dead thread's is taken one last time and forgotten.
     buffers: Mutex<Vec<Arc<Mutex<Pending>>>>,
     limits: Limits,
-    /// The engine is gone: what is left in the queue is recorded, not asked of the shadow.
+    /// The engine is gone: what is left in the buffers is recorded, not asked of the shadow.
     closing: AtomicBool,
     /// Keeps the epoch advancing while the observer may call the shadow, which can outlive the
     /// engine by a call: a looping shadow is still stopped.

@@ -325,7 +325,7 @@ pub struct ShadowReport {
     /// Sampled questions not asked because the candidate was resting: after five failures in a
     /// row it is not asked for a second.
     pub skipped: u64,
-    /// Questions the observer dropped since the candidate was loaded, its queue full: neither
+    /// Questions the observer dropped since the candidate was loaded, its buffers full: neither
     /// recorded nor asked of the candidate.
     pub dropped: u64,
 }
