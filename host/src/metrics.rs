@@ -240,7 +240,7 @@ impl Collector for Sources {
             &mut e,
             "regcache_policy_observer_dropped",
             "Questions neither recorded nor asked of the shadow because the observer thread \
-             was behind (its queue full).",
+             was behind (its buffers full).",
             p.observer_dropped,
         )?;
         gauge(
