@@ -259,6 +259,19 @@ impl RunAs {
     }
 }
 
+impl Host {
+    /// Registers each of `names` with one node (`<name>-1` at `10.0.0.<i>:80`) over the API.
+    pub fn register_each(&self, names: &[&str]) {
+        for (i, name) in names.iter().enumerate() {
+            let body = service_json(name, "1", &format!("{name}-1"), &format!("10.0.0.{i}:80"));
+            let created = self
+                .request("POST", "/v1/registrations", &[], body.as_bytes())
+                .unwrap();
+            assert_eq!(created.status, 201, "{}", created.text());
+        }
+    }
+}
+
 /// A go-micro service JSON with one node, as clients register it.
 pub fn service_json(name: &str, version: &str, node_id: &str, address: &str) -> String {
     serde_json::json!({

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use regcache_tests::host::{Host, service_json};
+use regcache_tests::host::Host;
 use regcache_tests::policies::policy_wasm;
 use serde_json::Value;
 
@@ -23,13 +23,7 @@ fn policy(host: &Host) -> Value {
 fn a_policy_that_starts_trapping_is_rolled_back_and_no_lookup_fails_meanwhile() {
     let host = Host::start(&["--admin-token", TOKEN, "--policy-rollback-failures", "8"]).unwrap();
     let services = ["greeter", "billing", "search"];
-    for (i, name) in services.iter().enumerate() {
-        let body = service_json(name, "1", &format!("{name}-1"), &format!("10.0.0.{i}:80"));
-        let created = host
-            .request("POST", "/v1/registrations", &[], body.as_bytes())
-            .unwrap();
-        assert_eq!(created.status, 201, "{}", created.text());
-    }
+    host.register_each(&services);
     let before = policy(&host);
     assert!(before["rollback"].is_null(), "{before}");
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use regcache_tests::host::{Host, service_json};
+use regcache_tests::host::Host;
 use regcache_tests::policies::{assert_replays_to_what_was_decided, policy_path, policy_wasm};
 use regcache_tests::wait::eventually_blocking;
 use serde_json::Value;
@@ -22,13 +22,7 @@ fn start(args: &[&str]) -> Host {
     let mut all = vec!["--admin-token", TOKEN];
     all.extend_from_slice(args);
     let host = Host::start(&all).unwrap();
-    for (i, name) in SERVICES.iter().enumerate() {
-        let body = service_json(name, "1", &format!("{name}-1"), &format!("10.0.0.{i}:80"));
-        let created = host
-            .request("POST", "/v1/registrations", &[], body.as_bytes())
-            .unwrap();
-        assert_eq!(created.status, 201, "{}", created.text());
-    }
+    host.register_each(&SERVICES);
     host
 }
 

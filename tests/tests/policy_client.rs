@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use regcache_tests::binary::run_regcache;
-use regcache_tests::host::{Host, service_json};
+use regcache_tests::host::Host;
 use regcache_tests::policies::{assert_replays_to_what_was_decided, policy_path};
 use regcache_tests::wait::eventually_blocking;
 use serde_json::Value;
@@ -68,12 +68,8 @@ fn start(args: &[&str]) -> Host {
 
 /// Registers and looks up [`SERVICES`].
 fn warm(host: &Host) {
-    for (i, name) in SERVICES.iter().enumerate() {
-        let body = service_json(name, "1", &format!("{name}-1"), &format!("10.0.0.{i}:80"));
-        let created = host
-            .request("POST", "/v1/registrations", &[], body.as_bytes())
-            .unwrap();
-        assert_eq!(created.status, 201, "{}", created.text());
+    host.register_each(&SERVICES);
+    for name in SERVICES {
         assert_eq!(host.lookup(name).status, 200, "warming the cache");
     }
 }
