@@ -601,6 +601,26 @@ struct Validated {
     settings: Settings,
 }
 
+impl Validated {
+    /// An instance that answers as a serving one does (`Deadlines::Serving`), configured with
+    /// `config`: what a shadow and a replay before a swap ask.
+    fn serving_instance(
+        &self,
+        config: &[(String, String)],
+        limits: &Limits,
+    ) -> Result<Instance, CallFailure> {
+        let digest = Arc::from(&self.digest[..12]);
+        Instance::new(
+            &self.pre,
+            config,
+            limits,
+            digest,
+            instance::Deadlines::Serving,
+        )
+        .map(|(instance, _)| instance)
+    }
+}
+
 impl PolicyEngine {
     /// Builds an engine whose first active policy (generation 1) is `initial`.
     pub fn new(options: EngineOptions, initial: PolicySpec) -> Result<Self, PolicyError> {
@@ -758,9 +778,8 @@ impl PolicyEngine {
         if recording.is_empty() {
             return Err(PolicyError::NothingRecorded);
         }
-        let candidate = shadow::Candidate::new(validated.clone(), spec.clone(), 0);
-        let mut instance = candidate
-            .instantiate(&self.shared.limits)
+        let mut instance = validated
+            .serving_instance(&spec.config, &self.shared.limits)
             .map_err(PolicyError::Configure)?;
         let started = Instant::now();
         for (index, recorded) in recording.iter().enumerate() {

@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use super::instance::{CallFailure, Deadlines, Instance};
+use super::instance::{CallFailure, Instance};
 use super::sandbox::{self, Limits};
 use super::{Breaker, PolicySpec, Validated};
 use crate::decision::{Answer, Question, Settings};
@@ -76,15 +76,7 @@ impl Candidate {
 
     /// A serving instance of the candidate, for the observer thread.
     pub(super) fn instantiate(&self, limits: &Limits) -> Result<Instance, CallFailure> {
-        let digest = Arc::from(&self.validated.digest[..12]);
-        Instance::new(
-            &self.validated.pre,
-            &self.spec.config,
-            limits,
-            digest,
-            Deadlines::Serving,
-        )
-        .map(|(instance, _)| instance)
+        self.validated.serving_instance(&self.spec.config, limits)
     }
 
     /// Asks `instance` (of this candidate) `question` and tallies its answer against the
