@@ -550,7 +550,7 @@ async fn leases_behave_as_etcds(auth: bool) {
     // In etcd: the key, under the host's lease; the client's lease is not there at all.
     let stored = fx.in_etcd(&key("leased", ""));
     assert_eq!(stored.len(), 1, "the leased key is in etcd: {stored:?}");
-    let host_lease = format!("{:x}", stored[0].lease);
+    let host_lease = regcache::registry::lease_hex(stored[0].lease);
     assert!(stored[0].lease != 0, "the key is on a lease: {stored:?}");
     assert_ne!(host_lease, id, "on the host's lease, not the client's");
     let etcd_leases = fx.leases_in_etcd();

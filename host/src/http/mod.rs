@@ -55,7 +55,7 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::host::Parts;
-use crate::registry::{ErrorKind, RegistryError};
+use crate::registry::{ErrorKind, RegistryError, lease_hex};
 
 /// Largest request body, policies excepted: a registration is a few KiB.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -238,7 +238,7 @@ impl From<RegistryError> for ApiError {
                 // Both spellings: etcdctl shows leases in hex, etcd's JSON in decimal.
                 return error.with_details(serde_json::json!({
                     "owner_lease": owner_lease,
-                    "owner_lease_hex": format!("{owner_lease:x}"),
+                    "owner_lease_hex": lease_hex(owner_lease),
                 }));
             }
         };
@@ -304,7 +304,7 @@ mod tests {
         assert_eq!((e.status, e.body.error), (StatusCode::CONFLICT, "conflict"));
         assert_eq!(
             e.body.details,
-            Some(serde_json::json!({"owner_lease": 255, "owner_lease_hex": "ff"}))
+            Some(serde_json::json!({"owner_lease": 255, "owner_lease_hex": "00000000000000ff"}))
         );
         assert!(e.body.message.contains("svc/n1"), "{}", e.body.message);
     }

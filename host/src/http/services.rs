@@ -197,7 +197,7 @@ pub(super) async fn registrations(State(state): State<AppState>) -> Json<Registr
         .conflicts()
         .into_iter()
         .map(|c| ConflictBody {
-            owner_lease_hex: format!("{:x}", c.owner_lease),
+            owner_lease_hex: registry::lease_hex(c.owner_lease),
             service: c.service,
             node: c.node_id,
             owner_lease: c.owner_lease,

@@ -11,9 +11,19 @@
 //! must answer the same too. A case answered otherwise is named in the refusal.
 //!
 //! Replaying is also how the battery measures what a decision costs: the calling thread's CPU
-//! time of each call, whose p99 per export must stay within [`Limits::latency_budget`](super::Limits::latency_budget). CPU time,
-//! not wall time: validation runs on busy 2-core machines beside tests and lookups, and a
-//! thread descheduled mid-call has spent nothing. Validation's deadline still stops a loop.
+//! time of each call, whose p99 per export must stay within
+//! [`Limits::latency_budget`](super::Limits::latency_budget). CPU time, not wall time:
+//! validation runs on busy 2-core machines beside tests and lookups, and a thread descheduled
+//! mid-call has spent nothing. Validation's deadline still stops a loop.
+//!
+//! CPU time still carries the machine's noise: an interrupt served on the thread, a virtual CPU
+//! the hypervisor took away, pages faulted in. On an idle 2-core VM one call in a few hundred
+//! of a 275 ns policy measured 100 to 150 µs, and under load a 7 µs JavaScript policy had ten
+//! calls in 800 over the 200 µs budget. Noise does not follow a question; a slow decision
+//! does. So a call over the budget is asked again at once, up to [`RETRIES`] times, and counts
+//! its least cost: a verdict that repeats, whatever else runs on the machine. What a policy
+//! does only now and then (a collector's pause) is therefore bounded by the serving deadline
+//! rather than by the budget.
 
 use std::time::Duration;
 
@@ -288,7 +298,7 @@ pub(crate) fn run(
         let order = Order::of_round(round);
         for i in order.indices(cases.len()) {
             let (name, case) = &cases[i];
-            let answer = meter.measure(case, first, |first| ask(first, name, case))??;
+            let answer = meter.measure(name, case, first)?;
             calls += 1;
             if round == 0 {
                 if let Answer::Lookup(LookupDecision::RefreshAndWait { max_wait_ms: 0, .. }) =
@@ -368,28 +378,40 @@ impl Meter {
         }
     }
 
-    /// Calls `call`, which asks `instance` about `case`, measuring its CPU time (but the
-    /// host's writing of the policy's output to its log); an error if that settles the refusal
-    /// already.
-    fn measure<T>(
+    /// Asks `instance` about `case`, measuring the call's CPU time (but the host's writing of
+    /// the policy's output to its log), again while it is over the budget (see the module's
+    /// documentation); an error if that settles the refusal already, or if the policy answered
+    /// the same question differently at once.
+    fn measure(
         &mut self,
+        name: &str,
         case: &Case,
         instance: &mut Instance,
-        call: impl FnOnce(&mut Instance) -> T,
-    ) -> Result<T, PolicyError> {
+    ) -> Result<Answer, PolicyError> {
         let export = match case {
             Case::Lookup(_) => Export::DecideLookup,
             Case::Eviction(_) => Export::GuardEviction,
         };
-        let logged = instance.logging_cost();
-        let started = sandbox::thread_cpu_time();
-        let answer = call(instance);
-        let cost = sandbox::thread_cpu_time()
-            .saturating_sub(started)
-            .saturating_sub(instance.logging_cost().saturating_sub(logged));
+        let budget = self.budget;
+        let (cost, answer) = least_cost(budget, || {
+            let logged = instance.logging_cost();
+            let started = sandbox::thread_cpu_time();
+            let answer = ask(instance, name, case);
+            let cost = sandbox::thread_cpu_time()
+                .saturating_sub(started)
+                .saturating_sub(instance.logging_cost().saturating_sub(logged));
+            (cost, answer)
+        });
+        let answer = answer.map_err(|repeated| match repeated {
+            Repeated::Failed(failure) => PolicyError::from(failure),
+            Repeated::Changed { first, then } => PolicyError::Impure(format!(
+                "conformance case `{name}` was answered {first:?} and, asked again at once, \
+                 {then:?}"
+            )),
+        })?;
         let e = export as usize;
         self.costs[e].push(cost);
-        if cost > self.budget {
+        if cost > budget {
             self.over[e] += 1;
             if self.over[e] > self.allowed_over[e] {
                 return Err(self.too_slow(export));
@@ -426,7 +448,126 @@ impl Meter {
     }
 }
 
+/// How many times a call over the budget is asked again.
+const RETRIES: usize = 2;
+
+/// Why a call and its repetitions have no one answer.
+#[derive(Debug)]
+enum Repeated {
+    Failed(ConformanceFailure),
+    Changed { first: Answer, then: Answer },
+}
+
+/// Makes `attempt` (a call: its cost and answer) until one costs no more than `budget` or
+/// [`RETRIES`] repetitions are spent, and gives the least cost and the answer, which every
+/// attempt must have given alike.
+fn least_cost(
+    budget: Duration,
+    mut attempt: impl FnMut() -> (Duration, Result<Answer, ConformanceFailure>),
+) -> (Duration, Result<Answer, Repeated>) {
+    let (mut least, first) = attempt();
+    let first = match first {
+        Ok(answer) => answer,
+        Err(failure) => return (least, Err(Repeated::Failed(failure))),
+    };
+    for _ in 0..RETRIES {
+        if least <= budget {
+            break;
+        }
+        let (cost, then) = attempt();
+        least = least.min(cost);
+        match then {
+            Ok(then) if then == first => {}
+            Ok(then) => return (least, Err(Repeated::Changed { first, then })),
+            Err(failure) => return (least, Err(Repeated::Failed(failure))),
+        }
+    }
+    (least, Ok(first))
+}
+
 /// The 1-based rank of the p99 among `n` sorted values (nearest rank).
 fn p99_rank(n: usize) -> usize {
     (n * 99).div_ceil(100).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Duration = Duration::from_micros(200);
+
+    /// Runs [`least_cost`] over scripted attempts; gives its result and the attempts made.
+    fn scripted(
+        attempts: &[(u64, Result<Answer, &str>)],
+    ) -> ((Duration, Result<Answer, Repeated>), usize) {
+        let mut made = 0;
+        let result = least_cost(BUDGET, || {
+            let (micros, answer) = &attempts[made];
+            made += 1;
+            let answer = match answer {
+                Ok(Answer::Lookup(d)) => Ok(Answer::Lookup(d.clone())),
+                Ok(Answer::Eviction(d)) => Ok(Answer::Eviction(d.clone())),
+                Err(failure) => Err(ConformanceFailure {
+                    case: "scripted".into(),
+                    failure: failure.to_string(),
+                }),
+            };
+            (Duration::from_micros(*micros), answer)
+        });
+        (result, made)
+    }
+
+    fn cached() -> Result<Answer, &'static str> {
+        Ok(Answer::Lookup(LookupDecision::ServeCached))
+    }
+
+    #[test]
+    fn a_call_within_the_budget_is_asked_once() {
+        let ((cost, answer), made) = scripted(&[(150, cached())]);
+        assert_eq!((cost, made), (Duration::from_micros(150), 1));
+        assert_eq!(answer.unwrap(), cached().unwrap());
+    }
+
+    #[test]
+    fn noise_on_one_call_is_forgiven_by_asking_again() {
+        let ((cost, answer), made) = scripted(&[(900, cached()), (7, cached())]);
+        assert_eq!((cost, made), (Duration::from_micros(7), 2));
+        assert!(answer.is_ok());
+    }
+
+    #[test]
+    fn a_slow_decision_stays_slow_after_its_retries_and_costs_its_least() {
+        let ((cost, answer), made) = scripted(&[
+            (900, cached()),
+            (400, cached()),
+            (700, cached()),
+            (1, cached()),
+        ]);
+        assert_eq!((cost, made), (Duration::from_micros(400), 1 + RETRIES));
+        assert!(answer.is_ok());
+    }
+
+    #[test]
+    fn a_different_answer_or_a_failure_when_asked_again_is_named() {
+        let stale = Ok(Answer::Lookup(LookupDecision::ServeStale { refresh: true }));
+        let ((_, answer), _) = scripted(&[(900, cached()), (5, stale)]);
+        assert!(
+            matches!(
+                answer,
+                Err(Repeated::Changed {
+                    first: Answer::Lookup(LookupDecision::ServeCached),
+                    then: Answer::Lookup(LookupDecision::ServeStale { refresh: true })
+                })
+            ),
+            "{answer:?}"
+        );
+        let ((_, answer), _) = scripted(&[(900, cached()), (5, Err("trap"))]);
+        assert!(
+            matches!(&answer, Err(Repeated::Failed(f)) if f.failure == "trap"),
+            "{answer:?}"
+        );
+        let ((_, answer), made) = scripted(&[(900, Err("trap")), (5, cached())]);
+        assert!(matches!(answer, Err(Repeated::Failed(_))), "{answer:?}");
+        assert_eq!(made, 1, "a failure is not asked again");
+    }
 }

@@ -79,6 +79,12 @@ pub struct RegistryError {
     pub owner_lease: Option<i64>,
 }
 
+/// A lease id as etcdctl prints it (`lease list`, `lease grant`): 16 hex digits, so that it
+/// can be found in etcdctl's output whatever its leading digit.
+pub fn lease_hex(lease: i64) -> String {
+    format!("{lease:016x}")
+}
+
 impl RegistryError {
     /// Refuses to register `service`/`node_id` for `op`: `owner_lease` holds it (0: it is on
     /// no lease, with a value this host did not write).
@@ -87,7 +93,8 @@ impl RegistryError {
             "written by someone else without a lease".to_string()
         } else {
             format!(
-                "registered under another host's lease {owner_lease:x} (hex; {owner_lease} decimal)"
+                "registered under another host's lease {} (hex; {owner_lease} decimal)",
+                lease_hex(owner_lease)
             )
         };
         RegistryError {
