@@ -506,7 +506,7 @@ mod tests {
             made += 1;
             let answer = match answer {
                 Ok(Answer::Lookup(d)) => Ok(Answer::Lookup(d.clone())),
-                Ok(Answer::Eviction(d)) => Ok(Answer::Eviction(d.clone())),
+                Ok(Answer::Eviction(d)) => Ok(Answer::Eviction(*d)),
                 Err(failure) => Err(ConformanceFailure {
                     case: "scripted".into(),
                     failure: failure.to_string(),

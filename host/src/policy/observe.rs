@@ -87,6 +87,11 @@ impl Observation {
 struct Pending {
     observations: Vec<Observation>,
     names: String,
+    /// Observations this thread dropped on a full buffer, not yet added to
+    /// `Observers::dropped`: counted here, under the lock the thread holds anyway, because a
+    /// counter shared by the lookup threads would bounce between their cores on every lookup
+    /// exactly when they keep every core busy.
+    dropped: u64,
 }
 
 impl Pending {
@@ -116,6 +121,8 @@ struct Observers {
     failed: AtomicU64,
     ring: Mutex<VecDeque<Recorded>>,
     ring_capacity: usize,
+    /// Observations dropped, those still counted in the buffers aside.
+    dropped: AtomicU64,
     /// Every thread's buffer; a dead thread's is taken one last time and forgotten.
     buffers: Mutex<Vec<Arc<Mutex<Pending>>>>,
     limits: Limits,
@@ -151,7 +158,6 @@ pub(crate) struct Tap {
     shadow_one_in: u32,
     file: Mutex<Option<RotatingFile>>,
     observer: OnceLock<Observer>,
-    dropped: AtomicU64,
 }
 
 thread_local! {
@@ -178,6 +184,7 @@ impl Tap {
             failed: AtomicU64::new(0),
             ring: Mutex::new(VecDeque::with_capacity(record.ring.min(PENDING))),
             ring_capacity: record.ring,
+            dropped: AtomicU64::new(0),
             buffers: Mutex::new(Vec::new()),
             limits,
             closing: AtomicBool::new(false),
@@ -191,7 +198,6 @@ impl Tap {
             shadow_one_in: shadow_one_in.max(1),
             file: Mutex::new(file),
             observer: OnceLock::new(),
-            dropped: AtomicU64::new(0),
         };
         if records {
             tap.start_observer();
@@ -218,7 +224,7 @@ impl Tap {
         }
         self.with_buffer(|pending| {
             if pending.observations.len() == PENDING {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                pending.dropped += 1;
                 return;
             }
             let (service, context) = match asked {
@@ -330,7 +336,13 @@ impl Tap {
 
     /// Observations dropped because the observer was behind.
     pub(crate) fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        let o = &self.observers;
+        let buffers = o.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        let in_buffers: u64 = buffers
+            .iter()
+            .map(|b| b.lock().unwrap_or_else(PoisonError::into_inner).dropped)
+            .sum();
+        o.dropped.load(Ordering::Relaxed) + in_buffers
     }
 
     /// Questions asked of every shadow so far: agreed, disagreed, failed.
@@ -406,10 +418,12 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
             all
         };
         for buffer in buffers {
-            std::mem::swap(
-                &mut taken,
-                &mut *buffer.lock().unwrap_or_else(PoisonError::into_inner),
-            );
+            {
+                let mut pending = buffer.lock().unwrap_or_else(PoisonError::into_inner);
+                std::mem::swap(&mut taken, &mut pending);
+                let dropped = std::mem::take(&mut taken.dropped);
+                observers.dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
             observed |= !taken.observations.is_empty();
             for observation in taken.observations.drain(..) {
                 let question = observation.question(&taken.names);
