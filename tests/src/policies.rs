@@ -19,7 +19,7 @@ fn built_dir() -> &'static PathBuf {
         let root = repo_root();
         let target_dir = root.join("target").join("policy");
         // Several test processes may build at once; cargo's own lock serialises them.
-        let status = Command::new(env!("CARGO"))
+        let status = crate::binary::cargo()
             .args([
                 "build",
                 "--release",

@@ -140,6 +140,29 @@ fn a_slow_policy_is_refused_at_check_and_swap_naming_its_p99_and_the_budget() {
 }
 
 #[test]
+fn a_policy_slow_only_on_the_first_asking_of_a_question_is_refused() {
+    // Validation asks a call over the budget again at once, forgiving the machine's noise; a
+    // policy that remembers the last question and is quick only when it comes again must not
+    // pass for quick: on a host, questions never come twice in a row.
+    let (check, _) = regcache(&[
+        "policy",
+        "check",
+        &chaos(),
+        "--policy-config",
+        "fault=slow-first",
+        "--policy-config",
+        "spin-iterations=5000000",
+    ]);
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    let refusal = stderr(&check);
+    assert!(
+        refusal.contains("decide-lookup p99 ")
+            && refusal.contains("exceeds the latency budget of 200µs"),
+        "{refusal}"
+    );
+}
+
+#[test]
 fn the_default_and_every_example_policy_pass_the_battery() {
     for name in ["default", "strict", "always-stale", "go-micro", "chaos"] {
         let path = policy_path(name);

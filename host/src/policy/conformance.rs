@@ -21,9 +21,10 @@
 //! of a 275 ns policy measured 100 to 150 µs, and under load a 7 µs JavaScript policy had ten
 //! calls in 800 over the 200 µs budget. Noise does not follow a question; a slow decision
 //! does. So a call over the budget is asked again at once, up to [`RETRIES`] times, and counts
-//! its least cost: a verdict that repeats, whatever else runs on the machine. What a policy
-//! does only now and then (a collector's pause) is therefore bounded by the serving deadline
-//! rather than by the budget.
+//! its least cost: a verdict that repeats, whatever else runs on the machine. Asking again is
+//! allowed for [`RETRIED_PERCENT`] of an export's calls only, noise's share with room to spare:
+//! a policy slow on the first asking and quick on the second (it remembers the last question,
+//! or counts its calls) is measured at its first asking past that, and refused.
 
 use std::time::Duration;
 
@@ -273,6 +274,19 @@ impl Order {
     }
 }
 
+/// Every case, the lookups first.
+fn battery() -> Vec<(String, Case)> {
+    lookups()
+        .into_iter()
+        .map(|(name, ctx)| (name, Case::Lookup(ctx)))
+        .chain(
+            evictions()
+                .into_iter()
+                .map(|(name, ctx)| (name, Case::Eviction(ctx))),
+        )
+        .collect()
+}
+
 /// Runs the battery: `first` answers every case, then replays them [`ROUNDS`] times in changing
 /// orders, each call measured and each answer compared with its first; `second`, a fresh
 /// instance of the same policy and configuration, must answer them the same. Refuses a failed
@@ -282,15 +296,7 @@ pub(crate) fn run(
     second: &mut Instance,
     budget: Duration,
 ) -> Result<(), PolicyError> {
-    let cases: Vec<(String, Case)> = lookups()
-        .into_iter()
-        .map(|(name, ctx)| (name, Case::Lookup(ctx)))
-        .chain(
-            evictions()
-                .into_iter()
-                .map(|(name, ctx)| (name, Case::Eviction(ctx))),
-        )
-        .collect();
+    let cases = battery();
     let mut meter = Meter::new(&cases, budget);
     let mut calls = 0usize;
     let mut reference: Vec<Answer> = Vec::with_capacity(cases.len());
@@ -361,6 +367,8 @@ struct Meter {
     costs: [Vec<Duration>; 2],
     allowed_over: [usize; 2],
     over: [usize; 2],
+    /// Per export: how many more calls over the budget may be asked again.
+    retries_left: [usize; 2],
 }
 
 impl Meter {
@@ -375,6 +383,7 @@ impl Meter {
             costs: planned.map(Vec::with_capacity),
             allowed_over: planned.map(|n| n - p99_rank(n)),
             over: [0; 2],
+            retries_left: planned.map(|n| n * RETRIED_PERCENT / 100),
         }
     }
 
@@ -392,8 +401,9 @@ impl Meter {
             Case::Lookup(_) => Export::DecideLookup,
             Case::Eviction(_) => Export::GuardEviction,
         };
-        let budget = self.budget;
-        let (cost, answer) = least_cost(budget, || {
+        let e = export as usize;
+        let retries = if self.retries_left[e] > 0 { RETRIES } else { 0 };
+        let (cost, attempts, answer) = least_cost(self.budget, retries, || {
             let logged = instance.logging_cost();
             let started = sandbox::thread_cpu_time();
             let answer = ask(instance, name, case);
@@ -409,15 +419,30 @@ impl Meter {
                  {then:?}"
             )),
         })?;
+        self.count(export, cost, attempts)?;
+        Ok(answer)
+    }
+
+    /// Counts a call that cost `cost` at its least over `attempts`; an error if that settles the
+    /// refusal already.
+    fn count(
+        &mut self,
+        export: Export,
+        cost: Duration,
+        attempts: usize,
+    ) -> Result<(), PolicyError> {
         let e = export as usize;
+        if attempts > 1 {
+            self.retries_left[e] = self.retries_left[e].saturating_sub(1);
+        }
         self.costs[e].push(cost);
-        if cost > budget {
+        if cost > self.budget {
             self.over[e] += 1;
             if self.over[e] > self.allowed_over[e] {
                 return Err(self.too_slow(export));
             }
         }
-        Ok(answer)
+        Ok(())
     }
 
     /// Refuses an export whose p99 exceeds the budget.
@@ -451,6 +476,9 @@ impl Meter {
 /// How many times a call over the budget is asked again.
 const RETRIES: usize = 2;
 
+/// The share of an export's calls that may be asked again, in percent.
+const RETRIED_PERCENT: usize = 2;
+
 /// Why a call and its repetitions have no one answer.
 #[derive(Debug)]
 enum Repeated {
@@ -459,30 +487,30 @@ enum Repeated {
 }
 
 /// Makes `attempt` (a call: its cost and answer) until one costs no more than `budget` or
-/// [`RETRIES`] repetitions are spent, and gives the least cost and the answer, which every
-/// attempt must have given alike.
+/// `retries` repetitions are spent, and gives the least cost, the attempts made and the
+/// answer, which every attempt must have given alike.
 fn least_cost(
     budget: Duration,
+    retries: usize,
     mut attempt: impl FnMut() -> (Duration, Result<Answer, ConformanceFailure>),
-) -> (Duration, Result<Answer, Repeated>) {
+) -> (Duration, usize, Result<Answer, Repeated>) {
     let (mut least, first) = attempt();
+    let mut attempts = 1;
     let first = match first {
         Ok(answer) => answer,
-        Err(failure) => return (least, Err(Repeated::Failed(failure))),
+        Err(failure) => return (least, attempts, Err(Repeated::Failed(failure))),
     };
-    for _ in 0..RETRIES {
-        if least <= budget {
-            break;
-        }
+    while least > budget && attempts <= retries {
         let (cost, then) = attempt();
+        attempts += 1;
         least = least.min(cost);
         match then {
             Ok(then) if then == first => {}
-            Ok(then) => return (least, Err(Repeated::Changed { first, then })),
-            Err(failure) => return (least, Err(Repeated::Failed(failure))),
+            Ok(then) => return (least, attempts, Err(Repeated::Changed { first, then })),
+            Err(failure) => return (least, attempts, Err(Repeated::Failed(failure))),
         }
     }
-    (least, Ok(first))
+    (least, attempts, Ok(first))
 }
 
 /// The 1-based rank of the p99 among `n` sorted values (nearest rank).
@@ -496,12 +524,13 @@ mod tests {
 
     const BUDGET: Duration = Duration::from_micros(200);
 
-    /// Runs [`least_cost`] over scripted attempts; gives its result and the attempts made.
+    /// Runs [`least_cost`] with [`RETRIES`] over scripted attempts; gives the least cost and
+    /// the answer, and the attempts made.
     fn scripted(
         attempts: &[(u64, Result<Answer, &str>)],
     ) -> ((Duration, Result<Answer, Repeated>), usize) {
         let mut made = 0;
-        let result = least_cost(BUDGET, || {
+        let (least, counted, answer) = least_cost(BUDGET, RETRIES, || {
             let (micros, answer) = &attempts[made];
             made += 1;
             let answer = match answer {
@@ -514,7 +543,8 @@ mod tests {
             };
             (Duration::from_micros(*micros), answer)
         });
-        (result, made)
+        assert_eq!(counted, made, "least_cost counts the attempts it made");
+        ((least, answer), made)
     }
 
     fn cached() -> Result<Answer, &'static str> {
@@ -569,5 +599,45 @@ mod tests {
         let ((_, answer), made) = scripted(&[(900, Err("trap")), (5, cached())]);
         assert!(matches!(answer, Err(Repeated::Failed(_))), "{answer:?}");
         assert_eq!(made, 1, "a failure is not asked again");
+    }
+
+    /// A policy slow on the first asking of each question and quick when asked again at once:
+    /// forgiven for the allowance, then measured at its first asking and refused before the
+    /// battery ends.
+    #[test]
+    fn asking_again_is_allowed_for_a_share_of_the_calls_only() {
+        let cases = battery();
+        let planned = lookups().len() * ROUNDS;
+        let mut meter = Meter::new(&cases, BUDGET);
+        let mut calls = 0;
+        let refusal = loop {
+            assert!(calls < planned, "the whole battery passed");
+            let retries = meter.retries_left[0].min(1) * RETRIES;
+            let mut asked = 0;
+            let (cost, attempts, _) = least_cost(BUDGET, retries, || {
+                asked += 1;
+                let micros = if asked == 1 { 900 } else { 5 };
+                (
+                    Duration::from_micros(micros),
+                    cached().map_err(|_| unreachable!()),
+                )
+            });
+            calls += 1;
+            if let Err(refusal) = meter.count(Export::DecideLookup, cost, attempts) {
+                break refusal;
+            }
+        };
+        let forgiven = planned * RETRIED_PERCENT / 100;
+        assert_eq!(calls, forgiven + planned - p99_rank(planned) + 1);
+        assert!(
+            matches!(
+                refusal,
+                PolicyError::TooSlow {
+                    export: "decide-lookup",
+                    ..
+                }
+            ),
+            "{refusal}"
+        );
     }
 }

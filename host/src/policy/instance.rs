@@ -52,6 +52,13 @@ impl CallFailure {
 }
 
 /// Which deadline an instance's decisions run under.
+///
+/// Every deadline (these, and instantiation's and `configure`'s) is counted in epoch ticks,
+/// wall-clock time, and a busy 2-core host deschedules a thread mid-call for milliseconds many
+/// times a second, for more than 100 ms now and then: a call that reaches its deadline is given
+/// as long again, and stopped only if its thread spent at least half a tick of CPU meanwhile
+/// (see [`overrun`]). A loop is stopped after twice its deadline; a descheduled call finishes.
+/// Nothing of this runs on a call that ends within its deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Deadlines {
     /// Validation's (the conformance battery, in `policy check`, `eval`, start-up and swaps
@@ -63,17 +70,12 @@ pub(crate) enum Deadlines {
     /// ticks, at least two (so 1-2 ms for the default 200 µs). A policy that turns slow after
     /// validation then costs a fail-safe answer and a counted deadline failure per decision,
     /// not a runtime worker stalled for 100 ms (health, metrics and the admin API share them).
-    ///
-    /// The epoch is wall-clock time, and a busy 2-core host deschedules a worker mid-decision
-    /// for milliseconds many times a second: a decision that reaches the deadline is given
-    /// the same number of ticks again, and stopped only if its thread spent at least half a
-    /// tick of CPU meanwhile (see [`overrun`]). A slow policy is stopped after 2-4 ms of its
-    /// own work; a descheduled decision finishes, and no good policy is rolled back for the
-    /// host's load. Nothing of this runs on a decision that ends within its deadline.
+    /// A slow policy is stopped after 2-4 ms of its own work, and no good policy is rolled back
+    /// for the host's load.
     Serving,
 }
 
-/// What a serving decision that reached its deadline gets: `Some(ticks)` more, or stopped.
+/// What a call that reached its deadline gets: `Some(ticks)` more, or stopped.
 /// `overrun_at` is the thread's CPU time when the call last reached it (none the first time),
 /// `now` the thread's CPU time.
 fn overrun(overrun_at: Option<Duration>, now: Duration, ticks: u64) -> Option<u64> {
@@ -107,8 +109,17 @@ impl Instance {
         let engine = component_pre.engine();
         let mut store = Store::new(engine, InstanceState::new(limits, digest));
         store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(sandbox::ticks(limits.configure_deadline));
+        store.epoch_deadline_callback(|mut store| {
+            let state = store.data_mut();
+            let now = sandbox::thread_cpu_time();
+            match overrun(state.overrun_at.replace(now), now, state.deadline_ticks) {
+                Some(ticks) => Ok(UpdateDeadline::Continue(ticks)),
+                None => Ok(UpdateDeadline::Interrupt),
+            }
+        });
         let deadline = limits.configure_deadline;
+        store.data_mut().deadline_ticks = sandbox::ticks(deadline);
+        store.set_epoch_deadline(sandbox::ticks(deadline));
         let policy = contain(|| component_pre.instantiate(&mut store)).map_err(|e| {
             match CallFailure::from_error(e, deadline) {
                 CallFailure::Trap(msg) => CallFailure::Instantiate(msg),
@@ -122,16 +133,7 @@ impl Instance {
             Deadlines::Validation => limits.decision_deadline,
             Deadlines::Serving => limits.latency_budget,
         });
-        if deadlines == Deadlines::Serving {
-            store.epoch_deadline_callback(move |mut store| {
-                let state = store.data_mut();
-                let now = sandbox::thread_cpu_time();
-                match overrun(state.overrun_at.replace(now), now, decision_ticks) {
-                    Some(ticks) => Ok(UpdateDeadline::Continue(ticks)),
-                    None => Ok(UpdateDeadline::Interrupt),
-                }
-            });
-        }
+        store.data_mut().deadline_ticks = decision_ticks;
         let instance = Instance {
             store,
             policy,

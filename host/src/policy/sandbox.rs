@@ -19,9 +19,9 @@ use super::stdio::{self, GuestOutput};
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Validation's deadline of one decision (`decide-lookup`, `guard-eviction`) in the
-    /// conformance battery. Default 100 ms. It is wall-clock time, and on a loaded 2-core
-    /// machine a thread can be descheduled mid-call for tens of milliseconds; it only stops
-    /// loops (what a decision costs is measured in CPU time against `latency_budget`).
+    /// conformance battery. Default 100 ms. It only stops loops (what a decision costs is
+    /// measured in CPU time against `latency_budget`): a call descheduled past it is given as
+    /// long again, and stopped only if it ran meanwhile (see `instance::Deadlines`).
     pub decision_deadline: Duration,
     /// Deadline of `configure` and of instantiation, which may build tables. Default 500 ms.
     pub configure_deadline: Duration,
@@ -200,9 +200,11 @@ pub(crate) struct InstanceState {
     pub(crate) limits: StoreLimits,
     /// Where the `log` import, stdout and stderr go.
     output: Arc<GuestOutput>,
-    /// The thread's CPU time when the current call last overran its serving deadline (see
-    /// `instance::Deadlines::Serving`); cleared as each call starts.
+    /// The thread's CPU time when the current call last reached its deadline (see
+    /// `instance::Deadlines`); cleared as each call starts.
     pub(crate) overrun_at: Option<Duration>,
+    /// The current call's deadline in epoch ticks: what a call that reached it is given again.
+    pub(crate) deadline_ticks: u64,
 }
 
 /// Host resources (streams, pollables) an instance may hold at once; a policy needs a handful.
@@ -233,6 +235,7 @@ impl InstanceState {
                 .build(),
             output: GuestOutput::new(digest),
             overrun_at: None,
+            deadline_ticks: 0,
         }
     }
 }

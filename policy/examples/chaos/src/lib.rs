@@ -10,6 +10,7 @@
 //! | `memory-bomb`    | allocates without bound in every decision                         |
 //! | `huge-string`    | rejects every lookup with a 2 MiB reason                          |
 //! | `slow`           | spins `spin-iterations` (default 50,000,000: ~20 ms) in every decision, then decides |
+//! | `slow-first`     | spins as `slow` unless it was asked the very same question just before: the same answers, a cost that remembers |
 //! | `parity`         | rejects every other lookup, by a call counter of the instance: impure |
 //! | `print`          | writes a line to stdout and one to stderr in every decision, then decides |
 //! | `zero-ttl`       | returns settings with a TTL of 0                                  |
@@ -38,6 +39,7 @@ enum Fault {
     MemoryBomb,
     HugeString,
     Slow,
+    SlowFirst,
     Parity,
     Print,
 }
@@ -57,6 +59,9 @@ static TUNING: Configured<Tuning> = Configured::new();
 /// Lookups this instance was asked, for `parity`.
 static LOOKUPS: AtomicU64 = AtomicU64::new(0);
 
+/// The last question asked (a hash of its service and time), for `slow-first`.
+static LAST_QUESTION: AtomicU64 = AtomicU64::new(0);
+
 /// About 20 ms of spinning with wasmtime's code on the machines this was measured on (the
 /// guest's clock is frozen: time is spent by counting).
 const SPIN_ITERATIONS: u64 = 50_000_000;
@@ -67,8 +72,15 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
-/// Does what `tuning.fault` says in a decision about `service`; `Some` replaces its answer.
-fn strike(tuning: Tuning, service: &str) -> Option<LookupDecision> {
+fn spin(iterations: u64) {
+    for i in 0..iterations {
+        std::hint::black_box(i);
+    }
+}
+
+/// Does what `tuning.fault` says in a decision about `service` at `now_ms`; `Some` replaces its
+/// answer.
+fn strike(tuning: Tuning, service: &str, now_ms: u64) -> Option<LookupDecision> {
     match tuning.fault {
         Fault::None => None,
         Fault::Trap => panic!("chaos: trap"),
@@ -87,8 +99,13 @@ fn strike(tuning: Tuning, service: &str) -> Option<LookupDecision> {
             reason: "x".repeat(2 << 20),
         })),
         Fault::Slow => {
-            for i in 0..tuning.spin_iterations {
-                std::hint::black_box(i);
+            spin(tuning.spin_iterations);
+            None
+        }
+        Fault::SlowFirst => {
+            let question = name_hash(service) ^ now_ms.rotate_left(32);
+            if LAST_QUESTION.swap(question, Ordering::Relaxed) != question {
+                spin(tuning.spin_iterations);
             }
             None
         }
@@ -132,6 +149,7 @@ impl Guest for ChaosPolicy {
             "memory-bomb" => Fault::MemoryBomb,
             "huge-string" => Fault::HugeString,
             "slow" => Fault::Slow,
+            "slow-first" => Fault::SlowFirst,
             "parity" => Fault::Parity,
             "print" => Fault::Print,
             "zero-ttl" => {
@@ -158,7 +176,7 @@ impl Guest for ChaosPolicy {
         let targeted = (tuning.only_service == 0
             || tuning.only_service == name_hash(&context.service))
             && context.now_ms >= tuning.after_ms;
-        if targeted && let Some(decision) = strike(tuning, &context.service) {
+        if targeted && let Some(decision) = strike(tuning, &context.service, context.now_ms) {
             return decision;
         }
         match context.since_refresh_ms {
@@ -176,7 +194,7 @@ impl Guest for ChaosPolicy {
     fn guard_eviction(context: EvictionContext) -> EvictionDecision {
         let tuning = TUNING.get();
         if tuning.only_service == 0 && context.now_ms >= tuning.after_ms {
-            strike(tuning, &context.service);
+            strike(tuning, &context.service, context.now_ms);
         }
         EvictionDecision::Evict
     }
