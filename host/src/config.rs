@@ -517,6 +517,14 @@ impl ConfigLayer {
         Ok(())
     }
 
+    /// This layer with only `settings` in it: a tool that reads a host's configuration file
+    /// takes what concerns it and leaves the host's own settings (its recording file) alone.
+    pub fn only<'a>(mut self, settings: impl Iterator<Item = &'a Setting>) -> ConfigLayer {
+        let keep: Vec<&str> = settings.map(|setting| setting.key).collect();
+        self.values.retain(|key, _| keep.contains(key));
+        self
+    }
+
     /// This layer with `self`'s settings winning over `lower`'s.
     pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
         let mut values = lower.values;

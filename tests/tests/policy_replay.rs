@@ -459,3 +459,59 @@ fn bad_recordings_and_policies_are_refused_in_one_line_with_exit_2() {
     assert!(log.contains("garbage.wasm: refused: "), "{log}");
     assert_eq!(log.lines().count(), 1, "{log}");
 }
+
+#[test]
+fn a_hosts_configuration_file_leaves_its_recording_file_alone() {
+    // `check`, `eval` and `replay` read a host's file for its [policy] settings; its recording
+    // file is the host's production data, which they must neither write nor rotate.
+    let dir = tempfile::tempdir().unwrap();
+    let recorded = dir.path().join("recorded.jsonl");
+    std::fs::write(&recorded, "the host's\n").unwrap();
+    let config = dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[policy.record]\nring = 100\nfile = {:?}\nfile_size = 65536\n",
+            recorded.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (recording, _) = write_recording(dir.path(), &varied_questions()[..50]);
+    let default = policy("default");
+    let contexts = recording.to_str().unwrap();
+    let commands: [&[&str]; 3] = [
+        &["policy", "check", &default, "--config", config],
+        &[
+            "policy",
+            "eval",
+            &default,
+            "--config",
+            config,
+            "--context",
+            r#"{"cached": true}"#,
+        ],
+        &[
+            "policy",
+            "replay",
+            &default,
+            "--contexts",
+            contexts,
+            "--config",
+            config,
+        ],
+    ];
+    for args in commands {
+        let output = regcache(args);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert_eq!(
+            std::fs::read_to_string(&recorded).unwrap(),
+            "the host's\n",
+            "{args:?} wrote to the host's recording"
+        );
+        assert!(
+            !dir.path().join("recorded.jsonl.1").exists(),
+            "{args:?} rotated the host's recording"
+        );
+    }
+}

@@ -44,10 +44,11 @@ pub struct Selected<S> {
     selection: PhantomData<S>,
 }
 
-impl<S> Selected<S> {
-    /// The flags and variables as a layer over the configuration file's (read here).
+impl<S: Selection> Selected<S> {
+    /// The flags and variables as a layer over the configuration file's (read here), with the
+    /// selected settings only.
     pub fn layer(self) -> Result<ConfigLayer, ConfigError> {
-        self.args.layer()
+        Ok(self.args.layer()?.only(S::settings()))
     }
 }
 
