@@ -289,19 +289,21 @@ pub(super) async fn blocking<T: Send + 'static>(
     outcome.map_err(|e| refusal(state, e))
 }
 
-/// A policy operation refused: 404 when there is no shadow to act on, else 422 naming the
-/// policy that stays active.
+/// A policy operation refused, naming the policy that stays active: 404 when there is no
+/// shadow to act on, 409 when a later request overtook it, 503 when the host is stopping, 422
+/// when the policy itself is refused.
 pub(super) fn refusal(state: &AppState, e: PolicyError) -> ApiError {
-    if matches!(e, PolicyError::NoShadow) {
-        return ApiError::new(StatusCode::NOT_FOUND, "no_shadow", e.to_string());
-    }
+    let (status, code) = match e {
+        PolicyError::NoShadow => {
+            return ApiError::new(StatusCode::NOT_FOUND, "no_shadow", e.to_string());
+        }
+        // Nothing is wrong with the request: a later one was served first.
+        PolicyError::Superseded => (StatusCode::CONFLICT, "superseded"),
+        PolicyError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        _ => (StatusCode::UNPROCESSABLE_ENTITY, "policy_refused"),
+    };
     let active = state.engine.active();
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "policy_refused",
-        e.to_string(),
-    )
-    .with_details(serde_json::json!({
+    ApiError::new(status, code, e.to_string()).with_details(serde_json::json!({
         "active": { "generation": active.generation, "digest": active.digest },
     }))
 }
