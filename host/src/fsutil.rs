@@ -217,6 +217,55 @@ pub fn remove_stale_temporaries(dir: &Path) -> usize {
     removed
 }
 
+/// Opens `path` for appending, created if missing, if it is a regular file (following symbolic
+/// links, as [`open_regular`] does), and returns it with its size at open: the one way the host
+/// opens a file it writes to in place (the policy recording). Never blocks: opened non-blocking,
+/// a FIFO without a reader is refused by the open itself and one with a reader by the check on
+/// the descriptor, like a device (`/dev/full` would take every write and fail it) or a
+/// directory. `O_NONBLOCK` has no effect on a regular file's writes; std adds `O_CLOEXEC`.
+pub fn open_regular_append(path: &Path) -> Result<(File, u64), FileError> {
+    let opened = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        // A FIFO without a reader (ENXIO) or a directory (EISDIR): named by its kind, which
+        // says more than the errno. The path is looked at only to word a refusal.
+        Err(error) => {
+            return Err(match std::fs::metadata(path) {
+                Ok(metadata) if !metadata.file_type().is_file() => {
+                    FileError::NotRegular(kind_of(metadata.file_type()))
+                }
+                _ => FileError::Open(error),
+            });
+        }
+    };
+    let metadata = file.metadata().map_err(FileError::Open)?;
+    if !metadata.file_type().is_file() {
+        return Err(FileError::NotRegular(kind_of(metadata.file_type())));
+    }
+    Ok((file, metadata.len()))
+}
+
+/// What a file that is not regular is, for [`FileError::NotRegular`].
+fn kind_of(file_type: std::fs::FileType) -> &'static str {
+    if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown type"
+    }
+}
+
 /// Fixtures for the tests of every reader of files.
 #[cfg(test)]
 pub(crate) mod testing {

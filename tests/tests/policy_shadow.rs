@@ -245,6 +245,11 @@ fn a_shadow_failing_in_a_row_rests_and_the_recording_keeps_up() {
     assert!(eventually_blocking(Duration::from_secs(30), || {
         engine.recording().len() == 200
     }));
+    // A round's questions are recorded before the shadow is asked them: the report follows.
+    eventually_blocking(Duration::from_secs(10), || {
+        let report = engine.shadow_report().unwrap();
+        report.traps + report.deadline_hits + report.invalid_answers + report.skipped == 200
+    });
     let report = engine.shadow_report().unwrap();
     assert!(
         report.skipped > 0
@@ -441,4 +446,115 @@ fn the_recording_file_rotates_and_every_line_reads_back() {
         assert!(questions.contains(&recorded.question));
         assert!(recorded.decided.is_some());
     }
+}
+
+/// A shadow that answers, slowly (~0.6 ms a call, within its deadline), is asked what the
+/// observer has time for once each round is recorded: every question reaches the recording,
+/// and the questions it had no time for are counted as skipped. (Asked before recording, it
+/// held the observer ~0.6 ms a question and the buffers overflowed: questions dropped.)
+#[test]
+fn a_slow_shadow_is_asked_what_there_is_time_for_and_the_recording_keeps_every_question() {
+    const PER_THREAD: usize = 10_000;
+    let engine = recording_engine(2 * PER_THREAD);
+    engine
+        .shadow(spec(
+            "chaos",
+            &[
+                ("fault", "slow"),
+                ("only-service", "slow-svc"),
+                ("spin-iterations", "1500000"),
+            ],
+        ))
+        .unwrap();
+    let question = Question::from(&LookupContext::cached("slow-svc", NOW, HEALTHY, 1_000));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..PER_THREAD {
+                    decide(&engine, &question);
+                    // ~4k lookups a second a thread: the recording's pace, not the shadow's.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+        }
+    });
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || {
+            engine.recording().len() == 2 * PER_THREAD
+        }),
+        "every question is recorded: {} of {}; {:?}",
+        engine.recording().len(),
+        2 * PER_THREAD,
+        engine.shadow_report()
+    );
+    let report = engine.shadow_report().unwrap();
+    assert_eq!(report.dropped, 0, "{report:?}");
+    assert!(
+        report.answered > 0 && report.skipped > 0,
+        "the shadow is asked what there is time for: {report:?}"
+    );
+    assert!(
+        report.cost.mean > Duration::from_micros(200),
+        "the shadow is slow: {report:?}"
+    );
+}
+
+/// The recording file is opened as every file the configuration names: non-blocking and
+/// checked to be a regular file. A FIFO (with or without a reader), a directory or a device
+/// refuses the engine at once, naming the setting; a FIFO used to hang the start.
+#[test]
+fn a_recording_file_that_is_not_a_regular_file_refuses_the_engine_at_once() {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let refused = |path: &std::path::Path| {
+        let options = EngineOptions {
+            record: RecordOptions {
+                ring: 0,
+                file: Some(path.to_path_buf()),
+                file_size: 1 << 20,
+            },
+            ..EngineOptions::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(PolicyEngine::new(options, PolicySpec::embedded_default(vec![])).err());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{}: the engine's creation hangs", path.display()))
+            .unwrap_or_else(|| panic!("{}: accepted", path.display()))
+    };
+    let mut cases = vec![
+        (fifo.clone(), "a FIFO"),
+        (dir.path().to_path_buf(), "a directory"),
+        ("/dev/full".into(), "a character device"),
+    ];
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    for (path, kind) in cases.drain(..) {
+        let error = refused(&path);
+        assert!(
+            matches!(&error, PolicyError::RecordFile { path: named, .. } if *named == path),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("policy.record.file") && message.contains(kind),
+            "{message}"
+        );
+    }
+    drop(reader);
+    // Without a reader too (the open itself fails then).
+    let error = refused(&fifo);
+    assert!(
+        error.to_string().contains("not a regular file (a FIFO)"),
+        "{error}"
+    );
 }

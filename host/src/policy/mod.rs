@@ -205,6 +205,14 @@ pub enum PolicyError {
     /// No shadow candidate is loaded.
     #[error("no shadow policy is loaded")]
     NoShadow,
+    /// The recording file cannot be opened for appending, or is not a regular file.
+    #[error("cannot use the policy recording file {} (policy.record.file): {error}", path.display())]
+    RecordFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: Arc<FileError>,
+    },
     /// A swap asked for a replay of the recent recording, and nothing is recorded.
     #[error(
         "a replay of the recent recording was asked for, but nothing is recorded (policy.record.ring \
@@ -631,6 +639,13 @@ impl PolicyEngine {
         // Before the first validation: `policy check`, `eval` and start-up meet a looping
         // policy with the deadlines a swap has.
         let ticker = sandbox::Ticker::start(engine.clone());
+        // Before the validation: a recording file that cannot be used is refused at once.
+        let tap = observe::Tap::new(
+            options.record,
+            options.shadow_one_in,
+            options.limits,
+            ticker.clone(),
+        )?;
         let compilation = compile::Compilation::new(options.compiler, options.load);
         let validated = validate(
             &engine,
@@ -660,12 +675,7 @@ impl PolicyEngine {
             }),
             next_ticket: AtomicU64::new(1),
             stats: Stats::default(),
-            tap: observe::Tap::new(
-                options.record,
-                options.shadow_one_in,
-                options.limits,
-                ticker.clone(),
-            ),
+            tap,
             _ticker: ticker,
         });
         Ok(PolicyEngine { shared })

@@ -9,11 +9,17 @@
 //! per question, an allocation freed on another thread. A full buffer drops the observation and
 //! counts it; the lookup never waits. With nothing to record and no candidate, a decision reads
 //! one atomic and builds nothing.
+//!
+//! Each round, the observer records every question it took before it asks the shadow any, and
+//! asks the shadow in slices of time: past one, while a buffer fills, the round's questions left
+//! are not asked (counted as skipped in the shadow's report). A shadow that is slow, or fails
+//! often without failing enough in a row to rest, costs questions it is not asked, never the
+//! recording.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,11 +34,30 @@ use super::instance::Instance;
 use super::sandbox::{Limits, Ticker};
 use super::shadow::{Candidate, Outcome, ShadowReport};
 use crate::decision::{Answer, Asked, EvictionContext, LookupContext, Question};
+use crate::fsutil::{FileError, open_regular_append};
 use crate::recording::Recorded;
 
 /// Observations one thread's buffer holds for the observer. A burst beyond it is dropped, not
 /// waited for.
 const PENDING: usize = 8192;
+/// Bytes of service names one thread's buffer holds: names are not bounded on every front (the
+/// etcd endpoint passes a key's service name as it comes), and a buffer of 8192 long names would
+/// otherwise grow without limit while the observer lags.
+const PENDING_NAMES: usize = PENDING * 256;
+/// The time the observer asks the shadow for in a round, once the round's questions are
+/// recorded, before it looks whether the buffers are filling: ~14k calls of a healthy Rust
+/// shadow (~0.7 µs each), while a buffer (8192) holds 50 ms of a thread's questions at 160k a
+/// second. A call that started before the slice ended runs to its answer or its serving
+/// deadline.
+const SHADOW_SLICE: Duration = Duration::from_millis(10);
+/// Observations in a thread's buffer from which, its slice spent, the observer stops asking the
+/// shadow for the round: a quarter, so the buffer fills no further than the rest of one slow
+/// call and the recording of the next round. Below it nobody waits, and a burst (a test's
+/// questions, a failing shadow's deadlines) is asked in full.
+const FILLING: usize = PENDING / 4;
+/// The least time between two warnings of failed writes to the recording file: a full disk
+/// fails every question's write.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How long the observer sleeps when it finds every buffer empty: from the first, doubling
 /// while they stay empty up to the last, so an idle host's observer wakes 20 times a second and
 /// a busy one's buffers (8192 each) hold what arrives meanwhile at 160k questions a second a
@@ -99,6 +124,44 @@ impl Pending {
         self.observations.clear();
         self.names.clear();
     }
+
+    /// Appends what `asked` observed, or counts it dropped if the buffer is full (in
+    /// observations, or in bytes of names).
+    fn push(
+        &mut self,
+        asked: Asked<'_>,
+        answer: impl FnOnce() -> Option<Answer>,
+        record: bool,
+        shadow: bool,
+    ) {
+        let service = match asked {
+            Asked::Lookup(context) => context.service,
+            Asked::Eviction(context) => context.service,
+        };
+        if self.observations.len() == PENDING || self.names.len() + service.len() > PENDING_NAMES {
+            self.dropped += 1;
+            return;
+        }
+        let context = match asked {
+            Asked::Lookup(context) => Context::Lookup(LookupContext {
+                service: "",
+                ..context
+            }),
+            Asked::Eviction(context) => Context::Eviction(EvictionContext {
+                service: "",
+                ..context
+            }),
+        };
+        let start = self.names.len();
+        self.names.push_str(service);
+        self.observations.push(Observation {
+            context,
+            name: start..self.names.len(),
+            answer: answer(),
+            record,
+            shadow,
+        });
+    }
 }
 
 /// A thread's buffers, one per engine it decided for (usually one).
@@ -157,6 +220,8 @@ pub(crate) struct Tap {
     /// The shadow is asked one sampled question in this many.
     shadow_one_in: u32,
     file: Mutex<Option<RotatingFile>>,
+    /// Writes to the recording file that failed, since the engine started.
+    write_failures: Arc<AtomicU64>,
     observer: OnceLock<Observer>,
 }
 
@@ -166,16 +231,26 @@ thread_local! {
 }
 
 impl Tap {
+    /// Refused if the recording file cannot be opened for appending or is not a regular file:
+    /// the operator asked for it, and a host that silently records nothing would not say so.
     pub(crate) fn new(
         record: RecordOptions,
         shadow_one_in: u32,
         limits: Limits,
         ticker: Ticker,
-    ) -> Self {
-        let file = record
-            .file
-            .as_deref()
-            .and_then(|path| RotatingFile::open(path, record.file_size));
+    ) -> Result<Self, PolicyError> {
+        let write_failures = Arc::new(AtomicU64::new(0));
+        let file = match &record.file {
+            Some(path) => Some(
+                RotatingFile::open(path, record.file_size, write_failures.clone()).map_err(
+                    |error| PolicyError::RecordFile {
+                        path: path.clone(),
+                        error: Arc::new(error),
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let records = record.ring > 0 || file.is_some();
         let observers = Arc::new(Observers {
             candidate: ArcSwapOption::empty(),
@@ -197,12 +272,13 @@ impl Tap {
             slot: Mutex::new(ShadowSlot::default()),
             shadow_one_in: shadow_one_in.max(1),
             file: Mutex::new(file),
+            write_failures,
             observer: OnceLock::new(),
         };
         if records {
             tap.start_observer();
         }
-        tap
+        Ok(tap)
     }
 
     /// Hands a question the active policy answered to the observer, if anything observes it.
@@ -223,35 +299,7 @@ impl Tap {
             return;
         }
         self.with_buffer(|pending| {
-            if pending.observations.len() == PENDING {
-                pending.dropped += 1;
-                return;
-            }
-            let (service, context) = match asked {
-                Asked::Lookup(context) => (
-                    context.service,
-                    Context::Lookup(LookupContext {
-                        service: "",
-                        ..context
-                    }),
-                ),
-                Asked::Eviction(context) => (
-                    context.service,
-                    Context::Eviction(EvictionContext {
-                        service: "",
-                        ..context
-                    }),
-                ),
-            };
-            let start = pending.names.len();
-            pending.names.push_str(service);
-            pending.observations.push(Observation {
-                context,
-                name: start..pending.names.len(),
-                answer: (!fail_safe).then(answer),
-                record: self.records,
-                shadow,
-            });
+            pending.push(asked, || (!fail_safe).then(answer), self.records, shadow);
         });
     }
 
@@ -345,6 +393,13 @@ impl Tap {
         o.dropped.load(Ordering::Relaxed) + in_buffers
     }
 
+    /// Writes to the recording file that failed (each a question's line not written, or a
+    /// flush), since the engine started.
+    #[allow(dead_code, reason = "for PolicyEngine::stats, which the metrics read")]
+    pub(crate) fn record_write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
     /// Questions asked of every shadow so far: agreed, disagreed, failed.
     pub(crate) fn shadow_outcomes(&self) -> [u64; 3] {
         let o = &self.observers;
@@ -406,6 +461,10 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
     let mut taken = Pending::default();
     loop {
         let closing = observers.closing.load(Ordering::Relaxed);
+        // Every round, not only idle ones: a busy observer would otherwise keep a dropped or
+        // promoted candidate's instance (a pool slot; ~13 MiB for Python) for as long as the
+        // traffic lasts.
+        release_stale(observers, &mut shadow);
         let mut observed = false;
         let buffers: Vec<Arc<Mutex<Pending>>> = {
             let mut buffers = observers
@@ -417,7 +476,9 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
             buffers.retain(|b| Arc::strong_count(b) > 2);
             all
         };
-        for buffer in buffers {
+        let round_ends = Instant::now() + SHADOW_SLICE;
+        let count = buffers.len();
+        for (index, buffer) in buffers.into_iter().enumerate() {
             {
                 let mut pending = buffer.lock().unwrap_or_else(PoisonError::into_inner);
                 std::mem::swap(&mut taken, &mut pending);
@@ -425,20 +486,53 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
                 observers.dropped.fetch_add(dropped, Ordering::Relaxed);
             }
             observed |= !taken.observations.is_empty();
-            for observation in taken.observations.drain(..) {
-                let question = observation.question(&taken.names);
-                if let (true, Some(answer)) = (observation.shadow, &observation.answer) {
-                    shadow = ask_candidate(observers, shadow, &question, answer);
-                }
+            for observation in &mut taken.observations {
                 if observation.record {
+                    let to_ask = observation.shadow && !closing;
                     record_one(
                         observers,
                         &mut file,
                         Recorded {
-                            question,
-                            decided: observation.answer,
+                            question: observation.question(&taken.names),
+                            decided: if to_ask {
+                                observation.answer.clone()
+                            } else {
+                                observation.answer.take()
+                            },
                         },
                     );
+                }
+            }
+            if !closing {
+                // The slice left, shared by the buffers left: one thread's burst does not take
+                // the others' share.
+                let now = Instant::now();
+                let share = round_ends.saturating_duration_since(now) / (count - index) as u32;
+                let mut slice_ends = now + share;
+                let mut skipping = false;
+                let mut unasked = 0;
+                for observation in &mut taken.observations {
+                    if !observation.shadow {
+                        continue;
+                    }
+                    let Some(answer) = observation.answer.take() else {
+                        continue;
+                    };
+                    if !skipping && Instant::now() >= slice_ends {
+                        skipping = filling(observers);
+                        slice_ends = Instant::now() + SHADOW_SLICE;
+                    }
+                    if skipping {
+                        unasked += 1;
+                        continue;
+                    }
+                    let question = observation.question(&taken.names);
+                    shadow = ask_candidate(observers, shadow, question, answer);
+                }
+                if unasked > 0
+                    && let Some(candidate) = observers.candidate.load().as_ref()
+                {
+                    candidate.count_skipped(unasked);
                 }
             }
             taken.clear();
@@ -456,21 +550,40 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
             poll = POLL[0];
             continue;
         }
-        // Keeps no instance of a candidate that was dropped or promoted.
-        if shadow.as_ref().is_some_and(|(kept_for, _)| {
-            !observers
-                .candidate
-                .load()
-                .as_ref()
-                .is_some_and(|current| Arc::ptr_eq(current, kept_for))
-        }) {
-            shadow = None;
-        }
         std::thread::sleep(poll);
         poll = (poll * 2).min(POLL[1]);
     }
     if let Some(file) = &mut file {
         file.flush();
+    }
+}
+
+/// Whether a thread's buffer is filling while the observer asks the shadow.
+fn filling(observers: &Observers) -> bool {
+    let buffers = observers
+        .buffers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    buffers.iter().any(|buffer| {
+        buffer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observations
+            .len()
+            >= FILLING
+    })
+}
+
+/// Drops the instance kept for a candidate that is no longer the shadow.
+fn release_stale(observers: &Observers, shadow: &mut Option<(Arc<Candidate>, Instance)>) {
+    if shadow.as_ref().is_some_and(|(kept_for, _)| {
+        !observers
+            .candidate
+            .load()
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, kept_for))
+    }) {
+        *shadow = None;
     }
 }
 
@@ -495,8 +608,8 @@ fn record_one(observers: &Observers, file: &mut Option<RotatingFile>, recorded: 
 fn ask_candidate(
     observers: &Observers,
     kept: Option<(Arc<Candidate>, Instance)>,
-    question: &Question,
-    active: &Answer,
+    question: Question,
+    active: Answer,
 ) -> Option<(Arc<Candidate>, Instance)> {
     if observers.closing.load(Ordering::Relaxed) {
         return None;
@@ -516,7 +629,7 @@ fn ask_candidate(
             }
         },
     };
-    let outcome = candidate.compare(&mut instance, question.clone(), active.clone());
+    let outcome = candidate.compare(&mut instance, question, active);
     let counter = match outcome {
         Outcome::Agreed => &observers.agreed,
         Outcome::Disagreed => &observers.disagreed,
@@ -526,33 +639,55 @@ fn ask_candidate(
     (outcome != Outcome::Failed).then_some((candidate, instance))
 }
 
+/// Warnings of a failure that repeats: the first at once, then at most one per
+/// [`WARN_EVERY`], with the count since the last.
+#[derive(Debug, Default)]
+struct Warnings {
+    last: Option<Instant>,
+    since_last: u64,
+}
+
+impl Warnings {
+    /// Counts a failure at `now`; returns the failures to warn of now (this one included), if
+    /// a warning is due.
+    fn failed(&mut self, now: Instant) -> Option<u64> {
+        self.since_last += 1;
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < WARN_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since_last))
+    }
+}
+
 /// The recording file: JSON lines, renamed to `<path>.1` past its size.
 struct RotatingFile {
     path: PathBuf,
     max_size: u64,
     writer: BufWriter<File>,
     written: u64,
+    /// [`Tap::record_write_failures`].
+    failures: Arc<AtomicU64>,
+    warnings: Warnings,
 }
 
 impl RotatingFile {
-    fn open(path: &Path, max_size: u64) -> Option<Self> {
-        let opened = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .and_then(|file| Ok((file.metadata()?.len(), file)));
-        match opened {
-            Ok((written, file)) => Some(RotatingFile {
-                path: path.to_path_buf(),
-                max_size,
-                writer: BufWriter::new(file),
-                written,
-            }),
-            Err(error) => {
-                tracing::error!(path = %path.display(), "cannot open the policy recording file (policy.record_file): {error}; recording to memory only");
-                None
-            }
-        }
+    /// Opened as every file the configuration names is ([`open_regular_append`]): a FIFO
+    /// would hang the host's start waiting for a reader, and a device such as `/dev/full` would
+    /// fail every write.
+    fn open(path: &Path, max_size: u64, failures: Arc<AtomicU64>) -> Result<Self, FileError> {
+        let (file, written) = open_regular_append(path)?;
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            max_size,
+            writer: BufWriter::new(file),
+            written,
+            failures,
+            warnings: Warnings::default(),
+        })
     }
 
     fn write(&mut self, recorded: &Recorded) {
@@ -563,9 +698,7 @@ impl RotatingFile {
         }
         match self.writer.write_all(line.as_bytes()) {
             Ok(()) => self.written += line.len() as u64,
-            Err(error) => {
-                tracing::warn!(path = %self.path.display(), "policy recording: cannot write: {error}")
-            }
+            Err(error) => self.failed(&error),
         }
     }
 
@@ -573,14 +706,11 @@ impl RotatingFile {
         self.flush();
         let mut previous = self.path.clone().into_os_string();
         previous.push(".1");
-        let reopened = std::fs::rename(&self.path, &previous).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-        });
+        let reopened = std::fs::rename(&self.path, &previous)
+            .map_err(FileError::Open)
+            .and_then(|()| open_regular_append(&self.path));
         match reopened {
-            Ok(file) => {
+            Ok((file, _)) => {
                 self.writer = BufWriter::new(file);
                 self.written = 0;
             }
@@ -594,7 +724,194 @@ impl RotatingFile {
 
     fn flush(&mut self) {
         if let Err(error) = self.writer.flush() {
-            tracing::warn!(path = %self.path.display(), "policy recording: cannot write: {error}");
+            self.failed(&error);
         }
+    }
+
+    fn failed(&mut self, error: &io::Error) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(failures) = self.warnings.failed(Instant::now()) {
+            tracing::warn!(
+                path = %self.path.display(),
+                failures,
+                "policy recording: cannot write: {error} ({failures} failed writes since the last warning, at most one warning per {WARN_EVERY:?})"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::decision::{Decide, HealthView};
+    use crate::policy::{EngineOptions, PolicyEngine, PolicySpec};
+
+    const HEALTHY: HealthView = HealthView {
+        watch_connected: true,
+        since_last_contact_ms: Some(5),
+        since_failure_ms: None,
+    };
+
+    #[test]
+    fn a_buffer_is_bounded_in_bytes_of_names_as_in_observations() {
+        let mut pending = Pending::default();
+        let long = "s".repeat(64 * 1024);
+        let asked = Asked::Lookup(LookupContext::cold(&long, 0, HEALTHY));
+        for _ in 0..PENDING {
+            pending.push(asked, || None, true, false);
+        }
+        let kept = PENDING_NAMES / long.len();
+        assert_eq!(pending.observations.len(), kept);
+        assert!(pending.names.len() <= PENDING_NAMES);
+        assert_eq!(pending.dropped, (PENDING - kept) as u64);
+        assert_eq!(
+            pending.observations[kept - 1]
+                .question(&pending.names)
+                .service(),
+            long
+        );
+
+        let short = Asked::Lookup(LookupContext::cold("svc", 0, HEALTHY));
+        let mut pending = Pending::default();
+        for _ in 0..PENDING + 10 {
+            pending.push(short, || None, true, false);
+        }
+        assert_eq!((pending.observations.len(), pending.dropped), (PENDING, 10));
+    }
+
+    #[test]
+    fn repeated_failures_warn_at_once_then_once_per_period_with_their_count() {
+        let mut warnings = Warnings::default();
+        let start = Instant::now();
+        assert_eq!(warnings.failed(start), Some(1));
+        for i in 1..100 {
+            let at = start + WARN_EVERY * i / 100;
+            assert_eq!(warnings.failed(at), None);
+        }
+        assert_eq!(warnings.failed(start + WARN_EVERY), Some(100));
+        assert_eq!(warnings.failed(start + WARN_EVERY * 3), Some(1));
+    }
+
+    /// Counts the WARN events logged on this thread.
+    struct CountWarnings(Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `/dev/full` fails every write with ENOSPC, as a full disk does. (Opening it as the
+    /// recording file is refused; here it is put under the writer directly.)
+    #[test]
+    fn a_full_disk_costs_one_warning_not_one_per_question() {
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let failures = Arc::new(AtomicU64::new(0));
+        let mut file = RotatingFile {
+            path: "/dev/full".into(),
+            max_size: u64::MAX,
+            writer: BufWriter::new(File::options().append(true).open("/dev/full").unwrap()),
+            written: 0,
+            failures: failures.clone(),
+            warnings: Warnings::default(),
+        };
+        let warned = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(CountWarnings(warned.clone()));
+        let recorded = Recorded {
+            question: Question::from(&LookupContext::cold("svc", 0, HEALTHY)),
+            decided: None,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..10_000 {
+                file.write(&recorded);
+            }
+            file.flush();
+        });
+        let failed = failures.load(Ordering::Relaxed);
+        assert!(failed > 9_000, "{failed} failed writes counted");
+        assert_eq!(warned.load(Ordering::Relaxed), 1);
+    }
+
+    /// Whether the observer took what this thread put in its buffer for `tap`.
+    fn own_buffer_taken(tap: &Tap) -> bool {
+        BUFFERS.with(|buffers| {
+            let buffers = buffers.borrow();
+            let own = buffers
+                .iter()
+                .find(|b| std::ptr::eq(b.owner.as_ptr(), Arc::as_ptr(&tap.observers)))
+                .unwrap();
+            own.pending.lock().unwrap().observations.is_empty()
+        })
+    }
+
+    /// A dropped shadow's instance is let go while recording traffic keeps the observer busy
+    /// (it was kept until a round found every buffer empty).
+    #[test]
+    fn a_dropped_shadows_instance_is_released_while_the_observer_is_busy() {
+        let engine = PolicyEngine::new(
+            EngineOptions {
+                record: RecordOptions {
+                    ring: 100,
+                    ..RecordOptions::default()
+                },
+                ..EngineOptions::default()
+            },
+            PolicySpec::embedded_default(vec![]),
+        )
+        .unwrap();
+        engine.shadow(PolicySpec::embedded_default(vec![])).unwrap();
+        let tap = &engine.shared.tap;
+        let candidate = Arc::downgrade(&tap.candidate().unwrap());
+        engine.decide_lookup(&LookupContext::cold("svc", 0, HEALTHY));
+        let started = Instant::now();
+        while engine.shadow_report().unwrap().answered == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "never asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let asked = Asked::Lookup(LookupContext::cold("svc", 0, HEALTHY));
+                let answer = || Answer::Lookup(crate::decision::LookupDecision::ServeCached);
+                while !stop.load(Ordering::Relaxed) {
+                    // Faster than the observer records: it never finds the buffer empty. Fail-safe
+                    // answers, which are recorded and not asked of a shadow: no question asked
+                    // after the drop lets the instance go on the way.
+                    tap.observe(asked, answer, true);
+                }
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            engine.drop_shadow().unwrap();
+            // Two questions from this thread, the second put after the first was taken: the
+            // round that takes the second started after the drop.
+            let taken = ["after-the-drop", "and-the-next-round"].map(|service| {
+                let asked = Asked::Lookup(LookupContext::cold(service, 0, HEALTHY));
+                tap.observe(asked, || unreachable!("fail-safe"), true);
+                let put = Instant::now();
+                while !own_buffer_taken(tap) {
+                    if put.elapsed() > Duration::from_secs(10) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                true
+            });
+            let count = candidate.strong_count();
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(
+                taken, [true; 2],
+                "the observer took this thread's questions"
+            );
+            assert_eq!(count, 0, "the instance is still kept");
+        });
     }
 }

@@ -135,6 +135,12 @@ impl Candidate {
         }
     }
 
+    /// Counts `questions` sampled for the candidate that the observer had no time to ask.
+    pub(super) fn count_skipped(&self, questions: u64) {
+        let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        tally.skipped += questions;
+    }
+
     /// Counts a call that failed before it could be asked (its instance could not be made).
     pub(super) fn count_failure(&self, failure: CallFailure) {
         self.breaker.record_failure();
@@ -314,8 +320,10 @@ pub struct ShadowReport {
     pub last_failure: Option<CallFailure>,
     /// Its cost per answered call.
     pub cost: CallCost,
-    /// Sampled questions not asked because the candidate was resting: after five failures in a
-    /// row it is not asked for a second.
+    /// Sampled questions not asked: because the candidate was resting (after five failures in
+    /// a row it is not asked for a second), or because the observer had no time for them (past
+    /// 10 ms of asking in a round, while questions pile up for the recording: a slow candidate is
+    /// asked a share of them, and the recording keeps up).
     pub skipped: u64,
     /// Questions the observer dropped since the candidate was loaded, its buffers full: neither
     /// recorded nor asked of the candidate.
