@@ -71,6 +71,11 @@ pub const COMPILE_MEMORY_RANGE: RangeInclusive<u64> = (64 << 20)..=(64 << 30);
 pub const LATENCY_BUDGET_RANGE: RangeInclusive<Duration> =
     Duration::from_micros(10)..=Duration::from_millis(50);
 
+/// Accepted linear memory of a policy instance: the default policy needs about 1 MiB, a Python
+/// one starts at 13 MiB; each instance a worker thread holds may use it all, so past 1 GiB a
+/// few threads would hold the host's memory.
+pub const POLICY_MEMORY_RANGE: RangeInclusive<u64> = (1 << 20)..=(1 << 30);
+
 /// Accepted failure counts of the rollback rule.
 pub const ROLLBACK_FAILURES_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 
@@ -352,6 +357,8 @@ pub struct PolicySettings {
     pub load: LoadLimits,
     /// The p99 cost a decision may have (`policy.latency_budget`).
     pub latency_budget: Duration,
+    /// Linear memory of one policy instance (`policy.memory`).
+    pub memory: usize,
     /// When a misbehaving policy is rolled back (`policy.rollback_failures`,
     /// `policy.rollback_window`).
     pub rollback: RollbackRule,
@@ -376,6 +383,7 @@ impl PolicySettings {
         EngineOptions {
             limits: Limits {
                 latency_budget: self.latency_budget,
+                memory_bytes: self.memory,
                 ..Limits::default()
             },
             artifact_dir,
@@ -589,6 +597,7 @@ impl ConfigLayer {
                 compile_memory: self.size(&settings::POLICY_COMPILE_MEMORY)?,
             },
             latency_budget: self.duration(&settings::POLICY_LATENCY_BUDGET)?,
+            memory: size(&settings::POLICY_MEMORY)?,
             rollback: RollbackRule {
                 failures: u32::try_from(
                     self.count_or_default(&settings::POLICY_ROLLBACK_FAILURES)?,

@@ -69,6 +69,24 @@ fn javascript_and_python_pass_validation_in_the_library_and_the_binary() {
     }
 }
 
+#[test]
+fn a_python_policy_needs_its_memory_and_policy_memory_is_what_it_gets() {
+    // A Python instance starts with 13 MiB of linear memory: under the default 16 MiB it
+    // passes (above); under 8 MiB it cannot even be instantiated, and says so.
+    let path = strict_in(Lang::Python).to_str().unwrap();
+    let (check, _) = run_regcache(
+        &["policy", "check", path, "--policy-memory", "8MiB"],
+        &[],
+        Duration::from_secs(120),
+    );
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("memory") && stderr.contains("0x800000"),
+        "{stderr}"
+    );
+}
+
 /// What loading a policy under a configuration gives, as far as the policy decides it.
 #[derive(Debug, PartialEq)]
 enum Configured {

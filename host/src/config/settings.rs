@@ -17,8 +17,9 @@ use crate::registry::etcd;
 
 use super::{
     COMPILE_CPU_TIME_RANGE, COMPILE_MEMORY_RANGE, DEFAULT_LISTEN, DEFAULT_SNAPSHOT_INTERVAL,
-    LATENCY_BUDGET_RANGE, POLICY_MAX_SIZE_RANGE, RECORD_FILE_SIZE_RANGE, RECORD_RING_RANGE,
-    ROLLBACK_FAILURES_RANGE, ROLLBACK_WINDOW_RANGE, SHADOW_ONE_IN_RANGE, SNAPSHOT_INTERVAL_RANGE,
+    LATENCY_BUDGET_RANGE, POLICY_MAX_SIZE_RANGE, POLICY_MEMORY_RANGE, RECORD_FILE_SIZE_RANGE,
+    RECORD_RING_RANGE, ROLLBACK_FAILURES_RANGE, ROLLBACK_WINDOW_RANGE, SHADOW_ONE_IN_RANGE,
+    SNAPSHOT_INTERVAL_RANGE,
 };
 
 /// One setting of the host.
@@ -263,6 +264,18 @@ pub static POLICY_LATENCY_BUDGET: Setting = Setting {
            cost well under a millisecond)",
     kind: Kind::Duration(&LATENCY_BUDGET_RANGE),
     default: DefaultValue::Duration(Duration::from_micros(200)),
+};
+
+/// Linear memory of a policy instance.
+pub static POLICY_MEMORY: Setting = Setting {
+    key: "policy.memory",
+    value_name: "SIZE",
+    help: "Linear memory one policy instance may use; a policy that asks for more traps. \
+           Each lookup thread holds an instance, so the host may use this many times over. \
+           Our Rust policies use about 1 MiB; a Python one starts at 13 MiB (give one that \
+           allocates 32MiB)",
+    kind: Kind::Size(&POLICY_MEMORY_RANGE),
+    default: DefaultValue::Size(16 << 20),
 };
 
 /// Failures that roll a policy back.
@@ -529,7 +542,7 @@ pub(crate) static SECRET_TWINS: [(&Setting, &Setting); 2] = [
 ];
 
 /// Every setting, in the order `run --help` and the README list them.
-pub static ALL: [&Setting; 42] = [
+pub static ALL: [&Setting; 43] = [
     &LISTEN,
     &ETCD_ENDPOINTS,
     &ETCD_USER,
@@ -547,6 +560,7 @@ pub static ALL: [&Setting; 42] = [
     &POLICY_COMPILE_CPU_TIME,
     &POLICY_COMPILE_MEMORY,
     &POLICY_LATENCY_BUDGET,
+    &POLICY_MEMORY,
     &POLICY_ROLLBACK_FAILURES,
     &POLICY_ROLLBACK_WINDOW,
     &POLICY_RECORD_RING,
