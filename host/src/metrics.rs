@@ -243,6 +243,13 @@ impl Collector for Sources {
              was behind (its buffers full).",
             p.observer_dropped,
         )?;
+        counter(
+            &mut e,
+            "regcache_policy_record_write_failures",
+            "Writes to the policy recording file (policy.record.file) that failed; each is a \
+             question, or a flush of several, missing from the file.",
+            p.record_write_failures,
+        )?;
         gauge(
             &mut e,
             "regcache_policy_generation",

@@ -348,6 +348,8 @@ pub struct PolicyStats {
     pub shadow_failed: u64,
     /// Questions neither recorded nor shadowed because the observer was behind.
     pub observer_dropped: u64,
+    /// Writes to the recording file that failed (a full disk, say).
+    pub record_write_failures: u64,
 }
 
 /// Failures in a row after which a generation's breaker opens.
@@ -913,6 +915,7 @@ impl PolicyEngine {
             shadow_disagreed,
             shadow_failed,
             observer_dropped: self.shared.tap.dropped(),
+            record_write_failures: self.shared.tap.record_write_failures(),
         }
     }
 

@@ -63,6 +63,9 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// a busy one's buffers (8192 each) hold what arrives meanwhile at 160k questions a second a
 /// thread.
 const POLL: [Duration; 2] = [Duration::from_millis(1), Duration::from_millis(50)];
+/// How long a reader of the recording waits for the observer to take what it was handed: a
+/// round takes milliseconds, but the observer runs at nice 19 on a host whose cores are busy.
+const CATCH_UP: Duration = Duration::from_secs(1);
 /// How often the recording file is flushed.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -191,6 +194,9 @@ struct Observers {
     limits: Limits,
     /// The engine is gone: what is left in the buffers is recorded, not asked of the shadow.
     closing: AtomicBool,
+    /// Rounds the observer finished: a round started after a question was handed over has
+    /// taken it.
+    rounds: AtomicU64,
     /// Keeps the epoch advancing while the observer may call the shadow, which can outlive the
     /// engine by a call: a looping shadow is still stopped.
     _ticker: Ticker,
@@ -263,6 +269,7 @@ impl Tap {
             buffers: Mutex::new(Vec::new()),
             limits,
             closing: AtomicBool::new(false),
+            rounds: AtomicU64::new(0),
             _ticker: ticker,
         });
         let tap = Tap {
@@ -395,7 +402,6 @@ impl Tap {
 
     /// Writes to the recording file that failed (each a question's line not written, or a
     /// flush), since the engine started.
-    #[allow(dead_code, reason = "for PolicyEngine::stats, which the metrics read")]
     pub(crate) fn record_write_failures(&self) -> u64 {
         self.write_failures.load(Ordering::Relaxed)
     }
@@ -408,12 +414,29 @@ impl Tap {
 
     /// The recorded questions in memory, oldest first.
     pub(crate) fn recorded(&self) -> Vec<Recorded> {
+        self.catch_up();
         let ring = self
             .observers
             .ring
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         ring.iter().cloned().collect()
+    }
+
+    /// Waits (up to [`CATCH_UP`]) until the observer has taken every question handed to it
+    /// before this call, so that what was answered before a request for the recording is in
+    /// it: two rounds finished, the second started after this call.
+    fn catch_up(&self) {
+        let Some(Observer { thread }) = self.observer.get() else {
+            return;
+        };
+        let rounds = &self.observers.rounds;
+        let wanted = rounds.load(Ordering::Acquire) + 2;
+        let deadline = Instant::now() + CATCH_UP;
+        while rounds.load(Ordering::Acquire) < wanted && Instant::now() < deadline {
+            thread.thread().unpark();
+            std::thread::sleep(POLL[0]);
+        }
     }
 
     fn start_observer(&self) {
@@ -540,6 +563,7 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
         if closing {
             break;
         }
+        observers.rounds.fetch_add(1, Ordering::Release);
         if flushed.elapsed() >= FLUSH_EVERY {
             if let Some(file) = &mut file {
                 file.flush();
@@ -550,7 +574,8 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
             poll = POLL[0];
             continue;
         }
-        std::thread::sleep(poll);
+        // Woken early by `Tap::catch_up`.
+        std::thread::park_timeout(poll);
         poll = (poll * 2).min(POLL[1]);
     }
     if let Some(file) = &mut file {
