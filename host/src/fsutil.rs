@@ -64,22 +64,8 @@ pub fn open_regular(path: &Path) -> Result<(File, u64), FileError> {
         .map_err(FileError::Open)?;
     // The type is checked on the descriptor, not the path: the path may have changed since.
     let metadata = file.metadata().map_err(FileError::Open)?;
-    let file_type = metadata.file_type();
-    if !file_type.is_file() {
-        let kind = if file_type.is_fifo() {
-            "a FIFO"
-        } else if file_type.is_dir() {
-            "a directory"
-        } else if file_type.is_char_device() {
-            "a character device"
-        } else if file_type.is_block_device() {
-            "a block device"
-        } else if file_type.is_socket() {
-            "a socket"
-        } else {
-            "of an unknown type"
-        };
-        return Err(FileError::NotRegular(kind));
+    if !metadata.file_type().is_file() {
+        return Err(FileError::NotRegular(kind_of(metadata.file_type())));
     }
     Ok((file, metadata.len()))
 }

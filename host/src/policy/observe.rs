@@ -482,6 +482,10 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
     let mut poll = POLL[0];
     // Swapped with a thread's buffer, so both keep their capacity: no allocation per round.
     let mut taken = Pending::default();
+    // The shadow's questions are skipped only to keep the recording from dropping any; with
+    // nothing recorded, a buffer that fills loses questions either way, and asking what was
+    // taken keeps the shadow's sample larger.
+    let recording = observers.ring_capacity > 0 || file.is_some();
     loop {
         let closing = observers.closing.load(Ordering::Relaxed);
         // Every round, not only idle ones: a busy observer would otherwise keep a dropped or
@@ -542,7 +546,7 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
                         continue;
                     };
                     if !skipping && Instant::now() >= slice_ends {
-                        skipping = filling(observers);
+                        skipping = recording && filling(observers);
                         slice_ends = Instant::now() + SHADOW_SLICE;
                     }
                     if skipping {
