@@ -674,10 +674,9 @@ fn metrics_are_prometheus_text() {
     }
 }
 
-/// Runs `regcache run` that is expected to stop at once: its exit code and stderr. A start
-/// that has not failed within 30 s (one waiting on a FIFO) is killed and fails the test rather
-/// than hanging the run.
-/// `regcache run <args>`: its exit code, its stderr and how long it ran.
+/// Runs `regcache run <args>`, expected to stop at once: its exit code, its stderr and how long
+/// it ran. A start that has not failed within 30 s (one waiting on a FIFO) is killed and fails
+/// the test rather than hanging the run.
 fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String, Duration) {
     let args: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
     let (output, took) = run_regcache(&args, env, Duration::from_secs(30));

@@ -145,7 +145,7 @@ async fn a_host_cannot_take_another_hosts_node_unless_forced() {
     assert_eq!(body["details"]["owner_lease"], lease_a, "{body}");
     assert_eq!(
         body["details"]["owner_lease_hex"],
-        regcache::registry::lease_hex(lease_a)
+        format!("{lease_a:016x}")
     );
     assert!(holds(&raw, &key, "10.0.0.1:80", lease_a).await, "untouched");
     let b_regs = b.get("/v1/registrations").unwrap().json();

@@ -82,7 +82,9 @@ fn a_python_policy_needs_its_memory_and_policy_memory_is_what_it_gets() {
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert_eq!(check.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("refused") && stderr.contains("memory") && stderr.contains("0x800000"),
+        stderr.contains("refused")
+            && stderr.contains("memory")
+            && (stderr.contains("0x800000") || stderr.contains("8388608")),
         "{stderr}"
     );
 }

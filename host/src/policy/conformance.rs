@@ -401,9 +401,7 @@ impl Meter {
             Case::Lookup(_) => Export::DecideLookup,
             Case::Eviction(_) => Export::GuardEviction,
         };
-        let e = export as usize;
-        let retries = if self.retries_left[e] > 0 { RETRIES } else { 0 };
-        let (cost, attempts, answer) = least_cost(self.budget, retries, || {
+        let (cost, attempts, answer) = least_cost(self.budget, self.retries(export), || {
             let logged = instance.logging_cost();
             let started = sandbox::thread_cpu_time();
             let answer = ask(instance, name, case);
@@ -421,6 +419,15 @@ impl Meter {
         })?;
         self.count(export, cost, attempts)?;
         Ok(answer)
+    }
+
+    /// How many times a call of `export` over the budget may be asked again.
+    fn retries(&self, export: Export) -> usize {
+        if self.retries_left[export as usize] > 0 {
+            RETRIES
+        } else {
+            0
+        }
     }
 
     /// Counts a call that cost `cost` at its least over `attempts`; an error if that settles the
@@ -612,7 +619,7 @@ mod tests {
         let mut calls = 0;
         let refusal = loop {
             assert!(calls < planned, "the whole battery passed");
-            let retries = meter.retries_left[0].min(1) * RETRIES;
+            let retries = meter.retries(Export::DecideLookup);
             let mut asked = 0;
             let (cost, attempts, _) = least_cost(BUDGET, retries, || {
                 asked += 1;

@@ -10,11 +10,11 @@
 //! counts it; the lookup never waits. With nothing to record and no candidate, a decision reads
 //! one atomic and builds nothing.
 //!
-//! Each round, the observer records every question it took before it asks the shadow any, and
-//! asks the shadow in slices of time: past one, while a buffer fills, the round's questions left
-//! are not asked (counted as skipped in the shadow's report). A shadow that is slow, or fails
-//! often without failing enough in a row to rest, costs questions it is not asked, never the
-//! recording.
+//! Each round, the observer takes every thread's buffer and records every question before it
+//! asks the shadow any, and asks the shadow in slices of time: past one, while recording, if a
+//! buffer fills or a reader of the recording waits, the round's questions left are not asked
+//! (counted as skipped in the shadow's report). A shadow that is slow, or fails often without
+//! failing enough in a row to rest, costs questions it is not asked, never the recording.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -194,9 +194,11 @@ struct Observers {
     limits: Limits,
     /// The engine is gone: what is left in the buffers is recorded, not asked of the shadow.
     closing: AtomicBool,
-    /// Rounds the observer finished: a round started after a question was handed over has
-    /// taken it.
-    rounds: AtomicU64,
+    /// Rounds whose questions the observer recorded: a round started after a question was
+    /// handed over has recorded it.
+    recorded_rounds: AtomicU64,
+    /// Readers of the recording waiting for the observer (`Tap::catch_up`): the shadow yields.
+    readers: AtomicUsize,
     /// Keeps the epoch advancing while the observer may call the shadow, which can outlive the
     /// engine by a call: a looping shadow is still stopped.
     _ticker: Ticker,
@@ -269,7 +271,8 @@ impl Tap {
             buffers: Mutex::new(Vec::new()),
             limits,
             closing: AtomicBool::new(false),
-            rounds: AtomicU64::new(0),
+            recorded_rounds: AtomicU64::new(0),
+            readers: AtomicUsize::new(0),
             _ticker: ticker,
         });
         let tap = Tap {
@@ -423,20 +426,22 @@ impl Tap {
         ring.iter().cloned().collect()
     }
 
-    /// Waits (up to [`CATCH_UP`]) until the observer has taken every question handed to it
+    /// Waits (up to [`CATCH_UP`]) until the observer has recorded every question handed to it
     /// before this call, so that what was answered before a request for the recording is in
-    /// it: two rounds finished, the second started after this call.
+    /// it: two rounds recorded, the second started after this call. The shadow yields to it.
     fn catch_up(&self) {
         let Some(Observer { thread }) = self.observer.get() else {
             return;
         };
-        let rounds = &self.observers.rounds;
-        let wanted = rounds.load(Ordering::Acquire) + 2;
+        let o = &self.observers;
+        o.readers.fetch_add(1, Ordering::AcqRel);
+        let wanted = o.recorded_rounds.load(Ordering::Acquire) + 2;
         let deadline = Instant::now() + CATCH_UP;
-        while rounds.load(Ordering::Acquire) < wanted && Instant::now() < deadline {
+        while o.recorded_rounds.load(Ordering::Acquire) < wanted && Instant::now() < deadline {
             thread.thread().unpark();
             std::thread::sleep(POLL[0]);
         }
+        o.readers.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn start_observer(&self) {
@@ -462,15 +467,19 @@ impl Drop for Tap {
     fn drop(&mut self) {
         self.observers.closing.store(true, Ordering::Relaxed);
         if let Some(Observer { thread }) = self.observer.take()
-            && thread.join().is_err()
+            && {
+                thread.thread().unpark();
+                thread.join().is_err()
+            }
         {
             tracing::error!("the policy observer thread panicked");
         }
     }
 }
 
-/// The observer thread's loop: takes every thread's buffer in turn, records and asks the
-/// shadow, until the engine is dropped (then once more, asking the shadow nothing).
+/// The observer thread's loop: each round takes every thread's buffer, records what they hold,
+/// then asks the shadow, until the engine is dropped (then once more, asking the shadow
+/// nothing).
 fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
     // Observing is best-effort: on a host whose cores lookups keep busy, the observer yields to
     // them (its buffers then fill and drop, counted) rather than take their CPU. Linux's nice
@@ -480,8 +489,9 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
     let mut shadow: Option<(Arc<Candidate>, Instance)> = None;
     let mut flushed = Instant::now();
     let mut poll = POLL[0];
-    // Swapped with a thread's buffer, so both keep their capacity: no allocation per round.
-    let mut taken = Pending::default();
+    // Swapped with the threads' buffers, one each, so that all keep their capacity: nothing is
+    // allocated per round once every thread has been seen.
+    let mut taken: Vec<Pending> = Vec::new();
     // The shadow's questions are skipped only to keep the recording from dropping any; with
     // nothing recorded, a buffer that fills loses questions either way, and asking what was
     // taken keeps the shadow's sample larger.
@@ -492,82 +502,29 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
         // promoted candidate's instance (a pool slot; ~13 MiB for Python) for as long as the
         // traffic lasts.
         release_stale(observers, &mut shadow);
-        let mut observed = false;
-        let buffers: Vec<Arc<Mutex<Pending>>> = {
-            let mut buffers = observers
-                .buffers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            // A buffer only this list holds is a dead thread's: taken once more below, then gone.
-            let all = buffers.clone();
-            buffers.retain(|b| Arc::strong_count(b) > 2);
-            all
-        };
-        let round_ends = Instant::now() + SHADOW_SLICE;
-        let count = buffers.len();
-        for (index, buffer) in buffers.into_iter().enumerate() {
-            {
-                let mut pending = buffer.lock().unwrap_or_else(PoisonError::into_inner);
-                std::mem::swap(&mut taken, &mut pending);
-                let dropped = std::mem::take(&mut taken.dropped);
-                observers.dropped.fetch_add(dropped, Ordering::Relaxed);
+        let count = take_buffers(observers, &mut taken);
+        let taken = &mut taken[..count];
+        let observed = taken.iter().any(|t| !t.observations.is_empty());
+        for pending in taken.iter_mut() {
+            for observation in pending.observations.iter_mut().filter(|o| o.record) {
+                let to_ask = observation.shadow && !closing;
+                let decided = if to_ask {
+                    observation.answer.clone()
+                } else {
+                    observation.answer.take()
+                };
+                let question = observation.question(&pending.names);
+                record_one(observers, &mut file, Recorded { question, decided });
             }
-            observed |= !taken.observations.is_empty();
-            for observation in &mut taken.observations {
-                if observation.record {
-                    let to_ask = observation.shadow && !closing;
-                    record_one(
-                        observers,
-                        &mut file,
-                        Recorded {
-                            question: observation.question(&taken.names),
-                            decided: if to_ask {
-                                observation.answer.clone()
-                            } else {
-                                observation.answer.take()
-                            },
-                        },
-                    );
-                }
-            }
-            if !closing {
-                // The slice left, shared by the buffers left: one thread's burst does not take
-                // the others' share.
-                let now = Instant::now();
-                let share = round_ends.saturating_duration_since(now) / (count - index) as u32;
-                let mut slice_ends = now + share;
-                let mut skipping = false;
-                let mut unasked = 0;
-                for observation in &mut taken.observations {
-                    if !observation.shadow {
-                        continue;
-                    }
-                    let Some(answer) = observation.answer.take() else {
-                        continue;
-                    };
-                    if !skipping && Instant::now() >= slice_ends {
-                        skipping = recording && filling(observers);
-                        slice_ends = Instant::now() + SHADOW_SLICE;
-                    }
-                    if skipping {
-                        unasked += 1;
-                        continue;
-                    }
-                    let question = observation.question(&taken.names);
-                    shadow = ask_candidate(observers, shadow, question, answer);
-                }
-                if unasked > 0
-                    && let Some(candidate) = observers.candidate.load().as_ref()
-                {
-                    candidate.count_skipped(unasked);
-                }
-            }
-            taken.clear();
         }
+        observers.recorded_rounds.fetch_add(1, Ordering::Release);
+        if !closing {
+            ask_shadow(observers, &mut shadow, taken, recording);
+        }
+        taken.iter_mut().for_each(Pending::clear);
         if closing {
             break;
         }
-        observers.rounds.fetch_add(1, Ordering::Release);
         if flushed.elapsed() >= FLUSH_EVERY {
             if let Some(file) = &mut file {
                 file.flush();
@@ -578,12 +535,79 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
             poll = POLL[0];
             continue;
         }
-        // Woken early by `Tap::catch_up`.
+        // Woken early by `Tap::catch_up` and the engine's drop.
         std::thread::park_timeout(poll);
         poll = (poll * 2).min(POLL[1]);
     }
     if let Some(file) = &mut file {
         file.flush();
+    }
+}
+
+/// Swaps every thread's buffer with one of `taken` (growing it as threads appear), moving their
+/// drop counts to the total, and forgets dead threads' buffers once taken; returns how many
+/// were taken. All of it under the list's lock, which `Tap::dropped` takes too: a count is in a
+/// buffer or in the total, never in both or neither.
+fn take_buffers(observers: &Observers, taken: &mut Vec<Pending>) -> usize {
+    let mut buffers = observers
+        .buffers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if taken.len() < buffers.len() {
+        taken.resize_with(buffers.len(), Pending::default);
+    }
+    for (buffer, taken) in buffers.iter().zip(taken.iter_mut()) {
+        let mut pending = buffer.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::swap(taken, &mut pending);
+        let dropped = std::mem::take(&mut taken.dropped);
+        observers.dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+    let count = buffers.len();
+    // A buffer only this list holds is a dead thread's: taken above for the last time.
+    buffers.retain(|b| Arc::strong_count(b) > 1);
+    count
+}
+
+/// Asks the shadow the sampled questions of `taken` within [`SHADOW_SLICE`], shared by the
+/// buffers (one thread's burst does not take the others' share); past its share, while
+/// recording, the rest is skipped (counted) if a buffer is filling or a reader of the
+/// recording waits for the next round.
+fn ask_shadow(
+    observers: &Observers,
+    shadow: &mut Option<(Arc<Candidate>, Instance)>,
+    taken: &mut [Pending],
+    recording: bool,
+) {
+    let Some(candidate) = observers.candidate.load_full() else {
+        return;
+    };
+    let round_ends = Instant::now() + SHADOW_SLICE;
+    let count = taken.len();
+    for (index, pending) in taken.iter_mut().enumerate() {
+        let now = Instant::now();
+        let share = round_ends.saturating_duration_since(now) / (count - index) as u32;
+        let mut slice_ends = now + share;
+        let mut skipping = false;
+        let mut unasked = 0;
+        for observation in pending.observations.iter_mut().filter(|o| o.shadow) {
+            let Some(answer) = observation.answer.take() else {
+                continue;
+            };
+            if !skipping && Instant::now() >= slice_ends {
+                skipping = recording
+                    && (observers.readers.load(Ordering::Acquire) > 0 || filling(observers));
+                slice_ends = Instant::now() + SHADOW_SLICE;
+            }
+            if skipping {
+                unasked += 1;
+                continue;
+            }
+            let question = observation.question(&pending.names);
+            *shadow = ask_candidate(observers, shadow.take(), question, answer);
+        }
+        if unasked > 0 {
+            candidate.count_skipped(unasked);
+        }
     }
 }
 
