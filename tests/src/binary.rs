@@ -9,12 +9,19 @@ use std::time::{Duration, Instant};
 use crate::policies::repo_root;
 use crate::wait::eventually_blocking;
 
-/// Cargo, to build from a test, without the environment cargo gives the test process: build
-/// scripts that watch those variables (`ring`'s does) would otherwise see them change between
-/// a build from a shell and one from a test, and rebuild, with all that depends on them (three
-/// minutes on CI's 2 cores, inside a test's time).
+/// Cargo, to build from a test, without the environment cargo gives the test process (see
+/// [`without_cargos_environment`]).
 pub fn cargo() -> Command {
     let mut cargo = Command::new(env!("CARGO"));
+    without_cargos_environment(&mut cargo);
+    cargo
+}
+
+/// Removes from `command` the environment cargo gives a test process, for a command that builds
+/// (cargo, or a script that runs it): build scripts that watch those variables (`ring`'s does)
+/// would otherwise see them change between a build from a shell and one from a test, and
+/// rebuild, with all that depends on them (three minutes on CI's 2 cores, inside a test's time).
+pub fn without_cargos_environment(command: &mut Command) {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         let given_by_cargo = name.starts_with("CARGO_PKG_")
@@ -30,10 +37,9 @@ pub fn cargo() -> Command {
             ]
             .contains(&name.as_ref());
         if given_by_cargo {
-            cargo.env_remove(name.as_ref());
+            command.env_remove(name.as_ref());
         }
     }
-    cargo
 }
 
 /// Path of the `regcache` binary of this workspace, built (incrementally) on first use.

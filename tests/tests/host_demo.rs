@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use regcache_tests::binary::without_cargos_environment;
 use regcache_tests::http::request;
 use regcache_tests::policies::repo_root;
 use regcache_tests::wait::eventually_blocking;
@@ -34,7 +35,10 @@ fn scripts_demo_serves_the_demo_service_and_cleans_up() {
         .unwrap()
         .port();
     let etcd_port = free_port_pair();
-    let mut demo = Command::new(repo_root().join("scripts/demo"))
+    let mut demo = Command::new(repo_root().join("scripts/demo"));
+    // The script builds the binary, as a user's shell would.
+    without_cargos_environment(&mut demo);
+    let mut demo = demo
         .env("REGCACHE_DEMO_PORT", api_port.to_string())
         .env("REGCACHE_DEMO_ETCD_PORT", etcd_port.to_string())
         .stdin(Stdio::null())
