@@ -452,9 +452,10 @@ impl Tap {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
+            let records = self.records;
             let thread = std::thread::Builder::new()
                 .name("policy-observer".into())
-                .spawn(move || run_observer(&observers, file))
+                .spawn(move || run_observer(&observers, file, records))
                 .expect("spawn the policy observer thread");
             Observer { thread }
         });
@@ -480,7 +481,7 @@ impl Drop for Tap {
 /// The observer thread's loop: each round takes every thread's buffer, records what they hold,
 /// then asks the shadow, until the engine is dropped (then once more, asking the shadow
 /// nothing).
-fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
+fn run_observer(observers: &Observers, mut file: Option<RotatingFile>, records: bool) {
     // Observing is best-effort: on a host whose cores lookups keep busy, the observer yields to
     // them (its buffers then fill and drop, counted) rather than take their CPU. Linux's nice
     // is per thread.
@@ -492,10 +493,6 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
     // Swapped with the threads' buffers, one each, so that all keep their capacity: nothing is
     // allocated per round once every thread has been seen.
     let mut taken: Vec<Pending> = Vec::new();
-    // The shadow's questions are skipped only to keep the recording from dropping any; with
-    // nothing recorded, a buffer that fills loses questions either way, and asking what was
-    // taken keeps the shadow's sample larger.
-    let recording = observers.ring_capacity > 0 || file.is_some();
     loop {
         let closing = observers.closing.load(Ordering::Relaxed);
         // Every round, not only idle ones: a busy observer would otherwise keep a dropped or
@@ -519,7 +516,10 @@ fn run_observer(observers: &Observers, mut file: Option<RotatingFile>) {
         }
         observers.recorded_rounds.fetch_add(1, Ordering::Release);
         if !closing {
-            ask_shadow(observers, &mut shadow, taken, recording);
+            // The shadow's questions are skipped only to keep the recording from dropping any;
+            // with nothing recorded, a buffer that fills loses questions either way, and asking
+            // what was taken keeps the shadow's sample larger.
+            ask_shadow(observers, &mut shadow, taken, records);
         }
         taken.iter_mut().for_each(Pending::clear);
         if closing {
